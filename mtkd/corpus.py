@@ -1,0 +1,245 @@
+"""Reading corpora: jsonl, parquet and plain-text files or directories, split into work units.
+
+A *unit* is a piece of one input file that one worker reads on its own (a byte range of a
+jsonl file cut at line starts, a parquet row group, a whole text file). Units are planned
+deterministically from the inputs, so every worker and every rerun agrees on them.
+Problems (unreadable file, invalid UTF-8, bad JSON, missing field, empty document) are counted
+by name, never silently dropped; ``strict`` turns the first one into an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.parquet as pq
+
+UnitKind = Literal["text", "jsonl", "parquet"]
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+JSONL_SPLIT_BYTES = 32 << 20
+
+
+class CorpusError(Exception):
+    """The corpus cannot be read as asked (or, with ``strict``, has a bad document)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of one input file: bytes [start, stop) of a jsonl file, row groups, or a file."""
+
+    path: str
+    kind: UnitKind
+    start: int
+    stop: int
+    size: int  # bytes this unit covers, for balancing parts
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+    task: str
+
+
+@dataclass
+class Problems:
+    """Documents or files that were not used, counted by reason, with a few examples."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    strict: bool = False
+
+    def add(self, reason: str, where: str) -> None:
+        if self.strict:
+            raise CorpusError(f"{where}: {reason.replace('_', ' ')} (refused with --strict)")
+        self.counts[reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+
+def list_files(inputs: Sequence[str | os.PathLike[str]], pattern: str = "*",
+               exclude: Sequence[str] = ()) -> list[Path]:
+    """Input files in a stable order: files as given, directories walked and sorted.
+
+    In directories, file names must match ``pattern`` and no path component below the directory
+    may match any of the ``exclude`` patterns (e.g. ``site-packages``, ``test*``).
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and fnmatch.fnmatch(p.name, pattern)
+                and not any(fnmatch.fnmatch(part, x)
+                            for part in p.relative_to(path).parts for x in exclude)
+            )
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CorpusError(f"{path}: no such file or directory")
+    if not files:
+        raise CorpusError(f"no input files found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def file_kind(path: Path) -> UnitKind:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+def plan_units(files: Sequence[Path], split_bytes: int = JSONL_SPLIT_BYTES) -> list[Unit]:
+    """Cut the files into units; unreadable files still get a unit so they are reported."""
+    units: list[Unit] = []
+    for path in files:
+        kind = file_kind(path)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            units.append(Unit(str(path), "text", 0, 0, 0))
+            continue
+        if kind == "jsonl" and size > split_bytes:
+            starts = range(0, size, split_bytes)
+            units += [Unit(str(path), kind, s, min(s + split_bytes, size), min(split_bytes, size - s))
+                      for s in starts]
+        elif kind == "parquet":
+            try:
+                groups = pq.ParquetFile(path).num_row_groups
+            except Exception:  # reported when the unit is read
+                groups = 1
+            per = max(size // max(groups, 1), 1)
+            units += [Unit(str(path), kind, g, g + 1, per) for g in range(groups)]
+        else:
+            units.append(Unit(str(path), kind, 0, size, size))
+    return units
+
+
+def group_units(units: Sequence[Unit], num_parts: int) -> list[list[Unit]]:
+    """Split units into ``num_parts`` contiguous groups of about equal bytes."""
+    num_parts = max(1, min(num_parts, len(units)))
+    total = sum(max(u.size, 1) for u in units)
+    groups: list[list[Unit]] = [[] for _ in range(num_parts)]
+    acc = 0
+    for u in units:
+        index = min(acc * num_parts // total, num_parts - 1)
+        groups[index].append(u)
+        acc += max(u.size, 1)
+    return [g for g in groups if g] or [[]]
+
+
+def fingerprint(files: Sequence[Path]) -> str:
+    """Hash of every input file's name and content: equal inputs give equal tokens stores."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in files:
+        h.update(str(path).encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()
+
+
+def read_unit(unit: Unit, problems: Problems, text_field: str = "text",
+              task_field: str | None = None, default_task: str = "") -> Iterator[Document]:
+    """Documents of one unit, in file order."""
+    try:
+        if unit.kind == "jsonl":
+            yield from _read_jsonl(unit, problems, text_field, task_field, default_task)
+        elif unit.kind == "parquet":
+            yield from _read_parquet(unit, problems, text_field, task_field, default_task)
+        else:
+            yield from _read_text(unit, problems, default_task)
+    except OSError as e:
+        problems.add("unreadable_file", f"{unit.path} ({e.strerror or e})")
+
+
+def _read_text(unit: Unit, problems: Problems, task: str) -> Iterator[Document]:
+    data = Path(unit.path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.add("invalid_utf8", f"{unit.path} (byte {e.start})")
+        return
+    if not text.strip():
+        problems.add("empty_document", unit.path)
+        return
+    yield Document(text, unit.path, task)
+
+
+def _read_jsonl(unit: Unit, problems: Problems, text_field: str, task_field: str | None,
+                default_task: str) -> Iterator[Document]:
+    with open(unit.path, "rb") as f:
+        if unit.start:
+            f.seek(unit.start - 1)
+            f.readline()  # finish the line that started before this unit: its owner reads it
+        line_no_hint = f.tell()
+        while f.tell() < unit.stop:
+            line = f.readline()
+            if not line:
+                break
+            where = f"{unit.path}@{line_no_hint}"
+            line_no_hint = f.tell()
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                problems.add("invalid_utf8", where)
+                continue
+            except ValueError:
+                problems.add("bad_json", where)
+                continue
+            doc = _document(record, where, problems, text_field, task_field, default_task)
+            if doc is not None:
+                yield doc
+
+
+def _read_parquet(unit: Unit, problems: Problems, text_field: str, task_field: str | None,
+                  default_task: str) -> Iterator[Document]:
+    try:
+        table = pq.ParquetFile(unit.path).read_row_group(unit.start)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        problems.add("unreadable_file", f"{unit.path} ({e})")
+        return
+    if text_field not in table.column_names:
+        problems.add("missing_field", f"{unit.path} row group {unit.start} (no {text_field!r})")
+        return
+    for i, record in enumerate(table.to_pylist()):
+        where = f"{unit.path}#rg{unit.start}/{i}"
+        doc = _document(record, where, problems, text_field, task_field, default_task)
+        if doc is not None:
+            yield doc
+
+
+def _document(record: object, where: str, problems: Problems, text_field: str,
+              task_field: str | None, default_task: str) -> Document | None:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        problems.add("missing_field", f"{where} (no text field {text_field!r})")
+        return None
+    text = record[text_field]
+    if not text.strip():
+        problems.add("empty_document", where)
+        return None
+    task = default_task
+    if task_field is not None:
+        value = record.get(task_field)
+        if value is None:
+            problems.add("missing_task_field", where)
+        else:
+            task = str(value)
+    return Document(text, where.split("@")[0].split("#")[0], task)

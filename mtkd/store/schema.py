@@ -1,0 +1,104 @@
+"""The three store kinds and their arrays (see docs/FORMAT.md).
+
+* ``tokens``: the corpus tokenised once; rows are tokens.
+* ``teacher``: one teacher's sparse log-probs; rows are target positions (L−1 per sequence).
+* ``target``: fused mixture targets; rows are target positions.
+
+Teacher and target stores have exactly the parts and sequences of their tokens store, so
+aggregation and training are positional, never a join.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mtkd.store.core import ArraySpec, Codec, Header, Store, StoreError
+
+TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
+
+
+def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
+    """A stable hash of a tokenizer's token → id map; equal iff the vocabularies are equal."""
+    items = sorted(vocab.items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def tokens_header(num_parts: int, attrs: Mapping[str, Any]) -> Header:
+    return Header(TOKENS, num_parts, (ArraySpec("token_ids", "int32"),), attrs)
+
+
+def teacher_header(
+    num_parts: int,
+    k: int,
+    attrs: Mapping[str, Any],
+    *,
+    temperatures: Sequence[float] = (),
+    num_samples: int = 0,
+    logprob_dtype: str = "float16",
+    codec: Codec = "zstd",
+) -> Header:
+    """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
+
+    ``temperatures`` adds exact tempered tail masses (reference engine); ``num_samples`` adds
+    random-sampling KD targets (unique ids, counts, log-probs) of width ``num_samples``.
+    """
+    arrays = [
+        ArraySpec("topk_ids", "int32", (k,), codec),
+        ArraySpec("topk_logprobs", logprob_dtype, (k,), codec),
+        ArraySpec("target_logprob", "float32", (), codec),
+        ArraySpec("target_rank", "int32", (), codec),
+        ArraySpec("tail_logmass", "float32", (), codec),
+    ]
+    if temperatures:
+        arrays.append(ArraySpec("tempered_tail_logmass", "float32", (len(temperatures),), codec))
+    if num_samples:
+        arrays += [
+            ArraySpec("sample_ids", "int32", (num_samples,), codec),
+            ArraySpec("sample_counts", "uint16", (num_samples,), codec),
+            ArraySpec("sample_logprobs", "float32", (num_samples,), codec),
+        ]
+    full_attrs = dict(attrs) | {"k": k, "temperatures": list(temperatures),
+                                "num_samples": num_samples}
+    return Header(TEACHER, num_parts, tuple(arrays), full_attrs)
+
+
+def target_header(
+    num_parts: int,
+    k_out: int,
+    num_teachers: int,
+    attrs: Mapping[str, Any],
+    *,
+    teacher_ks: Sequence[int] = (),
+) -> Header:
+    """Fused targets on their support, plus diagnostics; ``teacher_ks`` adds L_multi blocks."""
+    arrays = [
+        ArraySpec("ids", "int32", (k_out,)),
+        ArraySpec("probs", "float32", (k_out,)),
+        ArraySpec("tail_mass", "float32"),
+        ArraySpec("weights", "float32", (num_teachers,)),
+        ArraySpec("jensen_gap", "float32"),
+        ArraySpec("disagreement", "float32"),
+    ]
+    for j, k in enumerate(teacher_ks):
+        arrays += [
+            ArraySpec(f"teacher{j}_ids", "int32", (k,)),
+            ArraySpec(f"teacher{j}_probs", "float32", (k,)),
+            ArraySpec(f"teacher{j}_tail_mass", "float32"),
+        ]
+    full_attrs = dict(attrs) | {"k_out": k_out, "num_teachers": num_teachers,
+                                "teacher_blocks": bool(teacher_ks)}
+    return Header(TARGET, num_parts, tuple(arrays), full_attrs)
+
+
+def check_aligned(tokens: Store, other: Store) -> None:
+    """Refuse a teacher/target store that was not built over exactly this tokens store."""
+    want = tokens.manifest["checksum"]
+    got = other.attrs.get("tokens_fingerprint")
+    if got != want:
+        raise StoreError(
+            f"{other.root} was built over a different tokens store "
+            f"(tokens_fingerprint {got}, {tokens.root} has {want})"
+        )

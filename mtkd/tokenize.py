@@ -1,0 +1,174 @@
+"""``mtkd tokenize``: a corpus tokenised once into a tokens store.
+
+Every document is tokenised (plus an end-of-document token), cut into windows of ``max_len``
+tokens that overlap by ``overlap`` tokens, and written as one sequence per window. Sequence ids
+are ``part << 32 | index``: deterministic, so any worker or rerun produces the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from mtkd.corpus import CorpusError, Problems, Unit, fingerprint, group_units, list_files, \
+    plan_units, read_unit
+from mtkd.parallel import run_parts
+from mtkd.store import StoreWriter, open_store
+from mtkd.store.schema import tokens_header, vocab_fingerprint
+
+SEQ_ID_SHIFT = 32
+DEFAULT_PART_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_len: int = 2048
+    overlap: int = 0
+    text_field: str = "text"
+    task_field: str | None = None
+    task: str = ""
+    pattern: str = "*"
+    exclude: tuple[str, ...] = ()
+    strict: bool = False
+    add_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be at least 2, got {self.max_len}")
+        if not 0 <= self.overlap < self.max_len:
+            raise ValueError(f"overlap must be in [0, max_len), got {self.overlap}")
+
+
+@dataclass
+class TokenizeSummary:
+    parts: int
+    parts_written: int
+    sequences: int
+    tokens: int
+    documents: int
+    problems: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    complete: bool = False
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike[str]) -> tuple[Tokenizer, int | None]:
+    """A fast tokenizer from a local Hugging Face directory and its end-of-sequence id."""
+    path = Path(tokenizer_dir)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
+        raise CorpusError(f"{file}: no tokenizer.json (a fast Hugging Face tokenizer is needed)")
+    tokenizer = Tokenizer.from_file(str(file))
+    eos_id = None
+    config = file.parent / "tokenizer_config.json"
+    if config.exists():
+        eos = json.loads(config.read_text()).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos is not None:
+            eos_id = tokenizer.token_to_id(eos)
+    return tokenizer, eos_id
+
+
+def windows(length: int, max_len: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, stop) of each window of a document of ``length`` tokens."""
+    step = max_len - overlap
+    return [(s, min(s + max_len, length)) for s in range(0, max(length - overlap, 1), step)]
+
+
+def tokenize_corpus(
+    inputs: Sequence[str | os.PathLike[str]],
+    tokenizer_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: TokenizeConfig = TokenizeConfig(),
+    *,
+    num_parts: int | None = None,
+    processes: int = 1,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> TokenizeSummary:
+    """Tokenise ``inputs`` into the tokens store ``out`` (resumable; committed parts skipped)."""
+    files = list_files(inputs, config.pattern, config.exclude)
+    units = plan_units(files)
+    if num_parts is None:
+        num_parts = max(1, -(-sum(u.size for u in units) // DEFAULT_PART_BYTES))
+    groups = group_units(units, num_parts)
+    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
+    attrs = {
+        "tokenizer": str(Path(tokenizer_dir).resolve()),
+        "tokenizer_hash": vocab_fingerprint(tokenizer.get_vocab(with_added_tokens=True)),
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "eos_id": eos_id if config.add_eos else None,
+        "corpus_fingerprint": fingerprint(files),
+        "config": config.__dict__,
+        "num_files": len(files),
+    }
+    writer = StoreWriter(out, tokens_header(len(groups), attrs))
+    pending = writer.pending_parts(worker_index, num_workers)
+    work = partial(_tokenize_part, str(out), groups, str(tokenizer_dir), config, attrs)
+    run_parts(pending, work, processes=processes, desc="tokenize", progress=progress)
+    complete = writer.finalize()
+    return summarize(out, len(groups), len(pending), complete)
+
+
+def summarize(out: str | os.PathLike[str], parts: int, written: int,
+              complete: bool) -> TokenizeSummary:
+    """Totals over the committed parts (all parts once the store is complete)."""
+    summary = TokenizeSummary(parts, written, 0, 0, 0, complete=complete)
+    if not complete:
+        return summary
+    store = open_store(out, "tokens", verify="none")
+    counts: Counter[str] = Counter()
+    for p in range(store.num_parts):
+        stats = store.part_stats(p)
+        counts.update(stats.get("problems", {}))
+        summary.documents += stats.get("documents", 0)
+        summary.examples += stats.get("examples", [])[: 20 - len(summary.examples)]
+    summary.sequences = store.num_sequences
+    summary.tokens = store.num_rows
+    summary.problems = dict(counts)
+    return summary
+
+
+def _tokenize_part(out: str, groups: list[list[Unit]], tokenizer_dir: str,
+                   config: TokenizeConfig, attrs: dict[str, Any], part: int) -> int:
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    writer = StoreWriter(out, tokens_header(len(groups), attrs))
+    problems = Problems(strict=config.strict)
+    docs = [d for unit in groups[part]
+            for d in read_unit(unit, problems, config.text_field, config.task_field, config.task)]
+    encodings = tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False)
+    eos = [attrs["eos_id"]] if attrs["eos_id"] is not None else []
+    token_rows: list[np.ndarray] = []
+    meta: dict[str, list[Any]] = {k: [] for k in ("doc_id", "source", "task", "window", "start")}
+    for doc_index, (doc, enc) in enumerate(zip(docs, encodings, strict=True)):
+        ids = np.asarray(enc.ids + eos, dtype=np.int32)
+        spans = [(s, e) for s, e in windows(len(ids), config.max_len, config.overlap) if e - s >= 2]
+        if not spans:
+            problems.add("too_short", doc.source)
+        for w, (start, stop) in enumerate(spans):
+            token_rows.append(ids[start:stop])
+            meta["doc_id"].append((part << SEQ_ID_SHIFT) | doc_index)
+            meta["source"].append(doc.source)
+            meta["task"].append(doc.task)
+            meta["window"].append(w)
+            meta["start"].append(start)
+    lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
+    seq_ids = (np.int64(part) << SEQ_ID_SHIFT) | np.arange(len(token_rows), dtype=np.int64)
+    table = pa.table({"seq_id": seq_ids, **meta})
+    flat = np.concatenate(token_rows) if token_rows else np.zeros(0, np.int32)
+    with writer.open_part(part) as pw:
+        pw.stats = {"documents": len(docs), "problems": dict(problems.counts),
+                    "examples": problems.examples}
+        pw.append({"token_ids": flat}, lengths, seq_ids, table)
+    return int(lengths.sum())
