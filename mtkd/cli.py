@@ -1,0 +1,161 @@
+"""The ``mtkd`` command line: the only place that parses arguments.
+
+Each command is a thin wrapper over a library function; every command takes ``--config FILE``
+(TOML or YAML) whose values act as defaults that flags override.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mtkd.config import apply_config
+
+app = typer.Typer(
+    name="mtkd",
+    help="Offline multi-teacher knowledge distillation: tokenize → harvest → aggregate → train.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML/YAML file of option values (flags override it).",
+        callback=apply_config,
+        is_eager=True,
+        exists=False,
+    ),
+]
+WorkerIndexOpt = Annotated[
+    int | None,
+    typer.Option(help="This worker's index when several machines share the job "
+                      "(Slurm array index, k8s completion index). Default: run all workers here."),
+]
+NumWorkersOpt = Annotated[
+    int, typer.Option(min=1, help="Number of workers sharing the job's parts.")
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]:
+    """(worker_index, num_workers, local processes): all workers here unless an index is given."""
+    if worker_index is None:
+        return 0, 1, num_workers
+    if not 0 <= worker_index < num_workers:
+        raise _fail(f"--worker-index {worker_index} is not in [0, {num_workers})", 2)
+    return worker_index, num_workers, 1
+
+
+@app.command()
+def tokenize(
+    inputs: Annotated[list[Path], typer.Argument(help="jsonl/parquet/text files or directories.")],
+    tokenizer: Annotated[Path, typer.Option(help="Local Hugging Face tokenizer directory.")],
+    out: Annotated[Path, typer.Option(help="Output tokens store directory.")],
+    max_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence window.")] = 2048,
+    overlap: Annotated[int, typer.Option(min=0, help="Tokens shared by adjacent windows.")] = 0,
+    text_field: Annotated[str, typer.Option(help="jsonl/parquet field holding the text.")] = "text",
+    task_field: Annotated[str | None, typer.Option(help="Field holding a task tag.")] = None,
+    task: Annotated[str, typer.Option(help="Task tag for documents without one.")] = "",
+    pattern: Annotated[str, typer.Option(help="File-name glob inside directories.")] = "*",
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Skip directory entries matching this glob (repeatable).")] = None,
+    num_parts: Annotated[int | None, typer.Option(min=1, help="Parts (default: ~64 MB of "
+                                                   "input each).")] = None,
+    num_workers: NumWorkersOpt = 1,
+    worker_index: WorkerIndexOpt = None,
+    strict: Annotated[bool, typer.Option(help="Refuse the corpus at the first bad document.")]
+    = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Tokenise a corpus once into a tokens store (resumable: committed parts are skipped)."""
+    from mtkd.corpus import CorpusError
+    from mtkd.store import StoreError
+    from mtkd.tokenize import TokenizeConfig, tokenize_corpus
+
+    index, total, processes = _workers(worker_index, num_workers)
+    try:
+        cfg = TokenizeConfig(max_len, overlap, text_field, task_field, task, pattern,
+                             tuple(exclude or ()), strict)
+        summary = tokenize_corpus(inputs, tokenizer, out, cfg, num_parts=num_parts,
+                                  processes=processes, worker_index=index, num_workers=total)
+    except (CorpusError, StoreError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if not summary.complete:
+        typer.echo(f"wrote {summary.parts_written} parts; the store completes when every "
+                   f"worker has finished ({summary.parts} parts)")
+        return
+    typer.echo(f"{out}: {summary.sequences} sequences, {summary.tokens} tokens from "
+               f"{summary.documents} documents in {summary.parts} parts")
+    if summary.problems:
+        typer.secho("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items())),
+                    fg=typer.colors.YELLOW)
+        for line in summary.examples[:5]:
+            typer.echo(f"  {line}")
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    quick: Annotated[bool, typer.Option(help="Check sizes only, not checksums.")] = False,
+) -> None:
+    """Recompute counts and checksums of a store; exit 1 naming every bad file."""
+    from mtkd.store import verify_store
+
+    problems = verify_store(store, full=not quick)
+    if problems:
+        for p in problems:
+            typer.secho(p, fg=typer.colors.RED, err=True)
+        raise _fail(f"{store}: {len(problems)} problem(s)")
+    typer.echo(f"{store}: OK")
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Print a store's manifest in human form."""
+    from mtkd.store import StoreError, open_store
+
+    try:
+        s = open_store(store, verify="none")
+    except StoreError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        typer.echo(json.dumps(s.manifest, indent=1))
+        return
+    typer.echo(f"{s.kind} store {store}")
+    typer.echo(f"  sequences {s.num_sequences:,}  rows {s.num_rows:,}  parts {s.num_parts}")
+    typer.echo(f"  bytes on disk {_du(store):,}")
+    typer.echo("  arrays " + ", ".join(
+        f"{a.name}:{a.dtype}{list(a.row_shape) or ''}/{a.codec}" for a in s.header.arrays))
+    for key, value in sorted(s.attrs.items()):
+        typer.echo(f"  {key}: {_short(value)}")
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _short(value: Any, width: int = 100) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="mtkd")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
