@@ -98,10 +98,74 @@ def tokenize(
     typer.echo(f"{out}: {summary.sequences} sequences, {summary.tokens} tokens from "
                f"{summary.documents} documents in {summary.parts} parts")
     if summary.problems:
-        typer.secho("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items())),
-                    fg=typer.colors.YELLOW)
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items()))
+        typer.secho(f"skipped: {counts}", fg=typer.colors.YELLOW)
         for line in summary.examples[:5]:
             typer.echo(f"  {line}")
+
+
+@app.command()
+def harvest(
+    tokens: Annotated[Path, typer.Argument(help="Tokens store made by `mtkd tokenize`.")],
+    model: Annotated[Path, typer.Option(help="Local teacher model directory (HF format).")],
+    out: Annotated[Path, typer.Option(help="Output teacher store directory.")],
+    k: Annotated[int, typer.Option(min=1, help="Top-k log-probs kept per position.")] = 64,
+    engine: Annotated[str, typer.Option(help="vllm (fast) or hf (reference, full vocabulary).")]
+    = "vllm",
+    dtype: Annotated[str, typer.Option(help="Engine dtype: bfloat16, float16, float32.")]
+    = "bfloat16",
+    temperature: Annotated[list[float] | None, typer.Option(
+        help="Store exact tempered tail masses at this temperature (hf engine; repeatable).")]
+    = None,
+    num_samples: Annotated[int, typer.Option(
+        min=0, help="Random-sampling KD draws per position (hf engine).")] = 0,
+    logprob_dtype: Annotated[str, typer.Option(help="Stored log-prob dtype.")] = "float16",
+    codec: Annotated[str, typer.Option(help="Array codec: zstd (compact) or raw.")] = "zstd",
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per engine call.")] = 65536,
+    fast_path: Annotated[str, typer.Option(help="auto | on | off: keep vLLM's tensors.")]
+    = "auto",
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM GPUs per model.")]
+    = None,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM max_model_len.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="vLLM GPU memory fraction.")] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        help="vLLM max_num_batched_tokens.")] = None,
+    worker_index: Annotated[int, typer.Option(min=0, help="This worker's index "
+                                              "(Slurm array / k8s completion index).")] = 0,
+    num_workers: NumWorkersOpt = 1,
+    config: ConfigOpt = None,
+) -> None:
+    """Run one teacher over a tokens store with vLLM and write its sparse log-probs."""
+    from mtkd.harvest.job import HarvestConfig
+    from mtkd.harvest.job import harvest as run_harvest
+    from mtkd.store import StoreError
+
+    if not 0 <= worker_index < num_workers:
+        raise _fail(f"--worker-index {worker_index} is not in [0, {num_workers})", 2)
+    engine_args = {
+        name: value for name, value in (
+            ("tensor_parallel_size", tensor_parallel_size), ("max_model_len", max_model_len),
+            ("gpu_memory_utilization", gpu_memory_utilization),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ) if value is not None
+    }
+    try:
+        cfg = HarvestConfig(k=k, engine=engine, dtype=dtype,  # type: ignore[arg-type]
+                            temperatures=tuple(temperature or ()), num_samples=num_samples,
+                            logprob_dtype=logprob_dtype, codec=codec,  # type: ignore[arg-type]
+                            batch_tokens=batch_tokens, fast_path=fast_path,
+                            engine_args=engine_args)
+        summary = run_harvest(tokens, model, out, cfg, worker_index=worker_index,
+                              num_workers=num_workers)
+    except (StoreError, ValueError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(
+        f"harvest: {summary.tokens:,} tokens in {summary.parts_written} of {summary.parts} parts, "
+        f"{summary.seconds:.1f} s, {summary.tokens_per_s:,.0f} tok/s ({summary.engine or 'none'}),"
+        f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk; "
+        + ("store complete" if summary.complete else "waiting for other workers' parts")
+    )
 
 
 @app.command()

@@ -1,0 +1,205 @@
+"""``mtkd harvest``: one teacher over a tokens store → a teacher store, part by part.
+
+The teacher store has exactly the parts and sequences of the tokens store. Parts are shared
+round robin by ``worker_index``/``num_workers``, so any number of workers on any nodes can run
+against one output directory; committed parts are skipped and a killed worker's part is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from mtkd.harvest.engine import TeacherEngine
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from mtkd.store import Store, StoreError, StoreWriter, open_store
+from mtkd.store.core import Codec
+from mtkd.store.schema import TOKENS, teacher_header, vocab_fingerprint
+
+EngineKind = Literal["vllm", "hf"]
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What a teacher store holds and how the engine runs; every worker must agree on it."""
+
+    k: int = 64
+    engine: EngineKind = "vllm"
+    dtype: str = "bfloat16"
+    temperatures: tuple[float, ...] = ()
+    num_samples: int = 0
+    logprob_dtype: str = "float16"
+    codec: Codec = "zstd"
+    batch_tokens: int = 65536
+    fast_path: str = "auto"
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 4096:
+            raise ValueError(f"k must be in [1, 4096], got {self.k}")
+        if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
+        if (self.temperatures or self.num_samples) and self.engine != "hf":
+            raise ValueError("exact tempered tails and sampled targets need --engine hf "
+                             "(the reference engine sees the full vocabulary)")
+
+
+@dataclass
+class HarvestSummary:
+    parts: int
+    parts_written: int
+    tokens: int
+    seconds: float
+    bytes_on_disk: int
+    complete: bool
+    engine: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """Hash of a local model's config and weight file names and sizes: a cheap revision id."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.suffix in (".json", ".safetensors", ".bin", ".model"):
+            h.update(path.name.encode() + str(path.stat().st_size).encode())
+            if path.name == "config.json":
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str]) -> None:
+    """Refuse a teacher whose vocabulary differs from the one the tokens store was cut with."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        raise StoreError(f"{model_dir}: no tokenizer.json to compare with the tokens store")
+    got = vocab_fingerprint(Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True))
+    want = tokens.attrs.get("tokenizer_hash")
+    if got != want:
+        raise StoreError(
+            f"teacher {model_dir} has a different tokenizer (vocabulary hash {got}) from the "
+            f"tokens store {tokens.root} ({want}); harvest teachers that share the tokenizer "
+            "the corpus was tokenised with"
+        )
+
+
+def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig) -> TeacherEngine:
+    if config.engine == "vllm":
+        from mtkd.harvest.vllm_engine import VllmEngine
+
+        return VllmEngine(str(model_dir), config.k, dtype=config.dtype,
+                          fast_path=config.fast_path, **config.engine_args)
+    if config.engine == "hf":
+        import torch
+        from mtkd.harvest.hf_engine import HfReferenceEngine
+
+        return HfReferenceEngine(str(model_dir), config.k, dtype=getattr(torch, config.dtype),
+                                 temperatures=config.temperatures,
+                                 num_samples=config.num_samples)
+    raise ValueError(f"unknown engine {config.engine!r} (choose vllm or hf)")
+
+
+def batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[slice]:
+    """Consecutive runs of sequences holding about ``batch_tokens`` tokens each."""
+    start, acc = 0, 0
+    for i, n in enumerate(lengths):
+        acc += int(n)
+        if acc >= batch_tokens:
+            yield slice(start, i + 1)
+            start, acc = i + 1, 0
+    if start < len(lengths):
+        yield slice(start, len(lengths))
+
+
+def harvest(
+    tokens_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: HarvestConfig = HarvestConfig(),
+    *,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    progress: bool = True,
+    engine_factory: Callable[[], TeacherEngine] | None = None,
+) -> HarvestSummary:
+    """Run the teacher over this worker's pending parts; finalise the store if it is complete."""
+    tokens = open_store(tokens_dir, TOKENS)
+    check_tokenizer(tokens, model_dir)
+    attrs = {
+        "teacher": str(Path(model_dir).resolve()),
+        "teacher_revision": model_fingerprint(model_dir),
+        "tokenizer_hash": tokens.attrs["tokenizer_hash"],
+        "vocab_size": tokens.attrs["vocab_size"],
+        "tokens_fingerprint": tokens.manifest["checksum"],
+        "engine": config.engine,
+        "dtype": config.dtype,
+    }
+    header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
+                            num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
+                            codec=config.codec)
+    writer = StoreWriter(out, header)
+    pending = writer.pending_parts(worker_index, num_workers)
+    start = time.perf_counter()
+    total_tokens = 0
+    engine_name = ""
+    if pending:
+        engine = engine_factory() if engine_factory else build_engine(model_dir, config)
+        engine_name = engine.name
+        todo = int(sum(tokens.seq_lengths[tokens.part_sequences(p)].sum() for p in pending))
+        bar = tqdm(total=todo, desc=f"harvest ({engine.name})", unit="tok", unit_scale=True,
+                   disable=not progress)
+        for part in pending:
+            total_tokens += harvest_part(tokens, engine, writer, part, config, bar)
+        bar.close()
+    seconds = time.perf_counter() - start
+    complete = writer.finalize()
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    return HarvestSummary(tokens.num_parts, len(pending), total_tokens, seconds, size, complete,
+                          engine_name)
+
+
+def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part: int,
+                 config: HarvestConfig, bar: tqdm | None = None) -> int:
+    """Harvest one part of the tokens store and commit it; returns the tokens processed."""
+    batch = tokens.read_part(part, ["token_ids"])
+    flat, offsets = batch["token_ids"], batch.offsets
+    lengths = np.diff(offsets)
+    names = [a.name for a in writer.header.arrays]
+    with writer.open_part(part) as pw:
+        pw.stats = {"engine": engine.name}
+        for sel in batches(lengths, config.batch_tokens):
+            seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(sel.start, sel.stop)]
+            rows = engine.harvest(seqs)
+            _check_rows(rows, names, seqs, engine.name, part)
+            pw.append({n: rows[n] for n in names}, np.maximum(lengths[sel] - 1, 0),
+                      batch.seq_ids[sel])
+            if bar is not None:
+                bar.update(int(lengths[sel].sum()))
+    return int(lengths.sum())
+
+
+def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequence[np.ndarray],
+                engine: str, part: int) -> None:
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise StoreError(f"engine {engine} did not return {missing} (part {part})")
+    for name in ("topk_logprobs", "target_logprob"):
+        values = np.asarray(rows[name], dtype=np.float64)
+        if np.isnan(values).any() or np.isposinf(values).any() or (values > 1e-3).any():
+            raise StoreError(f"engine {engine} returned invalid log-probs in {name} "
+                             f"(NaN, +inf or > 0) for part {part}; refusing to store them")
+    want = sum(max(len(s) - 1, 0) for s in seqs)
+    if len(rows["topk_ids"]) != want:
+        raise StoreError(f"engine {engine} returned {len(rows['topk_ids'])} rows for "
+                         f"{want} target positions (part {part})")
