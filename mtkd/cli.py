@@ -168,6 +168,99 @@ def harvest(
     )
 
 
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """Parse "0.5,0.3,0.2" (or a list from a config file)."""
+    if text is None:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        return tuple(float(x) for x in items)
+    except ValueError:
+        raise _fail(f"{what} must be numbers separated by commas, got {text!r}", 2) from None
+
+
+def _task_weights(items: list[str] | dict[str, Any] | None, k: int) -> dict[str, tuple]:
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return {str(tag): tuple(_floats(v, "task weights") or ()) for tag, v in items.items()}
+    out = {}
+    for item in items:
+        tag, sep, values = item.partition("=")
+        if not sep:
+            raise _fail(f"--task-weight must look like TAG=w1,...,w{k}, got {item!r}", 2)
+        out[tag] = _floats(values, "task weights") or ()
+    return out
+
+
+@app.command()
+def aggregate(
+    teachers: Annotated[list[Path], typer.Argument(help="Teacher stores to fuse.")],
+    tokens: Annotated[Path, typer.Option(help="The tokens store the teachers were harvested on.")],
+    out: Annotated[Path, typer.Option(help="Output target store directory.")],
+    operator: Annotated[str, typer.Option(help="linear | geometric | power_mean.")] = "linear",
+    alpha: Annotated[float, typer.Option(help="Power-mean exponent (1 linear, 0 geometric).")]
+    = 0.5,
+    weights: Annotated[str | None, typer.Option(
+        help="Static teacher weights, e.g. 0.5,0.3,0.2 (default uniform).")] = None,
+    temperatures: Annotated[str | None, typer.Option(
+        help="Per-teacher temperatures, e.g. 2,2,1 (default 1).")] = None,
+    tail_model: Annotated[str, typer.Option(
+        help="Tempered tail outside the top-k: renormalise | lump | zipf | exact.")] = "lump",
+    k_out: Annotated[int, typer.Option(min=1, help="Support size kept per position.")] = 64,
+    token: Annotated[str, typer.Option(
+        help="Token-level adaptive weights: none | entropy | target.")] = "none",
+    token_sharpness: Annotated[float, typer.Option(help="Sharpness of token weights.")] = 1.0,
+    task_weight: Annotated[list[str] | None, typer.Option(
+        help="Task-level factors TAG=w1,...,wK (repeatable).")] = None,
+    context: Annotated[str, typer.Option(
+        help="Context-level weights: none | loss (each teacher's loss on the sequence).")]
+    = "none",
+    context_sharpness: Annotated[float, typer.Option(help="Sharpness of context weights.")]
+    = 1.0,
+    eps: Annotated[float, typer.Option(help="Lower bound on every adaptive weight.")] = 0.0,
+    safety: Annotated[int | None, typer.Option(
+        help="Index of the safety teacher (its weight never drops below its floor).")] = None,
+    safety_floor: Annotated[float | None, typer.Option(
+        help="Safety teacher's weight floor (default: its static weight).")] = None,
+    teacher_blocks: Annotated[bool, typer.Option(
+        help="Also store each teacher's tempered targets (for --objective multi).")] = False,
+    num_workers: NumWorkersOpt = 1,
+    worker_index: WorkerIndexOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fuse several teacher stores into mixture targets (operators with proven properties)."""
+    from mtkd.distill.aggregate import AggregateConfig
+    from mtkd.distill.aggregate import aggregate as run_aggregate
+    from mtkd.store import StoreError
+
+    index, total, processes = _workers(worker_index, num_workers)
+    try:
+        cfg = AggregateConfig(
+            teachers=tuple(str(t) for t in teachers), weights=_floats(weights, "--weights"),
+            temperatures=_floats(temperatures, "--temperatures"),
+            operator=operator, alpha=alpha, tail_model=tail_model,  # type: ignore[arg-type]
+            k_out=k_out, token=token, token_sharpness=token_sharpness,  # type: ignore[arg-type]
+            task_weights=_task_weights(task_weight, len(teachers)),
+            context=context, context_sharpness=context_sharpness,  # type: ignore[arg-type]
+            eps=eps, safety=safety, safety_floor=safety_floor, teacher_blocks=teacher_blocks,
+        )
+        summary = run_aggregate(tokens, out, cfg, processes=processes, worker_index=index,
+                                num_workers=total)
+    except (StoreError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if not summary.complete:
+        typer.echo(f"aggregate: wrote {summary.parts_written} of {summary.parts} parts; "
+                   "waiting for other workers")
+        return
+    d = summary.diagnostics
+    typer.echo(f"aggregate: {int(d['positions']):,} positions → {out}")
+    typer.echo("  mean jensen_gap {jensen_gap:.4f}  disagreement {disagreement:.4f}  "
+               "n_eff {n_eff:.3f}  tail_mass {tail_mass:.4f}".format(**d))
+    typer.echo("  mean weights " + " ".join(
+        f"{d[f'mean_weight_{j}']:.3f}" for j in range(len(teachers))))
+
+
 @app.command()
 def verify(
     store: Annotated[Path, typer.Argument(help="Store directory.")],

@@ -1,0 +1,259 @@
+"""``mtkd aggregate``: K teacher stores over one tokens store → one target store, part by part.
+
+This is the I/O shell around :func:`mtkd.distill.fuse.fuse`: it checks that the teachers can be
+fused (same tokens store, same tokenizer, complete), builds each part's weight policy from the
+tokens store's task tags and sequence boundaries, fuses, and commits the part. Parts are
+independent, so workers (local processes or machines) share them like harvest does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mtkd.distill.fuse import fuse
+from mtkd.distill.operators import get_operator
+from mtkd.distill.tails import get_tail_model
+from mtkd.distill.tempering import TeacherRows
+from mtkd.distill.weights import AdaptiveWeights, validate_temperatures, validate_weights
+from mtkd.parallel import run_parts
+from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
+from mtkd.store.schema import TARGET, TEACHER, TOKENS, check_aligned, target_header
+
+TEACHER_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
+STORED_DIAGNOSTICS = ("jensen_gap", "disagreement")
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Everything that decides the targets; every worker of one target store must agree on it.
+
+    ``weights`` are static per-teacher priors (sum to 1); adaptive weighting multiplies them by
+    token-level (``token``: entropy | target), task-level (``task_weights``: task tag → K
+    factors) and context-level (``context``: loss) factors and renormalises
+    (product-structure normalisation). ``safety`` names the safety teacher, whose weight never
+    drops below ``safety_floor`` (default: its static weight).
+    """
+
+    teachers: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    temperatures: tuple[float, ...] | None = None
+    operator: Literal["linear", "geometric", "power_mean"] = "linear"
+    alpha: float = 0.5
+    tail_model: Literal["renormalise", "lump", "zipf", "exact"] = "lump"
+    k_out: int = 64
+    token: Literal["none", "entropy", "target"] = "none"
+    token_sharpness: float = 1.0
+    task_weights: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    context: Literal["none", "loss"] = "none"
+    context_sharpness: float = 1.0
+    eps: float = 0.0
+    safety: int | None = None
+    safety_floor: float | None = None
+    teacher_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        k = len(self.teachers)
+        if k == 0:
+            raise ValueError("aggregate needs at least one teacher store")
+        validate_weights(self.static_weights, k)
+        validate_temperatures(self.teacher_temperatures, k)
+        get_operator(self.operator, **self.operator_params)
+        get_tail_model(self.tail_model)
+        if self.k_out < 1:
+            raise ValueError(f"k_out must be >= 1, got {self.k_out}")
+        if self.safety is not None and not 0 <= self.safety < k:
+            raise ValueError(f"safety teacher index {self.safety} is not in [0, {k})")
+        for tag, factors in self.task_weights.items():
+            if len(factors) != k or any(not np.isfinite(f) or f < 0 for f in factors):
+                raise ValueError(f"task weights for {tag!r} must be {k} finite factors >= 0")
+        # the policy validates its own fields (token/context names, sharpness)
+        self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
+
+    @property
+    def static_weights(self) -> np.ndarray:
+        k = len(self.teachers)
+        return np.full(k, 1.0 / k) if self.weights is None else np.asarray(self.weights, float)
+
+    @property
+    def teacher_temperatures(self) -> np.ndarray:
+        k = len(self.teachers)
+        return np.ones(k) if self.temperatures is None else np.asarray(self.temperatures, float)
+
+    @property
+    def operator_params(self) -> dict[str, float]:
+        return {"alpha": self.alpha} if self.operator == "power_mean" else {}
+
+    @property
+    def adaptive(self) -> bool:
+        return self.token != "none" or bool(self.task_weights) or self.context != "none"
+
+    def policy(self, task_index: np.ndarray, seq_offsets: np.ndarray
+               ) -> AdaptiveWeights | np.ndarray:
+        """The weights of one part: static, or an adaptive policy over its rows."""
+        if not self.adaptive and self.safety is None:
+            return self.static_weights
+        table = None
+        if self.task_weights:
+            tags = sorted(self.task_weights)
+            table = np.array([self.task_weights[t] for t in tags] + [[1.0] * len(self.teachers)])
+        return AdaptiveWeights(
+            base=tuple(self.static_weights),
+            token=self.token,
+            token_sharpness=self.token_sharpness,
+            task_table=table,
+            task_index=task_index if table is not None else None,
+            context=self.context,
+            context_sharpness=self.context_sharpness,
+            seq_offsets=seq_offsets,
+            eps=self.eps,
+            safety_index=self.safety,
+            safety_floor=self.safety_floor,
+        )
+
+
+@dataclass
+class AggregateSummary:
+    parts: int
+    parts_written: int
+    positions: int
+    complete: bool
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]]) -> list[Store]:
+    """Open the teacher stores and refuse any that cannot be fused with the others."""
+    stores = []
+    for path in teacher_dirs:
+        store = open_store(path, TEACHER)
+        check_aligned(tokens, store)
+        if store.attrs.get("tokenizer_hash") != tokens.attrs.get("tokenizer_hash"):
+            raise StoreError(f"{path} was harvested with a different tokenizer than {tokens.root}")
+        stores.append(store)
+    return stores
+
+
+def aggregate(
+    tokens_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: AggregateConfig,
+    *,
+    processes: int = 1,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> AggregateSummary:
+    """Fuse this worker's pending parts; finalise the target store once every part is in."""
+    tokens = open_store(tokens_dir, TOKENS)
+    teachers = open_teachers(tokens, config.teachers)
+    if config.tail_model == "exact":
+        for t in teachers:
+            missing = set(config.teacher_temperatures) - set(t.attrs.get("temperatures", []))
+            if missing:
+                raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
+                                 f"in {t.root} (harvest with --engine hf --temperature T)")
+    header = target_header(tokens.num_parts, config.k_out, len(teachers), _attrs(tokens, teachers,
+                           config), teacher_ks=[t.attrs["k"] for t in teachers]
+                           if config.teacher_blocks else ())
+    writer = StoreWriter(out, header)
+    pending = writer.pending_parts(worker_index, num_workers)
+    work = partial(_aggregate_part, str(tokens_dir), str(out), config, header)
+    stats = run_parts(pending, work, processes=processes, desc="aggregate", progress=progress)
+    complete = writer.finalize()
+    return AggregateSummary(tokens.num_parts, len(pending),
+                            sum(s["positions"] for s in stats.values()), complete,
+                            summarize(out) if complete else {})
+
+
+def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) -> dict[str, Any]:
+    return {
+        "tokens_fingerprint": tokens.manifest["checksum"],
+        "tokenizer_hash": tokens.attrs["tokenizer_hash"],
+        "vocab_size": tokens.attrs["vocab_size"],
+        "teacher_stores": [
+            {"path": str(Path(t.root).resolve()), "teacher": t.attrs.get("teacher"),
+             "revision": t.attrs.get("teacher_revision"), "manifest": t.manifest["checksum"]}
+            for t in teachers
+        ],
+        "config": asdict(config) | {"teachers": list(config.teachers)},
+    }
+
+
+def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
+    """A teacher store part as the maths sees it (float64 log-probs)."""
+    tempered = batch.arrays.get("tempered_tail_logmass")
+    return TeacherRows(
+        ids=batch["topk_ids"],
+        logprobs=batch["topk_logprobs"].astype(np.float64),
+        tail_logmass=batch["tail_logmass"].astype(np.float64),
+        target_logprob=batch["target_logprob"].astype(np.float64),
+        tempered_tail_logmass=None if tempered is None else tempered.astype(np.float64),
+        temperatures=tuple(attrs.get("temperatures", ())) if tempered is not None else (),
+    )
+
+
+def _aggregate_part(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
+                    part: int) -> dict[str, Any]:
+    tokens = open_store(tokens_dir, TOKENS, verify="none")
+    teachers = [open_store(t, TEACHER, verify="none") for t in config.teachers]
+    rows = []
+    for store in teachers:
+        names = list(TEACHER_ARRAYS)
+        if "tempered_tail_logmass" in store.array_names:
+            names.append("tempered_tail_logmass")
+        rows.append(teacher_rows(store.read_part(part, names), store.attrs))
+    ref = teachers[0].read_part(part, [])
+    for store in teachers[1:]:
+        if not np.array_equal(store.read_part(part, []).offsets, ref.offsets):
+            raise StoreError(f"{store.root} part {part}: sequences differ from {teachers[0].root}")
+    lengths = np.diff(ref.offsets)
+    meta = tokens.read_meta(part)
+    tags = sorted(config.task_weights)
+    seq_task = np.full(len(lengths), len(tags), dtype=np.int64)
+    if tags and meta is not None:
+        lookup = {t: i for i, t in enumerate(tags)}
+        seq_task = np.array([lookup.get(t, len(tags)) for t in meta.column("task").to_pylist()],
+                            dtype=np.int64)
+    weights = config.policy(np.repeat(seq_task, lengths), ref.offsets)
+    fused = fuse(rows, weights, config.teacher_temperatures,
+                 get_operator(config.operator, **config.operator_params), config.tail_model,
+                 config.k_out, int(tokens.attrs["vocab_size"]),
+                 keep_teacher_blocks=config.teacher_blocks)
+    writer = StoreWriter(out, header)
+    names = [a.name for a in writer.header.arrays]
+    with writer.open_part(part) as pw:
+        pw.stats = part_stats(fused)
+        pw.append({n: fused[n] for n in names}, lengths, ref.seq_ids)
+    return pw.stats
+
+
+def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Sums and histograms of the diagnostics, combined over parts by :func:`summarize`."""
+    n = len(fused["tail_mass"])
+    stats: dict[str, Any] = {"positions": n}
+    for name in ("jensen_gap", "disagreement", "n_eff", "tail_mass"):
+        stats[f"sum_{name}"] = float(np.sum(fused[name], dtype=np.float64))
+    stats["sum_weights"] = np.sum(fused["weights"], axis=0, dtype=np.float64).tolist()
+    return stats
+
+
+def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
+    """Mean diagnostics over the whole target store, from the parts' commit records."""
+    store = open_store(out, TARGET, verify="none")
+    totals: dict[str, Any] = {}
+    for p in range(store.num_parts):
+        for key, value in store.part_stats(p).items():
+            totals[key] = np.add(totals.get(key, 0), value)
+    n = max(int(totals.get("positions", 0)), 1)
+    summary = {k.removeprefix("sum_"): float(v) / n for k, v in totals.items()
+               if k.startswith("sum_") and np.ndim(v) == 0}
+    for j, w in enumerate(np.atleast_1d(totals.get("sum_weights", []))):
+        summary[f"mean_weight_{j}"] = float(w) / n
+    summary["positions"] = float(totals.get("positions", 0))
+    return summary
