@@ -301,6 +301,38 @@ def info(
         typer.echo(f"  {key}: {_short(value)}")
 
 
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    size: Annotated[str, typer.Option(help="small (default, ≈10 min) or tiny (CI smoke).")]
+    = "small",
+    experiments: Annotated[str, typer.Option(help="default or all.")] = "default",
+) -> None:
+    """The whole pipeline on the standard library's sources: teachers, harvest, fuse, train."""
+    from mtkd.demo import run_demo
+
+    if experiments not in ("default", "all"):
+        raise _fail(f"--experiments must be default or all, got {experiments!r}", 2)
+    try:
+        report = run_demo(workdir, size, experiments)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"\nreport: {report}")
+    typer.echo((report.parent / "report.md").read_text().split("## Quality")[0])
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
+    """Write an HTML page with plots and a markdown table for a run."""
+    from mtkd.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"report: {path}")
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

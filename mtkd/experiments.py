@@ -1,0 +1,215 @@
+"""The demo's experiments: students compared on held-out data, and the papers' claims measured.
+
+1. Quality: held-out CE of teachers, their mixture, and students of one size and token budget
+   (CE only, from single teachers, from fused targets, top-k + tail vs full vocabulary …).
+2. Variance reduction: variance of the fused target under independent teacher noise vs Σ w_k².
+3. Objectives: L_mix vs L_multi from identical starts (forward and reverse KL).
+4. Safety attenuation: unsafe-token mass of q vs the safety teacher's weight, against the bound
+   q(i) ≤ (1−w*)·max_j p_j(i) + w*·p*(i), and in the distilled students.
+
+Numbers come from the run; the report only renders them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mtkd.distill.aggregate import teacher_rows
+from mtkd.distill.fuse import to_union
+from mtkd.distill.operators import get_operator
+from mtkd.distill.tempering import temper
+from mtkd.store import open_store
+
+if TYPE_CHECKING:
+    from mtkd.demo import Run
+
+SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
+                       (0.8, 0.1, 0.1), (0.9, 0.05, 0.05), (1.0, 0.0, 0.0))
+SAMPLE_POSITIONS = 4096
+
+
+def static_weights(run: Run) -> np.ndarray:
+    k = len(run.size.teachers)
+    return np.full(k, 1.0 / k)
+
+
+def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = None,
+            extra: tuple[str, ...] = (), suffix: str = "student") -> str:
+    """Aggregate the given teachers' stores into ``stores/<name>`` (skipped when done)."""
+    from mtkd.demo import _done
+
+    out = run.path("stores", name)
+    if not _done(out):
+        specs = [run.size.teachers[j] for j in teachers]
+        run.mtkd("aggregate", *[run.path("stores", f"{t.name}-{suffix}") for t in specs],
+                 "--tokens", run.path("stores", "tokens-student"), "--out", out,
+                 "--temperatures", ",".join(str(t.temperature) for t in specs),
+                 "--k-out", str(k_out or run.size.k), *extra)
+    return name
+
+
+def student(run: Run, name: str, target_store: str | None, *, objective: str = "mix",
+            loss: str = "fkl_tail") -> dict[str, Any]:
+    """Train one student of the common size and budget; record its final metrics."""
+    from mtkd.demo import train_model
+
+    size = run.size
+    extra = ("--loss", loss) if target_store is not None else ()
+    metrics = train_model(run, run.path("students", name), tokens="tokens-student",
+                          steps=size.student_steps, batch=size.student_batch, seed=0,
+                          shape=size.student, targets=target_store,
+                          objective=objective if target_store else "ce", extra=extra)
+    run.results.setdefault("students", {})[name] = metrics
+    run.save()
+    return metrics
+
+
+def full_vocab_store(run: Run, teacher: int) -> str:
+    """Full-vocabulary targets of one teacher from the reference engine (k = V)."""
+    from mtkd.demo import _done
+
+    t = run.size.teachers[teacher]
+    out = run.path("stores", f"{t.name}-student-full")
+    if not _done(out):
+        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                 run.path("teachers", t.name), "--out", out, "--engine", "hf", "--dtype",
+                 "float32", "--k", str(run.size.vocab_size))
+    return targets(run, f"single-{t.name}-full", [teacher], k_out=run.size.vocab_size,
+                   suffix="student-full")
+
+
+def run_experiments(run: Run, which: str = "default") -> None:
+    from mtkd.demo import mixture_quality
+
+    teachers = run.size.teachers
+    weights = static_weights(run)
+    run.results["quality"] = mixture_quality(run, weights)
+    best = int(np.argmin(list(run.results["quality"]["teacher_ce"].values())))
+    run.results["best_teacher"] = teachers[best].name
+    run.save()
+
+    safety = next(j for j, t in enumerate(teachers) if t.safety)
+    mix = targets(run, "mix-linear", list(range(len(teachers))),
+                  extra=("--safety", str(safety), "--teacher-blocks"))
+    student(run, "ce-only", None)
+    single_ids = range(len(teachers)) if which == "all" else [best]
+    for j in single_ids:
+        student(run, f"single-{teachers[j].name}",
+                targets(run, f"single-{teachers[j].name}", [j]))
+    student(run, "mix-linear", mix)
+    student(run, f"single-{teachers[best].name}-full", full_vocab_store(run, best))
+    if which == "all":
+        student(run, "mix-geometric", targets(run, "mix-geometric", list(range(len(teachers))),
+                                              extra=("--operator", "geometric")))
+        student(run, "mix-adaptive", targets(run, "mix-adaptive", list(range(len(teachers))),
+                                             extra=("--token", "entropy", "--safety",
+                                                    str(safety))))
+        student(run, "mix-linear-renorm", mix, loss="fkl_renorm")
+        for loss in ("fkl_tail", "rkl_tail"):
+            student(run, f"objective-mix-{loss}", mix, objective="mix", loss=loss)
+            student(run, f"objective-multi-{loss}", mix, objective="multi", loss=loss)
+
+    run.results["safety"] = safety_sweep(run, safety)
+    run.results["variance"] = variance_reduction(run)
+    run.results["student_unsafe_mass"] = {
+        name: unsafe_mass(run.path("students", name), run.path("stores", "tokens-heldout"),
+                          run.results["unsafe_ids"])
+        for name in run.results.get("students", {})
+    }
+    run.save()
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:
+    rows = []
+    for t in run.size.teachers:
+        store = open_store(run.path("stores", f"{t.name}-student"), verify="none")
+        batch = store.read_part(0, ["topk_ids", "topk_logprobs", "tail_logmass",
+                                    "target_logprob"])
+        rows.append(teacher_rows(batch, store.attrs).rows(0, positions))
+    return rows
+
+
+def _union(run: Run) -> tuple[Any, np.ndarray]:
+    teachers = run.size.teachers
+    rows = _teacher_sample(run)
+    vocab = run.size.vocab_size
+    tempered = [temper(r, t.temperature, "lump", vocab) for r, t in zip(rows, teachers,
+                                                                        strict=True)]
+    block = to_union(tempered, vocab)
+    return block, block.stack.probs
+
+
+def safety_sweep(run: Run, safety: int) -> dict[str, Any]:
+    """Unsafe mass of the linear mixture vs the safety weight, and the attenuation bound."""
+    block, probs = _union(run)
+    unsafe = np.isin(block.ids, run.results["unsafe_ids"])
+    size = block.ids.shape[1]
+    others = [j for j in range(probs.shape[0]) if j != safety]
+    op = get_operator("linear")
+    points = []
+    for w_star in SAFETY_GRID:
+        w = np.full(probs.shape[0], (1 - w_star) / len(others))
+        w[safety] = w_star
+        q = op(block.stack, np.broadcast_to(w, (probs.shape[1], len(w))))[:, :size]
+        bound = (1 - w_star) * probs[others, :, :size].max(axis=0) + w_star * probs[safety, :,
+                                                                                    :size]
+        slack = np.where(unsafe, bound - q, np.inf)
+        points.append({
+            "w_safety": w_star,
+            "unsafe_mass": float(np.where(unsafe, q, 0).sum(axis=1).mean()),
+            "bound_mass": float(np.where(unsafe, bound, 0).sum(axis=1).mean()),
+            "violations": int((slack < -1e-9).sum()),
+            "checked": int(unsafe.sum()),
+        })
+    teacher_mass = {t.name: float(np.where(unsafe, probs[j, :, :size], 0).sum(axis=1).mean())
+                    for j, t in enumerate(run.size.teachers)}
+    return {"points": points, "teacher_unsafe_mass": teacher_mass,
+            "bound_holds": all(p["violations"] == 0 for p in points)}
+
+
+def variance_reduction(run: Run, sigma: float = 0.5, draws: int = 16, seed: int = 0
+                       ) -> dict[str, Any]:
+    """Token-level variance of linear q under independent log-normal teacher noise.
+
+    Theory (Flouro & Chadwick, Thm IV.2): Var q(i) = Σ_k w_k² Var p̃_k(i) for independent noise,
+    so the measured variance should track the prediction from each teacher's own variance.
+    """
+    _, probs = _union(run)
+    rng = np.random.default_rng(seed)
+    noisy = probs[None] * np.exp(sigma * rng.standard_normal((draws, *probs.shape)))
+    noisy /= noisy.sum(axis=-1, keepdims=True)
+    per_teacher = noisy.var(axis=0).mean(axis=(1, 2))  # [K]
+    points = []
+    for w in VARIANCE_WEIGHTINGS:
+        w = np.asarray(w)
+        q = np.einsum("k,rknu->rnu", w, noisy)
+        points.append({"weights": w.tolist(), "sum_w2": float(w @ w),
+                       "measured": float(q.var(axis=0).mean()),
+                       "predicted": float((w**2) @ per_teacher)})
+    return {"sigma": sigma, "draws": draws, "points": points,
+            "per_teacher_variance": per_teacher.tolist()}
+
+
+def unsafe_mass(model_dir: Any, tokens_dir: Any, unsafe_ids: list[int],
+                max_sequences: int = 64) -> float:
+    """Mean probability a model puts on the unsafe tokens over held-out positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    store = open_store(tokens_dir, verify="none")
+    batch = store.read(np.arange(min(max_sequences, store.num_sequences)), ["token_ids"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(len(batch.offsets) - 1):
+            ids = torch.from_numpy(batch["token_ids"][batch.offsets[s]:batch.offsets[s + 1]])
+            probs = model(ids[None].long()).logits[0].float().softmax(-1)
+            total += float(probs[:, unsafe_ids].sum())
+            count += probs.shape[0]
+    return total / max(count, 1)

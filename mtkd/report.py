@@ -1,0 +1,238 @@
+"""``mtkd report RUN_DIR``: an HTML page with PNG plots and a markdown table of a demo run.
+
+Everything shown is read from the run directory (``results.json``, the students' metric logs
+and the target stores); nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtkd.store import StoreError, open_store
+
+GOAL_CE_GAIN = 0.05  # mixture student ≥ 5% below the CE-only student
+GOAL_TOPK_GAP = 0.02  # top-k + tail within 2% of full-vocabulary KD
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo's goals with the measured numbers and whether each is met."""
+    students = {k: v.get("heldout_ce") for k, v in results.get("students", {}).items()}
+    out: list[dict[str, Any]] = []
+    ce, mix = students.get("ce-only"), students.get("mix-linear")
+    if ce and mix:
+        gain = 1 - mix / ce
+        out.append({"goal": "mixture student ≥ 5% lower held-out CE than the CE-only student",
+                    "measured": f"{mix:.4f} vs {ce:.4f} ({gain:+.1%})",
+                    "met": gain >= GOAL_CE_GAIN})
+    singles = {k: v for k, v in students.items()
+               if k.startswith("single-") and not k.endswith("-full") and v}
+    if mix and singles:
+        best = min(singles, key=singles.__getitem__)
+        out.append({"goal": "mixture student below every single-teacher student",
+                    "measured": f"{mix:.4f} vs best single {best} {singles[best]:.4f}",
+                    "met": all(mix < v for v in singles.values())})
+    full = {k: v for k, v in students.items() if k.endswith("-full") and v}
+    for name, value in full.items():
+        topk = students.get(name.removesuffix("-full"))
+        if topk:
+            gap = topk / value - 1
+            out.append({"goal": "top-k + tail bucket within 2% of full-vocabulary KD",
+                        "measured": f"{topk:.4f} vs {value:.4f} ({gap:+.2%})",
+                        "met": abs(gap) <= GOAL_TOPK_GAP})
+    safety = results.get("safety")
+    if safety:
+        checked = sum(p["checked"] for p in safety["points"])
+        bad = sum(p["violations"] for p in safety["points"])
+        out.append({"goal": "safety bound holds at every measured point",
+                    "measured": f"{bad} violations in {checked} checks",
+                    "met": safety["bound_holds"]})
+    return out
+
+
+def quality_table(results: dict[str, Any]) -> str:
+    rows = ["| model | held-out CE (nats/token) | vs CE-only |", "|---|---|---|"]
+    quality = results.get("quality", {})
+    for name, ce in quality.get("teacher_ce", {}).items():
+        rows.append(f"| teacher {name} | {ce:.4f} | |")
+    if "mixture_ce" in quality:
+        rows.append(f"| teachers' mixture (uniform, T=1) | {quality['mixture_ce']:.4f} | |")
+    base = results.get("students", {}).get("ce-only", {}).get("heldout_ce")
+    for name, m in results.get("students", {}).items():
+        ce = m.get("heldout_ce")
+        if ce is None:
+            continue
+        rel = f"{ce / base - 1:+.2%}" if base else ""
+        rows.append(f"| student {name} | {ce:.4f} | {rel} |")
+    return "\n".join(rows)
+
+
+def _plot_students(run: Path, out: Path) -> str | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name in sorted(p.name for p in (run / "students").glob("*") if p.is_dir()):
+        evals = [m for m in read_metrics(run / "students" / name / "metrics.jsonl")
+                 if "heldout_ce" in m]
+        if evals:
+            ax.plot([m["step"] for m in evals], [m["heldout_ce"] for m in evals], label=name,
+                    marker="o", ms=3)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Students: held-out CE")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "students.png", dpi=110)
+    plt.close(fig)
+    return "students.png"
+
+
+def _plot_objectives(run: Path, out: Path) -> str | None:
+    plt = _plt()
+    names = sorted(p.name for p in (run / "students").glob("objective-*"))
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        logs = [m for m in read_metrics(run / "students" / name / "metrics.jsonl") if "kd" in m]
+        ax.plot([m["step"] for m in logs], [m["kd"] for m in logs], label=name)
+    ax.set(xlabel="step", ylabel="training objective", title="L_mix vs L_multi")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "objectives.png", dpi=110)
+    plt.close(fig)
+    return "objectives.png"
+
+
+def _plot_diagnostics(run: Path, out: Path) -> list[str]:
+    plt = _plt()
+    figures = []
+    for store_name in ("mix-linear", "mix-adaptive"):
+        try:
+            store = open_store(run / "stores" / store_name, verify="none")
+        except StoreError:
+            continue
+        batch = store.read_part(0, ["jensen_gap", "disagreement", "weights"])
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        axes[0].hist(batch["jensen_gap"], bins=60)
+        axes[0].set(title="Jensen gap Σ w_k KL(p_k‖q)", xlabel="nats")
+        axes[1].hist(batch["disagreement"], bins=60)
+        axes[1].set(title="teacher disagreement", xlabel="mean pairwise TV")
+        for j in range(batch["weights"].shape[1]):
+            axes[2].hist(batch["weights"][:, j], bins=50, alpha=0.5, label=f"teacher {j}")
+        axes[2].set(title="weights per position", xlabel="w_k")
+        axes[2].legend(fontsize=7)
+        fig.suptitle(store_name)
+        fig.tight_layout()
+        name = f"diagnostics-{store_name}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        figures.append(name)
+    return figures
+
+
+def _plot_safety(results: dict[str, Any], out: Path) -> str | None:
+    safety = results.get("safety")
+    if not safety:
+        return None
+    plt = _plt()
+    pts = safety["points"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["w_safety"] for p in pts], [p["unsafe_mass"] for p in pts], "o-",
+            label="q: unsafe mass")
+    ax.plot([p["w_safety"] for p in pts], [p["bound_mass"] for p in pts], "--",
+            label="bound (1−w*)·max_j p_j + w*·p*")
+    for name, mass in results.get("student_unsafe_mass", {}).items():
+        ax.axhline(mass, lw=0.8, alpha=0.6, label=f"student {name}")
+    ax.set(xlabel="safety teacher weight w*", ylabel="mean mass on unsafe tokens",
+           title="Safety attenuation", yscale="log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "safety.png", dpi=110)
+    plt.close(fig)
+    return "safety.png"
+
+
+def _plot_variance(results: dict[str, Any], out: Path) -> str | None:
+    var = results.get("variance")
+    if not var:
+        return None
+    plt = _plt()
+    pts = var["points"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [p["sum_w2"] for p in pts]
+    ax.plot(x, [p["measured"] for p in pts], "o", label="measured Var q")
+    ax.plot(x, [p["predicted"] for p in pts], "x--", label="Σ w_k² Var p_k (theory)")
+    ax.set(xlabel="Σ w_k²", ylabel="token-level variance", title="Variance reduction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "variance.png", dpi=110)
+    plt.close(fig)
+    return "variance.png"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render ``RUN_DIR/report/index.html`` (+ ``report.md``) from what the run measured."""
+    run = Path(run_dir)
+    results_path = run / "results.json"
+    if not results_path.exists():
+        raise FileNotFoundError(f"{results_path}: no results; run `mtkd demo` first")
+    results = json.loads(results_path.read_text())
+    out = run / "report"
+    out.mkdir(exist_ok=True)
+    figures = [f for f in (_plot_students(run, out), _plot_objectives(run, out),
+                           *_plot_diagnostics(run, out), _plot_safety(results, out),
+                           _plot_variance(results, out)) if f]
+    goal_rows = goals(results)
+    md = ["# mtkd demo report", "",
+          f"size: {results.get('size')}, wall time {results.get('seconds', 0):.0f} s", "",
+          "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    md += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**MISSED**'} |"
+           for g in goal_rows]
+    md += ["", "## Quality (held-out)", "", quality_table(results), ""]
+    if "variance" in results:
+        md += ["## Variance reduction", "", "| weights | Σw² | measured | predicted |",
+               "|---|---|---|---|"]
+        md += [f"| {np.round(p['weights'], 3).tolist()} | {p['sum_w2']:.3f} | "
+               f"{p['measured']:.3e} | {p['predicted']:.3e} |"
+               for p in results["variance"]["points"]]
+        md.append("")
+    if "safety" in results:
+        md += ["## Safety attenuation", "", "| w* | unsafe mass of q | bound | violations |",
+               "|---|---|---|---|"]
+        md += [f"| {p['w_safety']:.1f} | {p['unsafe_mass']:.3e} | {p['bound_mass']:.3e} | "
+               f"{p['violations']}/{p['checked']} |" for p in results["safety"]["points"]]
+        md.append("")
+        for name, mass in results.get("student_unsafe_mass", {}).items():
+            md.append(f"- student {name}: unsafe mass {mass:.3e}")
+        md.append("")
+    md += ["## Commands", "", "```", *results.get("commands", []), "```", ""]
+    (out / "report.md").write_text("\n".join(md))
+    body = "\n".join(f'<h3>{html.escape(f)}</h3><img src="{f}">' for f in figures)
+    page = (f"<!doctype html><meta charset='utf-8'><title>mtkd demo</title>"
+            f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}"
+            f"img{{max-width:100%}}</style><h1>mtkd demo</h1>"
+            f"<pre>{html.escape(chr(10).join(md))}</pre>{body}")
+    (out / "index.html").write_text(page)
+    return out / "index.html"
