@@ -1,0 +1,224 @@
+"""Tail models and tempering of truncated distributions, against dense references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtkd.distill.tails import (
+    TAIL_MODELS,
+    Exact,
+    Lump,
+    Zipf,
+    get_tail_model,
+    log_power_sum,
+    logsumexp,
+)
+from mtkd.distill.tempering import TeacherRows, temper
+
+SETTINGS = settings(deadline=None)
+MODELS_IDENTITY_AT_1 = ["lump", "zipf", "exact"]
+
+
+def dense_logprobs(rng: np.random.Generator, n: int, vocab: int, scale: float) -> np.ndarray:
+    """Random full-vocabulary log-probs [n,V] (float64)."""
+    logits = rng.standard_normal((n, vocab)) * scale
+    return logits - logsumexp(logits)[:, None]
+
+
+def tempered_dense(logp: np.ndarray, temperature: float) -> np.ndarray:
+    """Exact tempered log-probs of full-vocabulary rows."""
+    x = logp / temperature
+    return x - logsumexp(x)[:, None]
+
+
+def sparse_rows(logp: np.ndarray, k: int, temperatures: tuple[float, ...] = ()) -> TeacherRows:
+    """The top-k view of dense rows, as a harvest engine stores it (float64 here), with exact
+    tempered tails at ``temperatures`` (what the reference engine stores)."""
+    order = np.argsort(-logp, axis=1, kind="stable")
+    ids, rest = order[:, :k], order[:, k:]
+    top = np.take_along_axis(logp, ids, axis=1)
+    comp = np.take_along_axis(logp, rest, axis=1)
+    tail = logsumexp(comp) if rest.shape[1] else np.full(logp.shape[0], -np.inf)
+    exact = None
+    if temperatures:
+        cols = []
+        for t in temperatures:
+            lt = tempered_dense(logp, t)
+            cols.append(
+                logsumexp(np.take_along_axis(lt, rest, axis=1))
+                if rest.shape[1]
+                else np.full(logp.shape[0], -np.inf)
+            )
+        exact = np.stack(cols, axis=1)
+    return TeacherRows(ids.astype(np.int32), top, tail, None, exact, tuple(temperatures))
+
+
+@st.composite
+def teacher_case(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    seed = draw(st.integers(0, 2**32 - 1))
+    n = draw(st.integers(1, 6))
+    vocab = draw(st.integers(2, 60))
+    k = draw(st.integers(1, vocab))
+    scale = draw(st.floats(0.1, 6.0))
+    return dense_logprobs(np.random.default_rng(seed), n, vocab, scale), k
+
+
+@SETTINGS
+@given(case=teacher_case(), model=st.sampled_from(MODELS_IDENTITY_AT_1))
+def test_tail_models_are_identity_at_t1(case, model):
+    logp, k = case
+    rows = sparse_rows(logp, k)
+    out = temper(rows, 1.0, model, logp.shape[1])
+    np.testing.assert_allclose(np.exp(out.logprobs), np.exp(rows.logprobs), atol=1e-12)
+    np.testing.assert_allclose(out.tail_mass, np.exp(rows.tail_logmass), atol=1e-12)
+
+
+@SETTINGS
+@given(case=teacher_case())
+def test_renormalise_at_t1_drops_the_tail(case):
+    logp, k = case
+    rows = sparse_rows(logp, k)
+    out = temper(rows, 1.0, "renormalise", logp.shape[1])
+    p = np.exp(rows.logprobs)
+    np.testing.assert_allclose(out.probs, p / p.sum(axis=1, keepdims=True), atol=1e-12)
+    assert (out.tail_mass == 0).all()
+
+
+@SETTINGS
+@given(
+    case=teacher_case(), model=st.sampled_from(sorted(TAIL_MODELS)), temperature=st.floats(0.2, 5.0)
+)
+def test_tempered_rows_are_distributions_with_ranking_kept(case, model, temperature):
+    logp, k = case
+    rows = sparse_rows(logp, k, (temperature,))
+    out = temper(rows, temperature, model, logp.shape[1])
+    total = out.probs.sum(axis=1) + out.tail_mass
+    np.testing.assert_allclose(total, 1.0, atol=1e-12)
+    assert (out.probs >= 0).all() and (out.tail_mass >= 0).all()
+    # Tempering is monotone inside the support: the stored (descending) order is kept.
+    assert (np.diff(out.logprobs, axis=1) <= 1e-12).all()
+
+
+@SETTINGS
+@given(case=teacher_case(), temperature=st.floats(0.2, 5.0))
+def test_exact_tail_matches_full_vocabulary_tempering(case, temperature):
+    logp, k = case
+    rows = sparse_rows(logp, k, (0.5, temperature))
+    out = temper(rows, temperature, "exact", logp.shape[1])
+    dense = tempered_dense(logp, temperature)
+    np.testing.assert_allclose(
+        out.probs, np.exp(np.take_along_axis(dense, rows.ids, axis=1)), atol=1e-10
+    )
+    top = np.exp(np.take_along_axis(dense, rows.ids, axis=1)).sum(axis=1)
+    np.testing.assert_allclose(out.tail_mass, 1.0 - top, atol=1e-10)
+
+
+def test_exact_without_stored_tails_raises():
+    logp = dense_logprobs(np.random.default_rng(0), 3, 20, 1.0)
+    rows = sparse_rows(logp, 5, (2.0,))
+    with pytest.raises(ValueError, match="exact"):
+        temper(rows, 3.0, "exact", 20)
+    # T=1 needs nothing stored: the exact tempered tail is the stored tail itself.
+    temper(sparse_rows(logp, 5), 1.0, "exact", 20)
+
+
+@SETTINGS
+@given(case=teacher_case(), temperature=st.floats(0.2, 5.0))
+def test_zipf_tail_lies_between_lump_and_even_spread(case, temperature):
+    logp, k = case
+    vocab = logp.shape[1]
+    rows = sparse_rows(logp, k)
+    lump = Lump().log_tempered_tail(rows.logprobs, rows.tail_logmass, temperature, vocab, None)
+    zipf = Zipf().log_tempered_tail(rows.logprobs, rows.tail_logmass, temperature, vocab, None)
+    if vocab == k:
+        assert np.isneginf(zipf).all()
+        return
+    even = lump + (1 - 1 / temperature) * np.log(vocab - k)
+    lo, hi = np.minimum(lump, even), np.maximum(lump, even)
+    finite = np.isfinite(lump)
+    assert (zipf[finite] >= lo[finite] - 1e-9).all() and (zipf[finite] <= hi[finite] + 1e-9).all()
+
+
+@SETTINGS
+@given(
+    k=st.integers(1, 40),
+    extra=st.integers(1, 3000),
+    temperature=st.floats(0.25, 4.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_zipf_tail_equals_brute_force_extrapolation(k, extra, temperature, seed):
+    rng = np.random.default_rng(seed)
+    vocab = k + extra
+    logprobs = np.sort(rng.standard_normal((3, k)) * 2 - 3, axis=1)[:, ::-1]
+    tail = np.log(rng.uniform(0.01, 0.9, 3))
+    model = Zipf()
+    got = model.log_tempered_tail(logprobs, tail, temperature, vocab, None)
+    b = model.exponent(logprobs)
+    ranks = np.arange(k + 1, vocab + 1, dtype=np.float64)
+    shape = ranks[None, :] ** -b[:, None]
+    masses = np.exp(tail)[:, None] * shape / shape.sum(axis=1, keepdims=True)
+    want = np.log((masses ** (1 / temperature)).sum(axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_zipf_recovers_a_power_law_exponent():
+    ranks = np.arange(1, 33, dtype=np.float64)
+    logprobs = np.log(0.2) - 1.3 * np.log(ranks)
+    np.testing.assert_allclose(Zipf().exponent(logprobs[None, :]), [1.3], atol=1e-12)
+    np.testing.assert_allclose(Zipf(fit_from=0.0).exponent(logprobs[None, :]), [1.3], atol=1e-12)
+
+
+@pytest.mark.parametrize("first", [2, 3, 9, 65])
+@pytest.mark.parametrize("last_extra", [0, 1, 4, 5, 200, 5000])
+def test_log_power_sum_against_direct_sum(first, last_extra):
+    s = np.array([0.0, 0.3, 1.0, 1.0 + 1e-12, 1.7, 4.0, 25.0, 300.0])
+    last = first + last_extra
+    j = np.arange(first, last + 1, dtype=np.float64)
+    want = logsumexp(-s[:, None] * np.log(j)[None, :])
+    np.testing.assert_allclose(log_power_sum(s, first, last), want, rtol=1e-9, atol=1e-8)
+
+
+@SETTINGS
+@given(
+    case=teacher_case(),
+    model=st.sampled_from(["lump", "renormalise"]),
+    t1=st.floats(0.2, 5.0),
+    t2=st.floats(0.2, 5.0),
+)
+def test_entropy_does_not_decrease_with_temperature(case, model, t1, t2):
+    """Top-k + bucket entropy is monotone where the bucket is tempered as one category.
+
+    (With exact or zipf tails the bucket holds many tempered tokens, and the entropy of the
+    coarse top-k + bucket view can fall as T grows although the full distribution's rises.)
+    """
+    logp, k = case
+    lo, hi = min(t1, t2), max(t1, t2)
+    rows = sparse_rows(logp, k, (lo, hi))
+    h_lo = temper(rows, lo, model, logp.shape[1]).entropy()
+    h_hi = temper(rows, hi, model, logp.shape[1]).entropy()
+    assert (h_hi >= h_lo - 1e-9).all()
+
+
+def test_registry_and_errors():
+    assert isinstance(get_tail_model("zipf", fit_from=0.25), Zipf)
+    assert isinstance(get_tail_model(Exact()), Exact)
+    with pytest.raises(ValueError, match="unknown tail model 'nope'"):
+        get_tail_model("nope")
+    with pytest.raises(ValueError, match="fit_from"):
+        Zipf(fit_from=1.0)
+    logp = dense_logprobs(np.random.default_rng(1), 2, 10, 1.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            temper(sparse_rows(logp, 3), bad, "lump", 10)
+    with pytest.raises(ValueError, match="tempered_tail_logmass"):
+        TeacherRows(
+            np.zeros((2, 3), np.int32),
+            np.zeros((2, 3)),
+            np.zeros(2),
+            None,
+            np.zeros((2, 2)),
+            (2.0,),
+        )
