@@ -262,6 +262,69 @@ def aggregate(
 
 
 @app.command()
+def train(
+    tokens: Annotated[Path, typer.Option(help="Tokens store to train on.")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, final/).")],
+    targets: Annotated[Path | None, typer.Option(
+        help="Target store from `mtkd aggregate` (none: cross-entropy only).")] = None,
+    student: Annotated[Path | None, typer.Option(
+        help="Local Hugging Face checkpoint to start from.")] = None,
+    student_config: Annotated[Path | None, typer.Option(
+        help="JSON of model config kwargs to initialise a fresh student.")] = None,
+    objective: Annotated[str, typer.Option(
+        help="ce | mix (KL to fused targets) | multi (Σ w_k KL to each teacher) | auto.")]
+    = "auto",
+    loss: Annotated[str, typer.Option(
+        help="fkl_tail | fkl_renorm | rkl_tail | rkl_renorm | jsd_tail | jsd_renorm.")]
+    = "fkl_tail",
+    alpha: Annotated[float, typer.Option(help="Weight of CE: (1−α)·KD + α·CE.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Student temperature of the KD term.")]
+    = 1.0,
+    heldout: Annotated[Path | None, typer.Option(help="Held-out tokens store.")] = None,
+    seq_len: Annotated[int, typer.Option(min=2, help="Packed row length.")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per rank per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 10% of steps).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Held-out evaluation period (0: end).")] = 200,
+    save_every: Annotated[int, typer.Option(help="Checkpoint period (0: none).")] = 500,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Train a student on cached targets (or CE only); runs DDP under torchrun."""
+    from mtkd.distill.trainer import TrainConfig
+    from mtkd.distill.trainer import train as run_train
+    from mtkd.store import StoreError
+
+    if (student is None) == (student_config is None):
+        raise _fail("give exactly one of --student (checkpoint) or --student-config (JSON)", 2)
+    try:
+        spec: str | dict[str, Any] = (str(student) if student is not None
+                                      else json.loads(Path(student_config).read_text()))
+        cfg = TrainConfig(
+            tokens=str(tokens), out=str(out), student=spec,
+            targets=str(targets) if targets else None, objective=objective, loss=loss,
+            alpha=alpha, temperature=temperature, seq_len=seq_len, batch_size=batch_size,
+            grad_accum=grad_accum, max_steps=steps, lr=lr,
+            warmup_steps=warmup if warmup is not None else max(steps // 10, 1), seed=seed,
+            eval_tokens=str(heldout) if heldout else None, eval_every=eval_every,
+            save_every=save_every, bf16=bf16, device=device,
+        )
+        result = run_train(cfg)
+    except (StoreError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"train: {result.steps} steps, {result.tokens:,} tokens in "
+               f"{result.elapsed_s:.0f} s → {result.model_dir}")
+    if result.last_eval:
+        typer.echo("  held-out " + "  ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()
+                                             if isinstance(v, float)))
+
+
+@app.command()
 def verify(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     quick: Annotated[bool, typer.Option(help="Check sizes only, not checksums.")] = False,

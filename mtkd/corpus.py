@@ -76,13 +76,7 @@ def list_files(inputs: Sequence[str | os.PathLike[str]], pattern: str = "*",
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and fnmatch.fnmatch(p.name, pattern)
-                and not any(fnmatch.fnmatch(part, x)
-                            for part in p.relative_to(path).parts for x in exclude)
-            )
-            files.extend(found)
+            files.extend(sorted(_walk(path, pattern, exclude)))
         elif path.exists():
             files.append(path)
         else:
@@ -90,6 +84,20 @@ def list_files(inputs: Sequence[str | os.PathLike[str]], pattern: str = "*",
     if not files:
         raise CorpusError(f"no input files found in {', '.join(map(str, inputs))}")
     return files
+
+
+def _walk(root: Path, pattern: str, exclude: Sequence[str]) -> Iterator[Path]:
+    """Files under ``root`` matching ``pattern``; excluded directories are not even entered."""
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, x) for x in exclude)
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not excluded(d)]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if fnmatch.fnmatch(name, pattern) and not excluded(name) and path.is_file():
+                yield path
 
 
 def file_kind(path: Path) -> UnitKind:
@@ -113,8 +121,8 @@ def plan_units(files: Sequence[Path], split_bytes: int = JSONL_SPLIT_BYTES) -> l
             continue
         if kind == "jsonl" and size > split_bytes:
             starts = range(0, size, split_bytes)
-            units += [Unit(str(path), kind, s, min(s + split_bytes, size), min(split_bytes, size - s))
-                      for s in starts]
+            units += [Unit(str(path), kind, s, min(s + split_bytes, size),
+                           min(split_bytes, size - s)) for s in starts]
         elif kind == "parquet":
             try:
                 groups = pq.ParquetFile(path).num_row_groups
@@ -141,10 +149,12 @@ def group_units(units: Sequence[Unit], num_parts: int) -> list[list[Unit]]:
 
 
 def fingerprint(files: Sequence[Path]) -> str:
-    """Hash of every input file's name and content: equal inputs give equal tokens stores."""
+    """Hash of every input file's name and content, in order: equal inputs give equal tokens
+    stores. Only base names enter the hash, so workers that see the corpus under different
+    mount points agree."""
     h = hashlib.blake2b(digest_size=16)
     for path in files:
-        h.update(str(path).encode() + b"\0")
+        h.update(Path(path).name.encode() + b"\0")
         try:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -232,6 +242,9 @@ def _document(record: object, where: str, problems: Problems, text_field: str,
         problems.add("missing_field", f"{where} (no text field {text_field!r})")
         return None
     text = record[text_field]
+    if not _is_utf8(text):  # JSON can spell lone surrogates ("\ud800"), which no tokenizer takes
+        problems.add("invalid_utf8", f"{where} (lone surrogate in {text_field!r})")
+        return None
     if not text.strip():
         problems.add("empty_document", where)
         return None
@@ -243,3 +256,11 @@ def _document(record: object, where: str, problems: Problems, text_field: str,
         else:
             task = str(value)
     return Document(text, where.split("@")[0].split("#")[0], task)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

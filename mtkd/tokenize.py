@@ -20,8 +20,16 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from mtkd.corpus import CorpusError, Problems, Unit, fingerprint, group_units, list_files, \
-    plan_units, read_unit
+from mtkd.corpus import (
+    CorpusError,
+    Problems,
+    Unit,
+    fingerprint,
+    group_units,
+    list_files,
+    plan_units,
+    read_unit,
+)
 from mtkd.parallel import run_parts
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import tokens_header, vocab_fingerprint

@@ -9,13 +9,14 @@ A store is a directory::
         seq_ids/            int64 [S] global sequence ids
         meta.parquet        optional per-sequence metadata
         COMMIT.json         counts and sha256 of every file, written last
-    parts/.tmp-00001-*/     a part being written (never read)
+    parts/.tmp-00001-<host>-<pid>-<random>/   a part being written (never read)
     manifest.json           written once every part is committed; its presence means complete
 
 A part is written into a temporary directory and renamed into place only after its
 ``COMMIT.json`` is on disk, so a killed writer leaves nothing that reads as committed, and any
 number of workers may write disjoint parts of one store at once (a lost race for the same part
-is harmless: the rename fails and the loser discards its copy).
+is harmless: the rename fails and the loser discards its copy). A rerun skips committed parts
+and removes temp parts whose writer is dead. docs/FORMAT.md is the full specification.
 
 Arrays are written either ``raw`` (one uncompressed chunk per part: the chunk file *is* the
 little-endian C-order buffer, memory-mapped by the reader for fast shuffled access) or ``zstd``
@@ -28,7 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ PARTS_DIR = "parts"
 TMP_PREFIX = ".tmp-"
 SHARD_ROWS = 1 << 17
 CHUNK_ROWS = 1 << 13
+STALE_TMP_SECONDS = 3600  # a temp part of another host untouched this long is abandoned
 
 Codec = Literal["raw", "zstd"]
 
@@ -131,13 +136,34 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
     if isinstance(obj, (tuple, set)):
         return list(obj)
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+_MISSING = object()
+
+
+def _diff_fields(found: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted names of the fields where two JSON objects differ (``attrs.k``, ``num_parts``)."""
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(set(found) | set(wanted)):
+            a, b = found.get(key, _MISSING), wanted.get(key, _MISSING)
+            if a != b:
+                out += _diff_fields(a, b, f"{prefix}{key}.")
+        return out
+    return [(prefix.rstrip("."), None if found is _MISSING else found,
+             None if wanted is _MISSING else wanted)]
+
+
+def _short_json(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -152,6 +178,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
@@ -170,6 +207,40 @@ def file_sha256(path: Path) -> str:
 
 def part_name(part: int) -> str:
     return f"{part:05d}"
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_part_dir(parts_dir: Path, part: int) -> Path:
+    """``.tmp-<part>-<host>-<pid>-<random>``: who writes it, so reruns can tell dead from live."""
+    return parts_dir / f"{TMP_PREFIX}{part_name(part)}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_is_stale(tmp: Path) -> bool:
+    """A temp part is abandoned if its writer (this host) is dead or nothing in it changed
+    for ``STALE_TMP_SECONDS`` (writers on other hosts cannot be asked)."""
+    fields = tmp.name[len(TMP_PREFIX):].split("-")
+    if len(fields) == 4 and fields[1] == _HOST and fields[2].isdigit() \
+            and not _pid_alive(int(fields[2])):
+        return True
+    try:
+        newest = max(q.lstat().st_mtime for q in [tmp, *tmp.rglob("*")])
+    except OSError:  # vanished meanwhile (its writer committed or cleaned up)
+        return False
+    return time.time() - newest > STALE_TMP_SECONDS
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,20 +273,26 @@ class StoreWriter:
         wanted = _jsonable(self.header.to_json())
         if not path.exists():
             tmp = path.with_name(f"{TMP_PREFIX}{HEADER_FILE}.{uuid.uuid4().hex}")
-            tmp.write_bytes(canonical_json(wanted))
+            with open(tmp, "wb") as f:
+                f.write(canonical_json(wanted))
+                f.flush()
+                os.fsync(f.fileno())
             try:
                 os.link(tmp, path)  # atomic and never overwrites: concurrent creators agree
             except FileExistsError:
                 pass
+            except OSError:  # a file system without hard links: exclusive create instead
+                _create_exclusive(path, canonical_json(wanted))
             finally:
                 tmp.unlink()
         found = read_json(path)
         if found != wanted:
-            diff = sorted(
-                k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
-            )
+            diff = _diff_fields(found, wanted)
+            shown = "; ".join(f"{name}: stored {_short_json(a)}, asked {_short_json(b)}"
+                              for name, a, b in diff[:5])
             raise StoreError(
-                f"{self.root} already holds a store with a different {', '.join(diff)}; "
+                f"{self.root} already holds a store with a different "
+                f"{', '.join(name for name, _, _ in diff)} ({shown}); "
                 "use a new output directory or the same settings"
             )
 
@@ -237,19 +314,44 @@ class StoreWriter:
         return [p for p in parts if not self.is_committed(p)]
 
     def open_part(self, part: int) -> PartWriter:
+        """A writer for ``part``; abandoned temp copies of it (dead writers) are removed first.
+
+        Temp copies of live writers are left alone: two writers of one part may race, the
+        first rename wins and the other discards its copy.
+        """
         if not 0 <= part < self.header.num_parts:
             raise StoreError(f"part {part} is not in [0, {self.header.num_parts})")
-        for stale in (self.root / PARTS_DIR).glob(f"{TMP_PREFIX}{part_name(part)}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        self.remove_stale_temps(part)
         return PartWriter(self, part)
 
+    def remove_stale_temps(self, part: int | None = None) -> list[Path]:
+        """Delete temp parts whose writer is dead (this host) or silent for an hour (others)."""
+        pattern = f"{TMP_PREFIX}{part_name(part)}-*" if part is not None else f"{TMP_PREFIX}*"
+        removed = []
+        for tmp in (self.root / PARTS_DIR).glob(pattern):
+            if tmp.is_dir() and _tmp_is_stale(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
+
     def finalize(self) -> bool:
-        """Write the manifest if every part is committed; return whether the store is complete."""
-        if (self.root / MANIFEST_FILE).exists():
-            return True
+        """Write the manifest if every part is committed; return whether the store is complete.
+
+        An existing manifest is rebuilt and replaced if a part was recommitted since (a deleted
+        part redone by a rerun), so the manifest always describes the committed parts.
+        """
         if not all(self.is_committed(p) for p in range(self.header.num_parts)):
             return False
-        write_json_atomic(self.root / MANIFEST_FILE, build_manifest(self.root, self.header))
+        manifest = build_manifest(self.root, self.header)
+        path = self.root / MANIFEST_FILE
+        try:
+            current = read_json(path)
+        except (FileNotFoundError, CorruptStoreError):
+            current = None
+        if current != _jsonable(manifest):
+            write_json_atomic(path, manifest)
+            _fsync_dir(self.root)
+        self.remove_stale_temps()
         return True
 
 
@@ -284,12 +386,13 @@ class PartWriter:
     def __init__(self, store: StoreWriter, part: int) -> None:
         self.store = store
         self.part = part
-        self.tmp = store.root / PARTS_DIR / f"{TMP_PREFIX}{part_name(part)}-{uuid.uuid4().hex}"
+        self.tmp = _tmp_part_dir(store.root / PARTS_DIR, part)
         self._rows: dict[str, list[np.ndarray]] = {a.name: [] for a in store.header.arrays}
         self._lengths: list[np.ndarray] = []
         self._seq_ids: list[np.ndarray] = []
         self._meta: list[pa.Table] = []
         self.stats: dict[str, Any] = {}  # free-form counts kept in the commit record
+        self.won: bool | None = None  # after commit: False if another writer committed first
 
     def __enter__(self) -> PartWriter:
         return self
@@ -298,7 +401,16 @@ class PartWriter:
         if exc_type is None:
             self.commit()
         else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop what was appended and any temp files."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for chunks in self._rows.values():
+            chunks.clear()
+        self._lengths.clear()
+        self._seq_ids.clear()
+        self._meta.clear()
 
     def append(
         self,
@@ -320,25 +432,42 @@ class PartWriter:
         extra = set(rows) - {a.name for a in header.arrays}
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")
-        for spec in header.arrays:
+        if meta is not None and meta.num_rows != len(ids):
+            raise StoreError(f"meta has {meta.num_rows} rows for {len(ids)} sequences")
+        if meta is not None and "seq_id" in meta.column_names \
+                and meta.column("seq_id").to_pylist() != ids.tolist():
+            raise StoreError("meta's seq_id column differs from seq_ids")
+        mixed = self._meta if meta is None else (self._lengths and not self._meta)
+        if mixed:
+            raise StoreError("meta must be given with every append of a part or with none")
+        checked = {}
+        for spec in header.arrays:  # check everything before keeping anything
             arr = np.asarray(rows[spec.name])
             want = (n, *spec.row_shape)
             if arr.shape != want:
                 raise StoreError(f"array {spec.name}: shape {arr.shape}, expected {want}")
-            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                arr_f = arr.astype(np.float64)
-                if np.isnan(arr_f).any() or np.isposinf(arr_f).any():
-                    raise StoreError(f"array {spec.name}: NaN or +inf values refused")
-            self._rows[spec.name].append(arr.astype(spec.dtype, copy=False))
+            _check_values(spec, arr)
+            checked[spec.name] = arr
+        for name, arr in checked.items():
+            # a copy: callers may reuse their buffers once append returns
+            self._rows[name].append(np.array(arr, dtype=header.spec(name).dtype, order="C"))
         if meta is not None:
-            if meta.num_rows != len(ids):
-                raise StoreError(f"meta has {meta.num_rows} rows for {len(ids)} sequences")
             self._meta.append(meta)
         self._lengths.append(lengths)
         self._seq_ids.append(ids)
 
     def commit(self) -> None:
-        """Write arrays and checksums into the temp dir, then rename it into place."""
+        """Write arrays and checksums into the temp dir, then rename it into place.
+
+        On any error the temp dir is removed and nothing is committed.
+        """
+        try:
+            self._commit()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def _commit(self) -> None:
         header = self.store.header
         lengths = _concat(self._lengths, np.int64, ())
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -348,8 +477,10 @@ class PartWriter:
             "seq_ids": (_concat(self._seq_ids, np.int64, ()), "raw"),
         }
         for spec in header.arrays:
-            arrays[spec.name] = (_concat(self._rows[spec.name], spec.dtype, spec.row_shape),
-                                 spec.codec)
+            data = _concat(self._rows[spec.name], spec.dtype, spec.row_shape)
+            if len(data) != offsets[-1]:  # append keeps this invariant; never commit without it
+                raise StoreError(f"array {spec.name}: {len(data)} rows for {offsets[-1]}")
+            arrays[spec.name] = (data, spec.codec)
         self.tmp.mkdir(parents=True)
         group = zarr.open_group(self.tmp, mode="w", zarr_format=3)
         for name, (data, codec) in arrays.items():
@@ -363,23 +494,60 @@ class PartWriter:
                 "sha256": file_sha256(path),
             }
             _fsync_file(path)
+        expected = expected_files(arrays)
+        if missing := sorted(expected - set(files)):
+            raise StoreError(f"{self.tmp}: files vanished while committing: {missing[:5]}")
         commit = {
             "part": self.part,
-            "num_sequences": int(len(lengths)),
+            "num_sequences": len(lengths),
             "num_rows": int(offsets[-1]),
             "files": files,
             "stats": _jsonable(self.stats),
         }
         write_json_atomic(self.tmp / COMMIT_FILE, commit)
+        for d in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
+            _fsync_dir(d)
+        _fsync_dir(self.tmp)
         final = self.store.part_dir(self.part)
         try:
-            os.rename(self.tmp, final)
+            os.rename(self.tmp, final)  # atomic; fails if another writer's copy is in place
         except OSError:
             if (final / COMMIT_FILE).exists():  # another worker committed this part first
                 shutil.rmtree(self.tmp, ignore_errors=True)
+                self.won = False
                 return
             raise
         _fsync_dir(final.parent)
+        self.won = True
+
+
+def expected_files(arrays: Mapping[str, tuple[np.ndarray, str]]) -> set[str]:
+    """Files a part must hold: the group's and each array's zarr.json, raw arrays' one chunk."""
+    out = {"zarr.json"}
+    for name, (data, codec) in arrays.items():
+        out.add(f"{name}/zarr.json")
+        if codec == "raw" and len(data):
+            out.add(f"{name}/c/" + "/".join("0" for _ in data.shape))
+    return out
+
+
+def _check_values(spec: ArraySpec, arr: np.ndarray) -> None:
+    """Refuse values the stored dtype would silently corrupt (NaN/+inf, integer overflow)."""
+    target = np.dtype(spec.dtype)
+    if (np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all()
+            and (np.isnan(arr).any() or np.isposinf(arr).any())):
+        raise StoreError(f"array {spec.name}: NaN or +inf values refused")
+    if target.kind in "iu" and arr.size:
+        if arr.dtype.kind == "f":
+            if not np.array_equal(arr, np.round(arr)):
+                raise StoreError(f"array {spec.name}: non-integral values for {target}")
+        elif arr.dtype.kind not in "iub":
+            raise StoreError(f"array {spec.name}: {arr.dtype} values for {target}")
+        if not np.can_cast(arr.dtype, target):
+            info = np.iinfo(target)
+            lo, hi = arr.min(), arr.max()
+            if lo < info.min or hi > info.max:
+                raise StoreError(f"array {spec.name}: values in [{lo}, {hi}] overflow {target}")
 
 
 def _fsync_file(path: Path) -> None:
@@ -393,6 +561,8 @@ def _fsync_file(path: Path) -> None:
 def _concat(chunks: list[np.ndarray], dtype: Any, row_shape: tuple[int, ...]) -> np.ndarray:
     if not chunks:
         return np.zeros((0, *row_shape), dtype=dtype)
+    if len(chunks) == 1:
+        return np.asarray(chunks[0], dtype=dtype)
     return np.concatenate(chunks).astype(dtype, copy=False)
 
 
@@ -449,49 +619,72 @@ class _PartReader:
     def __init__(self, path: Path, header: Header, commit: Mapping[str, Any]) -> None:
         self.path = path
         self.commit = commit
-        self.num_rows = int(commit["num_rows"])
+        self._header = header
         self._arrays: dict[str, Any] = {}
-        self.offsets = np.asarray(self._open_array("seq_offsets", "raw", (), "int64"))
-        self.seq_ids = np.asarray(self._open_array("seq_ids", "raw", (), "int64"))
-        if len(self.offsets) != commit["num_sequences"] + 1 or self.offsets[-1] != self.num_rows:
-            raise CorruptStoreError(f"{path}: seq_offsets disagree with {COMMIT_FILE}")
+        try:
+            self.num_rows = int(commit["num_rows"])
+            num_sequences = int(commit["num_sequences"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStoreError(f"{path / COMMIT_FILE}: malformed ({e!r})") from e
+        self.offsets = np.array(self._open_array("seq_offsets", "raw", (), "int64"))
+        self.seq_ids = np.array(self._open_array("seq_ids", "raw", (), "int64"))
+        if (len(self.offsets) != num_sequences + 1 or self.offsets[0] != 0
+                or self.offsets[-1] != self.num_rows or len(self.seq_ids) != num_sequences):
+            raise CorruptStoreError(f"{path}: seq_offsets/seq_ids disagree with {COMMIT_FILE}")
         if (np.diff(self.offsets) < 0).any():
             raise CorruptStoreError(f"{path}/seq_offsets: offsets are not monotone")
-        self._header = header
 
     def array(self, name: str) -> Any:
+        """A memory-mapped ndarray (raw codec) or a read-only zarr array (other codecs)."""
         if name not in self._arrays:
             spec = self._header.spec(name)
-            self._arrays[name] = self._open_array(name, spec.codec, spec.row_shape, spec.dtype)
+            arr = self._open_array(name, spec.codec, spec.row_shape, spec.dtype)
+            if arr.shape[0] != self.num_rows:
+                raise CorruptStoreError(f"{self.path / name}: {arr.shape[0]} rows, "
+                                        f"{COMMIT_FILE} says {self.num_rows}")
+            self._arrays[name] = arr
         return self._arrays[name]
 
     def _open_array(self, name: str, codec: str, row_shape: tuple[int, ...], dtype: str) -> Any:
         arr_dir = self.path / name
-        meta = read_json(arr_dir / "zarr.json")
-        if meta.get("data_type") != dtype:
-            raise CorruptStoreError(f"{arr_dir}/zarr.json: dtype {meta.get('data_type')}, "
-                                    f"expected {dtype}")
-        n = meta["shape"][0]
-        shape = (n, *row_shape)
+        try:
+            meta = read_json(arr_dir / "zarr.json")
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{arr_dir}/zarr.json: missing") from None
+        where = f"{arr_dir}/zarr.json"
+        if not isinstance(meta, dict) or meta.get("data_type") != dtype:
+            got = meta.get("data_type") if isinstance(meta, dict) else meta
+            raise CorruptStoreError(f"{where}: dtype {got}, expected {dtype}")
+        shape = tuple(meta.get("shape") or ())
+        if len(shape) != 1 + len(row_shape) or tuple(shape[1:]) != row_shape:
+            raise CorruptStoreError(f"{where}: shape {list(shape)}, "
+                                    f"expected [N, *{list(row_shape)}]")
         if codec != "raw":
             return zarr.open_array(arr_dir, mode="r")
-        if n == 0:
+        chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        codecs = [c.get("name") for c in meta.get("codecs", [])]
+        endian = (meta.get("codecs") or [{}])[0].get("configuration", {}).get("endian", "little")
+        if codecs != ["bytes"] or endian != "little" \
+                or chunk_shape != [max(shape[0], 1), *row_shape]:
+            raise CorruptStoreError(f"{where}: not a raw array (one uncompressed "
+                                    "little-endian chunk)")
+        if shape[0] == 0:
             return np.zeros(shape, dtype=dtype)
         chunk = arr_dir / "c" / "/".join("0" for _ in shape)
         expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        size = chunk.stat().st_size if chunk.exists() else -1
+        size = chunk.stat().st_size if chunk.is_file() else -1
         if size != expected:
             raise CorruptStoreError(f"{chunk}: {size} bytes, expected {expected}")
-        return np.memmap(chunk, dtype=dtype, mode="r", shape=shape)
-
-    def take(self, name: str, rows: np.ndarray) -> np.ndarray:
-        arr = self.array(name)
-        if isinstance(arr, np.ndarray):
-            return arr[rows]
-        return arr.oindex[rows] if len(rows) else np.zeros((0, *arr.shape[1:]), arr.dtype)
+        little = np.dtype(dtype).newbyteorder("<")
+        # a plain ndarray view: slicing a np.memmap subclass costs more than the copy itself
+        return np.memmap(chunk, dtype=little, mode="r", shape=shape).view(np.ndarray)
 
     def slice(self, name: str, start: int, stop: int) -> np.ndarray:
-        return np.array(self.array(name)[start:stop])
+        """Rows [start, stop) as a fresh, writable array."""
+        arr = self.array(name)
+        if isinstance(arr, np.ndarray):
+            return np.array(arr[start:stop], dtype=arr.dtype.newbyteorder("="))
+        return np.asarray(arr[start:stop])
 
 
 class Store:
@@ -502,11 +695,19 @@ class Store:
         self.root = Path(root)
         if not (self.root / HEADER_FILE).exists():
             raise StoreError(f"{self.root}: no {HEADER_FILE}; not an mtkd store")
-        self.header = Header.from_json(read_json(self.root / HEADER_FILE), self.root)
+        try:
+            self.header = Header.from_json(read_json(self.root / HEADER_FILE), self.root)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CorruptStoreError(f"{self.root / HEADER_FILE}: malformed ({e!r})") from e
         manifest_path = self.root / MANIFEST_FILE
         if not manifest_path.exists():
             missing = [p for p in range(self.header.num_parts)
                        if not (self.root / PARTS_DIR / part_name(p) / COMMIT_FILE).exists()]
+            if not missing:
+                raise IncompleteStoreError(
+                    f"{self.root} is not complete: every part is committed but {MANIFEST_FILE} "
+                    "is missing (no writer finalised it); rerun the job that writes it"
+                )
             raise IncompleteStoreError(
                 f"{self.root} is not complete: {len(missing)} of {self.header.num_parts} parts "
                 f"uncommitted (first: {missing[:5]}); rerun the job that writes it"
@@ -515,17 +716,26 @@ class Store:
         if verify != "none":
             problems = verify_store(self.root, full=verify == "full")
             if problems:
-                raise CorruptStoreError("; ".join(problems[:5]))
+                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise CorruptStoreError("; ".join(problems[:5]) + more)
         self._parts = [self._open_part(p) for p in range(self.header.num_parts)]
         counts = np.array([len(p.seq_ids) for p in self._parts], dtype=np.int64)
         self._part_start = np.concatenate([[0], np.cumsum(counts)])
-        self.seq_ids = (np.concatenate([p.seq_ids for p in self._parts])
-                        if self._parts else np.zeros(0, np.int64))
+        self.seq_ids = np.concatenate([p.seq_ids for p in self._parts])
         self.seq_lengths = np.concatenate([np.diff(p.offsets) for p in self._parts])
+        # per sequence (store order): its part and its first row inside the part
+        self._seq_part = np.repeat(np.arange(self.num_parts, dtype=np.int64), counts)
+        self._seq_start = np.concatenate([p.offsets[:-1] for p in self._parts])
 
     def _open_part(self, part: int) -> _PartReader:
         path = self.root / PARTS_DIR / part_name(part)
-        return _PartReader(path, self.header, read_json(path / COMMIT_FILE))
+        try:
+            commit = read_json(path / COMMIT_FILE)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{path}: part {part} missing or uncommitted") from None
+        if not isinstance(commit, dict):
+            raise CorruptStoreError(f"{path / COMMIT_FILE}: not a commit record")
+        return _PartReader(path, self.header, commit)
 
     @property
     def kind(self) -> str:
@@ -553,48 +763,87 @@ class Store:
 
     def part_sequences(self, part: int) -> range:
         """Store-order indices of the sequences held by ``part``."""
+        self._check_part(part)
         return range(int(self._part_start[part]), int(self._part_start[part + 1]))
+
+    def _check_part(self, part: int) -> None:
+        if not 0 <= part < self.num_parts:
+            raise IndexError(f"part {part} is not in [0, {self.num_parts})")
+
+    def _names(self, names: Iterable[str] | None) -> list[str]:
+        if names is None:
+            return self.array_names
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.array_names]
+        if unknown:
+            raise KeyError(f"{self.root}: no array {unknown} (has {self.array_names})")
+        return names
 
     def read(self, indices: Sequence[int] | np.ndarray,
              names: Iterable[str] | None = None) -> Batch:
         """Rows of the sequences at store-order ``indices`` (any order, repeats allowed)."""
-        idx = np.asarray(indices, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_sequences):
             raise IndexError(f"sequence index out of range [0, {self.num_sequences})")
-        names = list(names) if names is not None else self.array_names
-        part_of = np.searchsorted(self._part_start, idx, side="right") - 1
+        names = self._names(names)
         lengths = self.seq_lengths[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        out = {n: None for n in names}
-        pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
-        for part in np.unique(part_of):
-            sel = np.flatnonzero(part_of == part)
-            reader = self._parts[part]
-            local = idx[sel] - self._part_start[part]
-            starts, stops = reader.offsets[local], reader.offsets[local + 1]
-            rows = _ranges(starts, stops)
-            dest = _ranges(offsets[sel], offsets[sel + 1])
-            for n in names:
-                pieces[n].append((dest, reader.take(n, rows)))
-        total = int(offsets[-1])
+        part_of = self._seq_part[idx]
+        starts = self._seq_start[idx]
+        out = {}
         for n in names:
             spec = self.header.spec(n)
-            buf = np.empty((total, *spec.row_shape), dtype=spec.dtype)
-            for dest, values in pieces[n]:
-                buf[dest] = values
+            buf = np.empty((int(offsets[-1]), *spec.row_shape), dtype=spec.dtype)
+            if spec.codec == "raw":
+                self._gather_raw(n, buf, part_of, starts, lengths, offsets)
+            else:
+                self._gather_chunked(n, buf, part_of, starts, lengths, offsets)
             out[n] = buf
         return Batch(out, offsets, self.seq_ids[idx])
 
+    def _gather_raw(self, name: str, buf: np.ndarray, part_of: np.ndarray, starts: np.ndarray,
+                    lengths: np.ndarray, offsets: np.ndarray) -> None:
+        """Copy each sequence's rows from the memory maps straight into ``buf`` (one copy)."""
+        if len(lengths) > 256 and len(buf) < 16 * len(lengths):
+            # many short sequences: a vectorised gather beats a Python loop of tiny copies
+            for part in np.unique(part_of):
+                sel = np.flatnonzero(part_of == part)
+                rows = _ranges(starts[sel], starts[sel] + lengths[sel])
+                buf[_ranges(offsets[sel], offsets[sel + 1])] = self._parts[part].array(name)[rows]
+            return
+        arrays = {p: self._parts[p].array(name) for p in np.unique(part_of).tolist()}
+        for p, s, o, n in zip(part_of.tolist(), starts.tolist(), offsets[:-1].tolist(),
+                              lengths.tolist(), strict=True):
+            if n:
+                buf[o:o + n] = arrays[p][s:s + n]
+
+    def _gather_chunked(self, name: str, buf: np.ndarray, part_of: np.ndarray,
+                        starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> None:
+        """One zarr call per part: the sorted union of the rows wanted, then scattered."""
+        for part in np.unique(part_of):
+            sel = np.flatnonzero(part_of == part)
+            rows = _ranges(starts[sel], starts[sel] + lengths[sel])
+            if not len(rows):
+                continue
+            wanted = np.unique(rows)
+            arr = self._parts[part].array(name)
+            if wanted[-1] - wanted[0] + 1 == len(wanted):  # one contiguous run: a slice
+                values = arr[int(wanted[0]):int(wanted[-1]) + 1]
+            else:
+                values = arr.oindex[wanted]
+            buf[_ranges(offsets[sel], offsets[sel + 1])] = values[np.searchsorted(wanted, rows)]
+
     def read_part(self, part: int, names: Iterable[str] | None = None) -> Batch:
         """All rows of one part, in order (the fast path for sequential jobs)."""
+        self._check_part(part)
         reader = self._parts[part]
-        names = list(names) if names is not None else self.array_names
-        arrays = {n: reader.slice(n, 0, reader.num_rows) for n in names}
+        arrays = {n: reader.slice(n, 0, reader.num_rows) for n in self._names(names)}
         return Batch(arrays, reader.offsets.copy(), reader.seq_ids.copy())
 
     def part_stats(self, part: int) -> Mapping[str, Any]:
         """The free-form counts its writer kept in a part's commit record."""
+        self._check_part(part)
         return self._parts[part].commit.get("stats", {})
 
     def read_meta(self, part: int | None = None) -> pa.Table | None:
@@ -602,6 +851,7 @@ class Store:
         parts = range(self.num_parts) if part is None else [part]
         tables = []
         for p in parts:
+            self._check_part(p)
             path = self.root / PARTS_DIR / part_name(p) / META_FILE
             if not path.exists():
                 return None
@@ -623,69 +873,103 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
 
 
 def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str]:
-    """Recheck a store; return one message per problem (empty when sound).
+    """Recheck a store; return one message per problem, each naming the file (empty: sound).
 
-    ``full`` recomputes every checksum; otherwise only file sizes and commit records are checked.
+    Checks the manifest's checksum and its record of every part's commit; in every part, that
+    each file its ``COMMIT.json`` lists is present with the recorded size (and, with ``full``,
+    sha256), that no unlisted file or link is there, that no listed path leaves the part, and
+    that the arrays' metadata and counts agree with the header and the commit record.
     """
     root = Path(root)
     problems: list[str] = []
     try:
         header = Header.from_json(read_json(root / HEADER_FILE), root)
-    except (FileNotFoundError, StoreError, KeyError) as e:
+    except FileNotFoundError:
+        return [f"{root / HEADER_FILE}: missing; not an mtkd store"]
+    except (StoreError, KeyError, TypeError, AttributeError, ValueError) as e:
         return [f"{root / HEADER_FILE}: {e}"]
     manifest_path = root / MANIFEST_FILE
+    recorded: dict[int, Any] | None = None
     if not manifest_path.exists():
         problems.append(f"{manifest_path}: missing (store not complete)")
-        manifest = None
     else:
         try:
             manifest = read_json(manifest_path)
-        except CorruptStoreError as e:
-            return [str(e)]
-        body = {k: v for k, v in manifest.items() if k != "checksum"}
-        if hashlib.sha256(canonical_json(body)).hexdigest() != manifest.get("checksum"):
-            problems.append(f"{manifest_path}: checksum mismatch (edited by hand?)")
-        if _jsonable(header.to_json()) != {k: body.get(k) for k in header.to_json()}:
-            problems.append(f"{manifest_path}: header fields disagree with {HEADER_FILE}")
-    recorded = {p["part"]: p for p in manifest.get("parts", [])} if manifest else {}
+            if not isinstance(manifest, dict):
+                raise CorruptStoreError(f"{manifest_path}: not a JSON object")
+            body = {k: v for k, v in manifest.items() if k != "checksum"}
+            if hashlib.sha256(canonical_json(body)).hexdigest() != manifest.get("checksum"):
+                problems.append(f"{manifest_path}: checksum mismatch (edited by hand?)")
+            want = _jsonable(header.to_json())
+            if want != {k: body.get(k) for k in want}:
+                problems.append(f"{manifest_path}: header fields disagree with {HEADER_FILE}")
+            recorded = {int(p["part"]): p for p in manifest.get("parts", [])}
+        except (CorruptStoreError, KeyError, TypeError, AttributeError, ValueError) as e:
+            problems.append(f"{manifest_path}: unreadable ({e})")
+            recorded = {}
     for part in range(header.num_parts):
         pdir = root / PARTS_DIR / part_name(part)
         commit_path = pdir / COMMIT_FILE
-        if not commit_path.exists():
+        if not commit_path.is_file():
             problems.append(f"{pdir}: part {part} missing or uncommitted")
             continue
-        if manifest is not None:
+        if recorded is not None:
             rec = recorded.get(part)
-            if rec is None or rec.get("commit_sha256") != file_sha256(commit_path):
+            if not isinstance(rec, dict) or rec.get("commit_sha256") != file_sha256(commit_path):
                 problems.append(f"{commit_path}: does not match the manifest's record")
         try:
             commit = read_json(commit_path)
-            problems.extend(_verify_part(pdir, commit, full))
-        except (CorruptStoreError, KeyError, TypeError) as e:
-            problems.append(f"{commit_path}: {e}")
+            problems.extend(_verify_part(pdir, part, header, commit, full))
+        except (CorruptStoreError, KeyError, TypeError, AttributeError, ValueError) as e:
+            problems.append(f"{commit_path}: malformed ({e!r})")
     return problems
 
 
-def _verify_part(pdir: Path, commit: Mapping[str, Any], full: bool) -> list[str]:
+def _verify_part(pdir: Path, part: int, header: Header, commit: Any, full: bool) -> list[str]:
+    where = pdir / COMMIT_FILE
+    if not isinstance(commit, dict) or not isinstance(commit.get("files"), dict):
+        return [f"{where}: not a commit record"]
     problems = []
+    if commit.get("part") != part:
+        problems.append(f"{where}: records part {commit.get('part')!r}, found as part {part}")
     listed = set()
     for rel, rec in commit["files"].items():
         rel_path = Path(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts:
-            problems.append(f"{pdir}/{COMMIT_FILE}: file path {rel!r} escapes the part")
+        if not rel or rel_path.is_absolute() or ".." in rel_path.parts or "\\" in rel:
+            # never opened: a commit record must not make a reader touch files outside the part
+            problems.append(f"{where}: file path {rel!r} escapes the part")
             continue
         listed.add(rel_path.as_posix())
         path = pdir / rel_path
-        if not path.is_file():
+        if path.is_symlink():
+            problems.append(f"{path}: a symbolic link (parts hold plain files)")
+        elif not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != rec["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, expected {rec['bytes']}")
         elif full and file_sha256(path) != rec["sha256"]:
             problems.append(f"{path}: checksum mismatch")
-    for path in pdir.rglob("*"):
+    for path in sorted(pdir.rglob("*")):
         rel = path.relative_to(pdir).as_posix()
-        if path.is_file() and rel != COMMIT_FILE and rel not in listed:
+        if (path.is_file() or path.is_symlink()) and rel != COMMIT_FILE and rel not in listed:
             problems.append(f"{path}: not listed in {COMMIT_FILE}")
+    num_rows = commit.get("num_rows")
+    required = {"zarr.json", "seq_offsets/zarr.json", "seq_offsets/c/0", "seq_ids/zarr.json"}
+    for spec in header.arrays:
+        required.add(f"{spec.name}/zarr.json")
+        if spec.codec == "raw" and num_rows:
+            required.add(f"{spec.name}/c/" + "/".join("0" for _ in range(1 + len(spec.row_shape))))
+    for rel in sorted(required - listed):
+        problems.append(f"{pdir / rel}: required but not listed in {COMMIT_FILE}")
+    if not problems:  # files sound: check that metadata and counts agree with the header
+        try:
+            reader = _PartReader(pdir, header, commit)
+            for spec in header.arrays:
+                reader.array(spec.name)
+        except CorruptStoreError as e:
+            problems.append(str(e))
+        except Exception as e:  # zarr refusing its own metadata, e.g.
+            problems.append(f"{pdir}: unreadable ({e!r})")
     return problems
 
 
