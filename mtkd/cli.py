@@ -281,6 +281,13 @@ def train(
     temperature: Annotated[float, typer.Option(help="Student temperature of the KD term.")]
     = 1.0,
     heldout: Annotated[Path | None, typer.Option(help="Held-out tokens store.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Train on a seeded subset of at most this many tokens.")] = None,
+    suppress_ids: Annotated[str | None, typer.Option(
+        help="Token ids to push to low probability (training a safety teacher), e.g. 12,97.")]
+    = None,
+    suppress_weight: Annotated[float, typer.Option(help="Weight of that unlikelihood term.")]
+    = 1.0,
     seq_len: Annotated[int, typer.Option(min=2, help="Packed row length.")] = 2048,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per rank per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
@@ -312,7 +319,9 @@ def train(
             grad_accum=grad_accum, max_steps=steps, lr=lr,
             warmup_steps=warmup if warmup is not None else max(steps // 10, 1), seed=seed,
             eval_tokens=str(heldout) if heldout else None, eval_every=eval_every,
-            save_every=save_every, bf16=bf16, device=device,
+            save_every=save_every, bf16=bf16, device=device, max_tokens=max_tokens,
+            suppress_ids=tuple(int(x) for x in _floats(suppress_ids, "--suppress-ids") or ()),
+            suppress_weight=suppress_weight,
         )
         result = run_train(cfg)
     except (StoreError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:

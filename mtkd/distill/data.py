@@ -177,6 +177,20 @@ def heldout_split(tokens: Store, fraction: float) -> tuple[np.ndarray, np.ndarra
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def token_budget(tokens: Store, indices: np.ndarray | None, max_tokens: int | None,
+                 seed: int) -> np.ndarray | None:
+    """A seeded random subset of ``indices`` (all sequences if None) holding ≤ ``max_tokens``
+    tokens: the same data budget for every run that shares the seed."""
+    if max_tokens is None:
+        return indices
+    pool = np.arange(tokens.num_sequences) if indices is None else np.asarray(indices)
+    order = np.random.default_rng(seed).permutation(pool)
+    keep = np.cumsum(tokens.seq_lengths[order]) <= max_tokens
+    if not keep.any():
+        raise ValueError(f"max_tokens {max_tokens} is smaller than one sequence")
+    return np.sort(order[keep])
+
+
 def open_targets(tokens: Store, targets: Store) -> int:
     """Check that a target store was built over ``tokens``; return its number of teacher blocks."""
     check_aligned(tokens, targets)

@@ -50,7 +50,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from mtkd.distill.data import LoaderState, PackedBatch, PackedLoader, Prefetcher, heldout_split
+from mtkd.distill.data import (
+    LoaderState,
+    PackedBatch,
+    PackedLoader,
+    Prefetcher,
+    heldout_split,
+    token_budget,
+)
 from mtkd.distill.losses import (
     IGNORE_INDEX,
     KINDS,
@@ -64,6 +71,7 @@ from mtkd.store.schema import TARGET, TOKENS
 OBJECTIVES = ("auto", "ce", "mix", "multi")
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
+FINAL_METRICS = "final_metrics.json"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
                    "merges.txt", "*.model", "chat_template*")
 # Options that may change when a run resumes (everything else must match the checkpoint);
@@ -98,6 +106,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
+    max_tokens: int | None = None  # train on a seeded subset of at most this many tokens
+    suppress_ids: tuple[int, ...] = ()  # ids to push towards zero probability (unlikelihood)
+    suppress_weight: float = 1.0  # weight of the unlikelihood term −log(1 − Σ_suppressed s)
     eval_fraction: float = 0.01  # held out by doc_id hash (ignored with eval_tokens)
     eval_tokens: str | None = None  # explicit held-out tokens store
     eval_targets: str | None = None  # its target store
@@ -129,6 +140,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1")
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
+        self.suppress_ids = tuple(int(i) for i in self.suppress_ids)
+        if self.suppress_ids and self.suppress_weight < 0:
+            raise ValueError("suppress_weight must be ≥ 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError("max_tokens must be ≥ 1")
 
     @property
     def resolved_objective(self) -> str:
@@ -176,6 +192,27 @@ class LossSpec:
     temperature: float = 1.0
     beta: float = 0.5
     chunk_size: int = 1024
+    suppress_ids: tuple[int, ...] = ()
+    suppress_weight: float = 0.0
+
+
+def suppression_penalty(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                        labels: Tensor, ids: tuple[int, ...], chunk_size: int) -> Tensor:
+    """Σ over labelled positions of −log(1 − Σ_{u∈ids} s_u): unlikelihood on a set of tokens.
+
+    Used to train a *safety teacher* that gives chosen tokens low probability. It needs the
+    softmax normaliser, so it forms [chunk, V] logits with autograd — meant for the small
+    vocabularies of teachers trained in place, not for large students.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])[labels.reshape(-1) != IGNORE_INDEX]
+    index = torch.tensor(ids, device=hidden.device)
+    total = rows.new_zeros((), dtype=torch.float32)
+    for chunk in rows.split(chunk_size):
+        logits = (chunk @ weight.T + (0 if bias is None else bias)).float()
+        lse = logits.logsumexp(-1)
+        log_unsafe = logits.index_select(-1, index).logsumexp(-1) - lse
+        total = total - torch.log1p(-log_unsafe.exp().clamp(max=1 - 1e-6)).sum()
+    return total
 
 
 def batch_loss(model: PreTrainedModel, batch: PackedBatch, spec: LossSpec) -> LossOutput:
@@ -189,8 +226,13 @@ def batch_loss(model: PreTrainedModel, batch: PackedBatch, spec: LossSpec) -> Lo
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
     if spec.objective == "ce" and batch.targets is None:
-        return chunked_cross_entropy(hidden, weight, batch.labels, chunk_size=spec.chunk_size,
-                                     bias=bias, reduction="sum")
+        out = chunked_cross_entropy(hidden, weight, batch.labels, chunk_size=spec.chunk_size,
+                                    bias=bias, reduction="sum")
+        if spec.suppress_ids and spec.suppress_weight > 0:
+            penalty = suppression_penalty(hidden, weight, bias, batch.labels, spec.suppress_ids,
+                                          spec.chunk_size)
+            out = dataclasses.replace(out, loss=out.loss + spec.suppress_weight * penalty)
+        return out
     if spec.objective == "multi":
         if batch.teachers is None:
             raise ValueError("objective 'multi' needs a target store with per-teacher blocks")
@@ -406,6 +448,7 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
     else:
         train_idx, eval_idx = heldout_split(tokens, cfg.eval_fraction)
         eval_tokens, eval_targets = tokens, targets
+    train_idx = token_budget(tokens, train_idx, cfg.max_tokens, cfg.seed)
     train = PackedLoader(tokens, targets, train_idx, seed=cfg.seed, teacher_blocks=blocks,
                          **common)
     held = None
@@ -633,7 +676,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
 
-    spec = LossSpec(objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.chunk_size)
+    if cfg.suppress_ids and objective != "ce":
+        raise ValueError("suppress_ids applies to the ce objective (training a safety teacher)")
+    spec = LossSpec(objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.chunk_size,
+                    cfg.suppress_ids, cfg.suppress_weight)
     net: nn.Module = StudentLoss(model, spec)
     if d.world > 1:
         net = DistributedDataParallel(net, device_ids=[d.device] if d.device.type == "cuda"
@@ -691,6 +737,11 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         save_checkpoint(out, step, training_state(step, model, opt, sched, state, tokens_seen,
                                                   meter, cfg), cfg.keep_checkpoints)
         model_dir = save_student(model, out, tokens.attrs.get("tokenizer"))
+        final = {"steps": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t0,
+                 "train": last_log, **last_eval}
+        if "eval_ce" in last_eval:
+            final["heldout_ce"] = last_eval["eval_ce"]
+        (out / FINAL_METRICS).write_text(json.dumps(final, indent=1))
     if d.world > 1:
         dist.barrier()
     return TrainResult(out, model_dir, step, tokens_seen, time.perf_counter() - t0, resumed,
