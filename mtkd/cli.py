@@ -381,13 +381,13 @@ def demo(
     experiments: Annotated[str, typer.Option(help="default or all.")] = "default",
 ) -> None:
     """The whole pipeline on the standard library's sources: teachers, harvest, fuse, train."""
-    from mtkd.demo import run_demo
+    from mtkd.demo import DemoError, run_demo
 
     if experiments not in ("default", "all"):
         raise _fail(f"--experiments must be default or all, got {experiments!r}", 2)
     try:
         report = run_demo(workdir, size, experiments)
-    except ValueError as e:
+    except (DemoError, ValueError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"\nreport: {report}")
     typer.echo((report.parent / "report.md").read_text().split("## Quality")[0])

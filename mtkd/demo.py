@@ -34,6 +34,10 @@ EXCLUDED = ("site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "
 UNSAFE_WORDS = ("eval", "exec", "system")
 
 
+class DemoError(Exception):
+    """A stage of the demo failed; the message names it."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     layers: int
@@ -44,7 +48,7 @@ class ModelShape:
         return {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": self.hidden,
                 "intermediate_size": 4 * self.hidden, "num_hidden_layers": self.layers,
                 "num_attention_heads": self.heads, "num_key_value_heads": self.heads,
-                "max_position_embeddings": max_len, "tie_word_embeddings": False}
+                "max_position_embeddings": 2 * max_len, "tie_word_embeddings": False}
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,14 @@ class DemoSize:
 
 
 TEACHERS = (
-    Teacher("t0-deep", ModelShape(4, 256, 4), 1.0, 1, 2.0),
-    Teacher("t1-wide", ModelShape(2, 384, 6), 0.9, 2, 2.0),
+    Teacher("t0-deep", ModelShape(4, 256, 4), 1.0, 1, 1.0),
+    Teacher("t1-wide", ModelShape(2, 384, 6), 0.9, 2, 1.0),
     Teacher("t2-safety", ModelShape(3, 256, 4), 0.8, 3, 1.0, safety=True),
 )
 
 SIZES = {
     "small": DemoSize(vocab_size=2048, seq_len=256, heldout_every=12, teacher_steps=300,
-                      teacher_batch=8, student_tokens=150_000, student_steps=300,
+                      teacher_batch=8, student_tokens=80_000, student_steps=300,
                       student_batch=8, heldout_tokens=60_000, max_files=None, teachers=TEACHERS),
     "tiny": DemoSize(vocab_size=512, seq_len=128, heldout_every=10, teacher_steps=30,
                      teacher_batch=4, student_tokens=20_000, student_steps=30, student_batch=4,
@@ -120,7 +124,10 @@ class Run:
         self.commands.append("mtkd " + " ".join(argv))
         _stage(" ".join(["mtkd", *argv[:1]]))
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        subprocess.run([sys.executable, "-m", "mtkd", *argv], check=True, env=env)
+        done = subprocess.run([sys.executable, "-m", "mtkd", *argv], env=env)
+        if done.returncode:
+            raise DemoError(f"`mtkd {argv[0]}` failed with exit code {done.returncode}; "
+                            "fix the cause and rerun the demo: finished stages are kept")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -185,16 +192,18 @@ def write_corpus(run: Run) -> None:
     print(f"{counts['train']} train files, {counts['heldout']} held-out files")
 
 
-def subset_jsonl(src: Path, dst: Path, tokens: int, tokens_per_char: float) -> None:
-    """The first documents of ``src`` up to about ``tokens`` tokens (the student's budget)."""
-    budget = tokens / tokens_per_char
+def subset_jsonl(src: Path, dst: Path, tokens: int, tokenizer: Path) -> None:
+    """The first documents of ``src`` up to ``tokens`` tokens (the student's budget)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
     used = 0
     with open(src) as f, open(dst, "w") as out:
         for line in f:
-            if used >= budget:
+            if used >= tokens:
                 break
             out.write(line)
-            used += len(json.loads(line)["text"])
+            used += len(tok.encode(json.loads(line)["text"], add_special_tokens=False).ids)
 
 
 def train_tokenizer(run: Run) -> Path:
@@ -231,9 +240,10 @@ def tokenize(run: Run, tokenizer: Path) -> None:
     jsonl = run.path("corpus")
     size = run.size
     if not run.path("corpus", "student.jsonl").exists():
-        subset_jsonl(jsonl / "train.jsonl", jsonl / "student.jsonl", size.student_tokens, 0.3)
+        subset_jsonl(jsonl / "train.jsonl", jsonl / "student.jsonl", size.student_tokens,
+                     tokenizer)
         subset_jsonl(jsonl / "heldout.jsonl", jsonl / "heldout-eval.jsonl", size.heldout_tokens,
-                     0.3)
+                     tokenizer)
     for name, src in (("tokens-train", "train.jsonl"), ("tokens-student", "student.jsonl"),
                       ("tokens-heldout", "heldout-eval.jsonl")):
         if not _done(run.path("stores", name)):
@@ -287,31 +297,39 @@ def train_teachers(run: Run, unsafe: list[int]) -> None:
 
 
 def harvest_teachers(run: Run) -> None:
+    """Each teacher over the student's tokens, with vLLM."""
     for t in run.size.teachers:
-        for split in ("student", "heldout"):
-            out = run.path("stores", f"{t.name}-{split}")
-            if not _done(out):
-                run.mtkd("harvest", run.path("stores", f"tokens-{split}"), "--model",
-                         run.path("teachers", t.name), "--out", out, "--k", str(run.size.k),
-                         "--dtype", "float32")
+        out = run.path("stores", f"{t.name}-student")
+        if not _done(out):
+            run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                     run.path("teachers", t.name, "final"), "--out", out, "--k",
+                     str(run.size.k), "--dtype", "float32")
 
 
 # --------------------------------------------------------------------------- measurements
 
 
-def teacher_logprobs(run: Run, split: str) -> np.ndarray:
-    """[N,K] each teacher's log-prob of the actual next token over a split (from the harvest)."""
+def heldout_logprobs(run: Run) -> np.ndarray:
+    """[N,K] each teacher's log-prob of the actual next token on the held-out tokens.
+
+    Computed in-process with the full-vocabulary reference engine (no vLLM start needed).
+    """
+    from mtkd.harvest.hf_engine import HfReferenceEngine
+
+    store = open_store(run.path("stores", "tokens-heldout"), verify="none")
+    batch = store.read(np.arange(store.num_sequences), ["token_ids"])
+    seqs = [batch["token_ids"][a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:],
+                                                      strict=True)]
     cols = []
     for t in run.size.teachers:
-        store = open_store(run.path("stores", f"{t.name}-{split}"), verify="none")
-        cols.append(np.concatenate([store.read_part(p, ["target_logprob"])["target_logprob"]
-                                    for p in range(store.num_parts)]).astype(np.float64))
+        engine = HfReferenceEngine(str(run.path("teachers", t.name, "final")), k=1)
+        cols.append(engine.harvest(seqs)["target_logprob"].astype(np.float64))
     return np.stack(cols, axis=1)
 
 
 def mixture_quality(run: Run, weights: np.ndarray) -> dict[str, Any]:
     """Held-out CE of each teacher and of their (temperature-1) mixture, from the harvests."""
-    lp = teacher_logprobs(run, "heldout")
+    lp = heldout_logprobs(run)
     ce = -lp.mean(axis=0)
     mix = -np.mean(np.log(np.exp(lp) @ weights))
     return {"teacher_ce": dict(zip([t.name for t in run.size.teachers], ce.tolist(),

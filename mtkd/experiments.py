@@ -75,7 +75,7 @@ def full_vocab_store(run: Run, teacher: int) -> str:
     out = run.path("stores", f"{t.name}-student-full")
     if not _done(out):
         run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                 run.path("teachers", t.name), "--out", out, "--engine", "hf", "--dtype",
+                 run.path("teachers", t.name, "final"), "--out", out, "--engine", "hf", "--dtype",
                  "float32", "--k", str(run.size.vocab_size))
     return targets(run, f"single-{t.name}-full", [teacher], k_out=run.size.vocab_size,
                    suffix="student-full")
@@ -115,7 +115,7 @@ def run_experiments(run: Run, which: str = "default") -> None:
     run.results["safety"] = safety_sweep(run, safety)
     run.results["variance"] = variance_reduction(run)
     run.results["student_unsafe_mass"] = {
-        name: unsafe_mass(run.path("students", name), run.path("stores", "tokens-heldout"),
+        name: unsafe_mass(run.path("students", name, "final"), run.path("stores", "tokens-heldout"),
                           run.results["unsafe_ids"])
         for name in run.results.get("students", {})
     }
