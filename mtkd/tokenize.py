@@ -36,6 +36,10 @@ from mtkd.store.schema import tokens_header, vocab_fingerprint
 
 SEQ_ID_SHIFT = 32
 DEFAULT_PART_BYTES = 64 << 20
+#: meta.parquet's columns (docs/FORMAT.md §4); explicit, so that a part without sequences has
+#: the same column types as the others (readers concatenate the parts' tables).
+META_SCHEMA = pa.schema([("seq_id", pa.int64()), ("doc_id", pa.int64()), ("source", pa.string()),
+                         ("task", pa.string()), ("window", pa.int64()), ("start", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ def tokenize_corpus(
 ) -> TokenizeSummary:
     """Tokenise ``inputs`` into the tokens store ``out`` (resumable; committed parts skipped)."""
     files = list_files(inputs, config.pattern, config.exclude)
+    if all(_size(f) == 0 for f in files):
+        raise CorpusError(f"empty corpus: the {len(files)} input file(s) in "
+                          f"{', '.join(map(str, inputs))} hold no bytes")
     units = plan_units(files)
     if num_parts is None:
         num_parts = max(1, -(-sum(u.size for u in units) // DEFAULT_PART_BYTES))
@@ -127,6 +134,13 @@ def tokenize_corpus(
     run_parts(pending, work, processes=processes, desc="tokenize", progress=progress)
     complete = writer.finalize()
     return summarize(out, len(groups), len(pending), complete)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1  # unreadable: reported as a problem when read
 
 
 def summarize(out: str | os.PathLike[str], parts: int, written: int,
@@ -173,7 +187,7 @@ def _tokenize_part(out: str, groups: list[list[Unit]], tokenizer_dir: str,
             meta["start"].append(start)
     lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
     seq_ids = (np.int64(part) << SEQ_ID_SHIFT) | np.arange(len(token_rows), dtype=np.int64)
-    table = pa.table({"seq_id": seq_ids, **meta})
+    table = pa.table({"seq_id": seq_ids, **meta}, schema=META_SCHEMA)
     flat = np.concatenate(token_rows) if token_rows else np.zeros(0, np.int32)
     with writer.open_part(part) as pw:
         pw.stats = {"documents": len(docs), "problems": dict(problems.counts),

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from mtkd.distill.fuse import fuse
+from mtkd.distill.fuse import IMPUTATIONS, fuse
 from mtkd.distill.operators import get_operator
 from mtkd.distill.tails import get_tail_model
 from mtkd.distill.tempering import TeacherRows
-from mtkd.distill.weights import AdaptiveWeights, validate_temperatures, validate_weights
+from mtkd.distill.weights import (
+    SUM_TOL,
+    AdaptiveWeights,
+    validate_temperatures,
+    validate_weights,
+)
 from mtkd.parallel import run_parts
 from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, check_aligned, target_header
@@ -38,7 +45,9 @@ class AggregateConfig:
     token-level (``token``: entropy | target), task-level (``task_weights``: task tag → K
     factors) and context-level (``context``: loss) factors and renormalises
     (product-structure normalisation). ``safety`` names the safety teacher, whose weight never
-    drops below ``safety_floor`` (default: its static weight).
+    drops below ``safety_floor`` (default: its static weight). ``imputation``: how a teacher's
+    mass on a union id outside its top-k is imputed (``fuse.impute_logs``: "even" share of its
+    tail, or "rank": the id takes its next ranks under a Zipf fit).
     """
 
     teachers: tuple[str, ...]
@@ -57,15 +66,23 @@ class AggregateConfig:
     safety: int | None = None
     safety_floor: float | None = None
     teacher_blocks: bool = False
+    imputation: Literal["even", "rank"] = "even"
 
     def __post_init__(self) -> None:
         k = len(self.teachers)
         if k == 0:
             raise ValueError("aggregate needs at least one teacher store")
+        if self.weights is not None and len(self.weights) == k \
+                and np.isfinite(self.weights).all() and abs(sum(self.weights) - 1) > SUM_TOL:
+            raise ValueError(f"weights {','.join(f'{w:g}' for w in self.weights)} sum to "
+                             f"{sum(self.weights):g}; give {k} weights that sum to 1")
         validate_weights(self.static_weights, k)
         validate_temperatures(self.teacher_temperatures, k)
         get_operator(self.operator, **self.operator_params)
         get_tail_model(self.tail_model)
+        if self.imputation not in IMPUTATIONS:
+            raise ValueError(f"unknown imputation {self.imputation!r}; "
+                             f"choose one of {list(IMPUTATIONS)}")
         if self.k_out < 1:
             raise ValueError(f"k_out must be >= 1, got {self.k_out}")
         if self.safety is not None and not 0 <= self.safety < k:
@@ -73,6 +90,9 @@ class AggregateConfig:
         for tag, factors in self.task_weights.items():
             if len(factors) != k or any(not np.isfinite(f) or f < 0 for f in factors):
                 raise ValueError(f"task weights for {tag!r} must be {k} finite factors >= 0")
+            if not any(f > 0 for f in factors):
+                raise ValueError(f"task weights for {tag!r} need a positive factor "
+                                 "(every teacher would get weight 0)")
         # the policy validates its own fields (token/context names, sharpness)
         self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
 
@@ -131,7 +151,8 @@ def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]])
     """Open the teacher stores and refuse any that cannot be fused with the others."""
     stores = []
     for path in teacher_dirs:
-        store = open_store(path, TEACHER)
+        # sizes here; each part's sha256 when a worker reads it (_read_part)
+        store = open_store(path, TEACHER, verify="size")
         check_aligned(tokens, store)
         if store.attrs.get("tokenizer_hash") != tokens.attrs.get("tokenizer_hash"):
             raise StoreError(f"{path} was harvested with a different tokenizer than {tokens.root}")
@@ -148,13 +169,23 @@ def aggregate(
     worker_index: int = 0,
     num_workers: int = 1,
     progress: bool = True,
+    pipeline: bool = True,
 ) -> AggregateSummary:
-    """Fuse this worker's pending parts; finalise the target store once every part is in."""
-    tokens = open_store(tokens_dir, TOKENS)
+    """Fuse this worker's pending parts; finalise the target store once every part is in.
+
+    Each local process takes an equal share of the pending parts and, with ``pipeline``, reads
+    the next part and commits the previous one in background threads while it fuses the
+    current one (the kernels and the I/O release the GIL), so a part's wall time is about the
+    larger of its I/O and its computation rather than their sum; at most two parts' inputs and
+    outputs are in memory at once. Results do not depend on ``processes`` or ``pipeline``.
+    """
+    tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
     if config.tail_model == "exact":
         for t in teachers:
-            missing = set(config.teacher_temperatures) - set(t.attrs.get("temperatures", []))
+            # T = 1 needs nothing stored: its tail is the stored tail
+            wanted = {float(x) for x in config.teacher_temperatures if x != 1.0}
+            missing = wanted - {float(x) for x in t.attrs.get("temperatures", [])}
             if missing:
                 raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
                                  f"in {t.root} (harvest with --engine hf --temperature T)")
@@ -163,8 +194,15 @@ def aggregate(
                            if config.teacher_blocks else ())
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
-    work = partial(_aggregate_part, str(tokens_dir), str(out), config, header)
-    stats = run_parts(pending, work, processes=processes, desc="aggregate", progress=progress)
+    groups = [pending[i::processes] for i in range(max(1, min(processes, len(pending))))]
+    work = partial(_aggregate_parts, str(tokens_dir), str(out), config, header, groups,
+                   pipeline=pipeline)
+    if len(groups) == 1:
+        stats = work(0, progress=progress)
+    else:
+        done = run_parts(range(len(groups)), work, processes=len(groups), desc="aggregate",
+                         progress=progress)
+        stats = {p: s for group in done.values() for p, s in group.items()}
     complete = writer.finalize()
     return AggregateSummary(tokens.num_parts, len(pending),
                             sum(s["positions"] for s in stats.values()), complete,
@@ -186,11 +224,12 @@ def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) ->
 
 
 def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
-    """A teacher store part as the maths sees it (float64 log-probs)."""
+    """A teacher store part as the maths sees it (log-probs kept in their stored dtype, e.g.
+    float16: the tempering converts block by block)."""
     tempered = batch.arrays.get("tempered_tail_logmass")
     return TeacherRows(
         ids=batch["topk_ids"],
-        logprobs=batch["topk_logprobs"].astype(np.float64),
+        logprobs=batch["topk_logprobs"],
         tail_logmass=batch["tail_logmass"].astype(np.float64),
         target_logprob=batch["target_logprob"].astype(np.float64),
         tempered_tail_logmass=None if tempered is None else tempered.astype(np.float64),
@@ -198,39 +237,107 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
     )
 
 
-def _aggregate_part(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
-                    part: int) -> dict[str, Any]:
+@dataclass
+class _PartInputs:
+    """One part's teacher rows, sequence boundaries and per-row task index."""
+
+    part: int
+    rows: list[TeacherRows]
+    offsets: np.ndarray
+    seq_ids: np.ndarray
+    task_index: np.ndarray
+
+
+def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInputs:
     tokens = open_store(tokens_dir, TOKENS, verify="none")
     teachers = [open_store(t, TEACHER, verify="none") for t in config.teachers]
-    rows = []
+    for store in (tokens, *teachers):  # sha256 of what this part reads: each file hashed once
+        store.verify_part(part)
+    rows, ref = [], None
     for store in teachers:
         names = list(TEACHER_ARRAYS)
         if "tempered_tail_logmass" in store.array_names:
             names.append("tempered_tail_logmass")
-        rows.append(teacher_rows(store.read_part(part, names), store.attrs))
-    ref = teachers[0].read_part(part, [])
-    for store in teachers[1:]:
-        if not np.array_equal(store.read_part(part, []).offsets, ref.offsets):
+        batch = store.read_part(part, names)
+        if ref is None:
+            ref = batch
+        elif not np.array_equal(batch.offsets, ref.offsets):
             raise StoreError(f"{store.root} part {part}: sequences differ from {teachers[0].root}")
+        rows.append(teacher_rows(batch, store.attrs))
+    assert ref is not None
     lengths = np.diff(ref.offsets)
-    meta = tokens.read_meta(part)
     tags = sorted(config.task_weights)
     seq_task = np.full(len(lengths), len(tags), dtype=np.int64)
-    if tags and meta is not None:
+    meta = tokens.read_meta(part) if tags else None
+    if meta is not None and "task" in meta.column_names:
         lookup = {t: i for i, t in enumerate(tags)}
         seq_task = np.array([lookup.get(t, len(tags)) for t in meta.column("task").to_pylist()],
                             dtype=np.int64)
-    weights = config.policy(np.repeat(seq_task, lengths), ref.offsets)
-    fused = fuse(rows, weights, config.teacher_temperatures,
-                 get_operator(config.operator, **config.operator_params), config.tail_model,
-                 config.k_out, int(tokens.attrs["vocab_size"]),
-                 keep_teacher_blocks=config.teacher_blocks)
+    return _PartInputs(part, rows, ref.offsets, ref.seq_ids, np.repeat(seq_task, lengths))
+
+
+def _fuse_part(inputs: _PartInputs, config: AggregateConfig, vocab_size: int
+               ) -> dict[str, np.ndarray]:
+    weights = config.policy(inputs.task_index, inputs.offsets)
+    return fuse(inputs.rows, weights, config.teacher_temperatures,
+                get_operator(config.operator, **config.operator_params), config.tail_model,
+                config.k_out, vocab_size, keep_teacher_blocks=config.teacher_blocks,
+                imputation=config.imputation)
+
+
+def _write_part(out: str, header: Header, inputs: _PartInputs, fused: Mapping[str, np.ndarray]
+                ) -> dict[str, Any]:
     writer = StoreWriter(out, header)
     names = [a.name for a in writer.header.arrays]
-    with writer.open_part(part) as pw:
+    with writer.open_part(inputs.part) as pw:
         pw.stats = part_stats(fused)
-        pw.append({n: fused[n] for n in names}, lengths, ref.seq_ids)
+        pw.append({n: fused[n] for n in names}, np.diff(inputs.offsets), inputs.seq_ids)
     return pw.stats
+
+
+def _aggregate_part(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
+                    part: int) -> dict[str, Any]:
+    """Read, fuse and commit one part."""
+    inputs = _read_part(tokens_dir, config, part)
+    fused = _fuse_part(inputs, config, int(header.attrs["vocab_size"]))
+    return _write_part(out, header, inputs, fused)
+
+
+def _aggregate_parts(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
+                     groups: Sequence[Sequence[int]], group: int, *, pipeline: bool = True,
+                     progress: bool = False) -> dict[int, dict[str, Any]]:
+    """Read, fuse and commit the parts ``groups[group]`` in order; with ``pipeline``, part
+    i+1 is read and part i−1 committed in background threads while part i is fused."""
+    parts = list(groups[group])
+    vocab = int(header.attrs["vocab_size"])
+    bar = tqdm(total=len(parts), desc="aggregate", unit="part",
+               disable=not progress or not parts)
+    stats: dict[int, dict[str, Any]] = {}
+    if not pipeline:
+        for part in parts:
+            stats[part] = _aggregate_part(tokens_dir, out, config, header, part)
+            bar.update()
+        bar.close()
+        return stats
+    with ThreadPoolExecutor(2, thread_name_prefix="aggregate-io") as io:
+        reading = io.submit(_read_part, tokens_dir, config, parts[0]) if parts else None
+        writing: Future | None = None
+        for i in range(len(parts)):
+            assert reading is not None
+            inputs = reading.result()
+            if i + 1 < len(parts):
+                reading = io.submit(_read_part, tokens_dir, config, parts[i + 1])
+            fused = _fuse_part(inputs, config, vocab)
+            if writing is not None:
+                stats[parts[i - 1]] = writing.result()
+                bar.update()
+            writing = io.submit(_write_part, out, header, inputs, fused)
+            del inputs, fused
+        if writing is not None:
+            stats[parts[-1]] = writing.result()
+            bar.update()
+    bar.close()
+    return stats
 
 
 def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:

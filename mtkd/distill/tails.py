@@ -22,6 +22,21 @@ import numpy as np
 _LOG_FLOOR = -1.0e4
 
 
+_F16_TO_F64: np.ndarray | None = None
+
+
+def as_float64(x: np.ndarray) -> np.ndarray:
+    """``x`` as float64; float16 (the stored log-prob dtype) through a 64K-entry table, which is
+    several times faster than numpy's scalar half-precision cast."""
+    global _F16_TO_F64
+    x = np.asarray(x)
+    if x.dtype != np.float16:
+        return np.asarray(x, dtype=np.float64)
+    if _F16_TO_F64 is None:
+        _F16_TO_F64 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    return _F16_TO_F64[np.ascontiguousarray(x).view(np.uint16)]
+
+
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """log Σ exp(x) along ``axis``; −inf where every entry is −inf."""
     m = np.max(x, axis=axis, keepdims=True)
@@ -153,7 +168,7 @@ class Zipf:
         denom = float(xc @ xc)
         if denom == 0.0:
             return np.zeros(n)
-        y = np.maximum(np.asarray(logprobs[:, start:], dtype=np.float64), _LOG_FLOOR)
+        y = np.maximum(as_float64(logprobs[:, start:]), _LOG_FLOOR)
         return np.clip(-(y @ xc) / denom, 0.0, self.max_exponent)
 
     def log_tempered_tail(
@@ -201,7 +216,7 @@ class Exact:
                 "or choose another tail model"
             )
         log_tau = np.minimum(np.asarray(exact, dtype=np.float64), -1e-12)
-        log_top = logsumexp(np.asarray(logprobs, dtype=np.float64) / temperature)
+        log_top = logsumexp(as_float64(logprobs) / temperature)
         return log_tau - np.log(-np.expm1(log_tau)) + log_top
 
 

@@ -7,12 +7,12 @@ from a tail model (``tails``), so the tempered row (top-k + one tail bucket) sum
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtkd.distill.diagnostics import entropy
-from mtkd.distill.tails import TailModel, get_tail_model, logsumexp
+from mtkd.distill.operators import xlogx
+from mtkd.distill.tails import TailModel, as_float64, get_tail_model
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class TeacherRows:
     """One teacher's rows for a block of N positions, as harvested (temperature 1).
 
     ``ids [N,k]`` distinct ids per row in descending log-prob order; ``logprobs [N,k]`` natural
-    log-probs; ``tail_logmass [N]`` = log(1 − Σ_topk p) (−inf when the top-k holds everything);
+    log-probs (any float dtype; float16 as stored is fine); ``tail_logmass [N]`` =
+    log(1 − Σ_topk p) (−inf when the top-k holds everything);
     ``target_logprob [N]`` log p of the actual next token (for token-level weights);
     ``tempered_tail_logmass [N,nT]`` exact normalised tempered tail log-mass at each of
     ``temperatures`` (from a full-vocabulary engine), if harvested.
@@ -87,24 +88,42 @@ class TeacherRows:
 @dataclass(frozen=True)
 class TemperedRows:
     """A teacher's tempered distribution: ``ids [N,k]``, ``logprobs [N,k]`` and
-    ``tail_logmass [N]`` (float64), with Σ exp(logprobs) + exp(tail_logmass) = 1 per row."""
+    ``tail_logmass [N]`` (float64), with Σ exp(logprobs) + exp(tail_logmass) = 1 per row.
+
+    ``log_norm [N]`` is log Z_T (the normaliser of the unnormalised tempered row l/T), kept so
+    that the same rows can be tempered again without the tail model (see ``temper``).
+    """
 
     ids: np.ndarray
     logprobs: np.ndarray
     tail_logmass: np.ndarray
+    log_norm: np.ndarray | None = None
+    _probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def probs(self) -> np.ndarray:
-        return np.exp(self.logprobs)
+        """exp(logprobs), computed once by ``temper``."""
+        return np.exp(self.logprobs) if self._probs is None else self._probs
 
     @property
     def tail_mass(self) -> np.ndarray:
         return np.exp(self.tail_logmass)
 
+    def plogp_topk(self) -> np.ndarray:
+        """Σ_i p_i log p_i over the top-k alone, [N]."""
+        return np.einsum("nk,nk->n", self.probs, np.maximum(self.logprobs, _LOG_MIN))
+
+    def plogp(self) -> np.ndarray:
+        """Σ p log p over the top-k plus the tail as one category (−entropy), [N]."""
+        return self.plogp_topk() + xlogx(self.tail_mass, self.tail_logmass)
+
     def entropy(self) -> np.ndarray:
         """Entropy over the top-k plus the tail as one category, [N] nats."""
-        cats = np.concatenate([self.logprobs, self.tail_logmass[:, None]], axis=1)
-        return entropy(np.exp(cats), cats)
+        return -self.plogp()
+
+
+# exp(−745) is the smallest float64 subnormal; below it p = 0 and p·max(log p, −745) = 0.
+_LOG_MIN = -800.0
 
 
 def temper(
@@ -112,23 +131,41 @@ def temper(
     temperature: float,
     tail_model: str | TailModel,
     vocab_size: int,
+    *,
+    normaliser: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TemperedRows:
     """Temper ``rows`` at ``temperature`` with the given tail model.
 
     log p_i^{(T)} = l_i/T − log Z_T,  log t^{(T)} = log t_T − log Z_T,
     log Z_T = logaddexp(logsumexp_i(l_i/T), log t_T).
+
+    One exp pass: e_i = exp(l_i/T − m) gives both Z_T and p_i = e_i·e^{m − log Z_T}.
+    ``normaliser`` = (log Z_T, normalised tempered tail log-mass) from an earlier ``temper`` of
+    the same rows at the same temperature (its ``log_norm`` and ``tail_logmass``) skips the tail
+    model and the normalisation: then p_i = exp(l_i/T − log Z_T).
     """
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    logprobs = as_float64(rows.logprobs)
+    scaled = logprobs / temperature if temperature != 1.0 else logprobs
+    ids = np.asarray(rows.ids, dtype=np.int32)
+    if normaliser is not None:
+        log_z, log_tail = (np.asarray(a, dtype=np.float64) for a in normaliser)
+        out = scaled - log_z[:, None]
+        return TemperedRows(ids, out, log_tail, log_z, np.exp(out))
     model = get_tail_model(tail_model)
-    logprobs = np.asarray(rows.logprobs, dtype=np.float64)
-    scaled = logprobs / temperature
     log_tail = model.log_tempered_tail(
         logprobs, rows.tail_logmass, temperature, vocab_size, rows.tempered_tail(temperature)
     )
-    log_z = np.logaddexp(logsumexp(scaled), log_tail)
-    return TemperedRows(
-        ids=np.asarray(rows.ids, dtype=np.int32),
-        logprobs=scaled - log_z[:, None],
-        tail_logmass=log_tail - log_z,
-    )
+    n, k = scaled.shape
+    if k == 0:
+        log_z = np.asarray(log_tail, dtype=np.float64)
+        return TemperedRows(ids, scaled.copy(), log_tail - log_z, log_z, np.zeros((n, 0)))
+    m = scaled.max(axis=1)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = scaled - m[:, None]
+    np.exp(e, out=e)
+    with np.errstate(divide="ignore"):
+        log_z = np.logaddexp(np.log(e.sum(axis=1)) + m, log_tail)
+    e *= np.exp(m - log_z)[:, None]
+    return TemperedRows(ids, scaled - log_z[:, None], log_tail - log_z, log_z, e)

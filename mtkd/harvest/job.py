@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from mtkd.harvest.engine import TeacherEngine
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from mtkd.harvest.engine import TeacherEngine
 from mtkd.store import Store, StoreError, StoreWriter, open_store
-from mtkd.store.core import Codec
+from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, Codec, part_name
 from mtkd.store.schema import TOKENS, teacher_header, vocab_fingerprint
 
 EngineKind = Literal["vllm", "hf"]
@@ -102,6 +102,7 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig) -> Te
                           fast_path=config.fast_path, **config.engine_args)
     if config.engine == "hf":
         import torch
+
         from mtkd.harvest.hf_engine import HfReferenceEngine
 
         return HfReferenceEngine(str(model_dir), config.k, dtype=getattr(torch, config.dtype),
@@ -133,8 +134,15 @@ def harvest(
     progress: bool = True,
     engine_factory: Callable[[], TeacherEngine] | None = None,
 ) -> HarvestSummary:
-    """Run the teacher over this worker's pending parts; finalise the store if it is complete."""
-    tokens = open_store(tokens_dir, TOKENS)
+    """Run the teacher over this worker's pending parts; finalise the store if it is complete.
+
+    The tokens parts this worker will read are checked (sha256) before the engine starts, and
+    the engine is built before the output store is created, so a refused configuration (k
+    above the engine's cap, a bad dtype, an unloadable model) leaves no store behind that a
+    corrected rerun would then disagree with.
+    """
+    # sizes here; below, the sha256 of the parts this worker reads (the store is hashed once)
+    tokens = open_store(tokens_dir, TOKENS, verify="size")
     check_tokenizer(tokens, model_dir)
     attrs = {
         "teacher": str(Path(model_dir).resolve()),
@@ -148,13 +156,21 @@ def harvest(
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec)
+    start = time.perf_counter()
+    engine = None
+    share = [p for p in range(worker_index, tokens.num_parts, num_workers)
+             if not (Path(out) / PARTS_DIR / part_name(p) / COMMIT_FILE).exists()]
+    for part in share:
+        tokens.verify_part(part)
+    if share and not (Path(out) / HEADER_FILE).exists():  # a new store: the engine first
+        engine = engine_factory() if engine_factory else build_engine(model_dir, config)
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
-    start = time.perf_counter()
     total_tokens = 0
     engine_name = ""
     if pending:
-        engine = engine_factory() if engine_factory else build_engine(model_dir, config)
+        if engine is None:
+            engine = engine_factory() if engine_factory else build_engine(model_dir, config)
         engine_name = engine.name
         todo = int(sum(tokens.seq_lengths[tokens.part_sequences(p)].sum() for p in pending))
         bar = tqdm(total=todo, desc=f"harvest ({engine.name})", unit="tok", unit_scale=True,
@@ -181,7 +197,7 @@ def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part
         for sel in batches(lengths, config.batch_tokens):
             seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(sel.start, sel.stop)]
             rows = engine.harvest(seqs)
-            _check_rows(rows, names, seqs, engine.name, part)
+            _check_rows(rows, names, seqs, engine.name, part, engine.vocab_size)
             pw.append({n: rows[n] for n in names}, np.maximum(lengths[sel] - 1, 0),
                       batch.seq_ids[sel])
             if bar is not None:
@@ -190,10 +206,14 @@ def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part
 
 
 def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequence[np.ndarray],
-                engine: str, part: int) -> None:
+                engine: str, part: int, vocab_size: int | None = None) -> None:
     missing = [n for n in names if n not in rows]
     if missing:
         raise StoreError(f"engine {engine} did not return {missing} (part {part})")
+    ids = np.asarray(rows["topk_ids"])
+    if ids.size and vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise StoreError(f"engine {engine} returned token ids outside [0, {vocab_size}) in "
+                         f"topk_ids for part {part}; refusing to store them")
     for name in ("topk_logprobs", "target_logprob"):
         values = np.asarray(rows[name], dtype=np.float64)
         if np.isnan(values).any() or np.isposinf(values).any() or (values > 1e-3).any():

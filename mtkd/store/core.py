@@ -56,8 +56,13 @@ TMP_PREFIX = ".tmp-"
 SHARD_ROWS = 1 << 17
 CHUNK_ROWS = 1 << 13
 STALE_TMP_SECONDS = 3600  # a temp part of another host untouched this long is abandoned
+#: Environment variable choosing how much ``open_store`` checks when its caller does not say:
+#: ``full`` (default: sizes and sha256 of every file) or ``size`` (sizes only; for stores too
+#: large to hash at every open, once ``mtkd verify`` has checked them).
+VERIFY_ENV = "MTKD_VERIFY"
 
 Codec = Literal["raw", "zstd"]
+Verify = Literal["none", "size", "full"]
 
 
 class StoreError(Exception):
@@ -80,6 +85,20 @@ class ArraySpec:
     dtype: str
     row_shape: tuple[int, ...] = ()
     codec: Codec = "raw"
+
+    def __post_init__(self) -> None:
+        # Plain numbers only: raw chunks are memory-mapped, and an object dtype would turn the
+        # file's bytes into Python object pointers (a crafted store could crash the reader).
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError as e:
+            raise StoreError(f"array {self.name!r}: unknown dtype {self.dtype!r}") from e
+        if dt.kind not in "biuf" or dt.fields is not None or dt.subdtype is not None:
+            raise StoreError(f"array {self.name!r}: dtype {self.dtype!r} is not allowed "
+                             "(booleans, integers and floats only)")
+        if any(not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0
+               for n in self.row_shape):
+            raise StoreError(f"array {self.name!r}: bad row shape {list(self.row_shape)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "row_shape": list(self.row_shape), "codec": self.codec}
@@ -120,7 +139,10 @@ class Header:
                 f"{where}: schema version {obj.get('schema_version')} is not supported "
                 f"(this mtkd reads version {SCHEMA_VERSION})"
             )
-        arrays = tuple(ArraySpec.from_json(n, s) for n, s in obj["arrays"].items())
+        try:
+            arrays = tuple(ArraySpec.from_json(n, s) for n, s in obj["arrays"].items())
+        except StoreError as e:
+            raise StoreError(f"{where / HEADER_FILE}: {e}") from e
         return cls(obj["kind"], int(obj["num_parts"]), arrays, obj.get("attrs", {}))
 
     def spec(self, name: str) -> ArraySpec:
@@ -172,12 +194,28 @@ def canonical_json(obj: Any) -> bytes:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` to ``path`` via a temporary file, fsync and rename."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(canonical_json(obj))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_file(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(canonical_json(obj))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tmp_file(path: Path) -> Path:
+    """``.tmp-<name>-<host>-<pid>-<random>`` next to ``path``: a killed writer's leftover is
+    recognised as stale like a temp part (see :func:`_tmp_is_stale`)."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def _io_error(what: str, e: OSError) -> StoreError:
+    """An OSError (disk full, file too large, quota, permissions) as a one-line StoreError."""
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreError(f"{what}: {e.strerror or e}{where}")
 
 
 def _create_exclusive(path: Path, data: bytes) -> None:
@@ -232,7 +270,7 @@ def _pid_alive(pid: int) -> bool:
 def _tmp_is_stale(tmp: Path) -> bool:
     """A temp part is abandoned if its writer (this host) is dead or nothing in it changed
     for ``STALE_TMP_SECONDS`` (writers on other hosts cannot be asked)."""
-    fields = tmp.name[len(TMP_PREFIX):].split("-")
+    fields = tmp.name[len(TMP_PREFIX):].rsplit("-", 3)
     if len(fields) == 4 and fields[1] == _HOST and fields[2].isdigit() \
             and not _pid_alive(int(fields[2])):
         return True
@@ -265,26 +303,32 @@ class StoreWriter:
         for a in header.arrays:
             if a.name in RESERVED_ARRAYS:
                 raise StoreError(f"array name {a.name!r} is reserved")
-        (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _io_error(f"{self.root}: cannot create the store", e) from e
         self._claim_header()
 
     def _claim_header(self) -> None:
         path = self.root / HEADER_FILE
         wanted = _jsonable(self.header.to_json())
         if not path.exists():
-            tmp = path.with_name(f"{TMP_PREFIX}{HEADER_FILE}.{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                f.write(canonical_json(wanted))
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = _tmp_file(path)
             try:
-                os.link(tmp, path)  # atomic and never overwrites: concurrent creators agree
-            except FileExistsError:
-                pass
-            except OSError:  # a file system without hard links: exclusive create instead
-                _create_exclusive(path, canonical_json(wanted))
+                with open(tmp, "wb") as f:
+                    f.write(canonical_json(wanted))
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)  # atomic and never overwrites: concurrent creators agree
+                except FileExistsError:
+                    pass
+                except OSError:  # a file system without hard links: exclusive create instead
+                    _create_exclusive(path, canonical_json(wanted))
+            except OSError as e:
+                raise _io_error(f"{self.root}: cannot create {HEADER_FILE}", e) from e
             finally:
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)
         found = read_json(path)
         if found != wanted:
             diff = _diff_fields(found, wanted)
@@ -332,6 +376,11 @@ class StoreWriter:
             if tmp.is_dir() and _tmp_is_stale(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp)
+        if part is None:  # store.json / manifest.json temp files of killed writers
+            for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+                if tmp.is_file() and _tmp_is_stale(tmp):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
         return removed
 
     def finalize(self) -> bool:
@@ -349,8 +398,11 @@ class StoreWriter:
         except (FileNotFoundError, CorruptStoreError):
             current = None
         if current != _jsonable(manifest):
-            write_json_atomic(path, manifest)
-            _fsync_dir(self.root)
+            try:
+                write_json_atomic(path, manifest)
+                _fsync_dir(self.root)
+            except OSError as e:
+                raise _io_error(f"{self.root}: cannot write {MANIFEST_FILE}", e) from e
         self.remove_stale_temps()
         return True
 
@@ -463,6 +515,10 @@ class PartWriter:
         """
         try:
             self._commit()
+        except OSError as e:  # disk full, file too large, quota: say so in one line
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise _io_error(f"{self.store.root}: part {self.part} not committed (nothing of it "
+                            "was kept; rerun once the cause is fixed)", e) from e
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
@@ -647,6 +703,8 @@ class _PartReader:
 
     def _open_array(self, name: str, codec: str, row_shape: tuple[int, ...], dtype: str) -> Any:
         arr_dir = self.path / name
+        if arr_dir.is_symlink() or not arr_dir.resolve().is_relative_to(self.path.resolve()):
+            raise CorruptStoreError(f"{arr_dir}: escapes the part (symbolic link)")
         try:
             meta = read_json(arr_dir / "zarr.json")
         except FileNotFoundError:
@@ -690,9 +748,9 @@ class _PartReader:
 class Store:
     """Read access to a committed store: batched random access by sequence, or part by part."""
 
-    def __init__(self, root: str | os.PathLike[str], *, verify: Literal["none", "size", "full"]
-                 = "size") -> None:
+    def __init__(self, root: str | os.PathLike[str], *, verify: Verify | None = None) -> None:
         self.root = Path(root)
+        verify = default_verify() if verify is None else verify
         if not (self.root / HEADER_FILE).exists():
             raise StoreError(f"{self.root}: no {HEADER_FILE}; not an mtkd store")
         try:
@@ -727,8 +785,35 @@ class Store:
         self._seq_part = np.repeat(np.arange(self.num_parts, dtype=np.int64), counts)
         self._seq_start = np.concatenate([p.offsets[:-1] for p in self._parts])
 
+    def verify_part(self, part: int, *, full: bool | None = None) -> None:
+        """Recheck one part's files against its commit record and the manifest's record of it
+        (sha256 with ``full``, default: unless ``$MTKD_VERIFY`` is ``size``); raise
+        ``CorruptStoreError`` naming the files.
+
+        For jobs that open a store with ``verify="size"`` or ``"none"`` and then read only
+        some parts: each worker checks what it reads, so a store is hashed once in all.
+        """
+        full = default_verify() == "full" if full is None else full
+        self._check_part(part)
+        pdir = self.root / PARTS_DIR / part_name(part)
+        problems = _part_escapes(self.root, pdir)
+        if not problems:
+            recorded = {int(p["part"]): p for p in self.manifest.get("parts", [])
+                        if isinstance(p, dict) and "part" in p}
+            commit_path = pdir / COMMIT_FILE
+            rec = recorded.get(part)
+            if not isinstance(rec, dict) or rec.get("commit_sha256") != file_sha256(commit_path):
+                problems.append(f"{commit_path}: does not match the manifest's record")
+            problems += _verify_part(pdir, part, self.header, self._parts[part].commit, full)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise CorruptStoreError("; ".join(problems[:5]) + more)
+
     def _open_part(self, part: int) -> _PartReader:
         path = self.root / PARTS_DIR / part_name(part)
+        escapes = _part_escapes(self.root, path)
+        if escapes:  # checked even with verify="none": never read outside the store
+            raise CorruptStoreError("; ".join(escapes))
         try:
             commit = read_json(path / COMMIT_FILE)
         except FileNotFoundError:
@@ -856,7 +941,8 @@ class Store:
             if not path.exists():
                 return None
             tables.append(pq.read_table(path))
-        return pa.concat_tables(tables)
+        # "default" promotion: a part without sequences may carry null-typed columns
+        return pa.concat_tables(tables, promote_options="default")
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
@@ -910,6 +996,10 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str
     for part in range(header.num_parts):
         pdir = root / PARTS_DIR / part_name(part)
         commit_path = pdir / COMMIT_FILE
+        escapes = _part_escapes(root, pdir)
+        if escapes:  # never read: a part must not make a reader touch files outside the store
+            problems.extend(escapes)
+            continue
         if not commit_path.is_file():
             problems.append(f"{pdir}: part {part} missing or uncommitted")
             continue
@@ -925,8 +1015,18 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str
     return problems
 
 
+def _part_escapes(root: Path, pdir: Path) -> list[str]:
+    """A part directory that is a symbolic link, or reached through one out of the store."""
+    if pdir.is_symlink():
+        return [f"{pdir}: a symbolic link (parts are plain directories inside the store)"]
+    if pdir.exists() and not pdir.resolve().is_relative_to(root.resolve()):
+        return [f"{pdir}: leads out of the store {root} (a symbolic link on the way)"]
+    return []
+
+
 def _verify_part(pdir: Path, part: int, header: Header, commit: Any, full: bool) -> list[str]:
     where = pdir / COMMIT_FILE
+    real_pdir = pdir.resolve()
     if not isinstance(commit, dict) or not isinstance(commit.get("files"), dict):
         return [f"{where}: not a commit record"]
     problems = []
@@ -943,6 +1043,8 @@ def _verify_part(pdir: Path, part: int, header: Header, commit: Any, full: bool)
         path = pdir / rel_path
         if path.is_symlink():
             problems.append(f"{path}: a symbolic link (parts hold plain files)")
+        elif not path.resolve().is_relative_to(real_pdir):  # a linked directory on the way
+            problems.append(f"{where}: file path {rel!r} escapes the part (symbolic link)")
         elif not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != rec["bytes"]:
@@ -973,9 +1075,25 @@ def _verify_part(pdir: Path, part: int, header: Header, commit: Any, full: bool)
     return problems
 
 
+def default_verify() -> Verify:
+    """What ``open_store`` checks when its caller does not say: ``$MTKD_VERIFY`` (``full`` or
+    ``size``), default ``full``."""
+    mode = os.environ.get(VERIFY_ENV, "full") or "full"
+    if mode not in ("full", "size"):
+        raise StoreError(f"{VERIFY_ENV}={mode!r}: use 'full' (sha256 of every file, the "
+                         "default) or 'size' (sizes only)")
+    return mode  # type: ignore[return-value]
+
+
 def open_store(root: str | os.PathLike[str], kind: str | None = None, *,
-               verify: Literal["none", "size", "full"] = "size") -> Store:
-    """Open a committed store, refusing an incomplete one or one of another ``kind``."""
+               verify: Verify | None = None) -> Store:
+    """Open a committed store, refusing an incomplete one or one of another ``kind``.
+
+    ``verify``: ``"full"`` rechecks the size and sha256 of every file before anything is read
+    (the default, unless ``$MTKD_VERIFY`` is ``size``), ``"size"`` only sizes and metadata,
+    ``"none"`` only what opening each part needs. Any finding raises ``CorruptStoreError``
+    naming the files.
+    """
     store = Store(root, verify=verify)
     if kind is not None and store.kind != kind:
         raise StoreError(f"{root} is a {store.kind} store, expected a {kind} store")

@@ -1,15 +1,30 @@
 """fuse(): union of supports, imputation, dense golden values, output format, temperature
-coherence end to end, and argument validation."""
+coherence end to end, and argument validation — every test runs on both backends (numpy and
+numba), and the two are compared directly."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.fuse import fuse, to_union, top_k, union_support
+from mtkd.distill.fuse import (
+    BACKENDS,
+    fuse,
+    impute,
+    log_rank_share,
+    to_union,
+    top_k,
+    union_support,
+)
 from mtkd.distill.operators import Operator, Stack, get_operator
+from mtkd.distill.tails import Zipf
 from mtkd.distill.tempering import TeacherRows, temper
 
 from .test_tails import dense_logprobs, sparse_rows, tempered_dense
@@ -22,6 +37,26 @@ OPERATORS = [
     ("power_mean", {"alpha": -0.7}),
 ]
 TAILS = ["renormalise", "lump", "zipf", "exact"]
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@pytest.fixture(scope="module", autouse=True, params=["numpy", "numba"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the module once per backend (``fuse`` reads MTKD_NUMBA on every call)."""
+    if request.param == "numba" and not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    old = os.environ.get("MTKD_NUMBA")
+    os.environ["MTKD_NUMBA"] = "1" if request.param == "numba" else "0"
+    yield request.param
+    if old is None:
+        del os.environ["MTKD_NUMBA"]
+    else:
+        os.environ["MTKD_NUMBA"] = old
+
+
+def as_half(t: TeacherRows) -> TeacherRows:
+    """The rows with float16 log-probs, as a teacher store holds them."""
+    return replace(t, logprobs=t.logprobs.astype(np.float16))
 
 
 def operator(name: str, params: dict) -> Operator:
@@ -330,3 +365,117 @@ def test_fuse_validation_errors():
         fuse([t], [1.0], 1.0, "linear", "lump", 0, 12)
     with pytest.raises(ValueError, match="at least one teacher"):
         fuse([], [], 1.0, "linear", "lump", 4, 12)
+
+
+@SETTINGS
+@given(
+    case=teachers_case(),
+    op=st.sampled_from(OPERATORS),
+    tail=st.sampled_from(TAILS),
+    imputation=st.sampled_from(["even", "rank"]),
+    half=st.booleans(),
+    k_out=st.integers(1, 50),
+    policy=st.booleans(),
+)
+def test_backends_agree(case, op, tail, imputation, half, k_out, policy):
+    """numba and numpy give the same targets and diagnostics (to 1e-6), float16 inputs (the
+    numba table path) included."""
+    if not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    teachers, _, temps, w, vocab, _ = case
+    if half:
+        teachers = [as_half(t) for t in teachers]
+
+    def weights(inputs):  # a policy sees the entropies; use them
+        z = -inputs.entropy
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    outs = [
+        fuse(teachers, weights if policy else w, temps, operator(*op), tail, k_out, vocab,
+             keep_teacher_blocks=True, imputation=imputation, backend=b, block_rows=3)
+        for b in BACKENDS
+    ]
+    a, b = outs
+    np.testing.assert_allclose(fused_dense(a, vocab), fused_dense(b, vocab), atol=1e-6)
+    for key in a:
+        if key.endswith("_ids") or key == "ids":
+            continue
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(a["ids"] >= 0, b["ids"] >= 0)
+
+
+@SETTINGS
+@given(case=teachers_case(), tail=st.sampled_from(TAILS))
+def test_rank_imputation_conserves_mass_and_exceeds_the_even_share(case, tail):
+    """Rank-based imputation: each lacking teacher still sums to 1, its imputed mass stays
+    ≤ its k-th prob and ≤ its tail, and is at least the even share (the first ranks of a
+    decreasing tail hold at least their even share of it)."""
+    teachers, _, temps, _, vocab, _ = case
+    tempered = [temper(t, tt, tail, vocab) for t, tt in zip(teachers, temps, strict=True)]
+    exps = [Zipf().exponent(t.logprobs) / tt for t, tt in zip(teachers, temps, strict=True)]
+    block = to_union(tempered, vocab, rank_exponents=exps)
+    np.testing.assert_allclose(block.stack.probs.sum(axis=2), 1.0, atol=1e-12)
+    assert (block.stack.probs >= 0).all()
+    for t, s in zip(tempered, exps, strict=True):
+        rank, even = impute(t, block.counts, vocab, s), impute(t, block.counts, vocab)
+        missing = block.counts - t.ids.shape[1]
+        lacks = missing > 0
+        assert (rank.v[lacks] <= t.probs.min(axis=1)[lacks] * (1 + 1e-12)).all()
+        assert (missing * rank.v <= t.tail_mass * (1 + 1e-9) + 1e-300).all()
+        assert (rank.v[lacks] >= even.v[lacks] * (1 - 1e-9)).all()
+        np.testing.assert_allclose(rank.tail + missing * rank.v, t.tail_mass, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.5, 1.0, 1.7, 3.0])
+@pytest.mark.parametrize(("k", "m", "vocab"), [(16, 1, 100), (64, 20, 32000), (64, 100, 500)])
+def test_rank_share_against_direct_sums(s, k, m, vocab):
+    ranks = np.arange(k + 1, vocab + 1, dtype=np.float64)
+    terms = ranks**-s
+    want = terms[:m].sum() / terms.sum()
+    got = np.exp(log_rank_share(np.array([s]), k, np.array([m]), vocab))[0]
+    assert got <= 1.0
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_rank_imputation_is_identity_for_a_single_teacher():
+    logp = dense_logprobs(np.random.default_rng(11), 6, 30, 2.0)
+    t = sparse_rows(logp, 5)
+    a = fuse([t], [1.0], 2.0, "geometric", "zipf", 5, 30, imputation="rank")
+    b = fuse([t], [1.0], 2.0, "geometric", "zipf", 5, 30)
+    np.testing.assert_array_equal(a["ids"], b["ids"])
+    np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-7)
+
+
+def test_half_inputs_equal_their_float64_values():
+    """Float16 log-probs give the same targets as the same values in float64."""
+    rng = np.random.default_rng(12)
+    teachers = [as_half(sparse_rows(dense_logprobs(rng, 20, 50, s), 6)) for s in (1.0, 3.0)]
+    wide = [replace(t, logprobs=t.logprobs.astype(np.float64)) for t in teachers]
+    for op in ("linear", "geometric"):
+        a = fuse(teachers, [0.4, 0.6], [2.0, 1.0], op, "zipf", 8, 50)
+        b = fuse(wide, [0.4, 0.6], [2.0, 1.0], op, "zipf", 8, 50)
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-7)
+        np.testing.assert_allclose(a["jensen_gap"], b["jensen_gap"], atol=1e-6)
+
+
+def test_geometric_rows_with_no_shared_support_fall_back_to_linear():
+    """Two teachers with disjoint full supports (k = V, no tail): every geometric product is 0,
+    so the row falls back to the linear mixture (as operators.Geometric does)."""
+    a = TeacherRows(np.array([[0, 1]], np.int32), np.log([[0.7, 0.3]]), np.array([-np.inf]))
+    b = TeacherRows(np.array([[2, 3]], np.int32), np.log([[0.6, 0.4]]), np.array([-np.inf]))
+    out = fuse([a, b], [0.5, 0.5], 1.0, "geometric", "renormalise", 4, 4)
+    np.testing.assert_allclose(fused_dense(out, 4)[0, :4], [0.35, 0.15, 0.3, 0.2], atol=1e-7)
+
+
+def test_backend_and_imputation_validation():
+    t = sparse_rows(dense_logprobs(np.random.default_rng(4), 3, 12, 1.0), 4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fuse([t], [1.0], 1.0, "linear", "lump", 4, 12, backend="cuda")
+    with pytest.raises(ValueError, match="unknown imputation"):
+        fuse([t], [1.0], 1.0, "linear", "lump", 4, 12, imputation="mean")
+    bad = replace(t, ids=np.where(t.ids == t.ids[0, 0], 12, t.ids).astype(np.int32))
+    for b in BACKENDS if HAS_NUMBA else ("numpy",):
+        with pytest.raises(ValueError, match="outside"):
+            fuse([t, bad], [0.5, 0.5], 1.0, "linear", "lump", 4, 12, backend=b)

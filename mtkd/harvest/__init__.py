@@ -1,0 +1,1 @@
+"""Teacher engines (vLLM, transformers reference) and the harvest job."""

@@ -1,0 +1,309 @@
+"""The aggregate job end to end: teacher stores → target store.
+
+Small stores built in the test (random dense teachers over a vocabulary of 40, top-8 float16
+log-probs, default zstd codec), checked against :func:`fuse` on the same rows, plus refusals,
+resume, processes and pipelining.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mtkd.distill.aggregate import (
+    TEACHER_ARRAYS,
+    AggregateConfig,
+    aggregate,
+    teacher_rows,
+)
+from mtkd.distill.fuse import fuse
+from mtkd.distill.tempering import temper
+from mtkd.distill.weights import AdaptiveWeights
+from mtkd.store import IncompleteStoreError, StoreError, StoreWriter, open_store
+from mtkd.store.schema import TARGET, TEACHER, TOKENS, teacher_header, tokens_header
+
+VOCAB, K = 40, 8
+TASKS = ("code", "prose", "math")  # "math" has no task weights in the tests below
+PARTS = 3
+
+
+def make_tokens(root: Path, seed: int = 0, tokenizer_hash: str = "tok") -> Path:
+    """A tokens store of 3 parts, 4 sequences each (lengths 5..12), task tags in its meta."""
+    rng = np.random.default_rng(seed)
+    out = root / "tokens"
+    writer = StoreWriter(out, tokens_header(PARTS, {"tokenizer_hash": tokenizer_hash,
+                                                    "vocab_size": VOCAB, "eos_id": None}))
+    for p in range(PARTS):
+        lengths = rng.integers(5, 13, size=4)
+        seq_ids = (p << 32) + np.arange(4)
+        tasks = [TASKS[(p + i) % 3] for i in range(4)]
+        meta = pa.table({"seq_id": seq_ids, "task": tasks})
+        with writer.open_part(p) as pw:
+            pw.append({"token_ids": rng.integers(0, VOCAB, int(lengths.sum())).astype(np.int32)},
+                      lengths, seq_ids, meta)
+    assert writer.finalize()
+    return out
+
+
+def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: float,
+                 *, complete: bool = True, tokenizer_hash: str | None = None,
+                 temperatures: tuple[float, ...] = ()) -> Path:
+    """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept."""
+    rng = np.random.default_rng(seed)
+    tokens = open_store(tokens_dir, TOKENS)
+    attrs = {"tokenizer_hash": tokenizer_hash or tokens.attrs["tokenizer_hash"],
+             "vocab_size": VOCAB, "tokens_fingerprint": tokens.manifest["checksum"],
+             "teacher": name}
+    out = root / name
+    writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures))
+    for p in range(PARTS if complete else PARTS - 1):
+        batch = tokens.read_part(p)
+        lengths = np.diff(batch.offsets) - 1
+        nxt = np.concatenate([batch["token_ids"][a + 1:b] for a, b in
+                              zip(batch.offsets[:-1], batch.offsets[1:], strict=True)])
+        logits = rng.standard_normal((len(nxt), VOCAB)) * scale
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        order = np.argsort(-logp, axis=1, kind="stable")
+        top = np.take_along_axis(logp, order[:, :K], axis=1)
+        rows = {
+            "topk_ids": order[:, :K].astype(np.int32),
+            "topk_logprobs": top.astype(np.float16),
+            "target_logprob": logp[np.arange(len(nxt)), nxt].astype(np.float32),
+            "target_rank": (1 + (logp > logp[np.arange(len(nxt)), nxt][:, None]).sum(axis=1)
+                            ).astype(np.int32),
+            "tail_logmass": np.log1p(-np.exp(top).sum(axis=1)).astype(np.float32),
+        }
+        if temperatures:
+            rest = np.ones_like(logp, dtype=bool)
+            np.put_along_axis(rest, order[:, :K], False, axis=1)
+            cols = []
+            for t in temperatures:
+                lt = logp / t - np.log(np.exp(logp / t).sum(axis=1, keepdims=True))
+                cols.append(np.log(np.where(rest, np.exp(lt), 0).sum(axis=1)))
+            rows["tempered_tail_logmass"] = np.stack(cols, axis=1).astype(np.float32)
+        with writer.open_part(p) as pw:
+            pw.append(rows, lengths, batch.seq_ids)
+    writer.finalize()
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("agg")
+    tokens = make_tokens(root)
+    teachers = [make_teacher(root, tokens, f"t{j}", seed=10 + j, scale=s)
+                for j, s in enumerate((1.0, 2.0, 3.0))]
+    return tokens, teachers
+
+
+def read_all(path: Path) -> dict[int, dict[str, np.ndarray]]:
+    store = open_store(path, TARGET, verify="full")
+    return {p: {**store.read_part(p).arrays, "seq_ids": store.read_part(p).seq_ids}
+            for p in range(store.num_parts)}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    da, db = read_all(a), read_all(b)
+    for p in da:
+        assert da[p].keys() == db[p].keys()
+        for name in da[p]:
+            np.testing.assert_array_equal(da[p][name], db[p][name], err_msg=f"{p}/{name}")
+    assert open_store(a).manifest["checksum"] == open_store(b).manifest["checksum"]
+
+
+def config(teachers: list[Path], **kw: object) -> AggregateConfig:
+    return AggregateConfig(teachers=tuple(str(t) for t in teachers), **kw)  # type: ignore[arg-type]
+
+
+def direct_fuse(teachers: list[Path], part: int, weights: object, cfg: AggregateConfig
+                ) -> dict[str, np.ndarray]:
+    rows = []
+    for t in teachers:
+        store = open_store(t, TEACHER)
+        rows.append(teacher_rows(store.read_part(part, list(TEACHER_ARRAYS)), store.attrs))
+    return fuse(rows, weights, cfg.teacher_temperatures, cfg.operator, cfg.tail_model,
+                cfg.k_out, VOCAB, keep_teacher_blocks=cfg.teacher_blocks)
+
+
+@pytest.mark.parametrize("operator", ["linear", "geometric"])
+def test_static_weights_equal_fuse_on_the_same_rows(stores, tmp_path, operator):
+    tokens, teachers = stores
+    cfg = config(teachers, weights=(0.5, 0.3, 0.2), temperatures=(1.0, 2.0, 3.0),
+                 operator=operator, tail_model="zipf", k_out=12)
+    summary = aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    assert summary.complete and summary.parts_written == PARTS
+    got = read_all(tmp_path / "out")
+    for p in range(PARTS):
+        want = direct_fuse(teachers, p, np.array(cfg.weights), cfg)
+        for name in ("ids", "probs", "tail_mass", "weights", "jensen_gap", "disagreement"):
+            np.testing.assert_array_equal(got[p][name], want[name], err_msg=name)
+        np.testing.assert_allclose(got[p]["probs"].sum(axis=1, dtype=np.float64)
+                                   + got[p]["tail_mass"], 1.0, atol=1e-6)
+    assert summary.diagnostics["positions"] == sum(len(got[p]["ids"]) for p in got)
+    np.testing.assert_allclose([summary.diagnostics[f"mean_weight_{j}"] for j in range(3)],
+                               cfg.weights, rtol=1e-6)
+
+
+def test_adaptive_token_weights(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers, temperatures=(2.0, 2.0, 1.0), token="entropy", token_sharpness=2.0,
+                 eps=0.05)
+    aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    got = read_all(tmp_path / "out")
+    for p in range(PARTS):
+        want = direct_fuse(teachers, p, AdaptiveWeights(token="entropy", token_sharpness=2.0,
+                                                        eps=0.05, base=(1 / 3,) * 3), cfg)
+        np.testing.assert_array_equal(got[p]["weights"], want["weights"])
+        np.testing.assert_array_equal(got[p]["probs"], want["probs"])
+        w = got[p]["weights"]
+        assert (w >= 0.05 - 1e-6).all() and np.ptp(w, axis=0).max() > 0.01  # they adapt
+
+
+def test_task_weights_follow_the_tokens_store_tags(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers, weights=(0.2, 0.3, 0.5),
+                 task_weights={"code": (1.0, 0.0, 0.0), "prose": (0.0, 1.0, 1.0)})
+    aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    store = open_store(tokens, TOKENS)
+    target = open_store(tmp_path / "out", TARGET)
+    expected = {"code": [1.0, 0.0, 0.0], "prose": [0.0, 0.375, 0.625],  # prior × factors
+                "math": [0.2, 0.3, 0.5]}  # no factors: the static prior
+    for p in range(PARTS):
+        tags = store.read_meta(p).column("task").to_pylist()
+        batch = target.read_part(p, ["weights"])
+        for s, tag in enumerate(tags):
+            w = batch["weights"][batch.offsets[s]:batch.offsets[s + 1]]
+            np.testing.assert_allclose(w, np.broadcast_to(expected[tag], w.shape), atol=1e-6)
+
+
+def test_context_weights_use_each_sequences_loss(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers, context="loss", context_sharpness=1.0)
+    aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    target = open_store(tmp_path / "out", TARGET)
+    for p in range(PARTS):
+        batch = target.read_part(p, ["weights"])
+        for s in range(len(batch.offsets) - 1):  # constant within a sequence
+            w = batch["weights"][batch.offsets[s]:batch.offsets[s + 1]]
+            assert np.ptp(w, axis=0).max() < 1e-6
+
+
+def test_teacher_blocks(stores, tmp_path):
+    tokens, teachers = stores
+    temps = (1.0, 2.0, 0.5)
+    cfg = config(teachers, temperatures=temps, teacher_blocks=True)
+    aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    got = read_all(tmp_path / "out")
+    for j, t in enumerate(teachers):
+        store = open_store(t, TEACHER)
+        for p in range(PARTS):
+            rows = teacher_rows(store.read_part(p), store.attrs)
+            np.testing.assert_array_equal(got[p][f"teacher{j}_ids"], rows.ids)
+            tempered = temper(rows, temps[j], "lump", VOCAB)
+            np.testing.assert_allclose(got[p][f"teacher{j}_probs"], tempered.probs, atol=1e-7)
+            np.testing.assert_allclose(got[p][f"teacher{j}_tail_mass"], tempered.tail_mass,
+                                       atol=1e-7)
+            np.testing.assert_allclose(got[p][f"teacher{j}_probs"].sum(axis=1)
+                                       + got[p][f"teacher{j}_tail_mass"], 1.0, atol=1e-5)
+
+
+def test_exact_tail_model_uses_the_stored_tempered_tails(tmp_path):
+    tokens = make_tokens(tmp_path)
+    teachers = [make_teacher(tmp_path, tokens, f"t{j}", seed=j, scale=2.0,
+                             temperatures=(2.0,)) for j in range(2)]
+    cfg = config(teachers, temperatures=(2.0, 1.0), tail_model="exact", teacher_blocks=True)
+    aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    with pytest.raises(StoreError, match="exact"):
+        aggregate(tokens, tmp_path / "out3", config(teachers, temperatures=(3.0, 1.0),
+                                                    tail_model="exact"), progress=False)
+
+
+def test_resume_after_losing_a_committed_part(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers, temperatures=(2.0, 1.0, 1.0), token="entropy")
+    first = aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    shutil.copytree(tmp_path / "out", tmp_path / "ref")
+    shutil.rmtree(tmp_path / "out" / "parts" / "00001")
+    again = aggregate(tokens, tmp_path / "out", cfg, progress=False)
+    assert again.parts_written == 1 and again.complete
+    assert again.diagnostics == first.diagnostics
+    assert_same_store(tmp_path / "out", tmp_path / "ref")
+    # a rerun of a complete store writes nothing
+    assert aggregate(tokens, tmp_path / "out", cfg, progress=False).parts_written == 0
+
+
+def test_processes_and_pipelining_do_not_change_the_store(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers, temperatures=(2.0, 2.0, 1.0), token="entropy", operator="geometric",
+                 task_weights={"code": (1.0, 2.0, 1.0)})
+    aggregate(tokens, tmp_path / "seq", cfg, progress=False, pipeline=False)
+    aggregate(tokens, tmp_path / "pipe", cfg, progress=False)
+    aggregate(tokens, tmp_path / "two", cfg, processes=2, progress=False)
+    assert_same_store(tmp_path / "seq", tmp_path / "pipe")
+    assert_same_store(tmp_path / "seq", tmp_path / "two")
+
+
+def test_workers_share_parts(stores, tmp_path):
+    tokens, teachers = stores
+    cfg = config(teachers)
+    a = aggregate(tokens, tmp_path / "out", cfg, worker_index=0, num_workers=2, progress=False)
+    assert not a.complete and a.parts_written == 2
+    b = aggregate(tokens, tmp_path / "out", cfg, worker_index=1, num_workers=2, progress=False)
+    assert b.complete and b.parts_written == 1
+    aggregate(tokens, tmp_path / "one", cfg, progress=False)
+    assert_same_store(tmp_path / "out", tmp_path / "one")
+
+
+def test_refuses_teachers_of_another_tokens_store(stores, tmp_path):
+    tokens, teachers = stores
+    other = make_tokens(tmp_path, seed=1)
+    stranger = make_teacher(tmp_path, other, "stranger", seed=3, scale=1.0)
+    with pytest.raises(StoreError, match="different tokens store"):
+        aggregate(tokens, tmp_path / "out", config([teachers[0], stranger]), progress=False)
+
+
+def test_refuses_another_tokenizer(stores, tmp_path):
+    tokens, teachers = stores
+    odd = make_teacher(tmp_path, tokens, "odd", seed=3, scale=1.0, tokenizer_hash="other")
+    with pytest.raises(StoreError, match="different tokenizer"):
+        aggregate(tokens, tmp_path / "out", config([teachers[0], odd]), progress=False)
+
+
+def test_refuses_an_incomplete_teacher_store(stores, tmp_path):
+    tokens, teachers = stores
+    partial = make_teacher(tmp_path, tokens, "partial", seed=3, scale=1.0, complete=False)
+    with pytest.raises(IncompleteStoreError, match="not complete"):
+        aggregate(tokens, tmp_path / "out", config([teachers[0], partial]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"temperatures": (1.0, 0.0, 2.0)}, "temperatures"),
+    ({"temperatures": (1.0, -1.0, 2.0)}, "temperatures"),
+    ({"temperatures": (1.0, float("nan"), 2.0)}, "temperatures"),
+    ({"temperatures": (1.0, 2.0)}, "temperatures"),
+    ({"weights": (0.5, 0.5, 0.5)}, "sum to 1"),
+    ({"weights": (1.5, -0.5, 0.0)}, ">= 0"),
+    ({"weights": (0.5, 0.5)}, "weights"),
+    ({"operator": "average"}, "unknown operator"),
+    ({"tail_model": "uniform"}, "unknown tail model"),
+    ({"imputation": "mean"}, "unknown imputation"),
+    ({"k_out": 0}, "k_out"),
+    ({"token": "confidence"}, "token-level"),
+    ({"task_weights": {"code": (1.0, 1.0)}}, "task weights"),
+    ({"task_weights": {"code": (0.0, 0.0, 0.0)}}, "positive"),
+    ({"safety": 3}, "safety"),
+])
+def test_refuses_bad_settings(stores, kw, match):
+    _, teachers = stores
+    with pytest.raises(ValueError, match=match):
+        config(teachers, **kw)
+
+
+def test_refuses_no_teachers():
+    with pytest.raises(ValueError, match="at least one teacher"):
+        AggregateConfig(teachers=())

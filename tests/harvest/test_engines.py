@@ -1,0 +1,350 @@
+"""Teacher engines: vLLM (fast and public paths) against the transformers reference.
+
+The model is a 'successor' Llama (argmax after token x is x + 1): row alignment is checked
+against a known answer, not against another engine. vLLM engines are slow to start (tens of
+seconds on CPU), so each path's engine is built once for the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtkd.harvest.engine import (
+    ROW_KEYS,
+    TeacherEngine,
+    check_k,
+    check_sequences,
+    rows_from_logprobs,
+    tail_logmass,
+)
+from mtkd.harvest.hf_engine import HfReferenceEngine
+from mtkd.harvest.vllm_engine import MAX_K, VllmEngine
+
+K = 64
+VOCAB = 512
+MAX_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def successor_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Llama, hidden 128, 2 layers, 2 heads (head_dim 64): argmax after x is (x + 1) mod V."""
+    from transformers import AutoTokenizer
+
+    from mtkd.models import init_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = tmp_path_factory.mktemp("successor")
+    return init_llama(
+        out,
+        VOCAB,
+        hidden=128,
+        layers=2,
+        heads=2,
+        max_position=MAX_LEN,
+        seed=1,
+        tokenizer=tokenizer,
+        successor=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def sequences() -> list[np.ndarray]:
+    """Random sequences of assorted lengths (2 is the shortest legal one) and a counting run."""
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, VOCAB, n) for n in (2, 3, 57, 300, 700)]
+    seqs.append((np.arange(200) + 450) % VOCAB)  # x, x+1, …: every target is the argmax
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(successor_dir: Path) -> Iterator[VllmEngine]:
+    """The one vLLM engine of this module (both paths run on it; see ``use_path``)."""
+    # 256-token steps: the 300- and 700-token prompts are prefilled in several chunks.
+    engine = VllmEngine(
+        successor_dir,
+        K,
+        dtype="float32",
+        fast_path="fast",
+        max_model_len=MAX_LEN,
+        max_num_batched_tokens=256,
+    )
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def fast_rows(vllm_engine: VllmEngine, sequences: list[np.ndarray]) -> dict[str, np.ndarray]:
+    vllm_engine.use_path("fast")
+    return vllm_engine.harvest(sequences)
+
+
+@pytest.fixture(scope="module")
+def public_rows(
+    vllm_engine: VllmEngine, sequences: list[np.ndarray]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Public API only: the FlatLogprobs read-out."""
+    vllm_engine.use_path("public")
+    try:
+        yield vllm_engine.harvest(sequences)
+    finally:
+        vllm_engine.use_path("fast")
+
+
+@pytest.fixture(scope="module")
+def reference(successor_dir: Path) -> HfReferenceEngine:
+    return HfReferenceEngine(
+        successor_dir, K, temperatures=(1.0, 2.0), num_samples=32, batch_size=3
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_rows(
+    reference: HfReferenceEngine, sequences: list[np.ndarray]
+) -> dict[str, np.ndarray]:
+    return reference.harvest(sequences)
+
+
+@pytest.fixture(scope="module")
+def full_logprobs(reference: HfReferenceEngine, sequences: list[np.ndarray]) -> np.ndarray:
+    """Float64 log-probs over the whole vocabulary, all rows: the exact answer."""
+    logits = torch.cat(list(reference.logits(sequences)))
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+# Float32 on both sides: log-probs agree to a few float32 ulps of the logits (≈ 1e-5 here).
+LOGPROB_ATOL = 1e-4
+
+engine = pytest.mark.engine
+
+
+def _row_targets(sequences: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([s[1:] for s in sequences])
+
+
+def _row_inputs(sequences: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([s[:-1] for s in sequences])
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def test_vocab_hash_is_stable_and_tells_tokenizers_apart(
+    tokenizer_dir: Path, successor_dir: Path, tmp_path: Path
+) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from mtkd.models import stdlib_texts, train_bpe_tokenizer, vocab_hash
+    from mtkd.store.schema import vocab_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert tok.eos_token is not None
+    assert vocab_hash(tokenizer_dir) == vocab_hash(tok) == vocab_hash(successor_dir)
+    raw = Tokenizer.from_file(str(successor_dir / "tokenizer.json"))  # what harvest compares
+    assert vocab_hash(tok) == vocab_fingerprint(raw.get_vocab(with_added_tokens=True))
+    other = train_bpe_tokenizer(stdlib_texts(max_files=10), 300, tmp_path)
+    assert vocab_hash(other) != vocab_hash(tok)
+
+
+def test_init_llama_refuses_small_heads(tmp_path: Path) -> None:
+    from mtkd.models import init_llama
+
+    with pytest.raises(ValueError, match="head_dim"):
+        init_llama(tmp_path, 512, hidden=64, layers=1, heads=4)
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+def test_tail_logmass_float64_and_empty_tail() -> None:
+    lp = np.array([np.log([0.5, 0.25, 0.125]), [0.0, -np.inf, -np.inf]], dtype=np.float32)
+    out = tail_logmass(lp)
+    assert out.dtype == np.float32
+    assert out[0] == pytest.approx(np.log(0.125), abs=1e-7)
+    assert out[1] == -np.inf
+    # float64 arithmetic: a tail far below float32's resolution of 1 − Σp survives.
+    tiny = np.log(np.array([[1 - 1e-9, 5e-10]], dtype=np.float64)).astype(np.float32)
+    expect = np.log1p(-np.exp(tiny.astype(np.float64)).sum())
+    assert tail_logmass(tiny)[0] == pytest.approx(expect, rel=1e-6)
+
+
+def test_rows_from_logprobs_contract() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(20, 50, generator=gen), dim=-1)
+    targets = torch.randint(0, 50, (20,), generator=gen)
+    rows = rows_from_logprobs(lp, targets, 5)
+    assert {k: v.dtype for k, v in rows.items()} == {
+        "topk_ids": np.int32,
+        "topk_logprobs": np.float32,
+        "target_logprob": np.float32,
+        "target_rank": np.int32,
+        "tail_logmass": np.float32,
+    }
+    order = torch.argsort(lp, dim=-1, descending=True)
+    np.testing.assert_array_equal(rows["topk_ids"], order[:, :5].numpy())
+    rank = (order == targets[:, None]).int().argmax(dim=-1) + 1
+    np.testing.assert_array_equal(rows["target_rank"], rank.numpy())
+    np.testing.assert_array_equal(rows["target_logprob"], lp.gather(1, targets[:, None])[:, 0])
+
+
+def test_check_k_and_sequences() -> None:
+    assert check_k(64, 256, "e") == 64
+    with pytest.raises(ValueError, match=r"k=300 is outside \[1, 256\]"):
+        check_k(300, 256, "e")
+    with pytest.raises(ValueError, match="no sequences"):
+        check_sequences([], 10)
+    with pytest.raises(ValueError, match="length >= 2"):
+        check_sequences([np.array([1])], 10)
+    with pytest.raises(ValueError, match="outside"):
+        check_sequences([np.array([1, 10])], 10)
+
+
+# --- reference engine ----------------------------------------------------------------------
+
+
+def test_k_over_cap_refused(successor_dir: Path) -> None:
+    with pytest.raises(ValueError, match=f"k={MAX_K + 1} is outside"):
+        VllmEngine(successor_dir, MAX_K + 1)  # refused before any engine starts
+    with pytest.raises(ValueError, match=f"k={VOCAB + 1} is outside"):
+        HfReferenceEngine(successor_dir, VOCAB + 1)
+
+
+def test_reference_rows_are_exact(
+    reference_rows: dict[str, np.ndarray], full_logprobs: np.ndarray, sequences: list
+) -> None:
+    targets = _row_targets(sequences)
+    assert len(targets) == len(reference_rows["topk_ids"]) == sum(len(s) - 1 for s in sequences)
+    got = np.take_along_axis(full_logprobs, reference_rows["topk_ids"].astype(np.int64), 1)
+    np.testing.assert_allclose(reference_rows["topk_logprobs"], got, atol=1e-5)
+    exact_tail = 1.0 - np.exp(got).sum(axis=1)
+    np.testing.assert_allclose(np.exp(reference_rows["tail_logmass"]), exact_tail, atol=1e-5)
+    # tempered tails: the exact mass of softmax(logits / T) outside the top-k ids
+    for j, t in enumerate((1.0, 2.0)):
+        tempered = full_logprobs / t
+        tempered = np.exp(tempered - np.logaddexp.reduce(tempered, axis=1, keepdims=True))
+        inside = np.take_along_axis(tempered, reference_rows["topk_ids"].astype(np.int64), 1)
+        expect = 1.0 - inside.sum(axis=1)
+        got_t = np.exp(reference_rows["tempered_tail_logmass"][:, j].astype(np.float64))
+        np.testing.assert_allclose(got_t, expect, rtol=1e-4, atol=1e-9)
+    assert np.all(reference_rows["tempered_tail_logmass"][:, 1] > reference_rows["tail_logmass"])
+
+
+def test_reference_samples(
+    successor_dir: Path,
+    reference_rows: dict[str, np.ndarray],
+    full_logprobs: np.ndarray,
+    sequences: list,
+) -> None:
+    ids, counts = reference_rows["sample_ids"], reference_rows["sample_counts"]
+    assert ids.dtype == np.int32 and counts.dtype == np.uint16
+    assert ids.shape == counts.shape == (len(full_logprobs), 32)
+    np.testing.assert_array_equal(counts.sum(axis=1), 32)
+    valid = ids >= 0
+    np.testing.assert_array_equal(valid, counts > 0)
+    n_valid = valid.sum(axis=1)
+    np.testing.assert_array_equal(valid, np.arange(32) < n_valid[:, None])  # padding last
+    assert np.all((np.diff(ids, axis=1) > 0) | ~valid[:, 1:])  # unique, ascending
+    lp = np.take_along_axis(full_logprobs, np.maximum(ids, 0).astype(np.int64), 1)
+    np.testing.assert_allclose(reference_rows["sample_logprobs"][valid], lp[valid], atol=1e-5)
+    assert np.all(reference_rows["sample_logprobs"][~valid] == -np.inf)
+    # seeded per sequence: independent of batching and of the other sequences
+    again = HfReferenceEngine(successor_dir, K, num_samples=32, batch_size=1)
+    one = again.harvest(sequences[-1:])
+    np.testing.assert_array_equal(one["sample_ids"], ids[-len(one["sample_ids"]) :])
+
+
+def test_reference_samples_follow_the_distribution(successor_dir: Path) -> None:
+    eng = HfReferenceEngine(successor_dir, 4, num_samples=4000, sample_temperature=2.0)
+    seq = np.array([5, 17, 33])
+    rows = eng.harvest([seq])
+    lp = torch.log_softmax(next(eng.logits([seq])).double() / 2.0, dim=-1).numpy()
+    for r in range(2):
+        ids = rows["sample_ids"][r][rows["sample_ids"][r] >= 0]
+        freq = rows["sample_counts"][r][: len(ids)] / 4000
+        p = np.exp(lp[r, ids])
+        assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / 4000) + 1e-3)
+
+
+# --- vLLM ----------------------------------------------------------------------------------
+
+
+@engine
+def test_engine_paths(vllm_engine: VllmEngine) -> None:
+    assert isinstance(vllm_engine, TeacherEngine)
+    assert vllm_engine.vocab_size == VOCAB and vllm_engine.k == K
+    vllm_engine.use_path("public")
+    assert vllm_engine.name == "vllm-public"
+    vllm_engine.use_path("fast")
+    assert vllm_engine.name == "vllm-fast"
+
+
+@engine
+def test_rows_align_with_the_known_answer(
+    fast_rows: dict[str, np.ndarray], sequences: list[np.ndarray]
+) -> None:
+    inputs, targets = _row_inputs(sequences), _row_targets(sequences)
+    assert fast_rows["topk_ids"].shape == (len(targets), K)
+    np.testing.assert_array_equal(fast_rows["topk_ids"][:, 0], (inputs + 1) % VOCAB)
+    counting = (inputs + 1) % VOCAB == targets
+    assert counting.sum() >= 199
+    np.testing.assert_array_equal(fast_rows["target_rank"][counting], 1)
+    np.testing.assert_array_equal(
+        fast_rows["target_logprob"][counting], fast_rows["topk_logprobs"][counting, 0]
+    )
+    assert np.all(fast_rows["target_rank"][~counting] > 1)
+
+
+@engine
+def test_fast_and_public_paths_are_identical(
+    fast_rows: dict[str, np.ndarray], public_rows: dict[str, np.ndarray]
+) -> None:
+    assert set(public_rows) == set(fast_rows) == set(ROW_KEYS)
+    for key in ROW_KEYS:
+        assert public_rows[key].dtype == fast_rows[key].dtype
+        np.testing.assert_array_equal(public_rows[key], fast_rows[key], err_msg=key)
+
+
+@engine
+def test_vllm_matches_reference(
+    fast_rows: dict[str, np.ndarray],
+    reference_rows: dict[str, np.ndarray],
+    full_logprobs: np.ndarray,
+) -> None:
+    got, ref = fast_rows, reference_rows
+    np.testing.assert_allclose(got["topk_logprobs"], ref["topk_logprobs"], atol=LOGPROB_ATOL)
+    np.testing.assert_allclose(got["target_logprob"], ref["target_logprob"], atol=LOGPROB_ATOL)
+    # ids agree wherever the neighbouring log-probs are not within tolerance (near-ties swap)
+    lp = ref["topk_logprobs"].astype(np.float64)
+    gap = np.full(lp.shape, np.inf)
+    gap[:, 1:] = lp[:, :-1] - lp[:, 1:]
+    gap[:, :-1] = np.minimum(gap[:, :-1], lp[:, :-1] - lp[:, 1:])
+    clear = gap > 2 * LOGPROB_ATOL
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got["topk_ids"][clear], ref["topk_ids"][clear])
+    # ranks agree up to the entries tied with the target within tolerance
+    near = np.abs(full_logprobs - ref["target_logprob"][:, None]) <= 2 * LOGPROB_ATOL
+    assert np.all(np.abs(got["target_rank"] - ref["target_rank"]) < near.sum(axis=1))
+    # the tail: float64 arithmetic on the returned log-probs, and the exact mass outside
+    np.testing.assert_array_equal(got["tail_logmass"], tail_logmass(got["topk_logprobs"]))
+    inside = np.exp(np.take_along_axis(full_logprobs, got["topk_ids"].astype(np.int64), 1))
+    np.testing.assert_allclose(np.exp(got["tail_logmass"]), 1 - inside.sum(axis=1), atol=2e-5)
+
+
+@engine
+def test_hook_only_touches_flagged_requests(
+    vllm_engine: VllmEngine, sequences: list[np.ndarray]
+) -> None:
+    from vllm import SamplingParams
+    from vllm.logprobs import FlatLogprobs
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=3, detokenize=False, flat_logprobs=True)
+    out = vllm_engine.generate(sequences[2:3], params)
+    assert isinstance(out[0].prompt_logprobs, FlatLogprobs)
+    assert len(out[0].prompt_logprobs) == len(sequences[2])
