@@ -12,6 +12,7 @@ from mtkd.distill.tails import (
     Exact,
     Lump,
     Zipf,
+    as_float64,
     get_tail_model,
     log_power_sum,
     logsumexp,
@@ -222,3 +223,33 @@ def test_registry_and_errors():
             np.zeros((2, 2)),
             (2.0,),
         )
+
+
+def test_as_float64_is_exact_for_every_float16():
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    half = bits.view(np.float16)
+    got = as_float64(half)
+    want = half.astype(np.float64)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
+    np.testing.assert_array_equal(as_float64(np.ones(3, np.float32)), np.ones(3))
+
+
+@SETTINGS
+@given(case=teacher_case(), model=st.sampled_from(sorted(TAIL_MODELS)),
+       temperature=st.floats(0.2, 5.0))
+def test_temper_with_a_kept_normaliser_is_the_same(case, model, temperature):
+    """What fuse does between the weight policy's pass and the fusion pass."""
+    logp, k = case
+    rows = sparse_rows(logp, k, (temperature,))
+    first = temper(rows, temperature, model, logp.shape[1])
+    again = temper(rows, temperature, model, logp.shape[1],
+                   normaliser=(first.log_norm, first.tail_logmass))
+    np.testing.assert_allclose(again.probs, first.probs, atol=1e-12)
+    np.testing.assert_allclose(again.tail_mass, first.tail_mass, atol=1e-12)
+    # entropy of the top-k + bucket view against the direct formula
+    cats = np.concatenate([first.probs, first.tail_mass[:, None]], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direct = -np.where(cats > 0, cats * np.log(cats), 0.0).sum(axis=1)
+    np.testing.assert_allclose(first.entropy(), direct, atol=1e-10)

@@ -136,6 +136,16 @@ def test_k_above_the_engine_cap(pipeline: Pipeline, tmp_path: Path) -> None:
     assert code == 1 and "k must be in [1, 4096]" in msg
 
 
+def test_a_teacher_that_cannot_load(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A model directory with the right tokenizer but no model: the engine fails before the
+    output store exists, so the corrected rerun starts clean."""
+    out = tmp_path / "teacher"
+    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.tokenizer, "--out", out,
+                     *HARVEST)
+    assert code == 1 and "Unrecognized model" in msg, msg
+    assert not (out / "store.json").exists()
+
+
 class FakeEngine:
     """A teacher engine returning plausible rows, with one defect injected."""
 
@@ -240,8 +250,8 @@ def test_nonpositive_student_temperature(pipeline: Pipeline, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--operator", "foo", "unknown operator 'foo'; choose one of"),
-    ("--tail-model", "foo", "foo"),
-    ("--token", "foo", "foo"),
+    ("--tail-model", "foo", "unknown tail model 'foo'; choose one of"),
+    ("--token", "foo", "unknown token-level weighting 'foo'"),
 ])
 def test_unknown_operator_name(option: str, value: str, message: str, pipeline: Pipeline,
                                tmp_path: Path) -> None:
