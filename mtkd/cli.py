@@ -208,6 +208,9 @@ def aggregate(
     tail_model: Annotated[str, typer.Option(
         help="Tempered tail outside the top-k: renormalise | lump | zipf | exact.")] = "lump",
     k_out: Annotated[int, typer.Option(min=1, help="Support size kept per position.")] = 64,
+    imputation: Annotated[str, typer.Option(
+        help="Mass of ids a teacher lacks: even (share of its tail) | rank (Zipf next ranks).")]
+    = "even",
     token: Annotated[str, typer.Option(
         help="Token-level adaptive weights: none | entropy | target.")] = "none",
     token_sharpness: Annotated[float, typer.Option(help="Sharpness of token weights.")] = 1.0,
@@ -244,6 +247,7 @@ def aggregate(
             task_weights=_task_weights(task_weight, len(teachers)),
             context=context, context_sharpness=context_sharpness,  # type: ignore[arg-type]
             eps=eps, safety=safety, safety_floor=safety_floor, teacher_blocks=teacher_blocks,
+            imputation=imputation,  # type: ignore[arg-type]
         )
         summary = run_aggregate(tokens, out, cfg, processes=processes, worker_index=index,
                                 num_workers=total)
