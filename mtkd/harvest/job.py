@@ -7,6 +7,7 @@ against one output directory; committed parts are skipped and a killed worker's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -180,9 +181,20 @@ def harvest(
         bar.close()
     seconds = time.perf_counter() - start
     complete = writer.finalize()
-    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    size = bytes_on_disk(out)
     return HarvestSummary(tokens.num_parts, len(pending), total_tokens, seconds, size, complete,
                           engine_name)
+
+
+def bytes_on_disk(root: str | os.PathLike[str]) -> int:
+    """Bytes of the files under ``root``, tolerating files that vanish meanwhile (other
+    workers' temp parts are renamed or removed while this one counts)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part: int,

@@ -703,7 +703,8 @@ class _PartReader:
 
     def _open_array(self, name: str, codec: str, row_shape: tuple[int, ...], dtype: str) -> Any:
         arr_dir = self.path / name
-        if arr_dir.is_symlink() or not arr_dir.resolve().is_relative_to(self.path.resolve()):
+        if arr_dir.is_symlink() or not arr_dir.resolve().is_relative_to(self.path.resolve()) \
+                or _has_links(arr_dir):
             raise CorruptStoreError(f"{arr_dir}: escapes the part (symbolic link)")
         try:
             meta = read_json(arr_dir / "zarr.json")
@@ -798,8 +799,8 @@ class Store:
         pdir = self.root / PARTS_DIR / part_name(part)
         problems = _part_escapes(self.root, pdir)
         if not problems:
-            recorded = {int(p["part"]): p for p in self.manifest.get("parts", [])
-                        if isinstance(p, dict) and "part" in p}
+            recorded = {p["part"]: p for p in self.manifest.get("parts", [])
+                        if isinstance(p, dict) and isinstance(p.get("part"), int)}
             commit_path = pdir / COMMIT_FILE
             rec = recorded.get(part)
             if not isinstance(rec, dict) or rec.get("commit_sha256") != file_sha256(commit_path):
@@ -1013,6 +1014,14 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str
         except (CorruptStoreError, KeyError, TypeError, AttributeError, ValueError) as e:
             problems.append(f"{commit_path}: malformed ({e!r})")
     return problems
+
+
+def _has_links(directory: Path) -> bool:
+    """Whether anything under ``directory`` is a symbolic link (parts hold plain files)."""
+    for dirpath, dirnames, filenames in os.walk(directory):
+        if any(os.path.islink(os.path.join(dirpath, n)) for n in (*dirnames, *filenames)):
+            return True
+    return False
 
 
 def _part_escapes(root: Path, pdir: Path) -> list[str]:

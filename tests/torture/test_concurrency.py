@@ -70,3 +70,24 @@ def test_four_aggregate_workers(pipeline: Pipeline, tmp_path: Path) -> None:
     compare_stores(pipeline.targets, out)
     assert "OK" in cli_ok("verify", out) and leftovers(out) == []
     check_round_two_is_a_noop(out, args, tmp_path, "aggregate")
+
+
+def test_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    """A writer killed while writing ``store.json`` or ``manifest.json`` leaves a temp file in
+    the store's root: ``finalize`` removes it once its writer is dead, never a live one's."""
+    import os
+
+    import numpy as np
+
+    from mtkd.store import ArraySpec, Header, StoreWriter
+    from mtkd.store.core import _HOST
+
+    writer = StoreWriter(tmp_path / "s", Header("tokens", 1, (ArraySpec("x", "int32"),), {}))
+    dead = tmp_path / "s" / f".tmp-manifest.json-{_HOST}-{2**22 + 12345}-0a1b"
+    live = tmp_path / "s" / f".tmp-store.json-{_HOST}-{os.getpid()}-0a1b"
+    for path in (dead, live):
+        path.write_text("{")
+    with writer.open_part(0) as pw:
+        pw.append({"x": np.arange(3)}, [3], [0])
+    assert writer.finalize()
+    assert not dead.exists() and live.exists()

@@ -249,6 +249,16 @@ def test_a_linked_directory_cannot_lead_out_of_the_store(store: Path, tmp_path: 
     refused_without_touching(store, outside, "a symbolic link")
 
 
+def test_a_linked_chunk_file_is_not_followed(store: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    chunk = store / "parts" / "00001" / "token_ids" / "c" / "0"
+    shutil.copy(chunk, outside / "0")
+    chunk.unlink()
+    chunk.symlink_to(outside / "0")
+    refused_without_touching(store, outside, "a symbolic link")
+
+
 def test_a_manifest_cannot_point_outside_its_store(store: Path) -> None:
     """Parts are found by number under ``parts/``, never by a path from the manifest: a
     manifest naming other places is reported as edited and nothing is read from them."""
