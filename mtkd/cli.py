@@ -122,7 +122,8 @@ def harvest(
     logprob_dtype: Annotated[str, typer.Option(help="Stored log-prob dtype.")] = "float16",
     codec: Annotated[str, typer.Option(help="Array codec: zstd (compact) or raw.")] = "zstd",
     batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per engine call.")] = 65536,
-    fast_path: Annotated[str, typer.Option(help="auto | on | off: keep vLLM's tensors.")]
+    fast_path: Annotated[str, typer.Option(
+        help="auto | fast (keep vLLM's tensors) | public (the public API).")]
     = "auto",
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM GPUs per model.")]
     = None,
