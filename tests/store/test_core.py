@@ -13,7 +13,6 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,18 +48,10 @@ from mtkd.store.schema import (
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 @pytest.fixture
-def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Stores in memory where possible: many small stores, and fsync/unlink on a busy disk
-    dominate their cost (the protocol's semantics are the same on tmpfs)."""
-    if FAST_TMP is None:
-        yield tmp_path_factory.mktemp("t")
-        return
-    path = Path(tempfile.mkdtemp(dir=FAST_TMP, prefix="mtkd-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def tmp_path(memory_tmp_path: Path) -> Path:
+    """Stores in memory where possible (see conftest.memory_tmp_path)."""
+    return memory_tmp_path
 
 # --------------------------------------------------------------------------- helpers
 

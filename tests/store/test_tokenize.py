@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import sysconfig
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +30,10 @@ from mtkd.store import open_store, verify_store
 from mtkd.tokenize import TokenizeConfig, load_tokenizer, tokenize_corpus, windows
 
 EXCLUDE = ("site-packages", "test*", "idlelib", "__pycache__", "lib2to3", "tkinter", "turtledemo")
-FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 @pytest.fixture
-def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Stores in memory where possible: many small stores, and fsync/unlink on a busy disk
-    dominate their cost (the protocol's semantics are the same on tmpfs)."""
-    if FAST_TMP is None:
-        yield tmp_path_factory.mktemp("t")
-        return
-    path = Path(tempfile.mkdtemp(dir=FAST_TMP, prefix="mtkd-test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def tmp_path(memory_tmp_path: Path) -> Path:
+    """Stores in memory where possible (see conftest.memory_tmp_path)."""
+    return memory_tmp_path
 
 
 @pytest.fixture(scope="module")
