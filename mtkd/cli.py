@@ -132,6 +132,9 @@ def harvest(
         help="vLLM GPU memory fraction.")] = None,
     max_num_batched_tokens: Annotated[int | None, typer.Option(
         help="vLLM max_num_batched_tokens.")] = None,
+    enforce_eager: Annotated[bool, typer.Option(
+        help="vLLM without torch.compile / CUDA graphs: starts tens of seconds sooner, "
+             "runs slower (small jobs, tests).")] = False,
     worker_index: Annotated[int, typer.Option(min=0, help="This worker's index "
                                               "(Slurm array / k8s completion index).")] = 0,
     num_workers: NumWorkersOpt = 1,
@@ -149,6 +152,7 @@ def harvest(
             ("tensor_parallel_size", tensor_parallel_size), ("max_model_len", max_model_len),
             ("gpu_memory_utilization", gpu_memory_utilization),
             ("max_num_batched_tokens", max_num_batched_tokens),
+            ("enforce_eager", enforce_eager or None),
         ) if value is not None
     }
     try:
@@ -285,6 +289,9 @@ def train(
     alpha: Annotated[float, typer.Option(help="Weight of CE: (1−α)·KD + α·CE.")] = 0.0,
     temperature: Annotated[float, typer.Option(help="Student temperature of the KD term.")]
     = 1.0,
+    teacher: Annotated[Path | None, typer.Option(
+        help="Local teacher checkpoint run online for full-vocabulary targets (the dense "
+             "baseline of the demo; small vocabularies) instead of --targets.")] = None,
     heldout: Annotated[Path | None, typer.Option(help="Held-out tokens store.")] = None,
     max_tokens: Annotated[int | None, typer.Option(
         min=1, help="Train on a seeded subset of at most this many tokens.")] = None,
@@ -319,7 +326,8 @@ def train(
                                       else json.loads(Path(student_config).read_text()))
         cfg = TrainConfig(
             tokens=str(tokens), out=str(out), student=spec,
-            targets=str(targets) if targets else None, objective=objective, loss=loss,
+            targets=str(targets) if targets else None,
+            teacher=str(teacher) if teacher else None, objective=objective, loss=loss,
             alpha=alpha, temperature=temperature, seq_len=seq_len, batch_size=batch_size,
             grad_accum=grad_accum, max_steps=steps, lr=lr,
             warmup_steps=warmup if warmup is not None else max(steps // 10, 1), seed=seed,

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -262,20 +262,6 @@ class _Sums:
     monitor: Tensor
 
 
-def _lse_into(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Row logsumexp of x, leaving exp(x − shift) in ``out``; returns (lse, Σ out, shift).
-
-    shift is the row max (0 for rows that are all −inf, whose lse is −inf and out 0).
-    """
-    mx = x.amax(dim=-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, 0.0)
-    torch.sub(x, mx, out=out)
-    out.exp_()
-    sumexp = out.sum(dim=-1)
-    shift = mx.squeeze(-1)
-    return sumexp.log() + shift, sumexp, shift
-
-
 def _mm_dtypes(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(matmul dtype, softmax dtype): autocast's dtype when autocast is on; softmax ≥ float32."""
     dev = hidden.device.type
@@ -287,99 +273,145 @@ def _mm_dtypes(hidden: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype
 
 
 @dataclass
-class _ChunkState:
-    """Per-chunk working state shared by the CE term and the teacher blocks."""
+class _Softmax:
+    """exp(z − shift) of one chunk's logits (held in the scratch buffer) and its row stats."""
 
-    z: Tensor  # [n,V] logits, tempered once the KD part starts
-    tmp: Tensor  # [n,V] scratch
-    g: Tensor | None  # [n,V] gradient w.r.t. the (untempered) logits; None: no gradient
-    fresh: bool  # g holds no values yet (its first write overwrites instead of adding)
-    lse: Tensor | None  # [n] logsumexp of the tempered logits, once known
-    kd_rw: Tensor  # [n] KD row reduction weights
-    dense: Tensor  # [n] Σ over blocks of −B_k (coefficient of the dense −s·B gradient term)
-
-    def add_dense(self, x: Tensor, coef: Tensor) -> None:
-        """g += x · coef[:, None] (first write: g = x · coef[:, None])."""
-        assert self.g is not None
-        if self.fresh:
-            torch.mul(x, coef[:, None], out=self.g)
-            self.fresh = False
-        else:
-            self.g.addcmul_(x, coef[:, None])
-
-    def ensure_init(self) -> None:
-        """Zero g if nothing has been written to it yet (before sparse scatter-adds)."""
-        if self.g is not None and self.fresh:
-            self.g.zero_()
-            self.fresh = False
+    e: Tensor  # [n,V]
+    total: Tensor  # [n] Σ_j e_j
+    lse: Tensor  # [n] logsumexp of z
 
 
-def _block_chunk(
-    blk: _Block, sl: slice, st: _ChunkState, plan: _Plan, last: bool
-) -> tuple[Tensor, Tensor | None]:
-    """One block on one chunk: adds its logit gradient to ``st.g``; returns (loss rows, ŝ_tail).
+def _softmax_into(z: Tensor, out: Tensor) -> _Softmax:
+    """Row softmax statistics of z, leaving exp(z − row max) in ``out`` (one pass over V).
 
-    ``st.z`` is restored on return; ``st.tmp`` is overwritten. Tail collapse: the dense −s·B
-    gradient term of all blocks is accumulated in ``st.dense`` and added by the ``last``
-    training block, whose scratch already holds exp(z − shift) off its support, so it costs no
-    extra pass over the vocabulary; the first block also yields lse = logaddexp(lse_off, lse_on).
+    Rows that are all −inf get lse −inf and e = 0.
     """
-    z, tmp = st.z, st.tmp
-    cdt = z.dtype
-    tiny = torch.finfo(cdt).tiny
+    mx = z.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    torch.sub(z, mx, out=out)
+    out.exp_()
+    total = out.sum(dim=-1)
+    return _Softmax(out, total, total.log() + mx.squeeze(-1))
+
+
+@dataclass
+class _Terms:
+    """A gradient w.r.t. one chunk's logits: e·dense[:, None] (e = exp(z − shift) of the
+    shared softmax) plus scatter-adds of ``sparse`` (idx [n,m], values [n,m])."""
+
+    dense: Tensor | None = None
+    sparse: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _TailGrad:
+    """A tail-collapse block's gradient w.r.t. one chunk's (tempered) logits.
+
+    ∂/∂z_j = e_j·(per_off·[j ∉ S] + shared) + b_j·[j ∈ S] (+ ``rows``: row-wise adds for rows
+    whose tail was computed exactly; their ``per_off`` is 0).
+    """
+
+    idx: Tensor  # [n,m] support ids (padding points at a real id of the row)
+    valid: Tensor  # [n,m]
+    b: Tensor  # [n,m] ∂D/∂log ŝ on the support (0 on padding)
+    per_off: Tensor  # [n]
+    shared: Tensor  # [n] −B/Σe
+    rows: tuple[Tensor, Tensor] | None = None  # (row ids, values [r,V])
+
+
+def _support(blk: _Block, sl: slice, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(idx, valid, probs) of a block on a chunk.
+
+    Padding points at a real id of the row (id 0 in empty rows), so that scatters with
+    duplicate indices write identical values (or add zeros).
+    """
     ids = blk.ids[sl]
     valid = ids >= 0
-    # Padding points at a real id of the row (id 0 in empty rows), so that duplicate scatters
-    # below always write identical values.
     idx = torch.where(valid, ids, ids.amax(-1, keepdim=True).clamp_min(0))
-    probs = torch.where(valid, blk.probs[sl].to(cdt), 0.0)
-    z_gathered = z.gather(1, idx)
-    z_s = z_gathered.masked_fill(~valid, _NEG_INF)
-    coef = st.kd_rw * ((1.0 - plan.alpha) / plan.temperature)
+    return idx, valid, torch.where(valid, blk.probs[sl].to(cdt), 0.0)
+
+
+def _block_coef(blk: _Block, sl: slice, plan: _Plan, kd_rw: Tensor) -> Tensor:
+    """[n] factor of a block's gradient: reduction weight · (1−α)/τ · teacher weight."""
+    coef = kd_rw * ((1.0 - plan.alpha) / plan.temperature)
     if blk.weight is not None:
-        coef = torch.where(st.kd_rw > 0, coef * blk.weight[sl].to(cdt), 0.0)
-    active = (coef != 0) & blk.train
-    grad = st.g is not None and blk.train
+        coef = torch.where(kd_rw > 0, coef * blk.weight[sl].to(coef.dtype), 0.0)
+    return coef
 
-    if plan.renorm:
-        lse_s = torch.logsumexp(z_s, -1, keepdim=True)
-        log_s = z_s - torch.where(torch.isfinite(lse_s), lse_s, 0.0)
-        q = probs / probs.sum(-1, keepdim=True).clamp_min(tiny)
-        loss, b = plan.divergence(log_s, q, valid, plan.beta, plan.eps)
-        if grad:
-            b = torch.where(active[:, None], b * coef[:, None], 0.0)
-            pi = torch.exp(log_s)
-            st.ensure_init()
-            assert st.g is not None
-            st.g.scatter_add_(1, idx, torch.where(valid, b - pi * b.sum(-1, keepdim=True), 0.0))
+
+def _scaled(b: Tensor, coef: Tensor) -> Tensor:
+    """b·coef per row; rows with coef 0 give exact zeros (whatever garbage b holds there)."""
+    return torch.where(coef[:, None] != 0, b * coef[:, None], 0.0)
+
+
+def _renorm_block(
+    blk: _Block, sl: slice, z: Tensor, plan: _Plan, kd_rw: Tensor, grad: bool
+) -> tuple[Tensor, _Terms | None]:
+    """A renormalised block: only the support's logits are touched."""
+    idx, valid, probs = _support(blk, sl, z.dtype)
+    z_s = z.gather(1, idx).masked_fill(~valid, _NEG_INF)
+    lse_s = torch.logsumexp(z_s, -1, keepdim=True)
+    log_s = z_s - torch.where(torch.isfinite(lse_s), lse_s, 0.0)
+    q = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    loss, b = plan.divergence(log_s, q, valid, plan.beta, plan.eps)
+    if not grad:
         return loss, None
+    b = _scaled(b, _block_coef(blk, sl, plan, kd_rw))
+    pi = torch.exp(log_s)
+    return loss, _Terms(sparse=[(idx, torch.where(valid, b - pi * b.sum(-1, keepdim=True), 0.0))])
 
-    # mask the support (empty rows: rewrite the original values, i.e. mask nothing)
-    z.scatter_(1, idx, torch.where(valid.any(-1, keepdim=True), _NEG_INF, z_gathered))
-    lse_t, sum_t, shift_t = _lse_into(z, tmp)  # tmp = exp(z − shift) off the support, 0 on it
-    z.scatter_(1, idx, z_gathered)
-    if st.lse is None:
-        st.lse = torch.logaddexp(lse_t, torch.logsumexp(z_s, -1))
-    lse = st.lse
-    log_s = torch.cat([z_s - lse[:, None], (lse_t - lse)[:, None]], dim=-1)
-    q = torch.cat([probs, blk.tail[sl].to(cdt).clamp_min(0.0)[:, None]], dim=-1)
-    # no tail category when the support covers the vocabulary (drops a rounding target tail)
-    has_tail = torch.isfinite(lse_t)
-    mask = torch.cat([valid, has_tail[:, None]], dim=-1)
-    loss, b = plan.divergence(log_s, q, mask, plan.beta, plan.eps)
-    if grad:
-        b = torch.where(active[:, None], b * coef[:, None], 0.0)
-        st.dense.sub_(b.sum(-1))
-        # off the support: b_tail·exp(z_j − lse_t) = b_tail·tmp_j/sum_t
-        off = b[:, -1] / sum_t.clamp_min(tiny)
-        on = b[:, :-1]
-        if last:  # the dense −s_j·B term: s_j = tmp_j·exp(shift − lse) off, exp(z_j − lse) on
-            off = off + torch.where(has_tail, st.dense * torch.exp(shift_t - lse), 0.0)
-            on = on + st.dense[:, None] * torch.exp(z_s - lse[:, None])
-        st.add_dense(tmp, off)
-        assert st.g is not None
-        st.g.scatter_add_(1, idx, on)
-    return loss, torch.exp(lse_t - lse)
+
+def _tail_block(
+    blk: _Block, sl: slice, z: Tensor, sm: _Softmax, plan: _Plan, kd_rw: Tensor, grad: bool
+) -> tuple[Tensor, Tensor, _TailGrad | None]:
+    """A tail-collapse block on the shared softmax: returns (loss rows, ŝ_tail, gradient).
+
+    The student's off-support mass is Σ e over the vocabulary with the support zeroed (one
+    read pass, no cancellation); rows where that underflows (relative tail < 1e-20) are
+    recomputed exactly from their own logits.
+    """
+    z_dtype = z.dtype
+    tiny = torch.finfo(z_dtype).tiny
+    idx, valid, probs = _support(blk, sl, z_dtype)
+    z_s = z.gather(1, idx).masked_fill(~valid, _NEG_INF)
+    e_on = sm.e.gather(1, idx)
+    # zero the support (empty rows: rewrite the original values, i.e. zero nothing)
+    sm.e.scatter_(1, idx, torch.where(valid.any(-1, keepdim=True), 0.0, e_on))
+    off = sm.e.sum(dim=-1)
+    sm.e.scatter_(1, idx, e_on)
+    e_on = torch.where(valid, e_on, 0.0)
+    partial = valid.sum(-1) < z.shape[1]
+    log_tail = torch.where(partial, torch.log(off.clamp_min(tiny)) - torch.log(sm.total), _NEG_INF)
+    exact = partial & (off <= 1e-20 * sm.total)
+    rows = exact.nonzero().squeeze(1)
+    if rows.numel():
+        z_rows = z.index_select(0, rows)
+        z_rows.scatter_(1, idx.index_select(0, rows), _NEG_INF)
+        lse_t = torch.logsumexp(z_rows, -1)
+        log_tail[rows] = lse_t - sm.lse[rows]
+    log_s = torch.cat([z_s - sm.lse[:, None], log_tail[:, None]], dim=-1)
+    q = torch.cat([probs, blk.tail[sl].to(z_dtype).clamp_min(0.0)[:, None]], dim=-1)
+    has_tail = torch.isfinite(log_tail)  # no tail category when the support covers V
+    loss, b = plan.divergence(
+        log_s, q, torch.cat([valid, has_tail[:, None]], -1), plan.beta, plan.eps
+    )
+    s_tail = torch.exp(log_tail)
+    if not grad:
+        return loss, s_tail, None
+    b = _scaled(b, _block_coef(blk, sl, plan, kd_rw))
+    b_tail = b[:, -1]
+    grad_terms = _TailGrad(
+        idx,
+        valid,
+        b[:, :-1],
+        # off the support ∂/∂z_j = b_tail·s_j/ŝ_tail − s_j·B, s_j/ŝ_tail = e_j/off, s_j = e_j/Σe
+        per_off=torch.where(exact, 0.0, b_tail / off.clamp_min(tiny)),
+        shared=-b.sum(-1) / sm.total,
+    )
+    if rows.numel():
+        lse_t = torch.where(torch.isfinite(lse_t), lse_t, 0.0)
+        grad_terms.rows = (rows, torch.exp(z_rows - lse_t[:, None]) * b_tail[rows, None])
+    return loss, s_tail, grad_terms
 
 
 def _run(
@@ -451,27 +483,45 @@ def _run(
 def _chunk_losses(
     z: Tensor, tmp: Tensor, g: Tensor | None, sl: slice, plan: _Plan, sums: _Sums
 ) -> None:
-    """Loss terms of one chunk of logits ``z`` (overwritten); writes the logit gradient ``g``."""
+    """Loss terms of one chunk of logits ``z`` (overwritten); writes the logit gradient ``g``.
+
+    One softmax pass over the vocabulary serves CE and every tail block (two when τ ≠ 1 and
+    CE is computed); each tail block adds one read pass for its off-support mass, and the
+    gradient is written with one dense pass plus sparse adds.
+    """
     kd_rw = plan.kd_rw[sl]
-    st = _ChunkState(z, tmp, g, g is not None, None, kd_rw, torch.zeros_like(kd_rw))
+    sm: _Softmax | None = None
+    terms: list[_Terms] = []
+    tails: list[_TailGrad] = []
+    written = False  # g already holds values
     if plan.ce_rw is not None and plan.labels is not None:
         cw = plan.ce_rw[sl]
         lab = plan.labels[sl].clamp_min(0)[:, None]
-        lse_raw, sumexp, _ = _lse_into(z, tmp)
-        ce_rows = lse_raw - z.gather(1, lab).squeeze(1)
+        sm = _softmax_into(z, tmp)
+        ce_rows = sm.lse - z.gather(1, lab).squeeze(1)
         sums.ce += torch.where(cw > 0, ce_rows, 0.0).mul(cw).sum()
         if g is not None and plan.alpha > 0:
             k = plan.alpha * cw
-            st.add_dense(tmp, k / sumexp)
-            g.scatter_add_(1, lab, -k[:, None])
-        if plan.temperature == 1.0:
-            st.lse = lse_raw
+            terms.append(_Terms(dense=k / sm.total, sparse=[(lab, -k[:, None])]))
     if plan.blocks and plan.temperature != 1.0:
+        # the CE gradient needs the untempered softmax: write it before it goes
+        written = _write_grad(g, tmp, z, terms, [], written)
+        terms = []
         z.div_(plan.temperature)
+        sm = None
+    if plan.blocks and not plan.renorm and sm is None:
+        sm = _softmax_into(z, tmp)
     counted = kd_rw > 0
-    last_train = max((k for k, b in enumerate(plan.blocks) if b.train), default=-1)
     for k, blk in enumerate(plan.blocks):
-        loss, tail = _block_chunk(blk, sl, st, plan, last=k == last_train)
+        grad = g is not None and blk.train
+        tail = None
+        if plan.renorm:
+            loss, renorm_terms = _renorm_block(blk, sl, z, plan, kd_rw, grad)
+            terms += [renorm_terms] if renorm_terms is not None else []
+        else:
+            assert sm is not None
+            loss, tail, tail_grad = _tail_block(blk, sl, z, sm, plan, kd_rw, grad)
+            tails += [tail_grad] if tail_grad is not None else []
         rows = torch.where(counted, loss, 0.0) * kd_rw
         if blk.weight is not None:
             weighted = torch.where(counted, rows * blk.weight[sl].to(rows.dtype), 0.0)
@@ -484,7 +534,86 @@ def _chunk_losses(
                 sums.tail += (tail * kd_rw).sum()
         else:
             sums.monitor += weighted.sum()
-    st.ensure_init()
+    if g is not None and not _write_grad(g, tmp, z, terms, tails, written):
+        g.zero_()
+
+
+def _write_grad(
+    g: Tensor | None,
+    e: Tensor,
+    scratch: Tensor,
+    terms: list[_Terms],
+    tails: list[_TailGrad],
+    written: bool,
+) -> bool:
+    """Add gradient terms to g (overwriting it when nothing is written yet); returns written.
+
+    ``e`` and ``scratch`` are clobbered. The tail blocks' supports are zeroed in ``e`` before
+    the dense pass and their entries written sparsely, so a large off-support coefficient
+    (a tiny student tail) never cancels against the support's own gradient.
+    """
+    if g is None or not (terms or tails):
+        return written
+    dense = [t.dense for t in terms if t.dense is not None]
+    dense += [t.per_off + t.shared for t in tails]
+    if tails:
+        union, e_union = _take_union(e, tails)
+    if dense:
+        coef = torch.stack(dense).sum(0)[:, None]
+        if written:
+            g.addcmul_(e, coef)
+        else:
+            torch.mul(e, coef, out=g)
+    elif not written:
+        g.zero_()
+    if tails:
+        on_union = _off_support_coef(scratch, union, tails)
+        for t in terms:
+            if t.dense is not None:
+                on_union += t.dense[:, None]
+        for tg in tails:
+            on_union += tg.shared[:, None]
+        values = e_union * on_union
+        if written:
+            values += g.gather(1, union)
+        g.scatter_(1, union, values)  # duplicate ids carry identical values
+    for t in terms:
+        for idx, v in t.sparse:
+            g.scatter_add_(1, idx, v)
+    for tg in tails:
+        g.scatter_add_(1, tg.idx, torch.where(tg.valid, tg.b, 0.0))
+        if tg.rows is not None:
+            g.index_add_(0, *tg.rows)
+    return True
+
+
+def _take_union(e: Tensor, tails: list[_TailGrad]) -> tuple[Tensor, Tensor]:
+    """(ids [n, K·m] of the union of the supports, e there), zeroing e on the union.
+
+    Padding points at a real id of the union (rows with no support at all zero nothing).
+    """
+    idx = torch.cat([t.idx for t in tails], -1)
+    valid = torch.cat([t.valid for t in tails], -1)
+    first = idx.gather(1, valid.to(torch.uint8).argmax(-1, keepdim=True))
+    idx = torch.where(valid, idx, first)
+    e_union = e.gather(1, idx)
+    e.scatter_(1, idx, torch.where(valid.any(-1, keepdim=True), 0.0, e_union))
+    return idx, e_union
+
+
+def _off_support_coef(scratch: Tensor, union: Tensor, tails: list[_TailGrad]) -> Tensor:
+    """[n, K·m]: Σ over the blocks whose support misses id j of their ``per_off``.
+
+    Built by marking each support in ``scratch``, so no large coefficient is ever subtracted.
+    """
+    acc = torch.zeros(union.shape, dtype=scratch.dtype, device=scratch.device)
+    for t in tails:
+        per_off = t.per_off[:, None]
+        scratch.scatter_(1, union, per_off.expand(union.shape))
+        on = torch.where(t.valid.any(-1, keepdim=True), 0.0, per_off)
+        scratch.scatter_(1, t.idx, on.expand(t.idx.shape))
+        acc += scratch.gather(1, union)
+    return acc
 
 
 class _ChunkedLossFn(torch.autograd.Function):

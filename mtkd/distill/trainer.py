@@ -62,6 +62,7 @@ from mtkd.distill.losses import (
     IGNORE_INDEX,
     KINDS,
     LossOutput,
+    SparseTargets,
     chunked_cross_entropy,
     sparse_kd_loss,
 )
@@ -89,6 +90,7 @@ class TrainConfig:
     out: str  # output directory (checkpoints, metrics.jsonl, final/)
     student: str | dict[str, Any]  # local HF checkpoint dir, or config kwargs (+ "model_type")
     targets: str | None = None  # target store built over ``tokens``
+    teacher: str | None = None  # or: a local teacher run online (full-vocabulary targets)
     objective: str = "auto"  # ce | mix | multi | auto (mix with targets, else ce)
     loss: str = "fkl_tail"  # one of losses.KINDS
     alpha: float = 0.0  # weight of CE in (1−α)·KD + α·CE
@@ -132,8 +134,12 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in KINDS:
             raise ValueError(f"loss must be one of {KINDS}, got {self.loss!r}")
-        if self.objective in ("mix", "multi") and self.targets is None:
-            raise ValueError(f"objective {self.objective!r} needs a target store (targets)")
+        if self.targets is not None and self.teacher is not None:
+            raise ValueError("give a target store (targets) or an online teacher, not both")
+        if self.objective == "multi" and self.targets is None:
+            raise ValueError("objective 'multi' needs a target store with per-teacher blocks")
+        if self.objective == "mix" and self.targets is None and self.teacher is None:
+            raise ValueError("objective 'mix' needs a target store (targets) or a teacher")
         if self.eval_targets is not None and self.eval_tokens is None:
             raise ValueError("eval_targets needs eval_tokens")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
@@ -149,7 +155,7 @@ class TrainConfig:
     @property
     def resolved_objective(self) -> str:
         if self.objective == "auto":
-            return "mix" if self.targets is not None else "ce"
+            return "mix" if self.targets is not None or self.teacher is not None else "ce"
         return self.objective
 
     @classmethod
@@ -246,6 +252,27 @@ def batch_loss(model: PreTrainedModel, batch: PackedBatch, spec: LossSpec) -> Lo
         beta=spec.beta, teacher_weights=train_w, chunk_size=spec.chunk_size, bias=bias,
         reduction="sum", monitor=mon, monitor_weights=mon_w,
     )
+
+
+def load_teacher(path: str, device: torch.device) -> PreTrainedModel:
+    """A frozen local teacher for online full-vocabulary targets."""
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return teacher.eval().requires_grad_(False)
+
+
+def with_teacher_targets(batch: PackedBatch, teacher: PreTrainedModel) -> PackedBatch:
+    """``batch`` with the teacher's full softmax as targets (support = the whole vocabulary).
+
+    The dense baseline that sparse top-k targets are compared with; it holds [B,T,V] ids and
+    probabilities, so it is meant for small vocabularies.
+    """
+    with torch.no_grad():
+        logits = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         use_cache=False).logits
+        probs = torch.softmax(logits.float(), dim=-1)
+    ids = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape)
+    tail = probs.new_zeros(probs.shape[:-1])
+    return dataclasses.replace(batch, targets=SparseTargets(ids, probs, tail))
 
 
 class StudentLoss(nn.Module):
@@ -657,7 +684,12 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the student's max_position_embeddings")
     pad_id = int(tokens.attrs.get("eos_id") or 0)
     loader, held = open_data(cfg, d, tokens, targets, vocab, pad_id)
-    has_targets, has_monitor = loader.targets is not None, loader.num_teachers > 0
+    teacher = load_teacher(cfg.teacher, d.device) if cfg.teacher else None
+    if teacher is not None and student_vocab(teacher) != vocab:
+        raise ValueError(f"teacher {cfg.teacher} has vocabulary {student_vocab(teacher)}, "
+                         f"the student {vocab}")
+    has_targets = loader.targets is not None or teacher is not None
+    has_monitor = loader.num_teachers > 0
     if objective == "multi" and not has_monitor:
         raise ValueError(f"{cfg.targets} has no per-teacher blocks; objective 'multi' needs them")
     opt = make_optimizer(model, cfg)
@@ -694,6 +726,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     try:
         while step < cfg.max_steps:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
+            if teacher is not None:
+                micro = [with_teacher_targets(b.to(d.device), teacher) for b in micro]
             norm = train_step(net, model, opt, micro, d, bf16=cfg.bf16,
                               grad_clip=cfg.grad_clip, meter=meter)
             sched.step()

@@ -406,6 +406,45 @@ def test_tiny_student_tail_is_stable() -> None:
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("kind", ["fkl_tail", "rkl_tail", "jsd_tail"])
+def test_underflowing_student_tail_takes_the_exact_path(kind: str) -> None:
+    """Relative student tail ≈ e^-60 (below the shared softmax's 1e-20 cut): loss and
+    gradients still equal the dense float64 reference, also with labels and τ ≠ 1."""
+    c = make_case(n=6, h=4, v=30, m=5, dtype=F64)
+    boost = 60.0 * c.support.to(F64)
+    boost[0] = 0.0  # one ordinary row in the same chunk
+    hidden = torch.cat([c.hidden.detach(), boost], -1).requires_grad_()
+    weight = torch.cat([c.weight.detach(), torch.eye(30, dtype=F64)], -1).requires_grad_()
+    for temperature in (1.0, 1.3):
+        kw = {"kind": kind, "alpha": 0.2, "temperature": temperature}
+        out = sparse_kd_loss(hidden, weight, c.targets, c.labels, chunk_size=4, **kw)
+        ref = dense_kd_loss(hidden @ weight.T, c.teacher, c.labels, support=c.support, **kw)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-9, atol=1e-9)
+        got, want = grads(out.loss, (hidden, weight)), grads(ref.loss, (hidden, weight))
+        assert_close_all(got, want, 1e-8)
+
+
+@pytest.mark.parametrize("boost", [8.0, 16.0, 30.0])
+def test_small_student_tail_gradient_in_float32(boost: float) -> None:
+    """Relative student tail e^-boost (not small enough for the exact path): float32 gradients
+    match the float64 dense reference, i.e. nothing cancels catastrophically."""
+    c = make_case(n=8, h=4, v=300, m=5, dtype=F64)
+    lift = boost * c.support.to(F64)
+    hidden = torch.cat([c.hidden.detach(), lift], -1)
+    weight = torch.cat([c.weight.detach(), torch.eye(300, dtype=F64)], -1)
+    ref = dense_kd_loss(hidden @ weight.T, c.teacher, c.labels, alpha=0.1, support=c.support)
+    h64 = hidden.clone().requires_grad_()
+    (want,) = grads(
+        dense_kd_loss(h64 @ weight.T, c.teacher, c.labels, alpha=0.1, support=c.support).loss,
+        (h64,),
+    )
+    h32 = hidden.float().requires_grad_()
+    out = sparse_kd_loss(h32, weight.float(), c.targets, c.labels, alpha=0.1, chunk_size=3)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-5)
+    (got,) = grads(out.loss, (h32,))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Properties
 

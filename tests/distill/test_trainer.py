@@ -25,8 +25,14 @@ from mtkd.store import open_store
 from .test_data import write_targets, write_tokens
 
 REPO = Path(__file__).resolve().parents[2]
-STUDENT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-           "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}
+STUDENT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def data(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         start = 0
         while start < len(ids) - 2 and len(seqs) < 240:
             n = int(rng.integers(20, 60))
-            seqs.append(ids[start:start + n])
+            seqs.append(ids[start : start + n])
             docs.append(len(seqs) // 4)  # "documents" of four windows
             start += n
     vocab = tok.get_vocab_size()
@@ -61,10 +67,24 @@ def keep_threads():
 
 def config(data: dict[str, str], out: Path, **kw: Any) -> TrainConfig:
     base: dict[str, Any] = dict(
-        tokens=data["tokens"], targets=data["targets"], out=str(out), student=STUDENT,
-        seq_len=64, batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2, eval_every=0,
-        eval_batches=2, eval_fraction=0.1, save_every=0, log_every=1, progress=False,
-        threads=1, chunk_size=48, seed=3,
+        tokens=data["tokens"],
+        targets=data["targets"],
+        out=str(out),
+        student=STUDENT,
+        seq_len=64,
+        batch_size=4,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        eval_fraction=0.1,
+        save_every=0,
+        log_every=1,
+        progress=False,
+        threads=1,
+        chunk_size=48,
+        seed=3,
     )
     base.update(kw)
     return TrainConfig.from_dict(base)
@@ -117,8 +137,31 @@ def test_ce_run_learns_and_saves_a_loadable_student(data: dict[str, str], tmp_pa
         train(config(data, out, objective="ce", targets=None, max_steps=30, lr=1e-3))
 
 
-def test_mix_and_multi_follow_the_same_path_for_forward_kl(data: dict[str, str],
-                                                           tmp_path: Path) -> None:
+@pytest.mark.engine
+def test_trained_student_generates_the_same_in_vllm(data: dict[str, str], tmp_path: Path) -> None:
+    """The saved student loads in vLLM and its greedy continuation equals transformers'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import SamplingParams
+
+    from mtkd.harvest.vllm_engine import VllmEngine
+
+    res = train(config(data, tmp_path / "s", objective="ce", targets=None, max_steps=15))
+    tok = AutoTokenizer.from_pretrained(res.model_dir)
+    prompt = tok("import os\ndef main(", return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(res.model_dir, dtype=torch.float32)
+    want = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :]
+    engine = VllmEngine(res.model_dir, 1, dtype="float32", max_model_len=128)
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0.0, detokenize=False)
+        got = engine.generate([prompt[0].numpy()], params)[0].outputs[0].token_ids
+    finally:
+        engine.close()
+    assert len(got) > 0 and list(got) == want.tolist()[: len(got)]
+
+
+def test_mix_and_multi_follow_the_same_path_for_forward_kl(
+    data: dict[str, str], tmp_path: Path
+) -> None:
     """For fkl and a linear mixture, L_multi − L_mix is the Jensen gap, a constant of the
     student: the two objectives log values that differ by it and train the same student."""
     outs = {}
@@ -136,8 +179,9 @@ def test_mix_and_multi_follow_the_same_path_for_forward_kl(data: dict[str, str],
     # Adam magnifies rounding differences of near-zero gradients: compare gradients directly
     assert max_diff(params(outs["mix"]), params(outs["multi"])) < 1e-3
     tokens, targets = open_store(data["tokens"], "tokens"), open_store(data["targets"], "target")
-    batch = next(PackedLoader(tokens, targets, seq_len=64, batch_size=4,
-                              teacher_blocks=True).stream())
+    batch = next(
+        PackedLoader(tokens, targets, seq_len=64, batch_size=4, teacher_blocks=True).stream()
+    )
     model = load_student(STUDENT, 0, tokens)
     grads = []
     for objective in ("mix", "multi"):
@@ -148,6 +192,35 @@ def test_mix_and_multi_follow_the_same_path_for_forward_kl(data: dict[str, str],
     assert max_diff(*grads) < 1e-5 * scale
 
 
+def test_online_teacher_gives_the_dense_kl(data: dict[str, str], tmp_path: Path) -> None:
+    """With ``teacher`` the targets are the teacher's full softmax: the logged KD is the dense
+    KL(p‖s) over the whole vocabulary, and training lowers it."""
+    teacher_dir = train(
+        config(data, tmp_path / "t", objective="ce", targets=None, max_steps=10)
+    ).model_dir
+    out = tmp_path / "s"
+    train(config(data, out, objective="auto", targets=None, teacher=str(teacher_dir), max_steps=12))
+    rows = metrics(out)
+    assert rows[-1]["l_mix"] < 0.5 * rows[0]["l_mix"]
+
+    from mtkd.distill.trainer import load_teacher, with_teacher_targets
+
+    tokens = open_store(data["tokens"], "tokens")
+    batch = next(PackedLoader(tokens, None, seq_len=64, batch_size=4).stream())
+    teacher = load_teacher(str(teacher_dir), torch.device("cpu"))
+    student = load_student(STUDENT, 0, tokens)
+    got = batch_loss(student, with_teacher_targets(batch, teacher), LossSpec("mix")).kd
+    with torch.no_grad():
+        kw = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+        log_p = torch.log_softmax(teacher(**kw).logits.double(), -1)
+        log_s = torch.log_softmax(student(**kw).logits.double(), -1)
+    rows_kl = (log_p.exp() * (log_p - log_s)).sum(-1)
+    want = rows_kl[batch.labels != -100].sum()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        config(data, out, teacher=str(teacher_dir))
+
+
 def test_resume_after_sigkill_is_exact(data: dict[str, str], tmp_path: Path) -> None:
     kw = dict(objective="multi", max_steps=60, alpha=0.2, loss="jsd_tail", temperature=1.5)
     straight = tmp_path / "straight"
@@ -155,9 +228,17 @@ def test_resume_after_sigkill_is_exact(data: dict[str, str], tmp_path: Path) -> 
 
     killed = tmp_path / "killed"
     cfg = config(data, killed, save_every=5, keep_checkpoints=20, **kw)
-    proc = subprocess.Popen([sys.executable, "-m", "mtkd.distill.trainer",
-                             str(write_config(cfg, tmp_path / "cfg.json"))],
-                            env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtkd.distill.trainer",
+            str(write_config(cfg, tmp_path / "cfg.json")),
+        ],
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = killed / "checkpoints" / "step-00000005" / "state.pt"
     deadline = time.monotonic() + 60
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -189,9 +270,20 @@ def test_ddp_two_ranks_match_one_process(data: dict[str, str], tmp_path: Path) -
     ddp = tmp_path / "ddp"
     cfg = write_config(config(data, ddp, batch_size=2, **kw), tmp_path / "ddp.json")
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
-                           "mtkd.distill.trainer", str(cfg)],
-                          env=run_env(), capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mtkd.distill.trainer",
+            str(cfg),
+        ],
+        env=run_env(),
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     for other in (accum, ddp):
         a, b = metrics(single), metrics(other)
@@ -210,8 +302,7 @@ def test_bf16_autocast_runs(data: dict[str, str], tmp_path: Path) -> None:
     assert res.steps == 3 and np.isfinite(res.last_log["loss"])
 
 
-def test_refuses_a_student_with_a_smaller_vocabulary(data: dict[str, str],
-                                                     tmp_path: Path) -> None:
+def test_refuses_a_student_with_a_smaller_vocabulary(data: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         train(config(data, tmp_path / "v", student={**STUDENT, "vocab_size": 100}))
 
@@ -221,7 +312,8 @@ def test_config_checks() -> None:
         TrainConfig.from_dict({"tokens": "t", "out": "o", "student": {}, "lr_max": 1})
     with pytest.raises(ValueError, match="needs a target store"):
         TrainConfig(tokens="t", out="o", student={}, objective="multi")
-    cfg = TrainConfig.from_dict({"tokens": "t", "out": "o", "student": "s", "max-steps": 5,
-                                 "adam_betas": [0.9, 0.99]})
+    cfg = TrainConfig.from_dict(
+        {"tokens": "t", "out": "o", "student": "s", "max-steps": 5, "adam_betas": [0.9, 0.99]}
+    )
     assert cfg.max_steps == 5 and cfg.resolved_objective == "ce"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
