@@ -1,7 +1,8 @@
 """Benchmark of ``mtkd aggregate`` against the I/O it cannot avoid.
 
 Builds a tokens store and K teacher stores (``StoreWriter`` + ``schema.teacher_header``, float16
-log-probs, default zstd codec) with ≥ 1M positions over several parts. The teachers are
+log-probs unless ``--logprob-dtype q64``, default zstd codec) with ≥ 1M positions over several
+parts. The teachers are
 realistic, not independent: each position has a Zipf-like base distribution over candidate ids
 (popular ids more often), every teacher sees it through its own log-normal noise, keeps its
 sorted top-k and stores its tail mass and its log-prob/rank of a sampled next token.
@@ -25,6 +26,7 @@ ratios swing with the load; the CPU ratios are steadier.
 
     .venv/bin/python bench/aggregate.py                          # 1M positions, processes 1 and 2
     .venv/bin/python bench/aggregate.py --positions 262144 --processes 1 --repeats 3
+    .venv/bin/python bench/aggregate.py --logprob-dtype q64     # teacher stores coded q64
     MTKD_NUMBA=0 .venv/bin/python bench/aggregate.py             # the pure-numpy path
 """
 
@@ -114,8 +116,9 @@ def synth_position_block(
 
 
 def build_stores(root: Path, positions: int, parts: int, n_teachers: int, k: int, vocab: int,
-                 seq_len: int, seed: int) -> tuple[Path, list[Path]]:
-    """A tokens store and ``n_teachers`` teacher stores over it (float16, zstd)."""
+                 seq_len: int, seed: int, logprob_dtype: str = "float16"
+                 ) -> tuple[Path, list[Path]]:
+    """A tokens store and ``n_teachers`` teacher stores over it (``logprob_dtype``, zstd)."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(vocab)
     per_part = -(-positions // parts)
@@ -140,7 +143,8 @@ def build_stores(root: Path, positions: int, parts: int, n_teachers: int, k: int
     t_attrs = {"tokenizer_hash": "bench", "vocab_size": vocab,
                "tokens_fingerprint": tokens.manifest["checksum"]}
     teacher_dirs = [root / f"teacher{j}" for j in range(n_teachers)]
-    writers = [StoreWriter(d, teacher_header(parts, k, t_attrs | {"teacher": f"t{j}"}))
+    writers = [StoreWriter(d, teacher_header(parts, k, t_attrs | {"teacher": f"t{j}"},
+                                             logprob_dtype=logprob_dtype))
                for j, d in enumerate(teacher_dirs)]
     for p, lengths in enumerate(lengths_all):
         blocks = synth_position_block(rng, int(lengths.sum()), n_teachers, k, vocab, perm)
@@ -231,6 +235,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; best kept")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logprob-dtype", default="float16",
+                    help="teacher stores' top-k coding: float16 (the figures in docs) or q64")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse complete input stores already in --dir (same arguments)")
     args = ap.parse_args()
@@ -246,7 +252,7 @@ def main() -> None:
             for d in [tokens_dir, *teacher_dirs]:
                 shutil.rmtree(d, ignore_errors=True)
             build_stores(root, args.positions, args.parts, args.teachers, args.k, args.vocab,
-                         args.seq_len, args.seed)
+                         args.seq_len, args.seed, args.logprob_dtype)
         positions = open_store(tokens_dir, TOKENS).num_rows - open_store(
             tokens_dir, TOKENS).num_sequences
         temps = tuple(float(t) for t in args.temperatures.split(","))

@@ -73,7 +73,10 @@ def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
               max_sequences: int | None = None) -> dict[str, float]:
     out = root / f"teacher-{codec}"
     shutil.rmtree(out, ignore_errors=True)
-    header = teacher_header(len(parts_data), k, {"teacher": "bench"}, codec=codec)
+    # float16 log-probs: the layout these codec figures were measured with (docs/FORMAT.md §5);
+    # bench/store_size.py measures the top-k codings
+    header = teacher_header(len(parts_data), k, {"teacher": "bench"}, codec=codec,
+                            logprob_dtype="float16")
     raw_bytes = sum(sum(a.nbytes for a in rows.values()) for rows, _ in parts_data)
     positions = sum(int(lengths.sum()) for _, lengths in parts_data)
 

@@ -224,8 +224,9 @@ def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) ->
 
 
 def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
-    """A teacher store part as the maths sees it (log-probs kept in their stored dtype, e.g.
-    float16: the tempering converts block by block)."""
+    """A teacher store part as the maths sees it. The store has decoded coded top-k columns
+    (q64: int32 ids, float32 log-probs); plain log-probs keep their stored dtype, e.g.
+    float16: the tempering converts block by block."""
     tempered = batch.arrays.get("tempered_tail_logmass")
     return TeacherRows(
         ids=batch["topk_ids"],

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from mtkd.harvest.engine import TeacherEngine
 from mtkd.store import Store, StoreError, StoreWriter, open_store
 from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, Codec, part_name
-from mtkd.store.schema import TOKENS, teacher_header, vocab_fingerprint
+from mtkd.store.schema import TOKENS, check_logprob_dtype, teacher_header, vocab_fingerprint
+from mtkd.store.topk_codec import Q64
 
 EngineKind = Literal["vllm", "hf"]
 
@@ -37,7 +38,9 @@ class HarvestConfig:
     dtype: str = "bfloat16"
     temperatures: tuple[float, ...] = ()
     num_samples: int = 0
-    logprob_dtype: str = "float16"
+    #: ``q64``: the compact top-k coding (|error| ≤ 1/128 nat for p ≥ 1e-3, docs/FORMAT.md);
+    #: a float dtype (``float16``, ``float32``): int32 ids and log-probs of that dtype
+    logprob_dtype: str = Q64
     codec: Codec = "zstd"
     batch_tokens: int = 65536
     fast_path: str = "auto"
@@ -46,6 +49,7 @@ class HarvestConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 4096:
             raise ValueError(f"k must be in [1, 4096], got {self.k}")
+        check_logprob_dtype(self.logprob_dtype)
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if (self.temperatures or self.num_samples) and self.engine != "hf":

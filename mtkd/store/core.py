@@ -21,7 +21,9 @@ and removes temp parts whose writer is dead. docs/FORMAT.md is the full specific
 Arrays are written either ``raw`` (one uncompressed chunk per part: the chunk file *is* the
 little-endian C-order buffer, memory-mapped by the reader for fast shuffled access) or ``zstd``
 (sharded and compressed, read through zarr; for stores read sequentially).  Both are plain
-Zarr v3 that any zarr client opens.
+Zarr v3 that any zarr client opens. A teacher store may code its top-k columns
+(``attrs.topk_coding``, see ``topk_codec``): ``PartWriter.append`` encodes them and every read
+decodes them, so callers see plain ids and log-probs.
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import ZstdCodec
 
+from mtkd.store.topk_codec import coding, decode_rows, encode_rows, stored_names
+
 FORMAT_NAME = "mtkd-store"
-SCHEMA_VERSION = 1
+#: The newest schema version this mtkd reads; a store is written with the oldest version that
+#: describes it (``Header.schema_version``), so older readers keep reading what they can.
+SCHEMA_VERSION = 2
 HEADER_FILE = "store.json"
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "COMMIT.json"
@@ -113,17 +119,22 @@ RESERVED_ARRAYS = ("seq_offsets", "seq_ids")
 
 @dataclass(frozen=True)
 class Header:
-    """What every writer of a store must agree on; compared field by field on reopen."""
+    """What every writer of a store must agree on; compared field by field on reopen.
+
+    ``schema_version``: 1, or 2 for a teacher store whose top-k columns are coded
+    (``attrs.topk_coding``, see ``topk_codec``), which a version-1 reader would misread.
+    """
 
     kind: str
     num_parts: int
     arrays: tuple[ArraySpec, ...]
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "kind": self.kind,
             "num_parts": self.num_parts,
             "arrays": {a.name: a.to_json() for a in self.arrays},
@@ -134,16 +145,20 @@ class Header:
     def from_json(cls, obj: Mapping[str, Any], where: Path) -> Header:
         if obj.get("format") != FORMAT_NAME:
             raise StoreError(f"{where}: not an mtkd store (format={obj.get('format')!r})")
-        if obj.get("schema_version") != SCHEMA_VERSION:
+        version = obj.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool) \
+                or not 1 <= version <= SCHEMA_VERSION:
             raise StoreError(
-                f"{where}: schema version {obj.get('schema_version')} is not supported "
-                f"(this mtkd reads version {SCHEMA_VERSION})"
+                f"{where}: schema version {version} is not supported "
+                f"(this mtkd reads versions 1 to {SCHEMA_VERSION})"
             )
         try:
             arrays = tuple(ArraySpec.from_json(n, s) for n, s in obj["arrays"].items())
-        except StoreError as e:
+            attrs = obj.get("attrs", {})
+            coding(attrs)
+        except (StoreError, ValueError) as e:
             raise StoreError(f"{where / HEADER_FILE}: {e}") from e
-        return cls(obj["kind"], int(obj["num_parts"]), arrays, obj.get("attrs", {}))
+        return cls(obj["kind"], int(obj["num_parts"]), arrays, attrs, version)
 
     def spec(self, name: str) -> ArraySpec:
         for a in self.arrays:
@@ -303,6 +318,10 @@ class StoreWriter:
         for a in header.arrays:
             if a.name in RESERVED_ARRAYS:
                 raise StoreError(f"array name {a.name!r} is reserved")
+        try:
+            coding(header.attrs)
+        except ValueError as e:
+            raise StoreError(f"{self.root}: {e}") from e
         try:
             (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -492,6 +511,10 @@ class PartWriter:
         mixed = self._meta if meta is None else (self._lengths and not self._meta)
         if mixed:
             raise StoreError("meta must be given with every append of a part or with none")
+        try:  # coded top-k columns (topk_codec): the checks below apply to what is stored
+            rows = encode_rows(rows, header.attrs)
+        except ValueError as e:
+            raise StoreError(f"top-k rows cannot be coded: {e}") from e
         checked = {}
         for spec in header.arrays:  # check everything before keeping anything
             arr = np.asarray(rows[spec.name])
@@ -878,7 +901,7 @@ class Store:
         part_of = self._seq_part[idx]
         starts = self._seq_start[idx]
         out = {}
-        for n in names:
+        for n in stored_names(names, self.attrs):
             spec = self.header.spec(n)
             buf = np.empty((int(offsets[-1]), *spec.row_shape), dtype=spec.dtype)
             if spec.codec == "raw":
@@ -886,7 +909,13 @@ class Store:
             else:
                 self._gather_chunked(n, buf, part_of, starts, lengths, offsets)
             out[n] = buf
-        return Batch(out, offsets, self.seq_ids[idx])
+        return self._batch(names, out, offsets, self.seq_ids[idx])
+
+    def _batch(self, names: list[str], stored: dict[str, np.ndarray], offsets: np.ndarray,
+               seq_ids: np.ndarray) -> Batch:
+        """The arrays asked for, as callers see them: coded top-k columns decoded."""
+        arrays = decode_rows(stored, self.attrs)
+        return Batch({n: arrays[n] for n in names}, offsets, seq_ids)
 
     def _gather_raw(self, name: str, buf: np.ndarray, part_of: np.ndarray, starts: np.ndarray,
                     lengths: np.ndarray, offsets: np.ndarray) -> None:
@@ -924,8 +953,9 @@ class Store:
         """All rows of one part, in order (the fast path for sequential jobs)."""
         self._check_part(part)
         reader = self._parts[part]
-        arrays = {n: reader.slice(n, 0, reader.num_rows) for n in self._names(names)}
-        return Batch(arrays, reader.offsets.copy(), reader.seq_ids.copy())
+        names = self._names(names)
+        stored = {n: reader.slice(n, 0, reader.num_rows) for n in stored_names(names, self.attrs)}
+        return self._batch(names, stored, reader.offsets.copy(), reader.seq_ids.copy())
 
     def part_stats(self, part: int) -> Mapping[str, Any]:
         """The free-form counts its writer kept in a part's commit record."""

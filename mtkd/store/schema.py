@@ -15,6 +15,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from mtkd.store import topk_codec
 from mtkd.store.core import ArraySpec, Codec, Header, Store, StoreError
 
 TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
@@ -30,6 +33,19 @@ def tokens_header(num_parts: int, attrs: Mapping[str, Any]) -> Header:
     return Header(TOKENS, num_parts, (ArraySpec("token_ids", "int32"),), attrs)
 
 
+def check_logprob_dtype(name: str) -> str:
+    """``name`` if it is a top-k coding (``q64``) or a float dtype, else ValueError."""
+    if name in topk_codec.CODINGS:
+        return name
+    try:
+        if np.dtype(name).kind == "f":
+            return name
+    except TypeError:
+        pass
+    raise ValueError(f"logprob dtype {name!r}: use {' or '.join(topk_codec.CODINGS)} (coded, "
+                     "bounded error) or a float dtype (float16, float32)")
+
+
 def teacher_header(
     num_parts: int,
     k: int,
@@ -37,17 +53,28 @@ def teacher_header(
     *,
     temperatures: Sequence[float] = (),
     num_samples: int = 0,
-    logprob_dtype: str = "float16",
+    logprob_dtype: str = topk_codec.Q64,
     codec: Codec = "zstd",
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
-    ``temperatures`` adds exact tempered tail masses (reference engine); ``num_samples`` adds
-    random-sampling KD targets (unique ids, counts, log-probs) of width ``num_samples``.
+    ``logprob_dtype``: ``q64`` codes the top-k columns compactly with a bounded error
+    (``topk_codec``; it needs ``attrs["vocab_size"]`` to store ids in 2 bytes, else 4), a float
+    dtype stores int32 ids and log-probs of that dtype. Readers see int32 ids and float
+    log-probs either way. ``temperatures`` adds exact tempered tail masses (reference engine);
+    ``num_samples`` adds random-sampling KD targets (unique ids, counts, log-probs) of width
+    ``num_samples``.
     """
+    attrs = {n: v for n, v in attrs.items() if n != topk_codec.CODING_ATTR}
+    if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
+        coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"))
+        topk = [ArraySpec(name, dtype, shape, codec) for name, (dtype, shape) in coded.items()]
+        attrs[topk_codec.CODING_ATTR] = logprob_dtype
+    else:
+        topk = [ArraySpec("topk_ids", "int32", (k,), codec),
+                ArraySpec("topk_logprobs", logprob_dtype, (k,), codec)]
     arrays = [
-        ArraySpec("topk_ids", "int32", (k,), codec),
-        ArraySpec("topk_logprobs", logprob_dtype, (k,), codec),
+        *topk,
         ArraySpec("target_logprob", "float32", (), codec),
         ArraySpec("target_rank", "int32", (), codec),
         ArraySpec("tail_logmass", "float32", (), codec),
@@ -62,7 +89,9 @@ def teacher_header(
         ]
     full_attrs = dict(attrs) | {"k": k, "temperatures": list(temperatures),
                                 "num_samples": num_samples}
-    return Header(TEACHER, num_parts, tuple(arrays), full_attrs)
+    # version 2: a version-1 reader would take the coded columns for plain ids and log-probs
+    version = 2 if topk_codec.CODING_ATTR in full_attrs else 1
+    return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)
 
 
 def target_header(

@@ -1,8 +1,8 @@
 """The aggregate job end to end: teacher stores → target store.
 
-Small stores built in the test (random dense teachers over a vocabulary of 40, top-8 float16
-log-probs, default zstd codec), checked against :func:`fuse` on the same rows, plus refusals,
-resume, processes and pipelining.
+Small stores built in the test (random dense teachers over a vocabulary of 40, top-8 log-probs,
+default q64 top-k coding and zstd codec), checked against :func:`fuse` on the same rows, plus
+refusals, resume, processes and pipelining, and q64 against float32 teacher stores.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from mtkd.distill.aggregate import (
     TEACHER_ARRAYS,
     AggregateConfig,
+    _read_part,
     aggregate,
     teacher_rows,
 )
@@ -24,6 +25,7 @@ from mtkd.distill.fuse import fuse
 from mtkd.distill.tempering import temper
 from mtkd.distill.weights import AdaptiveWeights
 from mtkd.store import IncompleteStoreError, StoreError, StoreWriter, open_store
+from mtkd.store import topk_codec as tc
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, teacher_header, tokens_header
 
 VOCAB, K = 40, 8
@@ -51,15 +53,17 @@ def make_tokens(root: Path, seed: int = 0, tokenizer_hash: str = "tok") -> Path:
 
 def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: float,
                  *, complete: bool = True, tokenizer_hash: str | None = None,
-                 temperatures: tuple[float, ...] = ()) -> Path:
-    """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept."""
+                 temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64") -> Path:
+    """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept
+    (float32 log-probs as engines return them, stored as ``logprob_dtype`` says)."""
     rng = np.random.default_rng(seed)
     tokens = open_store(tokens_dir, TOKENS)
     attrs = {"tokenizer_hash": tokenizer_hash or tokens.attrs["tokenizer_hash"],
              "vocab_size": VOCAB, "tokens_fingerprint": tokens.manifest["checksum"],
              "teacher": name}
     out = root / name
-    writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures))
+    writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures,
+                                             logprob_dtype=logprob_dtype))
     for p in range(PARTS if complete else PARTS - 1):
         batch = tokens.read_part(p)
         lengths = np.diff(batch.offsets) - 1
@@ -71,7 +75,7 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
         top = np.take_along_axis(logp, order[:, :K], axis=1)
         rows = {
             "topk_ids": order[:, :K].astype(np.int32),
-            "topk_logprobs": top.astype(np.float16),
+            "topk_logprobs": top.astype(np.float32),
             "target_logprob": logp[np.arange(len(nxt)), nxt].astype(np.float32),
             "target_rank": (1 + (logp > logp[np.arange(len(nxt)), nxt][:, None]).sum(axis=1)
                             ).astype(np.int32),
@@ -307,3 +311,47 @@ def test_refuses_bad_settings(stores, kw, match):
 def test_refuses_no_teachers():
     with pytest.raises(ValueError, match="at least one teacher"):
         AggregateConfig(teachers=())
+
+
+def dense(ids: np.ndarray, values: np.ndarray, fill: float) -> np.ndarray:
+    """Rows of (id, value) pairs as ``[N, VOCAB]`` (``fill`` elsewhere): compared by id, since
+    a coding may reorder entries whose values tie."""
+    out = np.full((len(ids), VOCAB), fill)
+    rows = np.repeat(np.arange(len(ids)), ids.shape[1])
+    keep = ids.reshape(-1) >= 0
+    out[rows[keep], ids.reshape(-1)[keep]] = values.reshape(-1)[keep]
+    return out
+
+
+def test_q64_teacher_store_reaches_aggregate_within_its_error_bound(stores, tmp_path):
+    """The same teacher rows in a q64 and a float32 store: aggregate's reader sees the same ids
+    and log-probs within 1/128 nat where p ≥ 1e-3 (1/32 elsewhere), and the fused targets
+    differ by no more than that error allows."""
+    tokens, _ = stores
+    exact, coded = (make_teacher(tmp_path, tokens, f"t-{dtype}", seed=5, scale=3.0,
+                                 logprob_dtype=dtype) for dtype in ("float32", "q64"))
+    assert open_store(coded, TEACHER).attrs["topk_coding"] == "q64"
+    fine = coarse = 0.0
+    for p in range(PARTS):
+        a = _read_part(str(tokens), config([exact]), p).rows[0]
+        b = _read_part(str(tokens), config([coded]), p).rows[0]
+        assert b.ids.dtype == np.int32 and b.logprobs.dtype == np.float32
+        assert (b.logprobs[:, 1:] <= b.logprobs[:, :-1]).all()  # rank order
+        np.testing.assert_array_equal(np.sort(a.ids, axis=1), np.sort(b.ids, axis=1))
+        want, got = dense(a.ids, a.logprobs, np.nan), dense(b.ids, b.logprobs, np.nan)
+        err = np.abs(got - want)
+        fine = max(fine, np.nanmax(np.where(want >= np.log(1e-3), err, np.nan)))
+        coarse = max(coarse, np.nanmax(err))
+        np.testing.assert_array_equal(a.tail_logmass, b.tail_logmass)
+    assert 0 < fine <= tc.FINE_ERROR and coarse <= tc.COARSE_ERROR
+    targets = {}
+    for name, teacher in (("exact", exact), ("coded", coded)):
+        aggregate(tokens, tmp_path / f"out-{name}", config([teacher], temperatures=(2.0,)),
+                  progress=False)
+        targets[name] = read_all(tmp_path / f"out-{name}")
+    for p in range(PARTS):
+        a, b = targets["exact"][p], targets["coded"][p]
+        want, got = dense(a["ids"], a["probs"], 0.0), dense(b["ids"], b["probs"], 0.0)
+        # each stored p moves by a factor within e^(±1/32) (e^(±1/128) where p ≥ 1e-3): at
+        # T = 2 each p^(1/2) and their normaliser by e^(±1/64), a fused prob by e^(±1/32)
+        np.testing.assert_allclose(got, want, rtol=np.expm1(tc.COARSE_ERROR), atol=1e-7)

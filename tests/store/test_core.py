@@ -599,10 +599,20 @@ def test_concurrent_writer_processes(tmp_path: Path) -> None:
 def test_schema_headers() -> None:
     tok = tokens_header(3, {"tokenizer_hash": "h"})
     assert tok.kind == TOKENS and [a.name for a in tok.arrays] == ["token_ids"]
-    teacher = teacher_header(2, 8, {}, temperatures=(1.0, 2.0), num_samples=5)
-    assert teacher.kind == TEACHER
-    assert teacher.spec("topk_ids") == ArraySpec("topk_ids", "int32", (8,), "zstd")
-    assert teacher.spec("topk_logprobs").dtype == "float16"
+    teacher = teacher_header(2, 8, {"vocab_size": 1000}, temperatures=(1.0, 2.0),
+                             num_samples=5)
+    assert teacher.kind == TEACHER and teacher.schema_version == 2
+    # default: the q64 top-k coding (byte planes; ids in 2 bytes for this vocabulary)
+    assert teacher.attrs["topk_coding"] == "q64"
+    assert teacher.spec("topk_ids") == ArraySpec("topk_ids", "uint8", (2, 8), "zstd")
+    assert teacher.spec("topk_logprobs") == ArraySpec("topk_logprobs", "uint8", (2, 8), "zstd")
+    assert teacher_header(2, 8, {}).spec("topk_ids").row_shape == (4, 8)  # no vocab: 4 bytes
+    plain = teacher_header(2, 8, {"topk_coding": "q64"}, logprob_dtype="float16")
+    assert plain.schema_version == 1 and "topk_coding" not in plain.attrs
+    assert plain.spec("topk_ids") == ArraySpec("topk_ids", "int32", (8,), "zstd")
+    assert plain.spec("topk_logprobs").dtype == "float16"
+    with pytest.raises(ValueError, match="logprob dtype 'int8'"):
+        teacher_header(2, 8, {}, logprob_dtype="int8")
     assert teacher.spec("tempered_tail_logmass").row_shape == (2,)
     assert teacher.spec("sample_counts").dtype == "uint16"
     assert teacher.attrs["k"] == 8 and teacher.attrs["temperatures"] == [1.0, 2.0]

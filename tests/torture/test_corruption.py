@@ -132,7 +132,9 @@ def test_damage_is_found_before_use(case: str, stores: dict[str, Path], pipeline
                     "different tokens store" if "manifest" in case else text)
 
 
-@pytest.mark.parametrize("rel", ["parts/00002/topk_logprobs/c/0/0", "parts/00004/COMMIT.json"])
+# the q64 top-k coding stores topk_logprobs as uint8 [N, 2, k]: its shard is c/0/0/0
+@pytest.mark.parametrize("rel", ["parts/00002/topk_logprobs/c/0/0/0",
+                                 "parts/00004/COMMIT.json"])
 def test_a_damaged_teacher_store_is_not_fused(rel: str, stores: dict[str, Path],
                                              pipeline: Pipeline, tmp_path: Path) -> None:
     """A flipped byte in a zstd shard or in a commit record of a teacher store: aggregate
