@@ -81,15 +81,15 @@ class DemoSize:
     lr: float = 2e-3
 
 
-TEACHERS = (
-    Teacher("t0-deep", ModelShape(4, 256, 4), 1.0, 1, 1.0),
-    Teacher("t1-wide", ModelShape(2, 384, 6), 0.9, 2, 1.0),
-    Teacher("t2-safety", ModelShape(3, 256, 4), 0.8, 3, 1.0, safety=True),
+TEACHERS = (  # one cost, different shapes and data: each sees its own seeded 70% of the corpus
+    Teacher("t0-narrow", ModelShape(2, 256, 4), 0.7, 1, 1.0),
+    Teacher("t1-wide", ModelShape(2, 320, 5), 0.7, 2, 1.0),
+    Teacher("t2-safety", ModelShape(2, 256, 4), 0.7, 3, 1.0, safety=True),
 )
 
 SIZES = {
-    "small": DemoSize(vocab_size=2048, seq_len=256, heldout_every=12, teacher_steps=300,
-                      teacher_batch=8, student_tokens=80_000, student_steps=300,
+    "small": DemoSize(vocab_size=2048, seq_len=256, heldout_every=12, teacher_steps=150,
+                      teacher_batch=8, student_tokens=80_000, student_steps=200,
                       student_batch=8, heldout_tokens=60_000, max_files=None, teachers=TEACHERS),
     "tiny": DemoSize(vocab_size=512, seq_len=128, heldout_every=10, teacher_steps=30,
                      teacher_batch=4, student_tokens=20_000, student_steps=30, student_batch=4,
@@ -123,7 +123,9 @@ class Run:
         argv = [str(a) for a in args]
         self.commands.append("mtkd " + " ".join(argv))
         _stage(" ".join(["mtkd", *argv[:1]]))
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        # vLLM's CPU worker drops to one thread unless OMP_NUM_THREADS says otherwise
+        env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)} | os.environ
+        env["PYTHONUNBUFFERED"] = "1"
         done = subprocess.run([sys.executable, "-m", "mtkd", *argv], env=env)
         if done.returncode:
             raise DemoError(f"`mtkd {argv[0]}` failed with exit code {done.returncode}; "
@@ -260,8 +262,10 @@ def tokenize(run: Run, tokenizer: Path) -> None:
 
 def train_model(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed: int,
                 shape: ModelShape | None = None, targets: str | None = None,
-                objective: str = "ce", extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Train one model with ``mtkd train``; returns its final metrics."""
+                objective: str = "ce", extra: Sequence[str] = (),
+                evals: int = 5) -> dict[str, Any]:
+    """Train one model with ``mtkd train`` (``evals`` held-out evaluations, the last at the
+    end); returns its final metrics."""
     metrics_path = out / "final_metrics.json"
     if not metrics_path.exists():
         args: list[str | os.PathLike[str]] = [
@@ -269,7 +273,7 @@ def train_model(run: Run, out: Path, *, tokens: str, steps: int, batch: int, see
             "--heldout", run.path("stores", "tokens-heldout"), "--objective", objective,
             "--steps", str(steps), "--batch-size", str(batch), "--seq-len",
             str(run.size.seq_len), "--lr", str(run.size.lr), "--seed", str(seed),
-            "--eval-every", str(max(steps // 5, 1)), *extra,
+            "--eval-every", str(max(steps // evals, 1)), *extra,
         ]
         if shape is not None:
             config = out.parent / f"{out.name}.config.json"
@@ -291,7 +295,7 @@ def train_teachers(run: Run, unsafe: list[int]) -> None:
             extra += ["--suppress-ids", ",".join(map(str, unsafe)), "--suppress-weight", "1.0"]
         metrics = train_model(run, run.path("teachers", t.name), tokens="tokens-train",
                               steps=size.teacher_steps, batch=size.teacher_batch, seed=t.seed,
-                              shape=t.shape, extra=extra)
+                              shape=t.shape, extra=extra, evals=1)
         run.results.setdefault("teachers", {})[t.name] = metrics
         run.save()
 
@@ -303,7 +307,7 @@ def harvest_teachers(run: Run) -> None:
         if not _done(out):
             run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
                      run.path("teachers", t.name, "final"), "--out", out, "--k",
-                     str(run.size.k), "--dtype", "float32")
+                     str(run.size.k), "--dtype", "float32", "--enforce-eager")
 
 
 # --------------------------------------------------------------------------- measurements

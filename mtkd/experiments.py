@@ -52,33 +52,26 @@ def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = Non
 
 
 def student(run: Run, name: str, target_store: str | None, *, objective: str = "mix",
-            loss: str = "fkl_tail") -> dict[str, Any]:
-    """Train one student of the common size and budget; record its final metrics."""
+            loss: str = "fkl_tail", teacher: str | None = None) -> dict[str, Any]:
+    """Train one student of the common size and budget; record its final metrics.
+
+    Targets come from ``target_store``, or (``teacher``: a teacher's name) from that teacher
+    run online over the full vocabulary; with neither the student is trained on CE only.
+    """
     from mtkd.demo import train_model
 
     size = run.size
-    extra = ("--loss", loss) if target_store is not None else ()
+    distilled = target_store is not None or teacher is not None
+    extra: tuple[str, ...] = ("--loss", loss) if distilled else ()
+    if teacher is not None:
+        extra += ("--teacher", str(run.path("teachers", teacher, "final")))
     metrics = train_model(run, run.path("students", name), tokens="tokens-student",
                           steps=size.student_steps, batch=size.student_batch, seed=0,
                           shape=size.student, targets=target_store,
-                          objective=objective if target_store else "ce", extra=extra)
+                          objective=objective if distilled else "ce", extra=extra)
     run.results.setdefault("students", {})[name] = metrics
     run.save()
     return metrics
-
-
-def full_vocab_store(run: Run, teacher: int) -> str:
-    """Full-vocabulary targets of one teacher from the reference engine (k = V)."""
-    from mtkd.demo import _done
-
-    t = run.size.teachers[teacher]
-    out = run.path("stores", f"{t.name}-student-full")
-    if not _done(out):
-        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                 run.path("teachers", t.name, "final"), "--out", out, "--engine", "hf", "--dtype",
-                 "float32", "--k", str(run.size.vocab_size))
-    return targets(run, f"single-{t.name}-full", [teacher], k_out=run.size.vocab_size,
-                   suffix="student-full")
 
 
 def run_experiments(run: Run, which: str = "default") -> None:
@@ -100,7 +93,7 @@ def run_experiments(run: Run, which: str = "default") -> None:
         student(run, f"single-{teachers[j].name}",
                 targets(run, f"single-{teachers[j].name}", [j]))
     student(run, "mix-linear", mix)
-    student(run, f"single-{teachers[best].name}-full", full_vocab_store(run, best))
+    student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name)
     if which == "all":
         student(run, "mix-geometric", targets(run, "mix-geometric", list(range(len(teachers))),
                                               extra=("--operator", "geometric")))

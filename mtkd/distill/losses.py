@@ -10,10 +10,11 @@ therefore already produces the gradients (only when a gradient is wanted: under 
 just evaluates); backward only scales them by the incoming grad. Peak extra memory is three
 ``[chunk, V]`` softmax-dtype (≥ float32) buffers (plus transient bf16 copies of the logits and
 of g under bf16 matmuls), ``grad_hidden`` and an fp32 ``grad_W`` accumulator (the latter only
-when ``weight`` requires grad). Work per chunk besides the three matmuls: about five
-elementwise passes over ``[chunk, V]`` for CE and five per teacher block for tail kinds (the
-student lse and the dense −s·B gradient term ride on a block's pass); renorm kinds touch only
-``[chunk, m]``.
+when ``weight`` requires grad). Work per chunk besides the three matmuls: one softmax pass
+over ``[chunk, V]`` (max, exp, sum) shared by CE and every tail block, one read pass per tail
+block for its off-support mass, and one dense pass writing the gradient; everything else
+touches only ``[chunk, m]`` (renorm kinds need no pass of their own). So a KD step costs about
+what a CE step does (``bench/train_step.py``).
 
 Targets are sparse (see :class:`SparseTargets`): per row a support of distinct ids, their
 probabilities and the lumped tail mass. A loss ``kind`` is ``"<divergence>_<collapse>"``:
