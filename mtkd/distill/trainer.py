@@ -19,11 +19,14 @@ by W / count).
 
 Checkpoints (``out/checkpoints/step-NNNNNNNN/state.pt``, written to a temporary directory and
 renamed) hold model, optimizer, scheduler, RNG and loader state and resume exactly; they are
-read with ``torch.load(weights_only=True)``. Only rank 0 writes. FSDP is not implemented:
-DDP replicates the student, which suits students that fit one device.
+read with ``torch.load(weights_only=True)``. Model and optimizer state are full (unsharded,
+keyed by parameter name, through ``torch.distributed.checkpoint.state_dict``) in every mode, so
+a checkpoint written by one process, DDP or FSDP resumes under any of them. Only rank 0 writes.
 
 Run under ``torchrun --nproc_per_node N -m mtkd.distill.trainer CONFIG`` for DDP (gloo on CPU,
-nccl on GPU); ``CONFIG`` is a JSON/TOML/YAML file of :class:`TrainConfig` fields.
+nccl on GPU), or with ``fsdp`` for FSDP2 (``fully_shard``: parameters, gradients and optimizer
+state sharded over the ranks, for students that do not fit one device); ``CONFIG`` is a
+JSON/TOML/YAML file of :class:`TrainConfig` fields.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -66,7 +77,7 @@ from mtkd.distill.losses import (
     chunked_cross_entropy,
     sparse_kd_loss,
 )
-from mtkd.store import Store, open_store
+from mtkd.store import Store, StoreError, open_store
 from mtkd.store.schema import TARGET, TOKENS
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
@@ -79,7 +90,9 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 # a changed max_steps reshapes the cosine from there on (resume is exact only without it).
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "eval_batches", "save_every",
                                "keep_checkpoints", "resume", "log_every", "progress",
-                               "tensorboard", "prefetch", "threads", "device"})
+                               "tensorboard", "prefetch", "threads", "device", "fsdp"})
+# Checkpoints hold full (unsharded) model and optimizer state, gathered to rank 0 on the CPU.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -122,6 +135,7 @@ class TrainConfig:
     log_every: int = 10
     bf16: bool = False  # bfloat16 autocast
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fsdp: bool = False  # under torchrun: shard the student with FSDP2 instead of DDP replicas
     threads: int | None = None  # torch threads (default: cores / local ranks under torchrun)
     chunk_size: int = 1024  # rows per chunk of the chunked losses
     prefetch: int = 4  # batches prepared ahead by the loader thread
@@ -276,14 +290,55 @@ def with_teacher_targets(batch: PackedBatch, teacher: PreTrainedModel) -> Packed
 
 
 class StudentLoss(nn.Module):
-    """The student and its objective as one module, so DDP sees the lm_head used in forward."""
+    """The student and its objective as one module: DDP sees the lm_head used in forward, and
+    as FSDP's root it holds the lm_head weight unsharded while the chunked loss reads it."""
 
     def __init__(self, model: PreTrainedModel, spec: LossSpec) -> None:
         super().__init__()
         self.model, self.spec = model, spec
 
-    def forward(self, batch: PackedBatch) -> LossOutput:
-        return batch_loss(self.model, batch, self.spec)
+    def forward(self, batch: PackedBatch, spec: LossSpec | None = None) -> LossOutput:
+        """The loss of ``spec`` (default: the training objective) on ``batch``."""
+        return batch_loss(self.model, batch, spec or self.spec)
+
+
+def distribute(net: StudentLoss, d: Dist, fsdp: bool = False) -> nn.Module:
+    """``net`` on ``d.device``, wrapped for the job: as is (one process), DDP, or FSDP2.
+
+    FSDP2 (as torchtune shards Llama): one ``fully_shard`` group per decoder layer (the
+    model's ``_no_split_modules`` classes), then ``net`` itself as the root group, which holds
+    the embeddings, the final norm and the lm_head. The root is gathered for the whole of
+    ``net.forward``, where the chunked loss reads ``lm_head.weight`` outside the lm_head's own
+    forward. ``fully_shard`` moves each group's shard to the device as it shards it, so the
+    whole student never sits on one accelerator (each rank does build it in CPU memory).
+    """
+    if d.world == 1:
+        return net.to(d.device)
+    if not fsdp:
+        return DistributedDataParallel(net.to(d.device), broadcast_buffers=False,
+                                       device_ids=[d.device] if d.device.type == "cuda" else None)
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    layer_types = set(getattr(net.model, "_no_split_modules", None) or ())
+    layers = [m for m in net.model.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        warnings.warn(f"{type(net.model).__name__} names no decoder layer classes "
+                      "(_no_split_modules); FSDP shards it as a single group", stacklevel=2)
+    for layer in reversed(layers):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def deferred_grad_sync(net: nn.Module, defer: bool) -> contextlib.AbstractContextManager[Any]:
+    """Context of one micro-batch's backward: DDP's ``no_sync`` for all but the last.
+
+    FSDP reduce-scatters after every micro-batch into the sharded gradients instead: deferring
+    it (``set_requires_gradient_sync(False)``) would keep every layer's whole unsharded
+    gradient on each rank until the last micro-batch, the memory FSDP is there to save.
+    """
+    if defer and isinstance(net, DistributedDataParallel):
+        return net.no_sync()
+    return contextlib.nullcontext()
 
 
 class Meter:
@@ -330,15 +385,19 @@ class Meter:
                 out["jensen_gap"] = s["gap"] / max(s["n_kd"], 1)
         return out
 
-    def state(self) -> Tensor:
-        """The window as one CPU tensor (for checkpoints)."""
-        sums = self.sums.cpu().clone()
+    def state(self, d: Dist) -> Tensor:
+        """The window summed over ranks, as one CPU tensor (for checkpoints; every rank
+        calls it)."""
+        sums = self.sums.clone()
         sums[-2:] = torch.tensor([self.tokens, self.steps], dtype=sums.dtype)
-        return sums
+        total = d.all_sum(sums).cpu()
+        total[-1] = self.steps  # the same on every rank
+        return total
 
-    def load(self, state: Tensor) -> None:
-        self.sums.copy_(state)
-        self.tokens, self.steps = int(state[-2]), int(state[-1])
+    def load(self, state: Tensor, main: bool = True) -> None:
+        """Resume a window: the main rank takes the sums, every rank the step count."""
+        self.sums.copy_(state if main else torch.zeros_like(state))
+        self.tokens, self.steps = int(state[-2]) if main else 0, int(state[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +449,26 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, device, owns)
+
+
+def open_verified(root: str, kind: str, d: Dist) -> Store:
+    """Open a store, hashing its files once per job rather than once per rank.
+
+    Rank 0 opens it with the default verification (sha256 of every file unless
+    ``$MTKD_VERIFY`` says otherwise) while the other ranks wait at a barrier (an all-reduce
+    that also carries whether rank 0 succeeded); they then check sizes and metadata only.
+    """
+    if d.world == 1:
+        return open_store(root, kind)
+    store, error = None, None
+    if d.main:
+        try:
+            store = open_store(root, kind)
+        except Exception as e:  # re-raised below, once every rank has heard of it
+            error = e
+    if d.sum(float(error is not None)) > 0:
+        raise error if error is not None else StoreError(f"{root}: rank 0 failed to open it")
+    return store if store is not None else open_store(root, kind, verify="size")
 
 
 def load_student(spec: str | dict[str, Any], seed: int, tokens: Store) -> PreTrainedModel:
@@ -468,8 +547,8 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
                   world_size=d.world, open_rows=cfg.open_rows, vocab_size=vocab, pad_id=pad_id)
     if cfg.eval_tokens is not None:
         train_idx = None
-        eval_tokens = open_store(cfg.eval_tokens, TOKENS)
-        eval_targets = open_store(cfg.eval_targets, TARGET) if cfg.eval_targets else None
+        eval_tokens = open_verified(cfg.eval_tokens, TOKENS, d)
+        eval_targets = open_verified(cfg.eval_targets, TARGET, d) if cfg.eval_targets else None
         eval_idx = None
         check_vocab(vocab, [eval_tokens, eval_targets])
     else:
@@ -524,43 +603,70 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> P
     return final
 
 
+def alias_tied(state_dict: dict[str, Tensor], model: nn.Module) -> None:
+    """Point the entries of a tied parameter (e.g. lm_head and embeddings) at one tensor again:
+    gathering to the CPU copies them apart, and ``save_pretrained`` drops only aliases."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            state_dict[name] = state_dict[first.setdefault(id(param), name)]
+
+
 def training_state(step: int, model: nn.Module, opt: torch.optim.Optimizer,
                    sched: torch.optim.lr_scheduler.LRScheduler, loader: LoaderState,
-                   tokens: int, meter: Meter, cfg: TrainConfig) -> dict[str, Any]:
-    """Everything a resume needs; only tensors, numbers, strings and containers."""
+                   tokens: int, meter: Meter, cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+    """Everything a resume needs; only tensors, numbers, strings and containers.
+
+    Every rank calls it (under FSDP it gathers the shards); model and optimizer state are full,
+    on the CPU and keyed by parameter name on rank 0, empty on the other ranks.
+    """
+    model_state, optim_state = get_state_dict(model, opt, options=FULL_STATE)
+    alias_tied(model_state, model)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+    return {"step": step, "model": model_state, "optimizer": optim_state,
             "scheduler": sched.state_dict(), "loader": dataclasses.asdict(loader), "rng": rng,
-            "tokens": tokens, "meter": meter.state(), "config": json.dumps(cfg.to_dict())}
+            "tokens": tokens, "meter": meter.state(d), "config": json.dumps(cfg.to_dict())}
 
 
 def restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
             sched: torch.optim.lr_scheduler.LRScheduler, meter: Meter,
-            device: torch.device) -> tuple[int, LoaderState, int]:
-    """Load a checkpoint into the objects; returns (step, loader state, tokens)."""
-    state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+            main: bool = True) -> tuple[int, LoaderState, int]:
+    """Load a checkpoint into the objects (every rank; FSDP ranks keep their shards of the full
+    state); returns (step, loader state, tokens)."""
+    # mmap: the ranks of a node share the file's pages instead of each holding a copy
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     saved = json.loads(state["config"])
     differ = sorted(k for k, v in cfg.to_dict().items()
                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if differ:
         raise ValueError(f"{path} was written with different options {differ}; "
                          "resume with the same options or use a new output directory")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    set_state_dict(model, opt, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    for per_param in opt.state.values():  # own the CPU state the optimizer kept from the mapping
+        for key, value in per_param.items():
+            if type(value) is Tensor and value.device.type == "cpu":
+                per_param[key] = value.clone()
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    meter.load(state["meter"].cpu())
+    meter.load(state["meter"], main)
     return int(state["step"]), LoaderState(**state["loader"]), int(state["tokens"])
 
 
-def save_student(model: PreTrainedModel, out: Path, tokenizer_dir: str | None) -> Path:
-    """save_pretrained into ``out/final`` plus the tokens store's tokenizer files."""
+def save_student(model: PreTrainedModel, out: Path, tokenizer_dir: str | None,
+                 state_dict: dict[str, Tensor] | None = None) -> Path:
+    """save_pretrained into ``out/final`` plus the tokens store's tokenizer files.
+
+    ``state_dict``: the full weights (under FSDP, gathered by :func:`training_state`);
+    default ``model.state_dict()``.
+    """
     final = out / "final"
-    model.save_pretrained(str(final), safe_serialization=True)
+    model.save_pretrained(str(final), state_dict=state_dict, safe_serialization=True)
     src = Path(tokenizer_dir) if tokenizer_dir else None
     if src is None or not src.is_dir():
         warnings.warn(f"tokenizer dir {tokenizer_dir!r} not found; {final} has no tokenizer",
@@ -614,18 +720,22 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, loader: PackedLoader, d: Dist, max_batches: int | None,
+def evaluate(net: nn.Module, loader: PackedLoader, d: Dist, max_batches: int | None,
              chunk_size: int, bf16: bool) -> dict[str, float]:
-    """Held-out CE (nats/token) and, with targets, KL(q‖s) (+ L_multi with blocks)."""
+    """Held-out CE (nats/token) and, with targets, KL(q‖s) (+ L_multi with blocks).
+
+    ``net`` is the (wrapped) :class:`StudentLoss`: under FSDP its forward gathers the shards.
+    Every rank runs the same number of batches (the loader pads ranks to equal counts).
+    """
     spec = LossSpec("mix" if loader.targets is not None else "ce", chunk_size=chunk_size)
     meter = Meter(d.device)
-    was_training = model.training
-    model.eval()
+    was_training = net.training
+    net.eval()
     for batch in itertools.islice(loader.epoch(0), max_batches):
         batch = batch.to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
-            meter.add(batch_loss(model, batch, spec), batch, 0.0)
-    model.train(was_training)
+            meter.add(net(batch, spec), batch, 0.0)
+    net.train(was_training)
     stats = meter.reduce(d, "mix", loader.targets is not None, loader.num_teachers > 0)
     res = {"eval_ce": stats["ce"], "eval_ppl": math.exp(min(stats["ce"], 50.0))}
     if "l_mix" in stats:
@@ -641,13 +751,13 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
     """One optimizer step over ``micro`` (gradient accumulation); returns the gradient norm.
 
     Each rank scales its summed loss by world / (labelled positions of the step on all ranks):
-    after DDP's gradient average that is the mean over every position of the global batch.
+    after DDP's (or FSDP's) gradient average that is the mean over every position of the
+    global batch.
     """
     n_labels = max(d.sum(float(sum(b.num_labels for b in micro))), 1.0)
     for i, batch in enumerate(micro):
         batch = batch.to(d.device)
-        defer_sync = d.world > 1 and i < len(micro) - 1
-        with net.no_sync() if defer_sync else contextlib.nullcontext():  # type: ignore[operator]
+        with deferred_grad_sync(net, i < len(micro) - 1):
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = net(batch)
             (out.loss * (d.world / n_labels)).backward()
@@ -657,6 +767,8 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
         meter.step()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                           grad_clip if grad_clip > 0 else float("inf"))
+    if isinstance(norm, DTensor):  # FSDP: the norm over all shards, replicated on every rank
+        norm = norm.full_tensor()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
@@ -675,9 +787,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     objective = cfg.resolved_objective
-    tokens = open_store(cfg.tokens, TOKENS)
-    targets = open_store(cfg.targets, TARGET) if cfg.targets else None
-    model = load_student(cfg.student, cfg.seed, tokens).to(d.device)
+    tokens = open_verified(cfg.tokens, TOKENS, d)
+    targets = open_verified(cfg.targets, TARGET, d) if cfg.targets else None
+    model = load_student(cfg.student, cfg.seed, tokens)  # on the CPU until distribute()
     vocab = student_vocab(model)
     check_vocab(vocab, [tokens, targets])
     if cfg.seq_len > getattr(model.config, "max_position_embeddings", cfg.seq_len):
@@ -692,7 +804,12 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     has_monitor = loader.num_teachers > 0
     if objective == "multi" and not has_monitor:
         raise ValueError(f"{cfg.targets} has no per-teacher blocks; objective 'multi' needs them")
-    opt = make_optimizer(model, cfg)
+    if cfg.suppress_ids and objective != "ce":
+        raise ValueError("suppress_ids applies to the ce objective (training a safety teacher)")
+    spec = LossSpec(objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.chunk_size,
+                    cfg.suppress_ids, cfg.suppress_weight)
+    net = distribute(StudentLoss(model, spec), d, cfg.fsdp)
+    opt = make_optimizer(model, cfg)  # after distribute: FSDP replaces parameters by shards
     sched = make_scheduler(opt, cfg)
     meter = Meter(d.device)
 
@@ -701,22 +818,13 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if ckpts and not cfg.resume:
         raise ValueError(f"{out} holds checkpoints; resume or choose a new output directory")
     if ckpts:
-        step, state, tokens_seen = restore(ckpts[-1], cfg, model, opt, sched, meter, d.device)
+        step, state, tokens_seen = restore(ckpts[-1], cfg, model, opt, sched, meter, d.main)
         resumed = step
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
-
-    if cfg.suppress_ids and objective != "ce":
-        raise ValueError("suppress_ids applies to the ce objective (training a safety teacher)")
-    spec = LossSpec(objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.chunk_size,
-                    cfg.suppress_ids, cfg.suppress_weight)
-    net: nn.Module = StudentLoss(model, spec)
-    if d.world > 1:
-        net = DistributedDataParallel(net, device_ids=[d.device] if d.device.type == "cuda"
-                                      else None, broadcast_buffers=False)
-    model.train()
+    net.train()
     batches = Prefetcher(loader.stream(state), cfg.prefetch)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not (d.main and cfg.progress))
@@ -753,24 +861,24 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
             if held is not None and (step == cfg.max_steps
                                      or (cfg.eval_every and step % cfg.eval_every == 0)):
                 last_eval = {"step": step, "split": "eval",
-                             **evaluate(model, held, d, cfg.eval_batches, cfg.chunk_size,
+                             **evaluate(net, held, d, cfg.eval_batches, cfg.chunk_size,
                                         cfg.bf16)}
                 if log is not None:
                     log.write(last_eval)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and d.main:
-                save_checkpoint(out, step, training_state(step, model, opt, sched, state,
-                                                          tokens_seen, meter, cfg),
-                                cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                ckpt = training_state(step, model, opt, sched, state, tokens_seen, meter, cfg, d)
+                if d.main:
+                    save_checkpoint(out, step, ckpt, cfg.keep_checkpoints)
     finally:
         batches.close()
         bar.close()
         if log is not None:
             log.close()
     model_dir = out / "final"
+    ckpt = training_state(step, model, opt, sched, state, tokens_seen, meter, cfg, d)
     if d.main:
-        save_checkpoint(out, step, training_state(step, model, opt, sched, state, tokens_seen,
-                                                  meter, cfg), cfg.keep_checkpoints)
-        model_dir = save_student(model, out, tokens.attrs.get("tokenizer"))
+        save_checkpoint(out, step, ckpt, cfg.keep_checkpoints)
+        model_dir = save_student(model, out, tokens.attrs.get("tokenizer"), ckpt["model"])
         final = {"steps": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t0,
                  "train": last_log, **last_eval}
         if "eval_ce" in last_eval:
