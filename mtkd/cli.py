@@ -138,6 +138,15 @@ def harvest(
     enforce_eager: Annotated[bool, typer.Option(
         help="vLLM without torch.compile / CUDA graphs: starts tens of seconds sooner, "
              "runs slower (small jobs, tests).")] = False,
+    vocab_map: Annotated[str | None, typer.Option(
+        help="auto | FILE: harvest a teacher whose tokenizer differs from the tokens store's "
+             "through a vocabulary map. auto pairs tokens with identical strings (byte-level "
+             "BPE; added/special tokens by content); FILE is JSON "
+             '{"store_to_teacher": {"<store id>": <teacher id>, ...}}. Inputs are translated '
+             "to teacher ids (a sequence holding a store id with no teacher counterpart "
+             "refuses the harvest); teacher ids with no store counterpart leave the top-k and "
+             "their mass joins the tail, the engine being asked for up to k extra entries to "
+             "keep k ids (docs/FORMAT.md, teacher attrs.vocab_map).")] = None,
     worker_index: Annotated[int, typer.Option(min=0, help="This worker's index "
                                               "(Slurm array / k8s completion index).")] = 0,
     num_workers: NumWorkersOpt = 1,
@@ -163,7 +172,7 @@ def harvest(
                             temperatures=tuple(temperature or ()), num_samples=num_samples,
                             logprob_dtype=logprob_dtype, codec=codec,  # type: ignore[arg-type]
                             batch_tokens=batch_tokens, fast_path=fast_path,
-                            engine_args=engine_args)
+                            engine_args=engine_args, vocab_map=vocab_map)
         summary = run_harvest(tokens, model, out, cfg, worker_index=worker_index,
                               num_workers=num_workers)
     except (StoreError, ValueError) as e:
@@ -224,7 +233,8 @@ def aggregate(
     alpha: Annotated[float, typer.Option(help="Power-mean exponent (1 linear, 0 geometric).")]
     = 0.5,
     weights: Annotated[str | None, typer.Option(
-        help="Static teacher weights, e.g. 0.5,0.3,0.2 (default uniform).")] = None,
+        help="Static teacher weights, e.g. 0.5,0.3,0.2, or 'fit': maximum likelihood of the "
+             "actual next tokens under the mixture (EM). Default uniform.")] = None,
     temperatures: Annotated[str | None, typer.Option(
         help="Per-teacher temperatures, e.g. 2,2,1 (default 1).")] = None,
     tail_model: Annotated[str, typer.Option(
@@ -262,7 +272,9 @@ def aggregate(
     index, total, processes = _workers(worker_index, num_workers)
     try:
         cfg = AggregateConfig(
-            teachers=tuple(str(t) for t in teachers), weights=_floats(weights, "--weights"),
+            teachers=tuple(str(t) for t in teachers),
+            weights=None if weights == "fit" else _floats(weights, "--weights"),
+            fit_weights=weights == "fit",
             temperatures=_floats(temperatures, "--temperatures"),
             operator=operator, alpha=alpha, tail_model=tail_model,  # type: ignore[arg-type]
             k_out=k_out, token=token, token_sharpness=token_sharpness,  # type: ignore[arg-type]

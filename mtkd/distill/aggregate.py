@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from mtkd.distill.tempering import TeacherRows
 from mtkd.distill.weights import (
     SUM_TOL,
     AdaptiveWeights,
+    fit_mixture_weights,
     validate_temperatures,
     validate_weights,
 )
@@ -52,6 +53,7 @@ class AggregateConfig:
 
     teachers: tuple[str, ...]
     weights: tuple[float, ...] | None = None
+    fit_weights: bool = False  # static weights fitted by maximum likelihood (see fitted_config)
     temperatures: tuple[float, ...] | None = None
     operator: Literal["linear", "geometric", "power_mean"] = "linear"
     alpha: float = 0.5
@@ -181,6 +183,7 @@ def aggregate(
     """
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
+    config = fitted_config(config, teachers)
     if config.tail_model == "exact":
         for t in teachers:
             # T = 1 needs nothing stored: its tail is the stored tail
@@ -207,6 +210,24 @@ def aggregate(
     return AggregateSummary(tokens.num_parts, len(pending),
                             sum(s["positions"] for s in stats.values()), complete,
                             summarize(out) if complete else {})
+
+
+def fitted_config(config: AggregateConfig, teachers: Sequence[Store]) -> AggregateConfig:
+    """``config`` with its static weights fitted, when it asks for that.
+
+    The weights maximise the likelihood of the actual next tokens under the untempered
+    mixture, over every position of every part (each worker computes the same fit, so their
+    headers agree).
+    """
+    if not config.fit_weights or config.weights is not None:
+        return config
+    columns = []
+    for store in teachers:
+        parts = [store.read_part(p, ["target_logprob"])["target_logprob"]
+                 for p in range(store.num_parts)]
+        columns.append(np.concatenate(parts).astype(np.float64))
+    weights = fit_mixture_weights(np.stack(columns, axis=1))
+    return replace(config, weights=tuple(float(w) for w in weights))
 
 
 def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) -> dict[str, Any]:

@@ -73,6 +73,42 @@ def validate_temperatures(temperatures: float | Sequence[float], n_teachers: int
     return t
 
 
+def fit_mixture_weights(
+    target_logprob: np.ndarray, *, max_iter: int = 500, tol: float = 1e-10
+) -> np.ndarray:
+    """Maximum-likelihood static weights of a linear mixture of K teachers.
+
+    ``target_logprob [N,K]``: each teacher's log-probability of the actual next token (every
+    teacher store holds it). EM on the mixture weights only: w_k ← mean_n r_nk with
+    responsibilities r_nk = w_k·p_nk / Σ_j w_j·p_nj. Each step raises the mean log-likelihood
+    Σ_n log Σ_k w_k p_nk / N (the problem is concave in w), so the fitted mixture is at least as
+    likely as every single teacher and as the uniform mixture; iteration stops when that gain
+    drops below ``tol`` nats. Non-finite entries (a teacher giving the token probability 0)
+    count as −inf, rows where every teacher does are ignored.
+    """
+    lp = np.asarray(target_logprob, dtype=np.float64)
+    if lp.ndim != 2 or lp.shape[1] < 1:
+        raise ValueError(f"target_logprob must be [N,K], got shape {lp.shape}")
+    lp = np.where(np.isfinite(lp), lp, -np.inf)
+    lp = lp[np.isfinite(lp).any(axis=1)]
+    k = lp.shape[1]
+    if len(lp) == 0:
+        raise ValueError("no position with a finite teacher log-probability to fit weights on")
+    shift = lp.max(axis=1, keepdims=True)
+    p = np.exp(lp - shift)  # rescaled per row: the responsibilities do not change
+    w = np.full(k, 1.0 / k)
+    last = -np.inf
+    for _ in range(max_iter):
+        mix = p @ w
+        ll = float(np.mean(np.log(mix)))
+        if ll - last < tol:
+            break
+        last = ll
+        w = w * (p / mix[:, None]).mean(axis=0)
+        w /= w.sum()
+    return w
+
+
 def _check_sharpness(name: str, value: float) -> None:
     if not (np.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")

@@ -23,7 +23,7 @@ from mtkd.distill.aggregate import (
 )
 from mtkd.distill.fuse import fuse
 from mtkd.distill.tempering import temper
-from mtkd.distill.weights import AdaptiveWeights
+from mtkd.distill.weights import AdaptiveWeights, fit_mixture_weights
 from mtkd.store import IncompleteStoreError, StoreError, StoreWriter, open_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, teacher_header, tokens_header
@@ -150,6 +150,23 @@ def test_static_weights_equal_fuse_on_the_same_rows(stores, tmp_path, operator):
     assert summary.diagnostics["positions"] == sum(len(got[p]["ids"]) for p in got)
     np.testing.assert_allclose([summary.diagnostics[f"mean_weight_{j}"] for j in range(3)],
                                cfg.weights, rtol=1e-6)
+
+
+def test_fitted_weights_are_the_maximum_likelihood_mixture(stores, tmp_path):
+    tokens, teachers = stores
+    summary = aggregate(tokens, tmp_path / "out", config(teachers, fit_weights=True),
+                        progress=False)
+    assert summary.complete
+    stored = open_store(tmp_path / "out", TARGET).attrs["config"]
+    w = np.array(stored["weights"])
+    assert stored["fit_weights"] and abs(w.sum() - 1) < 1e-9
+    lp = np.stack([np.concatenate([open_store(t, TEACHER).read_part(p, ["target_logprob"])
+                                   ["target_logprob"] for p in range(PARTS)]).astype(np.float64)
+                   for t in teachers], axis=1)
+    np.testing.assert_allclose(w, fit_mixture_weights(lp), rtol=0, atol=1e-12)
+    np.testing.assert_allclose([summary.diagnostics[f"mean_weight_{j}"] for j in range(3)], w,
+                               rtol=1e-6)
+    assert np.mean(np.log(np.exp(lp) @ w)) >= np.mean(lp, axis=0).max()
 
 
 def test_adaptive_token_weights(stores, tmp_path):

@@ -20,6 +20,7 @@ from mtkd.distill.weights import (
     apply_safety_floor,
     compose,
     context_logits,
+    fit_mixture_weights,
     sequence_mean_loss,
     validate_temperatures,
     validate_weights,
@@ -321,3 +322,44 @@ def test_policy_validation_errors():
         AdaptiveWeights(safety_index=2, safety_floor=0.1)(inputs)
     with pytest.raises(ValueError, match="vanish"):
         compose([np.full((2, 2), -np.inf)], 2, 2)
+
+
+def mixture_loglik(lp: np.ndarray, w: np.ndarray) -> float:
+    return float(np.mean(np.log(np.exp(lp) @ w)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 5), n=st.integers(1, 300))
+def test_fitted_weights_beat_every_single_teacher_and_uniform(seed, k, n):
+    rng = np.random.default_rng(seed)
+    lp = np.log(rng.dirichlet(np.ones(k) * 0.5, size=n).clip(1e-12)) * rng.uniform(0.5, 3, k)
+    w = fit_mixture_weights(lp)
+    assert w.shape == (k,) and np.all(w >= 0) and abs(w.sum() - 1) < 1e-12
+    best = mixture_loglik(lp, w)
+    for j in range(k):
+        assert best >= float(np.mean(lp[:, j])) - 1e-9
+    assert best >= mixture_loglik(lp, np.full(k, 1 / k)) - 1e-9
+    # the optimum: no small move along the simplex improves the likelihood
+    for j in range(k):
+        moved = 0.99 * w + 0.01 * np.eye(k)[j]
+        assert mixture_loglik(lp, moved) <= best + 1e-7
+
+
+def test_fitted_weights_recover_the_generating_mixture():
+    """Tokens drawn from 0.7·A + 0.3·B over a shared vocabulary: EM finds about (0.7, 0.3)."""
+    rng = np.random.default_rng(0)
+    vocab, n = 50, 200_000
+    a, b = rng.dirichlet(np.ones(vocab) * 0.3, size=2)
+    tokens = np.where(rng.random(n) < 0.7, rng.choice(vocab, n, p=a), rng.choice(vocab, n, p=b))
+    lp = np.log(np.stack([a[tokens], b[tokens]], axis=1))
+    np.testing.assert_allclose(fit_mixture_weights(lp), [0.7, 0.3], atol=0.01)
+
+
+def test_fitted_weights_ignore_impossible_rows_and_refuse_bad_input():
+    lp = np.log(np.array([[0.5, 0.1], [0.4, 0.2], [0.0, 0.0]]))
+    w = fit_mixture_weights(lp)
+    assert w[0] > 0.99  # teacher 0 is better on every possible row
+    with pytest.raises(ValueError, match="N,K"):
+        fit_mixture_weights(np.zeros(3))
+    with pytest.raises(ValueError, match="no position"):
+        fit_mixture_weights(np.full((2, 2), -np.inf))
