@@ -331,15 +331,15 @@ def heldout_logprobs(run: Run) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def mixture_quality(run: Run, weights: np.ndarray) -> dict[str, Any]:
-    """Held-out CE of each teacher and of their (temperature-1) mixture, from the harvests."""
+def mixture_quality(run: Run, weightings: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Held-out CE of each teacher and of their (temperature-1) mixtures, one per weighting."""
     lp = heldout_logprobs(run)
     ce = -lp.mean(axis=0)
-    mix = -np.mean(np.log(np.exp(lp) @ weights))
+    mixtures = {name: float(-np.mean(np.log(np.exp(lp) @ np.asarray(w))))
+                for name, w in weightings.items()}
     return {"teacher_ce": dict(zip([t.name for t in run.size.teachers], ce.tolist(),
                                    strict=True)),
-            "mixture_ce": float(mix), "weighted_mean_teacher_ce": float(ce @ weights),
-            "positions": len(lp)}
+            "mixture_ce": mixtures, "positions": len(lp)}
 
 
 def run_demo(workdir: str | os.PathLike[str], size: str = "small",

@@ -78,15 +78,18 @@ def run_experiments(run: Run, which: str = "default") -> None:
     from mtkd.demo import mixture_quality
 
     teachers = run.size.teachers
-    weights = static_weights(run)
-    run.results["quality"] = mixture_quality(run, weights)
+    safety = next(j for j, t in enumerate(teachers) if t.safety)
+    # the mixture's static weights: maximum likelihood of the student set's actual tokens
+    mix = targets(run, "mix-linear", list(range(len(teachers))),
+                  extra=("--weights", "fit", "--safety", str(safety), "--teacher-blocks"))
+    fitted = open_store(run.path("stores", mix), verify="none").attrs["config"]["weights"]
+    run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted, strict=True))
+    run.results["quality"] = mixture_quality(run, {"uniform": static_weights(run),
+                                                   "fitted": np.asarray(fitted)})
     best = int(np.argmin(list(run.results["quality"]["teacher_ce"].values())))
     run.results["best_teacher"] = teachers[best].name
     run.save()
 
-    safety = next(j for j, t in enumerate(teachers) if t.safety)
-    mix = targets(run, "mix-linear", list(range(len(teachers))),
-                  extra=("--safety", str(safety), "--teacher-blocks"))
     student(run, "ce-only", None)
     single_ids = range(len(teachers)) if which == "all" else [best]
     for j in single_ids:
@@ -105,6 +108,7 @@ def run_experiments(run: Run, which: str = "default") -> None:
             student(run, f"objective-mix-{loss}", mix, objective="mix", loss=loss)
             student(run, f"objective-multi-{loss}", mix, objective="multi", loss=loss)
 
+    run.results["teacher_tail_mass"] = teacher_tail_mass(run)
     run.results["safety"] = safety_sweep(run, safety)
     run.results["variance"] = variance_reduction(run)
     run.results["student_unsafe_mass"] = {
@@ -126,6 +130,20 @@ def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:
                                     "target_logprob"])
         rows.append(teacher_rows(batch, store.attrs).rows(0, positions))
     return rows
+
+
+def teacher_tail_mass(run: Run) -> dict[str, dict[str, float]]:
+    """Per teacher, over the student's positions: mean mass outside its top-k, and how often
+    the actual next token is inside the top-k (what sparse targets leave out)."""
+    out = {}
+    for t in run.size.teachers:
+        store = open_store(run.path("stores", f"{t.name}-student"), verify="none")
+        batch = store.read_part(0, ["tail_logmass", "target_rank"])
+        out[t.name] = {
+            "mean_tail_mass": float(np.exp(batch["tail_logmass"].astype(np.float64)).mean()),
+            "target_in_topk": float((batch["target_rank"] < store.attrs["k"]).mean()),
+        }
+    return out
 
 
 def _union(run: Run) -> tuple[Any, np.ndarray]:
