@@ -20,6 +20,7 @@ from mtkd.distill.aggregate import teacher_rows
 from mtkd.distill.fuse import to_union
 from mtkd.distill.operators import get_operator
 from mtkd.distill.tempering import temper
+from mtkd.distill.weights import fit_mixture_weights
 from mtkd.store import open_store
 
 if TYPE_CHECKING:
@@ -79,17 +80,17 @@ def run_experiments(run: Run, which: str = "default") -> None:
 
     teachers = run.size.teachers
     safety = next(j for j, t in enumerate(teachers) if t.safety)
-    # the mixture's static weights: maximum likelihood of the student set's actual tokens
-    mix = targets(run, "mix-linear", list(range(len(teachers))),
-                  extra=("--weights", "fit", "--safety", str(safety), "--teacher-blocks"))
-    fitted = open_store(run.path("stores", mix), verify="none").attrs["config"]["weights"]
-    run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted, strict=True))
+    fitted = fitted_weights(run)
+    run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted.tolist(),
+                                          strict=True))
     run.results["quality"] = mixture_quality(run, {"uniform": static_weights(run),
-                                                   "fitted": np.asarray(fitted)})
+                                                   "fitted": fitted})
     best = int(np.argmin(list(run.results["quality"]["teacher_ce"].values())))
     run.results["best_teacher"] = teachers[best].name
     run.save()
 
+    mix = targets(run, "mix-linear", list(range(len(teachers))),
+                  extra=("--safety", str(safety), "--teacher-blocks"))
     student(run, "ce-only", None)
     single_ids = range(len(teachers)) if which == "all" else [best]
     for j in single_ids:
@@ -103,6 +104,8 @@ def run_experiments(run: Run, which: str = "default") -> None:
         student(run, "mix-adaptive", targets(run, "mix-adaptive", list(range(len(teachers))),
                                              extra=("--token", "entropy", "--safety",
                                                     str(safety))))
+        student(run, "mix-fitted", targets(run, "mix-fitted", list(range(len(teachers))),
+                                           extra=("--weights", "fit")))
         student(run, "mix-linear-renorm", mix, loss="fkl_renorm")
         for loss in ("fkl_tail", "rkl_tail"):
             student(run, f"objective-mix-{loss}", mix, objective="mix", loss=loss)
@@ -130,6 +133,15 @@ def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:
                                     "target_logprob"])
         rows.append(teacher_rows(batch, store.attrs).rows(0, positions))
     return rows
+
+
+def fitted_weights(run: Run) -> np.ndarray:
+    """Maximum-likelihood mixture weights on the student set (what ``--weights fit`` uses)."""
+    columns = []
+    for t in run.size.teachers:
+        store = open_store(run.path("stores", f"{t.name}-student"), verify="none")
+        columns.append(store.read_part(0, ["target_logprob"])["target_logprob"])
+    return fit_mixture_weights(np.stack(columns, axis=1))
 
 
 def teacher_tail_mass(run: Run) -> dict[str, dict[str, float]]:

@@ -165,7 +165,7 @@ def test_trained_student_generates_the_same_in_vllm(data: dict[str, str], tmp_pa
     prompt = tok("import os\ndef main(", return_tensors="pt").input_ids
     model = AutoModelForCausalLM.from_pretrained(res.model_dir, dtype=torch.float32)
     want = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1] :]
-    engine = VllmEngine(res.model_dir, 1, dtype="float32", max_model_len=128)
+    engine = VllmEngine(res.model_dir, 1, dtype="float32", max_model_len=128, enforce_eager=True)
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0, detokenize=False)
         got = engine.generate([prompt[0].numpy()], params)[0].outputs[0].token_ids
