@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -150,3 +152,35 @@ def _make_successor(model: LlamaForCausalLM, seed: int, scale: float = 12.0) -> 
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight.mul_(0.25)
         layer.mlp.down_proj.weight.mul_(0.25)
+
+
+def permute_vocabulary(model_dir: str | Path, perm: Sequence[int], out_dir: str | Path) -> Path:
+    """Copy a local Llama (as :func:`init_llama` saves it) with its ids renumbered: id ``i`` of
+    the source is id ``perm[i]`` of the copy — tokenizer, embedding and lm_head rows, special
+    token ids — so the copy computes the same distributions in another id order (a teacher for
+    vocabulary-map tests). ``perm``: a permutation of the model's vocabulary."""
+    src, out = Path(model_dir), Path(out_dir)
+    model = LlamaForCausalLM.from_pretrained(str(src)).eval()
+    vocab = model.config.vocab_size
+    p = torch.as_tensor(list(perm), dtype=torch.int64)
+    if sorted(p.tolist()) != list(range(vocab)):
+        raise ValueError(f"perm must be a permutation of range({vocab})")
+    inv = torch.argsort(p)  # row j of the copy is row inv[j] of the source
+    with torch.no_grad():
+        for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+            weight.copy_(weight[inv])
+    for cfg in (model.config, model.generation_config):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(getattr(cfg, name, None), int):
+                setattr(cfg, name, int(p[getattr(cfg, name)]))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["model"]["vocab"] = {s: int(p[i]) for s, i in tok["model"]["vocab"].items()}
+    for added in tok["added_tokens"]:
+        added["id"] = int(p[added["id"]])
+    for special in ((tok.get("post_processor") or {}).get("special_tokens") or {}).values():
+        special["ids"] = [int(p[i]) for i in special["ids"]]
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    shutil.copyfile(src / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out

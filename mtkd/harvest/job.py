@@ -21,6 +21,14 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mtkd.harvest.engine import TeacherEngine
+from mtkd.harvest.vllm_engine import MAX_K
+from mtkd.harvest.vocab_map import (
+    MappedEngine,
+    VocabMap,
+    engine_extra,
+    resolve_vocab_map,
+    unmapped_sequences,
+)
 from mtkd.store import Store, StoreError, StoreWriter, open_store
 from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, Codec, part_name
 from mtkd.store.schema import TOKENS, check_logprob_dtype, teacher_header, vocab_fingerprint
@@ -45,6 +53,9 @@ class HarvestConfig:
     batch_tokens: int = 65536
     fast_path: str = "auto"
     engine_args: dict[str, Any] = field(default_factory=dict)
+    #: ``auto`` or a JSON file: harvest a teacher whose tokenizer differs from the tokens
+    #: store's through a vocabulary map (mtkd/harvest/vocab_map.py); None: the same tokenizer
+    vocab_map: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 4096:
@@ -55,6 +66,10 @@ class HarvestConfig:
         if (self.temperatures or self.num_samples) and self.engine != "hf":
             raise ValueError("exact tempered tails and sampled targets need --engine hf "
                              "(the reference engine sees the full vocabulary)")
+        if (self.temperatures or self.num_samples) and self.vocab_map is not None:
+            raise ValueError("exact tempered tails and sampled targets are not supported with "
+                             "--vocab-map (they would have to be re-split between the two "
+                             "vocabularies)")
 
 
 @dataclass
@@ -84,8 +99,13 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str]) -> None:
-    """Refuse a teacher whose vocabulary differs from the one the tokens store was cut with."""
+def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str],
+                    vocab_map: str | None = None) -> tuple[VocabMap | None, str | None]:
+    """Refuse a teacher whose vocabulary differs from the one the tokens store was cut with,
+    unless ``vocab_map`` (``auto`` or a file) is given; returns the map to apply (None: the
+    vocabularies agree, or the map is the identity) and the teacher's tokenizer hash."""
+    if vocab_map is not None:
+        return resolve_vocab_map(vocab_map, tokens.attrs, model_dir)
     path = Path(model_dir) / "tokenizer.json"
     if not path.exists():
         raise StoreError(f"{model_dir}: no tokenizer.json to compare with the tokens store")
@@ -95,22 +115,48 @@ def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str]) -> None:
         raise StoreError(
             f"teacher {model_dir} has a different tokenizer (vocabulary hash {got}) from the "
             f"tokens store {tokens.root} ({want}); harvest teachers that share the tokenizer "
-            "the corpus was tokenised with"
+            "the corpus was tokenised with, or give --vocab-map auto (tokens paired by their "
+            "strings) or --vocab-map FILE to harvest this one through a vocabulary map"
+        )
+    return None, got
+
+
+def check_mappable(tokens: Store, vmap: VocabMap) -> None:
+    """Refuse a tokens store holding ids the teacher has no counterpart for (every part, so
+    every worker refuses before writing anything)."""
+    if (vmap.store_to_teacher >= 0).all():
+        return
+    bad_seqs, bad_ids = 0, np.zeros(0, dtype=np.int64)
+    for part in range(tokens.num_parts):
+        batch = tokens.read_part(part, ["token_ids"])
+        seqs, ids = unmapped_sequences(batch["token_ids"], batch.offsets, vmap.store_to_teacher)
+        bad_seqs += int(seqs.sum())
+        bad_ids = np.union1d(bad_ids, ids)
+    if bad_seqs:
+        raise StoreError(
+            f"{bad_seqs} of {tokens.num_sequences} sequences of {tokens.root} hold store ids "
+            f"with no teacher counterpart in the vocabulary map ({len(bad_ids)} distinct ids, "
+            f"e.g. {bad_ids[:8].tolist()}): the teacher cannot score them faithfully, so "
+            "nothing was harvested; extend the map (--vocab-map FILE) or tokenize the corpus "
+            "with a tokenizer the teacher covers"
         )
 
 
-def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig) -> TeacherEngine:
+def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
+                 k: int | None = None) -> TeacherEngine:
+    """The engine ``config`` names, returning top-``k`` rows (default ``config.k``)."""
+    k = config.k if k is None else k
     if config.engine == "vllm":
         from mtkd.harvest.vllm_engine import VllmEngine
 
-        return VllmEngine(str(model_dir), config.k, dtype=config.dtype,
+        return VllmEngine(str(model_dir), k, dtype=config.dtype,
                           fast_path=config.fast_path, **config.engine_args)
     if config.engine == "hf":
         import torch
 
         from mtkd.harvest.hf_engine import HfReferenceEngine
 
-        return HfReferenceEngine(str(model_dir), config.k, dtype=getattr(torch, config.dtype),
+        return HfReferenceEngine(str(model_dir), k, dtype=getattr(torch, config.dtype),
                                  temperatures=config.temperatures,
                                  num_samples=config.num_samples)
     raise ValueError(f"unknown engine {config.engine!r} (choose vllm or hf)")
@@ -144,11 +190,18 @@ def harvest(
     The tokens parts this worker will read are checked (sha256) before the engine starts, and
     the engine is built before the output store is created, so a refused configuration (k
     above the engine's cap, a bad dtype, an unloadable model) leaves no store behind that a
-    corrected rerun would then disagree with.
+    corrected rerun would then disagree with. With ``config.vocab_map`` the map is built and
+    every tokens part checked for unmappable ids first; ``engine_factory`` then returns the
+    engine in teacher ids, which is wrapped in a :class:`MappedEngine`.
     """
     # sizes here; below, the sha256 of the parts this worker reads (the store is hashed once)
     tokens = open_store(tokens_dir, TOKENS, verify="size")
-    check_tokenizer(tokens, model_dir)
+    vmap, teacher_hash = check_tokenizer(tokens, model_dir, config.vocab_map)
+    engine_k = config.k
+    if vmap is not None:
+        check_mappable(tokens, vmap)
+        engine_k += engine_extra(vmap.teacher_size - vmap.mapped, config.k,
+                                 MAX_K if config.engine == "vllm" else vmap.teacher_size)
     attrs = {
         "teacher": str(Path(model_dir).resolve()),
         "teacher_revision": model_fingerprint(model_dir),
@@ -158,24 +211,31 @@ def harvest(
         "engine": config.engine,
         "dtype": config.dtype,
     }
+    if vmap is not None:
+        attrs["vocab_map"] = vmap.attrs(engine_k, teacher_hash)
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec)
     start = time.perf_counter()
     engine = None
+
+    def make_engine() -> TeacherEngine:
+        inner = engine_factory() if engine_factory else build_engine(model_dir, config, engine_k)
+        return inner if vmap is None else MappedEngine(inner, vmap, config.k)
+
     share = [p for p in range(worker_index, tokens.num_parts, num_workers)
              if not (Path(out) / PARTS_DIR / part_name(p) / COMMIT_FILE).exists()]
     for part in share:
         tokens.verify_part(part)
     if share and not (Path(out) / HEADER_FILE).exists():  # a new store: the engine first
-        engine = engine_factory() if engine_factory else build_engine(model_dir, config)
+        engine = make_engine()
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     total_tokens = 0
     engine_name = ""
     if pending:
         if engine is None:
-            engine = engine_factory() if engine_factory else build_engine(model_dir, config)
+            engine = make_engine()
         engine_name = engine.name
         todo = int(sum(tokens.seq_lengths[tokens.part_sequences(p)].sum() for p in pending))
         bar = tqdm(total=todo, desc=f"harvest ({engine.name})", unit="tok", unit_scale=True,
@@ -208,6 +268,8 @@ def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part
     flat, offsets = batch["token_ids"], batch.offsets
     lengths = np.diff(offsets)
     names = [a.name for a in writer.header.arrays]
+    mapped = engine if isinstance(engine, MappedEngine) else None
+    filled = mapped.filled_rows if mapped else 0
     with writer.open_part(part) as pw:
         pw.stats = {"engine": engine.name}
         for sel in batches(lengths, config.batch_tokens):
@@ -218,6 +280,8 @@ def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part
                       batch.seq_ids[sel])
             if bar is not None:
                 bar.update(int(lengths[sel].sum()))
+        if mapped is not None:
+            pw.stats["vocab_map_filled_rows"] = mapped.filled_rows - filled
     return int(lengths.sum())
 
 
