@@ -95,21 +95,27 @@ def quality_table(results: dict[str, Any]) -> str:
 
 
 def _plot_students(run: Path, out: Path) -> str | None:
+    """Training loss and held-out CE of every student, against the step."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
     for name in sorted(p.name for p in (run / "students").glob("*") if p.is_dir()):
-        evals = [m for m in read_metrics(run / "students" / name / "metrics.jsonl")
-                 if "heldout_ce" in m]
+        logs = read_metrics(run / "students" / name / "metrics.jsonl")
+        train = [m for m in logs if m.get("split") == "train"]
+        evals = [m for m in logs if m.get("split") == "eval"]
+        if train:
+            train_ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=name,
+                          lw=1)
         if evals:
-            ax.plot([m["step"] for m in evals], [m["heldout_ce"] for m in evals], label=name,
-                    marker="o", ms=3)
-            drawn = True
+            eval_ax.plot([m["step"] for m in evals], [m["eval_ce"] for m in evals], label=name,
+                         marker="o", ms=3)
+        drawn = drawn or bool(train or evals)
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Students: held-out CE")
-    ax.legend(fontsize=7)
+    train_ax.set(xlabel="step", ylabel="training loss (its own objective)", title="Training")
+    eval_ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Held-out")
+    eval_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "students.png", dpi=110)
     plt.close(fig)
@@ -123,8 +129,9 @@ def _plot_objectives(run: Path, out: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        logs = [m for m in read_metrics(run / "students" / name / "metrics.jsonl") if "kd" in m]
-        ax.plot([m["step"] for m in logs], [m["kd"] for m in logs], label=name)
+        key = "l_multi" if "-multi-" in name else "l_mix"
+        logs = [m for m in read_metrics(run / "students" / name / "metrics.jsonl") if key in m]
+        ax.plot([m["step"] for m in logs], [m[key] for m in logs], label=f"{name} ({key})")
     ax.set(xlabel="step", ylabel="training objective", title="L_mix vs L_multi")
     ax.legend(fontsize=7)
     fig.tight_layout()
