@@ -72,6 +72,7 @@ def vllm_engine(successor_dir: Path) -> Iterator[VllmEngine]:
         fast_path="fast",
         max_model_len=MAX_LEN,
         max_num_batched_tokens=256,
+        enforce_eager=True,  # correctness, not speed: skips ~30 s of torch.compile
     )
     try:
         yield engine
