@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -212,9 +212,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = _tmp_file(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(canonical_json(obj))
-            f.flush()
-            os.fsync(f.fileno())
+            _write_synced(f, canonical_json(obj))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -239,9 +237,14 @@ def _create_exclusive(path: Path, data: bytes) -> None:
     except FileExistsError:
         return
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_synced(f, data)
+
+
+def _write_synced(f: BinaryIO, data: bytes) -> None:
+    """Write ``data`` and make it durable before the caller renames or links the file."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
@@ -335,9 +338,7 @@ class StoreWriter:
             tmp = _tmp_file(path)
             try:
                 with open(tmp, "wb") as f:
-                    f.write(canonical_json(wanted))
-                    f.flush()
-                    os.fsync(f.fileno())
+                    _write_synced(f, canonical_json(wanted))
                 try:
                     os.link(tmp, path)  # atomic and never overwrites: concurrent creators agree
                 except FileExistsError:
