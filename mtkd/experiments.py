@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtkd.distill.aggregate import teacher_rows
+from mtkd.distill.aggregate import target_logprobs, teacher_rows
 from mtkd.distill.fuse import to_union
 from mtkd.distill.operators import get_operator
 from mtkd.distill.tempering import temper
@@ -137,11 +137,9 @@ def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:
 
 def fitted_weights(run: Run) -> np.ndarray:
     """Maximum-likelihood mixture weights on the student set (what ``--weights fit`` uses)."""
-    columns = []
-    for t in run.size.teachers:
-        store = open_store(run.path("stores", f"{t.name}-student"), verify="none")
-        columns.append(store.read_part(0, ["target_logprob"])["target_logprob"])
-    return fit_mixture_weights(np.stack(columns, axis=1))
+    stores = [open_store(run.path("stores", f"{t.name}-student"), verify="none")
+              for t in run.size.teachers]
+    return fit_mixture_weights(target_logprobs(stores))
 
 
 def teacher_tail_mass(run: Run) -> dict[str, dict[str, float]]:

@@ -221,13 +221,18 @@ def fitted_config(config: AggregateConfig, teachers: Sequence[Store]) -> Aggrega
     """
     if not config.fit_weights or config.weights is not None:
         return config
+    weights = fit_mixture_weights(target_logprobs(teachers))
+    return replace(config, weights=tuple(float(w) for w in weights))
+
+
+def target_logprobs(teachers: Sequence[Store]) -> np.ndarray:
+    """[N,K]: each teacher's log-prob of the actual next token at every position, all parts."""
     columns = []
     for store in teachers:
         parts = [store.read_part(p, ["target_logprob"])["target_logprob"]
                  for p in range(store.num_parts)]
         columns.append(np.concatenate(parts).astype(np.float64))
-    weights = fit_mixture_weights(np.stack(columns, axis=1))
-    return replace(config, weights=tuple(float(w) for w in weights))
+    return np.stack(columns, axis=1)
 
 
 def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) -> dict[str, Any]:
