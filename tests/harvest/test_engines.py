@@ -7,6 +7,8 @@ seconds on CPU), so each path's engine is built once for the module.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,9 +278,24 @@ def test_reference_samples_follow_the_distribution(successor_dir: Path) -> None:
 # --- vLLM ----------------------------------------------------------------------------------
 
 
+def test_in_process_build_hides_what_vllm_cannot_scan() -> None:
+    """vLLM's kernel registration fails on llvmlite's lazy library wrapper (loaded with numba,
+    which the CPU top-k kernel uses): an in-process engine build must hide that module."""
+    import llvmlite.binding  # noqa: F401
+
+    from mtkd.harvest.vllm_engine import _engine_core_in_process, _unscannable_modules
+
+    assert "llvmlite.binding.ffi" in _unscannable_modules()
+    with _engine_core_in_process(True):
+        assert "llvmlite.binding.ffi" not in sys.modules
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "llvmlite.binding.ffi" in sys.modules
+
+
 @engine
 def test_engine_paths(vllm_engine: VllmEngine) -> None:
     assert isinstance(vllm_engine, TeacherEngine)
+    assert vllm_engine.in_process  # the CPU default: engine core and worker in this process
     assert vllm_engine.vocab_size == VOCAB and vllm_engine.k == K
     vllm_engine.use_path("public")
     assert vllm_engine.name == "vllm-public"

@@ -219,7 +219,9 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 @engine
 def test_engine_runs_the_kernel_with_unchanged_rows(wide_model: Path) -> None:
     """The same harvest with vLLM's own computation and with the plugin: equal rows, and the
-    workers report the kernel ran (and nothing when it is off)."""
+    workers report the kernel ran (and nothing when it is off). The engine core runs in
+    spawned processes here (the plugin is activated there through the environment); the
+    other engine tests run it in-process, the CPU default."""
     from mtkd.harvest.vllm_engine import VllmEngine
 
     rng = np.random.default_rng(0)
@@ -229,7 +231,7 @@ def test_engine_runs_the_kernel_with_unchanged_rows(wide_model: Path) -> None:
     for fast in (False, True):
         eng = VllmEngine(
             wide_model, 64, dtype="bfloat16", max_model_len=1024, max_num_batched_tokens=256,
-            fast_logprobs=fast,
+            fast_logprobs=fast, in_process=False, enforce_eager=True,
         )
         try:
             before = eng.prompt_logprobs_stats()
