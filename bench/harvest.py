@@ -19,7 +19,7 @@ Prints ``name=value`` lines prefixed by the model, the headline ``extra_us_per_p
 
     .venv/bin/python bench/harvest.py                  # fast path, both models
     .venv/bin/python bench/harvest.py --path public --quick
-    .venv/bin/python bench/harvest.py --inprocess   # engine core in this process
+    .venv/bin/python bench/harvest.py --spawn       # engine core in spawned processes
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -107,7 +106,8 @@ def run_model(m: BenchModel, workdir: Path, args: argparse.Namespace) -> dict[st
     seqs = [rng.integers(0, m.vocab, m.seq_len) for _ in range(args.sequences)]
     tokens = args.sequences * m.seq_len
     engine = VllmEngine(
-        model_dir, K, dtype="bfloat16", fast_path=args.path, max_model_len=m.seq_len + 16
+        model_dir, K, dtype="bfloat16", fast_path=args.path, max_model_len=m.seq_len + 16,
+        in_process=not args.spawn,
     )
     plain = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     try:
@@ -142,19 +142,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="teacher,overhead")
     parser.add_argument(
-        "--inprocess",
+        "--spawn",
         action="store_true",
-        help="run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)",
+        help="run vLLM's engine core in spawned processes (default on CPU: in this process)",
     )
     args = parser.parse_args()
-    if args.inprocess:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.quick:
         args.sequences, args.repeats = 16, 1
     import vllm
 
     print(f"vllm={vllm.__version__}")
-    print(f"multiprocessing={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING', '1')}")
+    print(f"engine_core={'spawned' if args.spawn else 'in-process'}")
     print(f"k={K} sequences={args.sequences} repeats={args.repeats} path={args.path}")
     models = {m.name: m for m in (TEACHER, OVERHEAD)}
     results = {}

@@ -269,6 +269,12 @@ def aggregate(
         help="Safety teacher's weight floor (default: its static weight).")] = None,
     teacher_blocks: Annotated[bool, typer.Option(
         help="Also store each teacher's tempered targets (for --objective multi).")] = False,
+    source: Annotated[str, typer.Option(
+        help="What to fuse: topk (the harvested top-k + tail) | samples (random-sampling "
+             "targets from harvest --num-samples; linear, static weights).")] = "topk",
+    label_entry: Annotated[bool, typer.Option(
+        help="Give the actual next token its exact probability in one more column wherever "
+             "the support lacks it (linear, T=1; the teacher stores hold p(label)).")] = False,
     num_workers: NumWorkersOpt = 1,
     worker_index: WorkerIndexOpt = None,
     config: ConfigOpt = None,
@@ -290,7 +296,7 @@ def aggregate(
             task_weights=_task_weights(task_weight, len(teachers)),
             context=context, context_sharpness=context_sharpness,  # type: ignore[arg-type]
             eps=eps, safety=safety, safety_floor=safety_floor, teacher_blocks=teacher_blocks,
-            imputation=imputation,  # type: ignore[arg-type]
+            imputation=imputation, source=source, label_entry=label_entry,  # type: ignore[arg-type]
         )
         summary = run_aggregate(tokens, out, cfg, processes=processes, worker_index=index,
                                 num_workers=total)

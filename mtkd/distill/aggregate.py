@@ -19,8 +19,9 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd.distill.fuse import IMPUTATIONS, fuse
+from mtkd.distill.fuse import IMPUTATIONS, add_label_entry, fuse
 from mtkd.distill.operators import get_operator
+from mtkd.distill.sampled import SampledRows, fuse_samples
 from mtkd.distill.tails import get_tail_model
 from mtkd.distill.tempering import TeacherRows
 from mtkd.distill.weights import (
@@ -35,6 +36,8 @@ from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, check_aligned, target_header
 
 TEACHER_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
+SAMPLE_ARRAYS = ("sample_ids", "sample_counts")
+SOURCES = ("topk", "samples")
 STORED_DIAGNOSTICS = ("jensen_gap", "disagreement")
 
 
@@ -48,7 +51,12 @@ class AggregateConfig:
     (product-structure normalisation). ``safety`` names the safety teacher, whose weight never
     drops below ``safety_floor`` (default: its static weight). ``imputation``: how a teacher's
     mass on a union id outside its top-k is imputed (``fuse.impute_logs``: "even" share of its
-    tail, or "rank": the id takes its next ranks under a Zipf fit).
+    tail, or "rank": the id takes its next ranks under a Zipf fit). ``source="samples"`` fuses
+    the teachers' random-sampling targets (harvested with ``--num-samples``) instead of their
+    top-k: static weights and the linear operator at temperature 1 only (see
+    :mod:`mtkd.distill.sampled`). ``label_entry`` stores the actual next token's exact
+    probability in one more column wherever the support lacks it
+    (:func:`~mtkd.distill.fuse.add_label_entry`; linear operator at temperature 1).
     """
 
     teachers: tuple[str, ...]
@@ -69,6 +77,8 @@ class AggregateConfig:
     safety_floor: float | None = None
     teacher_blocks: bool = False
     imputation: Literal["even", "rank"] = "even"
+    source: Literal["topk", "samples"] = "topk"
+    label_entry: bool = False
 
     def __post_init__(self) -> None:
         k = len(self.teachers)
@@ -97,6 +107,24 @@ class AggregateConfig:
                                  "(every teacher would get weight 0)")
         # the policy validates its own fields (token/context names, sharpness)
         self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
+        if self.label_entry and (self.operator != "linear" or self.source != "topk"
+                                 or bool(np.any(self.teacher_temperatures != 1))):
+            raise ValueError("the label entry is for top-k targets fused by the linear operator "
+                             "at temperature 1 (the stores hold each teacher's untempered "
+                             "p(label))")
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}; choose one of {list(SOURCES)}")
+        if self.source == "samples":
+            unsupported = [name for name, bad in (
+                ("operator " + self.operator, self.operator != "linear"),
+                ("temperatures other than 1", bool(np.any(self.teacher_temperatures != 1))),
+                ("adaptive or safety weights", self.adaptive or self.safety is not None),
+                ("teacher blocks", self.teacher_blocks),
+            ) if bad]
+            if unsupported:
+                raise ValueError("sampled targets are fused linearly with static weights at "
+                                 "temperature 1 (the sampling temperature is the harvest's); "
+                                 f"not supported with: {', '.join(unsupported)}")
 
     @property
     def static_weights(self) -> np.ndarray:
@@ -184,7 +212,12 @@ def aggregate(
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
     config = fitted_config(config, teachers)
-    if config.tail_model == "exact":
+    if config.source == "samples":
+        for t in teachers:
+            if "sample_ids" not in t.array_names:
+                raise StoreError(f"{t.root} holds no sampled targets (harvest with --engine hf "
+                                 "--num-samples N)")
+    elif config.tail_model == "exact":
         for t in teachers:
             # T = 1 needs nothing stored: its tail is the stored tail
             wanted = {float(x) for x in config.teacher_temperatures if x != 1.0}
@@ -192,8 +225,10 @@ def aggregate(
             if missing:
                 raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
                                  f"in {t.root} (harvest with --engine hf --temperature T)")
-    header = target_header(tokens.num_parts, config.k_out, len(teachers), _attrs(tokens, teachers,
-                           config), teacher_ks=[t.attrs["k"] for t in teachers]
+    width = config.k_out + config.label_entry  # the label entry is one more column
+    header = target_header(tokens.num_parts, width, len(teachers),
+                           _attrs(tokens, teachers, config),
+                           teacher_ks=[t.attrs["k"] for t in teachers]
                            if config.teacher_blocks else ())
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
@@ -264,15 +299,22 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
     )
 
 
+def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
+    """A teacher store part's random-sampling targets (ids of the draws and their counts)."""
+    return SampledRows(ids=batch["sample_ids"], counts=batch["sample_counts"],
+                       num_samples=int(attrs["num_samples"]))
+
+
 @dataclass
 class _PartInputs:
     """One part's teacher rows, sequence boundaries and per-row task index."""
 
     part: int
-    rows: list[TeacherRows]
+    rows: list[TeacherRows] | list[SampledRows]
     offsets: np.ndarray
     seq_ids: np.ndarray
     task_index: np.ndarray
+    labels: np.ndarray | None = None  # the actual next token of every row (label_entry only)
 
 
 def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInputs:
@@ -282,15 +324,16 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
         store.verify_part(part)
     rows, ref = [], None
     for store in teachers:
-        names = list(TEACHER_ARRAYS)
-        if "tempered_tail_logmass" in store.array_names:
+        names = list(SAMPLE_ARRAYS if config.source == "samples" else TEACHER_ARRAYS)
+        if "tempered_tail_logmass" in store.array_names and config.source == "topk":
             names.append("tempered_tail_logmass")
         batch = store.read_part(part, names)
         if ref is None:
             ref = batch
         elif not np.array_equal(batch.offsets, ref.offsets):
             raise StoreError(f"{store.root} part {part}: sequences differ from {teachers[0].root}")
-        rows.append(teacher_rows(batch, store.attrs))
+        rows.append(sampled_rows(batch, store.attrs) if config.source == "samples"
+                    else teacher_rows(batch, store.attrs))
     assert ref is not None
     lengths = np.diff(ref.offsets)
     tags = sorted(config.task_weights)
@@ -300,16 +343,32 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
         lookup = {t: i for i, t in enumerate(tags)}
         seq_task = np.array([lookup.get(t, len(tags)) for t in meta.column("task").to_pylist()],
                             dtype=np.int64)
-    return _PartInputs(part, rows, ref.offsets, ref.seq_ids, np.repeat(seq_task, lengths))
+    labels = None
+    if config.label_entry:
+        tok = tokens.read_part(part, ["token_ids"])
+        labels = np.delete(tok["token_ids"], tok.offsets[:-1])  # row j of a sequence: token j+1
+        if len(labels) != ref.offsets[-1]:
+            raise StoreError(f"part {part}: {len(labels)} labels for {ref.offsets[-1]} rows")
+    return _PartInputs(part, rows, ref.offsets, ref.seq_ids, np.repeat(seq_task, lengths),
+                       labels)
 
 
 def _fuse_part(inputs: _PartInputs, config: AggregateConfig, vocab_size: int
                ) -> dict[str, np.ndarray]:
     weights = config.policy(inputs.task_index, inputs.offsets)
-    return fuse(inputs.rows, weights, config.teacher_temperatures,
-                get_operator(config.operator, **config.operator_params), config.tail_model,
-                config.k_out, vocab_size, keep_teacher_blocks=config.teacher_blocks,
-                imputation=config.imputation)
+    if config.source == "samples":
+        fused = fuse_samples(inputs.rows, weights, config.k_out, vocab_size)  # type: ignore[arg-type]
+    else:
+        fused = fuse(inputs.rows, weights, config.teacher_temperatures,
+                     get_operator(config.operator, **config.operator_params), config.tail_model,
+                     config.k_out, vocab_size, keep_teacher_blocks=config.teacher_blocks,
+                     imputation=config.imputation)
+    if inputs.labels is not None:
+        p_label = np.stack([np.exp(r.target_logprob) for r in inputs.rows], axis=1)  # type: ignore[union-attr]
+        label_probs = np.einsum("nk,nk->n", fused["weights"].astype(np.float64), p_label)
+        fused["ids"], fused["probs"], fused["tail_mass"] = add_label_entry(
+            fused["ids"], fused["probs"], fused["tail_mass"], inputs.labels, label_probs)
+    return fused
 
 
 def _write_part(out: str, header: Header, inputs: _PartInputs, fused: Mapping[str, np.ndarray]

@@ -258,6 +258,31 @@ def top_k(q: np.ndarray, ids: np.ndarray, k_out: int) -> tuple[np.ndarray, np.nd
     return out_ids, out_probs
 
 
+def add_label_entry(
+    ids: np.ndarray, probs: np.ndarray, tail_mass: np.ndarray, labels: np.ndarray,
+    label_probs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the actual next token out of the tail: one more column per row.
+
+    Where the label is not in a row's support, column ``k`` holds it with its exact target
+    probability (e.g. Σ_k w_k p_k(y) for a linear mixture at T = 1: every teacher store holds
+    p_k(y)), taken out of the tail bucket; elsewhere it is padding (id −1, prob 0). The target
+    is still the same distribution, on a finer partition: forward KL to it is closer to the
+    full-vocabulary KL, at the cost of one stored entry, on exactly the token held-out
+    cross-entropy scores. ``label_probs`` above the tail (imputation rounding) are capped.
+    """
+    n, k = ids.shape
+    outside = ~(ids == labels[:, None]).any(axis=1) & (label_probs > 0)
+    share = np.where(outside, np.minimum(label_probs, tail_mass), 0.0)
+    out_ids = np.full((n, k + 1), -1, dtype=ids.dtype)
+    out_ids[:, :k] = ids
+    out_ids[outside, k] = labels[outside]
+    out_probs = np.zeros((n, k + 1), dtype=probs.dtype)
+    out_probs[:, :k] = probs
+    out_probs[:, k] = share
+    return out_ids, out_probs, np.maximum(tail_mass - share, 0.0).astype(tail_mass.dtype)
+
+
 # --------------------------------------------------------------------------- fuse
 
 

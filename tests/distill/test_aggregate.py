@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from mtkd.distill.aggregate import (
     TEACHER_ARRAYS,
@@ -24,6 +25,7 @@ from mtkd.distill.aggregate import (
 from mtkd.distill.fuse import fuse
 from mtkd.distill.tempering import temper
 from mtkd.distill.weights import AdaptiveWeights, fit_mixture_weights
+from mtkd.harvest.hf_engine import sample_targets
 from mtkd.store import IncompleteStoreError, StoreError, StoreWriter, open_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, teacher_header, tokens_header
@@ -53,9 +55,11 @@ def make_tokens(root: Path, seed: int = 0, tokenizer_hash: str = "tok") -> Path:
 
 def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: float,
                  *, complete: bool = True, tokenizer_hash: str | None = None,
-                 temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64") -> Path:
+                 temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64",
+                 num_samples: int = 0) -> Path:
     """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept
-    (float32 log-probs as engines return them, stored as ``logprob_dtype`` says)."""
+    (float32 log-probs as engines return them, stored as ``logprob_dtype`` says), and with
+    ``num_samples`` the reference engine's random-sampling targets."""
     rng = np.random.default_rng(seed)
     tokens = open_store(tokens_dir, TOKENS)
     attrs = {"tokenizer_hash": tokenizer_hash or tokens.attrs["tokenizer_hash"],
@@ -63,7 +67,9 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
              "teacher": name}
     out = root / name
     writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures,
-                                             logprob_dtype=logprob_dtype))
+                                             logprob_dtype=logprob_dtype,
+                                             num_samples=num_samples))
+    generator = torch.Generator().manual_seed(seed)
     for p in range(PARTS if complete else PARTS - 1):
         batch = tokens.read_part(p)
         lengths = np.diff(batch.offsets) - 1
@@ -89,6 +95,11 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
                 lt = logp / t - np.log(np.exp(logp / t).sum(axis=1, keepdims=True))
                 cols.append(np.log(np.where(rest, np.exp(lt), 0).sum(axis=1)))
             rows["tempered_tail_logmass"] = np.stack(cols, axis=1).astype(np.float32)
+        if num_samples:
+            ids, counts, slp = sample_targets(torch.from_numpy(logp), num_samples, 1.0,
+                                              generator)
+            rows |= {"sample_ids": ids.numpy(), "sample_counts": counts.numpy().astype(np.uint16),
+                     "sample_logprobs": slp.numpy()}
         with writer.open_part(p) as pw:
             pw.append(rows, lengths, batch.seq_ids)
     writer.finalize()
@@ -318,6 +329,13 @@ def test_refuses_an_incomplete_teacher_store(stores, tmp_path):
     ({"task_weights": {"code": (1.0, 1.0)}}, "task weights"),
     ({"task_weights": {"code": (0.0, 0.0, 0.0)}}, "positive"),
     ({"safety": 3}, "safety"),
+    ({"source": "draws"}, "unknown source"),
+    ({"source": "samples", "operator": "geometric"}, "operator geometric"),
+    ({"source": "samples", "temperatures": (1.0, 2.0, 1.0)}, "temperatures other than 1"),
+    ({"source": "samples", "token": "entropy"}, "adaptive"),
+    ({"source": "samples", "teacher_blocks": True}, "teacher blocks"),
+    ({"label_entry": True, "operator": "geometric"}, "label entry"),
+    ({"label_entry": True, "temperatures": (2.0, 1.0, 1.0)}, "label entry"),
 ])
 def test_refuses_bad_settings(stores, kw, match):
     _, teachers = stores
@@ -372,3 +390,67 @@ def test_q64_teacher_store_reaches_aggregate_within_its_error_bound(stores, tmp_
         # each stored p moves by a factor within e^(±1/32) (e^(±1/128) where p ≥ 1e-3): at
         # T = 2 each p^(1/2) and their normaliser by e^(±1/64), a fused prob by e^(±1/32)
         np.testing.assert_allclose(got, want, rtol=np.expm1(tc.COARSE_ERROR), atol=1e-7)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=-1)
+
+
+def test_sampled_targets_are_the_linear_mixture_of_the_draws(tmp_path):
+    """source="samples": q = Σ w_k c_k/N over the draws (checked densely), its top k_out with
+    the rest in the tail, and the Jensen gap H(q) − Σ w_k H(p̂_k) of the empirical p̂_k."""
+    tokens = make_tokens(tmp_path)
+    draws = 24
+    teachers = [make_teacher(tmp_path, tokens, f"t{j}", seed=20 + j, scale=s,
+                             num_samples=draws) for j, s in enumerate((1.0, 2.5))]
+    weights = (0.7, 0.3)
+    k_out = 12  # below the union size of many rows: the rest goes to the tail
+    out = tmp_path / "sampled"
+    aggregate(tokens, out, config(teachers, weights=weights, k_out=k_out, source="samples"),
+              progress=False)
+    for p, got in read_all(out).items():
+        emp = []
+        for t in teachers:
+            part = open_store(t, TEACHER).read_part(p, ["sample_ids", "sample_counts"])
+            counts = part["sample_counts"].astype(np.float64)
+            assert np.all(counts.sum(axis=1) == draws)
+            emp.append(dense(part["sample_ids"], counts / draws, 0.0))
+        q = weights[0] * emp[0] + weights[1] * emp[1]
+        top = -np.sort(-q, axis=1)[:, :k_out]
+        np.testing.assert_allclose(np.sort(got["probs"], axis=1)[:, ::-1], top, atol=1e-7)
+        picked = np.take_along_axis(q, np.maximum(got["ids"], 0), axis=1)
+        np.testing.assert_allclose(np.where(got["ids"] >= 0, picked, 0), got["probs"], atol=1e-7)
+        np.testing.assert_allclose(got["tail_mass"], 1 - top.sum(axis=1), atol=1e-6)
+        gap = entropy(q) - weights[0] * entropy(emp[0]) - weights[1] * entropy(emp[1])
+        np.testing.assert_allclose(got["jensen_gap"], gap, atol=1e-5)
+    with pytest.raises(StoreError, match="no sampled targets"):
+        aggregate(tokens, tmp_path / "x", config([make_teacher(tmp_path, tokens, "plain", 1, 1.0)],
+                                                 source="samples"), progress=False)
+
+
+def test_label_entry_splits_the_actual_token_out_of_the_tail(stores, tmp_path):
+    """--label-entry: the target is the same mixture on a finer partition: wherever the label
+    is outside the fused support, one more column holds it with Σ_k w_k p_k(label) (exact from
+    the teacher stores), taken from the tail; the other columns are those of the plain run."""
+    tokens, teachers = stores
+    weights = (0.5, 0.3, 0.2)
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    aggregate(tokens, plain, config(teachers, weights=weights), progress=False)
+    aggregate(tokens, split, config(teachers, weights=weights, label_entry=True), progress=False)
+    tok = open_store(tokens, TOKENS)
+    added = 0
+    for p, got in read_all(split).items():
+        ref = read_all(plain)[p]
+        part = tok.read_part(p)
+        labels = np.delete(part["token_ids"], part.offsets[:-1])
+        p_label = sum(w * np.exp(open_store(t, TEACHER).read_part(p, ["target_logprob"])
+                                 ["target_logprob"].astype(np.float64))
+                      for w, t in zip(weights, teachers, strict=True))
+        np.testing.assert_array_equal(got["ids"][:, :-1], ref["ids"])
+        np.testing.assert_array_equal(got["probs"][:, :-1], ref["probs"])
+        outside = ~(ref["ids"] == labels[:, None]).any(axis=1)
+        np.testing.assert_array_equal(got["ids"][:, -1], np.where(outside, labels, -1))
+        np.testing.assert_allclose(got["probs"][:, -1], np.where(outside, p_label, 0), rtol=1e-6)
+        np.testing.assert_allclose(got["probs"].sum(axis=1) + got["tail_mass"], 1, atol=1e-5)
+        added += int(outside.sum())
+    assert added > 0

@@ -1,0 +1,120 @@
+"""Random-sampling KD targets (Anshumann et al. 2025, "Sparse Logit Sampling").
+
+A teacher harvested with ``--num-samples N`` stores, per position, the distinct ids of N draws
+from its distribution and their counts. The empirical distribution c/N is an unbiased estimate
+of the teacher's, so forward KL to it has the full-vocabulary loss's expected gradient, unlike
+a top-k cut (which drops the tail's shape). Fusing K sampled teachers with static weights w
+gives Σ_k w_k c_k/N, an unbiased estimate of their linear mixture; other operators of
+empirical distributions are biased, so only the linear one is offered.
+
+The fused rows have the same fields as :func:`mtkd.distill.fuse.fuse` returns, so the target
+store and the trainer are the same for sampled and top-k targets. Their tail is empty unless
+more than ``k_out`` distinct ids were drawn (the rest is lumped into ``tail_mass``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mtkd.distill.diagnostics import disagreement, effective_teachers, jensen_gap
+from mtkd.distill.fuse import top_k
+from mtkd.distill.operators import Stack
+from mtkd.distill.weights import validate_weights
+
+#: Dense scratch per block, in float64 elements (K teachers × rows × (V + 1)).
+BLOCK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """One teacher's draws for N positions: ``ids [N,S]`` distinct per row (−1 padded) and
+    ``counts [N,S]`` (0 on padding), each row's counts summing to ``num_samples``."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    num_samples: int
+
+    def __post_init__(self) -> None:
+        if self.ids.ndim != 2 or self.ids.shape != self.counts.shape:
+            raise ValueError(f"sample ids {self.ids.shape} and counts {self.counts.shape} "
+                             "must both be [N,S]")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[0]
+
+
+def check_sampled(teachers: Sequence[SampledRows], vocab_size: int) -> None:
+    """Refuse rows that are not N draws each: bad ids, negative counts, wrong totals."""
+    if not teachers:
+        raise ValueError("need at least one sampled teacher")
+    n = teachers[0].n
+    for j, t in enumerate(teachers):
+        if t.n != n:
+            raise ValueError(f"sampled teacher {j} has {t.n} rows, teacher 0 has {n}")
+        real = t.counts > 0
+        if np.any(t.counts < 0) or np.any(real & ((t.ids < 0) | (t.ids >= vocab_size))):
+            raise ValueError(f"sampled teacher {j}: ids outside [0, {vocab_size}) or "
+                             "negative counts")
+        totals = t.counts.sum(axis=1, dtype=np.int64)
+        if np.any(totals != t.num_samples):
+            raise ValueError(f"sampled teacher {j}: a row's counts do not sum to "
+                             f"num_samples={t.num_samples}")
+
+
+def fuse_samples(
+    teachers: Sequence[SampledRows],
+    weights: np.ndarray | Sequence[float],
+    k_out: int,
+    vocab_size: int,
+) -> dict[str, np.ndarray]:
+    """The linear mixture of K teachers' empirical distributions, as sparse target rows.
+
+    ``weights``: static ``[K]`` or per-row ``[N,K]``. Returns what :func:`~mtkd.distill.fuse.fuse`
+    does (``ids``, ``probs``, ``tail_mass``, ``weights``, ``jensen_gap``, ``disagreement``,
+    ``n_eff``, ``tail_bucket``), with the diagnostics of the empirical distributions.
+    """
+    check_sampled(teachers, vocab_size)
+    if k_out < 1:
+        raise ValueError(f"k_out must be >= 1, got {k_out}")
+    n, n_teachers = teachers[0].n, len(teachers)
+    w = np.broadcast_to(validate_weights(np.asarray(weights, float), n_teachers, n_rows=n),
+                        (n, n_teachers))
+    out: dict[str, np.ndarray] = {
+        "ids": np.empty((n, k_out), np.int32),
+        "probs": np.empty((n, k_out), np.float32),
+        "tail_mass": np.empty(n, np.float32),
+        "weights": w.astype(np.float32),
+        "jensen_gap": np.empty(n, np.float32),
+        "disagreement": np.empty(n, np.float32),
+        "n_eff": effective_teachers(w).astype(np.float32),
+        "tail_bucket": np.zeros(n, np.float32),
+    }
+    block = max(1, BLOCK_ELEMENTS // (n_teachers * (vocab_size + 1)))
+    vocab_ids = np.arange(vocab_size, dtype=np.int32)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows = np.arange(stop - start)[:, None]
+        # dense [K, rows, V + 1]: the empirical distributions and an empty tail category
+        dense = np.zeros((n_teachers, stop - start, vocab_size + 1))
+        for j, t in enumerate(teachers):
+            counts = t.counts[start:stop]
+            ids = np.where(counts > 0, t.ids[start:stop], vocab_size)  # padding → tail column
+            dense[j][rows, ids] = counts / t.num_samples
+            dense[j][:, vocab_size] = 0.0
+        wb = np.ascontiguousarray(w[start:stop])
+        q = np.einsum("nk,knc->nc", wb, dense)
+        ids_out, probs_out = top_k(q[:, :vocab_size], np.broadcast_to(vocab_ids, q[:, :-1].shape),
+                                   k_out)
+        out["ids"][start:stop] = ids_out
+        out["probs"][start:stop] = probs_out
+        out["tail_mass"][start:stop] = np.maximum(1.0 - probs_out.sum(axis=1), 0.0)
+        stack = Stack(dense)
+        out["jensen_gap"][start:stop] = jensen_gap(stack, wb, q)
+        out["disagreement"][start:stop] = disagreement(stack)
+    return out
