@@ -52,6 +52,30 @@ def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = Non
     return name
 
 
+def sampled_targets(run: Run, teacher: int) -> str:
+    """Random-sampling targets of one teacher at (at most) the top-k targets' bytes:
+    ``k`` draws per position from the reference engine, fused as their empirical distribution
+    into a store of the same width ``k``."""
+    from mtkd.demo import _done
+
+    t = run.size.teachers[teacher]
+    draws = run.path("stores", f"{t.name}-student-sampled")
+    if not _done(draws):
+        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                 run.path("teachers", t.name, "final"), "--out", draws, "--engine", "hf",
+                 "--k", str(run.size.k), "--num-samples", str(run.size.k), "--dtype", "float32")
+    return targets(run, f"single-{t.name}-sampled", [teacher], suffix="student-sampled",
+                   extra=("--source", "samples"))
+
+
+def target_bytes_per_position(run: Run, name: str) -> float:
+    """Bytes on disk of a target store per target position."""
+    from mtkd.harvest.job import bytes_on_disk
+
+    store = open_store(run.path("stores", name), verify="none")
+    return bytes_on_disk(store.root) / store.num_rows
+
+
 def student(run: Run, name: str, target_store: str | None, *, objective: str = "mix",
             loss: str = "fkl_tail", teacher: str | None = None) -> dict[str, Any]:
     """Train one student of the common size and budget; record its final metrics.
@@ -107,6 +131,14 @@ def run_experiments(run: Run, which: str = "default") -> None:
         student(run, "mix-fitted", targets(run, "mix-fitted", list(range(len(teachers))),
                                            extra=("--weights", "fit")))
         student(run, "mix-linear-renorm", mix, loss="fkl_renorm")
+        one = f"single-{teachers[best].name}"
+        student(run, f"{one}-label", targets(run, f"{one}-label", [best],
+                                             extra=("--label-entry",)))
+        student(run, f"{one}-sampled", sampled_targets(run, best))
+        run.results["target_bytes_per_position"] = {
+            name: target_bytes_per_position(run, name)
+            for name in (one, f"{one}-label", f"{one}-sampled")
+        }
         for loss in ("fkl_tail", "rkl_tail"):
             student(run, f"objective-mix-{loss}", mix, objective="mix", loss=loss)
             student(run, f"objective-multi-{loss}", mix, objective="multi", loss=loss)

@@ -45,7 +45,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{mix:.4f} vs {ce:.4f} ({gain:+.1%})",
                     "met": gain >= GOAL_CE_GAIN})
     singles = {k: v for k, v in students.items()
-               if k.startswith("single-") and not k.endswith("-full") and v}
+               if k.startswith("single-") and not k.endswith(("-full", "-sampled", "-label"))
+               and v}
     if mix and singles:
         best = min(singles, key=singles.__getitem__)
         out.append({"goal": "mixture student below every single-teacher student",
@@ -64,6 +65,13 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"goal": "top-k + tail bucket within 2% of full-vocabulary KD",
                         "measured": f"{topk:.4f} vs {value:.4f} ({gap:+.2%}){note}",
                         "met": abs(gap) <= GOAL_TOPK_GAP})
+        sampled = students.get(name.replace("-full", "-sampled"))
+        if sampled:  # --experiments all: the same teacher's random-sampling targets
+            gap = sampled / value - 1
+            out.append({"goal": "(experiment) random-sampling targets of the same width within "
+                                "2% of full-vocabulary KD",
+                        "measured": f"{sampled:.4f} vs {value:.4f} ({gap:+.2%})",
+                        "met": abs(gap) <= GOAL_TOPK_GAP})
     safety = results.get("safety")
     if safety:
         checked = sum(p["checked"] for p in safety["points"])
@@ -72,6 +80,20 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": f"{bad} violations in {checked} checks",
                     "met": safety["bound_holds"]})
     return out
+
+
+def sparse_targets_table(results: dict[str, Any]) -> list[str]:
+    """Top-k + tail vs random-sampling targets of one teacher: bytes on disk and the student."""
+    sizes = results.get("target_bytes_per_position", {})
+    if not sizes:
+        return []
+    students = results.get("students", {})
+    rows = ["## Sparse targets of one teacher", "",
+            "| targets | bytes per position | student held-out CE |", "|---|---|---|"]
+    for name, size in sizes.items():
+        ce = students.get(name, {}).get("heldout_ce")
+        rows.append(f"| {name} | {size:.1f} | {'' if ce is None else f'{ce:.4f}'} |")
+    return [*rows, ""]
 
 
 def quality_table(results: dict[str, Any]) -> str:
@@ -226,6 +248,7 @@ def write_report(run_dir: str | Path) -> Path:
     md += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**MISSED**'} |"
            for g in goal_rows]
     md += ["", "## Quality (held-out)", "", quality_table(results), ""]
+    md += sparse_targets_table(results)
     if "variance" in results:
         md += ["## Variance reduction", "", "| weights | Σw² | measured | predicted |",
                "|---|---|---|---|"]

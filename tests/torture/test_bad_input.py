@@ -238,6 +238,28 @@ def test_nonpositive_temperature(temperatures: str, pipeline: Pipeline, tmp_path
     assert not (tmp_path / "t").exists() and not (tmp_path / "h").exists()
 
 
+def test_sampled_targets_need_sampled_stores(pipeline: Pipeline, tmp_path: Path) -> None:
+    """--source samples refuses top-k-only stores; with draws harvested (hf --num-samples) it
+    fuses them, and --label-entry is refused on them (it is for top-k targets)."""
+    code, msg = mtkd("aggregate", *pipeline.teacher_stores, "--tokens", pipeline.tokens,
+                     "--out", tmp_path / "t", "--source", "samples")
+    assert code == 1 and "holds no sampled targets (harvest with --engine hf" in msg, msg
+    assert not (tmp_path / "t").exists()
+    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out",
+                     tmp_path / "draws", *HARVEST, "--num-samples", 16)
+    assert code == 0, msg
+    code, msg = mtkd("aggregate", tmp_path / "draws", "--tokens", pipeline.tokens, "--out",
+                     tmp_path / "t", "--source", "samples", "--label-entry")
+    assert code == 1 and "label entry is for top-k targets" in msg, msg
+    code, msg = mtkd("aggregate", tmp_path / "draws", "--tokens", pipeline.tokens, "--out",
+                     tmp_path / "t", "--source", "samples", "--k-out", 16)
+    assert code == 0, msg
+    target = open_store(tmp_path / "t", verify="full").read_part(0)
+    assert np.all(target["tail_mass"] < 1e-6)  # 16 draws: at most 16 ids, none lumped
+    assert np.allclose(target["probs"].sum(axis=1), 1, atol=1e-6)
+    assert np.all(np.round(target["probs"] * 16, 4) % 1 == 0)  # counts / 16
+
+
 def test_nonpositive_student_temperature(pipeline: Pipeline, tmp_path: Path) -> None:
     student = tmp_path / "student.json"
     student.write_text(json.dumps(STUDENT))
