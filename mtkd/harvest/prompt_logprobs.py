@@ -19,7 +19,9 @@ What changes (CPU only):
   pass, collects the candidates from the groups that reach it (about k to 2k), and writes them
   as packed int64 sort keys that numpy's vectorised sort orders for all rows at once;
 * the rank counts among the candidates when the target is one of them (every entry ``>=`` the
-  target is then a candidate), and over the full row only otherwise.
+  target is then a candidate), and over the full row only otherwise;
+* the kernel and the key sort run on contiguous row ranges in as many threads as torch's
+  intra-op pool has (the worker's cores), where vLLM's top-k path is single-threaded per row.
 
 Rows the kernel cannot settle (NaN rows, more than ``capacity`` entries tied at the threshold,
 mostly ``-inf`` rows) are recomputed by the reference, as is everything when ``k`` is large
@@ -29,6 +31,8 @@ against ``V`` or the tensors are not on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,6 +42,10 @@ import torch
 BLOCK_ELEMENTS = 1 << 20
 #: Largest k the kernel takes (vLLM's max_logprobs default is 20; mtkd caps k at 256).
 MAX_FAST_K = 1024
+
+#: Fewer rows than this per thread are not worth a thread.
+_MIN_ROWS_PER_THREAD = 64
+_POOL: ThreadPoolExecutor | None = None
 
 _PAD_KEY = np.iinfo(np.int64).min  # sorts before every real key
 _LOW = 0xFFFFFFFF  # the low 32 bits of a key hold _LOW − id (equal log-probs → smaller id first)
@@ -104,12 +112,19 @@ def prompt_logprobs_fast(
     ranks = np.empty(n, dtype=np.int64)
     tgt_lp = np.empty(n, dtype=np.float32)
     step = max(1, BLOCK_ELEMENTS // vocab)
+    threads = _threads()
     for a in range(0, n, step):
         b = min(a + step, n)
         lp = logits[a:b].log_softmax(dim=-1, dtype=torch.float32).contiguous().numpy()
-        kern.select(lp, lp.view(np.int32), tgt_np[a:b], k, groups, keys[a:b], ranks[a:b],
-                    tgt_lp[a:b])
-    keys.sort(axis=1)
+        bits = lp.view(np.int32)
+
+        def select(lo: int, hi: int, a: int = a, lp: np.ndarray = lp,
+                   bits: np.ndarray = bits) -> None:
+            kern.select(lp[lo - a:hi - a], bits[lo - a:hi - a], tgt_np[lo:hi], k, groups,
+                        keys[lo:hi], ranks[lo:hi], tgt_lp[lo:hi])
+
+        _over_rows(threads, a, b, select)
+    _over_rows(threads, 0, n, lambda lo, hi: keys[lo:hi].sort(axis=1))
     ids = np.empty((n, k + 1), dtype=np.int32)
     vals = np.empty((n, k + 1), dtype=np.float32)
     kern.decode(keys, tgt_np, tgt_lp, ids, vals.view(np.int32))
@@ -122,6 +137,29 @@ def prompt_logprobs_fast(
     if stats is not None:
         _bump(stats, calls=1, rows=n, reference_rows=len(redo))
     return ids_t, vals_t, ranks_t
+
+
+def _threads() -> int:
+    """Threads for the row-parallel parts: torch's intra-op count (what the worker was given)."""
+    return max(1, torch.get_num_threads())
+
+
+def _over_rows(threads: int, start: int, stop: int, fn: Callable[[int, int], None]) -> None:
+    """``fn(lo, hi)`` over ``threads`` contiguous row ranges of [start, stop), in parallel
+    (the numba kernels are nogil and numpy's sort releases the GIL)."""
+    threads = min(threads, max(1, (stop - start) // _MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        fn(start, stop)
+        return
+    cuts = np.linspace(start, stop, threads + 1).astype(np.int64)
+    list(_pool(threads).map(lambda i: fn(int(cuts[i]), int(cuts[i + 1])), range(threads)))
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="mtkd-topk")
+    return _POOL
 
 
 def _bump(stats: dict[str, float], **counts: int) -> None:
