@@ -318,17 +318,25 @@ class VllmEngine:
         """Contract rows (see :mod:`mtkd.harvest.engine`) for ``sequences``, in input order."""
         seqs = check_sequences(sequences, self.vocab_size)
         outputs = self.generate(seqs, self._params)
-        parts = []
+        total = sum(len(s) - 1 for s in seqs)
+        # each request's rows are copied once, straight into the contract's arrays
+        ids = np.empty((total, self.k), np.int32)
+        lps = np.empty((total, self.k), np.float32)
+        target_lp = np.empty(total, np.float32)
+        ranks = np.empty(total, np.int32)
+        start = 0
         for seq, out in zip(seqs, outputs, strict=True):
-            n_rows = len(seq) - 1
+            stop = start + len(seq) - 1
             plp = out.prompt_logprobs
             if isinstance(plp, TensorPromptLogprobs):
-                parts.append(_rows_from_tensors(plp, n_rows))
+                part = _rows_from_tensors(plp, stop - start)
             elif plp is not None and hasattr(plp, "start_indices"):
-                parts.append(_rows_from_flat(plp, n_rows, self.k))
+                part = _rows_from_flat(plp, stop - start, self.k)
             else:
                 raise RuntimeError(f"unexpected prompt log-probs from vLLM: {type(plp)}")
-            if not np.array_equal(parts[-1][0][:, 0], seq[1:]):
+            if not np.array_equal(part[0][:, 0], seq[1:]):
                 raise RuntimeError("vLLM prompt log-probs are not aligned with the sequence")
-        ids, lps, ranks = (np.concatenate(a) for a in zip(*parts, strict=True))
-        return finish_rows(ids[:, 1:], lps[:, 1:], lps[:, 0], ranks)
+            ids[start:stop], lps[start:stop] = part[0][:, 1:], part[1][:, 1:]
+            target_lp[start:stop], ranks[start:stop] = part[1][:, 0], part[2]
+            start = stop
+        return finish_rows(ids, lps, target_lp, ranks)
