@@ -282,14 +282,15 @@ class VllmEngine:
         if fast and not getattr(self.llm.llm_engine.output_processor, "_mtkd_hooked", False):
             raise RuntimeError("this engine was built with the public path only")
         self.name = f"vllm-{path}"
-        self._params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=self.k,
-            detokenize=False,
-            flat_logprobs=True,
-            extra_args={_KEEP_TENSORS: True} if fast else None,
-        )
+        self._param_args = {
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": self.k,
+            "detokenize": False,
+            "flat_logprobs": True,
+            "extra_args": {_KEEP_TENSORS: True} if fast else None,
+        }
+        self._params = SamplingParams(**self._param_args)
         log.info("vLLM %s harvest path: %s", self.vllm_version, self.name)
 
     def prompt_logprobs_stats(self) -> list[dict[str, Any]] | None:
@@ -307,8 +308,24 @@ class VllmEngine:
         """Shut the engine core (and its worker processes) down."""
         self.llm.llm_engine.engine_core.shutdown()
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    def _full_length_params(self, last_token: int) -> Any:
+        """Parameters for a sequence of exactly max_model_len tokens, sent without its last
+        token: vLLM needs room for one generated token, so the last token is forced as that
+        token (``allowed_token_ids``) and its row is the sample log-probs, which vLLM takes
+        from the raw logits before that mask (``logprobs_mode="raw_logprobs"``, the default):
+        the same row prompt log-probs would give."""
+        from vllm import SamplingParams
+
+        return SamplingParams(**self._param_args, logprobs=self.k,
+                              allowed_token_ids=[last_token])
+
     def generate(self, sequences: Sequence[np.ndarray], params: Any) -> list[Any]:
-        """Run ``llm.generate`` on token-id sequences (no detokenisation, no progress bar)."""
+        """Run ``llm.generate`` on token-id sequences (no detokenisation, no progress bar);
+        ``params`` is one SamplingParams or one per sequence."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
@@ -317,7 +334,17 @@ class VllmEngine:
     def harvest(self, sequences: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Contract rows (see :mod:`mtkd.harvest.engine`) for ``sequences``, in input order."""
         seqs = check_sequences(sequences, self.vocab_size)
-        outputs = self.generate(seqs, self._params)
+        limit = self.max_model_len
+        longest = max(len(s) for s in seqs)
+        if longest > limit:
+            raise ValueError(f"a sequence of {longest} tokens does not fit the engine's "
+                             f"max_model_len of {limit}: raise --max-model-len (up to the "
+                             "model's context) or tokenize with a smaller --max-len")
+        full = [len(s) == limit for s in seqs]
+        outputs = self.generate(
+            [s[:-1] if f else s for s, f in zip(seqs, full, strict=True)],
+            [self._full_length_params(int(s[-1])) if f else self._params
+             for s, f in zip(seqs, full, strict=True)] if any(full) else self._params)
         total = sum(len(s) - 1 for s in seqs)
         # each request's rows are copied once, straight into the contract's arrays
         ids = np.empty((total, self.k), np.int32)
@@ -325,15 +352,19 @@ class VllmEngine:
         target_lp = np.empty(total, np.float32)
         ranks = np.empty(total, np.int32)
         start = 0
-        for seq, out in zip(seqs, outputs, strict=True):
+        for seq, out, forced in zip(seqs, outputs, full, strict=True):
             stop = start + len(seq) - 1
             plp = out.prompt_logprobs
+            n_prompt = stop - start - forced
             if isinstance(plp, TensorPromptLogprobs):
-                part = _rows_from_tensors(plp, stop - start)
+                part = _rows_from_tensors(plp, n_prompt)
             elif plp is not None and hasattr(plp, "start_indices"):
-                part = _rows_from_flat(plp, stop - start, self.k)
+                part = _rows_from_flat(plp, n_prompt, self.k)
             else:
                 raise RuntimeError(f"unexpected prompt log-probs from vLLM: {type(plp)}")
+            if forced:  # the last row: the forced token's sample log-probs
+                last = _rows_from_flat(out.outputs[0].logprobs, 1, self.k)
+                part = tuple(np.concatenate(pair) for pair in zip(part, last, strict=True))
             if not np.array_equal(part[0][:, 0], seq[1:]):
                 raise RuntimeError("vLLM prompt log-probs are not aligned with the sequence")
             ids[start:stop], lps[start:stop] = part[0][:, 1:], part[1][:, 1:]

@@ -60,6 +60,9 @@ def sequences() -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     seqs = [rng.integers(0, VOCAB, n) for n in (2, 3, 57, 300, 700)]
     seqs.append((np.arange(200) + 450) % VOCAB)  # x, x+1, …: every target is the argmax
+    # exactly max_model_len tokens: vLLM needs room for a generated token (its last row comes
+    # from the sample log-probs of the forced last token)
+    seqs.append(rng.integers(0, VOCAB, MAX_LEN))
     return seqs
 
 
@@ -290,6 +293,12 @@ def test_in_process_build_hides_what_vllm_cannot_scan() -> None:
         assert "llvmlite.binding.ffi" not in sys.modules
         assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert "llvmlite.binding.ffi" in sys.modules
+
+
+@engine
+def test_sequence_longer_than_max_model_len_refused(vllm_engine: VllmEngine) -> None:
+    with pytest.raises(ValueError, match="does not fit the engine's max_model_len of 1024"):
+        vllm_engine.harvest([np.zeros(MAX_LEN + 1, np.int64)])
 
 
 @engine
