@@ -328,6 +328,22 @@ class BlockResult:
     teacher_tails: list[np.ndarray]
 
 
+def fused_rows(weights: np.ndarray, k_out: int) -> dict[str, np.ndarray]:
+    """The fused target's arrays for ``weights [N,K]`` rows, to be filled (the weights and
+    ``n_eff`` are set; ``tail_bucket`` starts at 0)."""
+    n = weights.shape[0]
+    return {
+        "ids": np.empty((n, k_out), np.int32),
+        "probs": np.empty((n, k_out), np.float32),
+        "tail_mass": np.empty(n, np.float32),
+        "weights": weights.astype(np.float32),
+        "jensen_gap": np.empty(n, np.float32),
+        "disagreement": np.empty(n, np.float32),
+        "n_eff": effective_teachers(weights).astype(np.float32),
+        "tail_bucket": np.zeros(n, np.float32),
+    }
+
+
 def fuse(
     teachers: Sequence[TeacherRows],
     weights: np.ndarray | Sequence[float] | WeightPolicy,
@@ -382,16 +398,7 @@ def fuse(
         inputs, cache = engine.policy_inputs(block_rows)
         weights = weights(inputs)
     w = np.broadcast_to(validate_weights(weights, n_teachers, n_rows=n), (n, n_teachers))
-    out: dict[str, np.ndarray] = {
-        "ids": np.empty((n, k_out), np.int32),
-        "probs": np.empty((n, k_out), np.float32),
-        "tail_mass": np.empty(n, np.float32),
-        "weights": w.astype(np.float32),
-        "jensen_gap": np.empty(n, np.float32),
-        "disagreement": np.empty(n, np.float32),
-        "n_eff": effective_teachers(w).astype(np.float32),
-        "tail_bucket": np.empty(n, np.float32),
-    }
+    out = fused_rows(w, k_out)
     if keep_teacher_blocks:
         for j, t in enumerate(teachers):
             out[f"teacher{j}_ids"] = np.asarray(t.ids, dtype=np.int32)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtkd.distill.diagnostics import disagreement, effective_teachers, jensen_gap
-from mtkd.distill.fuse import top_k
+from mtkd.distill.diagnostics import disagreement, jensen_gap
+from mtkd.distill.fuse import fused_rows, top_k
 from mtkd.distill.operators import Stack
 from mtkd.distill.weights import validate_weights
 
@@ -85,16 +85,7 @@ def fuse_samples(
     n, n_teachers = teachers[0].n, len(teachers)
     w = np.broadcast_to(validate_weights(np.asarray(weights, float), n_teachers, n_rows=n),
                         (n, n_teachers))
-    out: dict[str, np.ndarray] = {
-        "ids": np.empty((n, k_out), np.int32),
-        "probs": np.empty((n, k_out), np.float32),
-        "tail_mass": np.empty(n, np.float32),
-        "weights": w.astype(np.float32),
-        "jensen_gap": np.empty(n, np.float32),
-        "disagreement": np.empty(n, np.float32),
-        "n_eff": effective_teachers(w).astype(np.float32),
-        "tail_bucket": np.zeros(n, np.float32),
-    }
+    out = fused_rows(w, k_out)  # the tail bucket stays 0: the draws' support is all there is
     block = max(1, BLOCK_ELEMENTS // (n_teachers * (vocab_size + 1)))
     vocab_ids = np.arange(vocab_size, dtype=np.int32)
     for start in range(0, n, block):
