@@ -275,6 +275,9 @@ def aggregate(
     label_entry: Annotated[bool, typer.Option(
         help="Give the actual next token its exact probability in one more column wherever "
              "the support lacks it (linear, T=1; the teacher stores hold p(label)).")] = False,
+    codec: Annotated[str, typer.Option(
+        help="Target store arrays: raw (memory-mapped, fastest to train from) | zstd (about "
+             "half the bytes; whole chunks are decoded on every read).")] = "raw",
     num_workers: NumWorkersOpt = 1,
     worker_index: WorkerIndexOpt = None,
     config: ConfigOpt = None,
@@ -297,6 +300,7 @@ def aggregate(
             context=context, context_sharpness=context_sharpness,  # type: ignore[arg-type]
             eps=eps, safety=safety, safety_floor=safety_floor, teacher_blocks=teacher_blocks,
             imputation=imputation, source=source, label_entry=label_entry,  # type: ignore[arg-type]
+            codec=codec,  # type: ignore[arg-type]
         )
         summary = run_aggregate(tokens, out, cfg, processes=processes, worker_index=index,
                                 num_workers=total)

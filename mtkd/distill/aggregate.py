@@ -79,6 +79,7 @@ class AggregateConfig:
     imputation: Literal["even", "rank"] = "even"
     source: Literal["topk", "samples"] = "topk"
     label_entry: bool = False
+    codec: Literal["raw", "zstd"] = "raw"  # of the target store (see schema.target_header)
 
     def __post_init__(self) -> None:
         k = len(self.teachers)
@@ -112,6 +113,8 @@ class AggregateConfig:
             raise ValueError("the label entry is for top-k targets fused by the linear operator "
                              "at temperature 1 (the stores hold each teacher's untempered "
                              "p(label))")
+        if self.codec not in ("raw", "zstd"):
+            raise ValueError(f"unknown codec {self.codec!r}; choose raw or zstd")
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {list(SOURCES)}")
         if self.source == "samples":
@@ -229,7 +232,7 @@ def aggregate(
     header = target_header(tokens.num_parts, width, len(teachers),
                            _attrs(tokens, teachers, config),
                            teacher_ks=[t.attrs["k"] for t in teachers]
-                           if config.teacher_blocks else ())
+                           if config.teacher_blocks else (), codec=config.codec)
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     groups = [pending[i::processes] for i in range(max(1, min(processes, len(pending))))]

@@ -101,21 +101,28 @@ def target_header(
     attrs: Mapping[str, Any],
     *,
     teacher_ks: Sequence[int] = (),
+    codec: Codec = "raw",
 ) -> Header:
-    """Fused targets on their support, plus diagnostics; ``teacher_ks`` adds L_multi blocks."""
+    """Fused targets on their support, plus diagnostics; ``teacher_ks`` adds L_multi blocks.
+
+    ``codec``: ``raw`` (the default) is memory-mapped, so the trainer's shuffled batch reads
+    cost no decoding; ``zstd`` about halves the bytes on disk (measured on the demo's targets:
+    528 → 268 bytes per position for one teacher at k_out = 64), paid in decoding whole
+    chunks on every read.
+    """
     arrays = [
-        ArraySpec("ids", "int32", (k_out,)),
-        ArraySpec("probs", "float32", (k_out,)),
-        ArraySpec("tail_mass", "float32"),
-        ArraySpec("weights", "float32", (num_teachers,)),
-        ArraySpec("jensen_gap", "float32"),
-        ArraySpec("disagreement", "float32"),
+        ArraySpec("ids", "int32", (k_out,), codec),
+        ArraySpec("probs", "float32", (k_out,), codec),
+        ArraySpec("tail_mass", "float32", (), codec),
+        ArraySpec("weights", "float32", (num_teachers,), codec),
+        ArraySpec("jensen_gap", "float32", (), codec),
+        ArraySpec("disagreement", "float32", (), codec),
     ]
     for j, k in enumerate(teacher_ks):
         arrays += [
-            ArraySpec(f"teacher{j}_ids", "int32", (k,)),
-            ArraySpec(f"teacher{j}_probs", "float32", (k,)),
-            ArraySpec(f"teacher{j}_tail_mass", "float32"),
+            ArraySpec(f"teacher{j}_ids", "int32", (k,), codec),
+            ArraySpec(f"teacher{j}_probs", "float32", (k,), codec),
+            ArraySpec(f"teacher{j}_tail_mass", "float32", (), codec),
         ]
     full_attrs = dict(attrs) | {"k_out": k_out, "num_teachers": num_teachers,
                                 "teacher_blocks": bool(teacher_ks)}

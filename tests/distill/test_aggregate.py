@@ -279,6 +279,18 @@ def test_processes_and_pipelining_do_not_change_the_store(stores, tmp_path):
     assert_same_store(tmp_path / "seq", tmp_path / "two")
 
 
+def test_zstd_target_store_reads_back_the_same_targets(stores, tmp_path):
+    """--codec zstd changes the bytes on disk, not one value."""
+    tokens, teachers = stores
+    aggregate(tokens, tmp_path / "raw", config(teachers), progress=False)
+    aggregate(tokens, tmp_path / "zstd", config(teachers, codec="zstd"), progress=False)
+    raw, packed = read_all(tmp_path / "raw"), read_all(tmp_path / "zstd")
+    for p in raw:
+        for name in raw[p]:
+            np.testing.assert_array_equal(raw[p][name], packed[p][name], err_msg=f"{p}/{name}")
+    assert {a.codec for a in open_store(tmp_path / "zstd").header.arrays} == {"zstd"}
+
+
 def test_workers_share_parts(stores, tmp_path):
     tokens, teachers = stores
     cfg = config(teachers)
@@ -335,6 +347,7 @@ def test_refuses_an_incomplete_teacher_store(stores, tmp_path):
     ({"source": "samples", "token": "entropy"}, "adaptive"),
     ({"source": "samples", "teacher_blocks": True}, "teacher blocks"),
     ({"label_entry": True, "operator": "geometric"}, "label entry"),
+    ({"codec": "lz4"}, "unknown codec"),
     ({"label_entry": True, "temperatures": (2.0, 1.0, 1.0)}, "label entry"),
 ])
 def test_refuses_bad_settings(stores, kw, match):
