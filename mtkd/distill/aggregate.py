@@ -108,8 +108,8 @@ class AggregateConfig:
                                  "(every teacher would get weight 0)")
         # the policy validates its own fields (token/context names, sharpness)
         self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
-        if self.label_entry and (self.operator != "linear" or self.source != "topk"
-                                 or bool(np.any(self.teacher_temperatures != 1))):
+        tempered = bool(np.any(self.teacher_temperatures != 1))
+        if self.label_entry and (self.operator != "linear" or self.source != "topk" or tempered):
             raise ValueError("the label entry is for top-k targets fused by the linear operator "
                              "at temperature 1 (the stores hold each teacher's untempered "
                              "p(label))")
@@ -120,7 +120,7 @@ class AggregateConfig:
         if self.source == "samples":
             unsupported = [name for name, bad in (
                 ("operator " + self.operator, self.operator != "linear"),
-                ("temperatures other than 1", bool(np.any(self.teacher_temperatures != 1))),
+                ("temperatures other than 1", tempered),
                 ("adaptive or safety weights", self.adaptive or self.safety is not None),
                 ("teacher blocks", self.teacher_blocks),
             ) if bad]

@@ -45,7 +45,7 @@ MAX_FAST_K = 1024
 
 #: Fewer rows than this per thread are not worth a thread.
 _MIN_ROWS_PER_THREAD = 64
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 _PAD_KEY = np.iinfo(np.int64).min  # sorts before every real key
 _LOW = 0xFFFFFFFF  # the low 32 bits of a key hold _LOW − id (equal log-probs → smaller id first)
@@ -156,10 +156,10 @@ def _over_rows(threads: int, start: int, stop: int, fn: Callable[[int, int], Non
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="mtkd-topk")
-    return _POOL
+    """One pool per thread count, kept for the life of the process."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mtkd-topk")
+    return _POOLS[threads]
 
 
 def _bump(stats: dict[str, float], **counts: int) -> None:
