@@ -562,7 +562,8 @@ class PartWriter:
                 raise StoreError(f"array {spec.name}: {len(data)} rows for {offsets[-1]}")
             arrays[spec.name] = (data, spec.codec)
         self.tmp.mkdir(parents=True)
-        group = zarr.open_group(self.tmp, mode="w", zarr_format=3)
+        # "w-": mode "w" would delete and recreate the fresh dir, a window where it is gone
+        group = zarr.open_group(self.tmp, mode="w-", zarr_format=3)
         for name, (data, codec) in arrays.items():
             _write_array(group, name, data, codec)
         if self._meta:

@@ -513,7 +513,8 @@ def test_writer_killed_mid_part_leaves_nothing_committed(tmp_path: Path) -> None
     rows = 250_000  # 16 MB of ids and 8 MB of log-probs per part
     proc = run_writer(root, rows, slow=True)
     deadline = time.monotonic() + 60
-    while not list(root.glob("parts/.tmp-00001-*")):  # part 0 committed, part 1 being written
+    # part 0 committed, part 1 being written (its group metadata is the first file in it)
+    while not list(root.glob("parts/.tmp-00001-*/zarr.json")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.001)
