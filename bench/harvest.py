@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mtkd.harvest.openmp import limit_openmp_spinning
+
+limit_openmp_spinning()  # as `mtkd harvest` does, before torch is imported
 K = 64
 
 

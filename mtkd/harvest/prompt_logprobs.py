@@ -11,17 +11,18 @@ log-probs (here: ascending id; ``torch.topk`` leaves it unspecified).
 
 What changes (CPU only):
 
-* the log-softmax runs on blocks of rows that stay in cache, never on the whole ``[n, V]``
-  (it is the same ATen kernel row by row, hence bit-identical; the exponentials in it are the
-  remaining cost, which a one-pass logsumexp does not reduce);
+* the rows are split into contiguous ranges, one per thread of torch's intra-op pool (the
+  worker's cores; vLLM's top-k path is single-threaded per row), and each range is done in
+  chunks that stay in cache: log-softmax, selection, key sort and decode in turn, so the
+  ``[n, V]`` float32 log-probs never exist at once (the log-softmax is the same ATen kernel row
+  by row, hence bit-identical; its exponentials are the remaining cost, which a one-pass
+  logsumexp does not reduce);
 * the top-k is a numba kernel instead of ``torch.topk``'s per-row partial sort: per row it
   takes strided group maxima (vectorised), bisects a threshold on them that at least k entries
   pass, collects the candidates from the groups that reach it (about k to 2k), and writes them
-  as packed int64 sort keys that numpy's vectorised sort orders for all rows at once;
+  as packed int64 sort keys that numpy's vectorised sort orders for a chunk's rows at once;
 * the rank counts among the candidates when the target is one of them (every entry ``>=`` the
-  target is then a candidate), and over the full row only otherwise;
-* the kernel and the key sort run on contiguous row ranges in as many threads as torch's
-  intra-op pool has (the worker's cores), where vLLM's top-k path is single-threaded per row.
+  target is then a candidate), and over the full row only otherwise.
 
 Rows the kernel cannot settle (NaN rows, more than ``capacity`` entries tied at the threshold,
 mostly ``-inf`` rows) are recomputed by the reference, as is everything when ``k`` is large
@@ -30,6 +31,7 @@ against ``V`` or the tensors are not on the CPU.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +40,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-#: Rows per log-softmax block: about this many float32 elements (4 MiB) at a time.
-BLOCK_ELEMENTS = 1 << 20
+#: Rows per chunk (log-softmax, selection, sort, decode in turn): about this many float32
+#: log-probs (1 MiB, a core's L2), and at least ``_MIN_CHUNK_ROWS``.
+CHUNK_ELEMENTS = 1 << 18
+_MIN_CHUNK_ROWS = 16
 #: Largest k the kernel takes (vLLM's max_logprobs default is 20; mtkd caps k at 256).
 MAX_FAST_K = 1024
 
@@ -108,26 +112,25 @@ def prompt_logprobs_fast(
     kern = _kernels()
     targets64 = targets.to(torch.int64).contiguous()
     tgt_np = targets64.numpy()
-    keys = np.empty((n, cap), dtype=np.int64)
-    ranks = np.empty(n, dtype=np.int64)
-    tgt_lp = np.empty(n, dtype=np.float32)
-    step = max(1, BLOCK_ELEMENTS // vocab)
-    threads = _threads()
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        lp = logits[a:b].log_softmax(dim=-1, dtype=torch.float32).contiguous().numpy()
-        bits = lp.view(np.int32)
-
-        def select(lo: int, hi: int, a: int = a, lp: np.ndarray = lp,
-                   bits: np.ndarray = bits) -> None:
-            kern.select(lp[lo - a:hi - a], bits[lo - a:hi - a], tgt_np[lo:hi], k, groups,
-                        keys[lo:hi], ranks[lo:hi], tgt_lp[lo:hi])
-
-        _over_rows(threads, a, b, select)
-    _over_rows(threads, 0, n, lambda lo, hi: keys[lo:hi].sort(axis=1))
     ids = np.empty((n, k + 1), dtype=np.int32)
     vals = np.empty((n, k + 1), dtype=np.float32)
-    kern.decode(keys, tgt_np, tgt_lp, ids, vals.view(np.int32))
+    ranks = np.empty(n, dtype=np.int64)
+    tgt_lp = np.empty(n, dtype=np.float32)
+    step = max(_MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+
+    def rows(lo: int, hi: int) -> None:
+        """Rows [lo, hi) chunk by chunk, each chunk's log-probs and keys staying in cache."""
+        keys = np.empty((min(step, hi - lo), cap), dtype=np.int64)
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            lp = logits[a:b].log_softmax(dim=-1, dtype=torch.float32).numpy()
+            kk = keys[: b - a]
+            kern.select(lp, lp.view(np.int32), tgt_np[a:b], k, groups, kk, ranks[a:b],
+                        tgt_lp[a:b])
+            kk.sort(axis=1)
+            kern.decode(kk, tgt_np[a:b], tgt_lp[a:b], ids[a:b], vals[a:b].view(np.int32))
+
+    _over_rows(_threads(), 0, n, rows)
     ids_t, vals_t, ranks_t = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks)
     redo = np.flatnonzero(ranks < 0)
     if len(redo):
@@ -151,15 +154,31 @@ def _over_rows(threads: int, start: int, stop: int, fn: Callable[[int, int], Non
     if threads == 1:
         fn(start, stop)
         return
-    cuts = np.linspace(start, stop, threads + 1).astype(np.int64)
-    list(_pool(threads).map(lambda i: fn(int(cuts[i]), int(cuts[i + 1])), range(threads)))
+    cuts = [start + (stop - start) * i // threads for i in range(threads + 1)]
+    list(_pool(threads).map(lambda i: fn(cuts[i], cuts[i + 1]), range(threads)))
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     """One pool per thread count, kept for the life of the process."""
     if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="mtkd-topk")
+        _POOLS[threads] = ThreadPoolExecutor(
+            threads, thread_name_prefix="mtkd-topk", initializer=_torch_ops_inline)
     return _POOLS[threads]
+
+
+def _torch_ops_inline() -> None:
+    """Make the calling thread run ATen ops (the log-softmax) without an OpenMP team.
+
+    A pool thread's parallel op would start a team of its own, whose threads spin on the
+    worker's cores long after it ends and slow the model's next forward pass (measured: the
+    forward +2 µs per position on the overhead bench). OpenMP's thread count is per thread, so
+    the model's own threads keep theirs; ``torch.set_num_threads`` would change the default of
+    every thread started later too. Without an OpenMP runtime in the process, nothing to do.
+    """
+    torch.get_num_threads()  # torch's lazy per-thread OpenMP set-up first: it would undo this
+    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+    if set_threads is not None:
+        set_threads(1)
 
 
 def _bump(stats: dict[str, float], **counts: int) -> None:

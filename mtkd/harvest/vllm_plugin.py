@@ -6,13 +6,14 @@ inert unless the environment variable :data:`ENV_VAR` is ``"1"`` in that process
 :class:`~mtkd.harvest.vllm_engine.VllmEngine` sets it while it builds its ``LLM`` (see
 :func:`activated`), and the engine-core and worker processes inherit it.
 
-Active, on vLLM :data:`VERSIONS` with the V1 model runner on the CPU platform, it wraps
-``GPUModelRunner._get_prompt_logprobs_dict`` (which ``CPUModelRunner`` inherits): while that
-method runs, the runner's ``sampler`` is a proxy whose ``compute_logprobs`` passes the logits
-through and whose ``gather_logprobs`` is :func:`~mtkd.harvest.prompt_logprobs.prompt_logprobs_fast`
-(same tensors as vLLM's, see there). vLLM's chunking, buffers and output path are untouched,
-and so is everything else the sampler does: generated tokens and their log-probs never reach
-the wrapper. Other vLLM versions or platforms: nothing is patched, and a warning says why.
+Active, on vLLM :data:`VERSIONS` with the V1 model runner on the CPU platform, it replaces
+``GPUModelRunner._get_prompt_logprobs_dict`` (which ``CPUModelRunner`` inherits) by
+:func:`prompt_logprobs_batched`: the same rows and bookkeeping, computed for all of a step's
+requests at once by :func:`~mtkd.harvest.prompt_logprobs.prompt_logprobs_fast` (same tensors as
+vLLM's, see there) where vLLM runs the lm_head and the top-k once per request. vLLM's chunking
+and output path are untouched, and so is the sampler: generated tokens and their log-probs
+never reach the replacement. Other vLLM versions or platforms, or a ``logprobs_mode`` other than
+log-probs: vLLM's own method runs (a warning says why where nothing is patched).
 
 The wrapper is applied when ``vllm.v1.worker.gpu_model_runner`` is imported (an import hook;
 the front-end never imports it unless the engine core runs in-process). Each process keeps
@@ -30,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -144,35 +146,89 @@ def worker_stats() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _PromptSampler:
-    """Stands in for the runner's ``Sampler`` during ``_get_prompt_logprobs_dict`` only."""
+@dataclass(frozen=True)
+class _Rows:
+    """One request's prompt rows in this step: ``count`` rows from prompt row ``first``, at
+    row ``offset`` of the step's hidden states, into ``buffer`` (None: the whole prompt, a
+    view of the step's result is handed out instead)."""
 
-    def __init__(self, sampler: Any) -> None:
-        self._sampler = sampler
+    req_id: str
+    prompt: Sequence[int]
+    first: int
+    count: int
+    offset: int
+    buffer: Any
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sampler, name)
 
-    @staticmethod
-    def compute_logprobs(logits: Any) -> Any:
-        """Deferred: ``gather_logprobs`` gets the logits and computes what it needs."""
-        return logits
+def prompt_logprobs_batched(
+    runner: Any, hidden_states: Any, num_scheduled_tokens: dict[str, int]
+) -> dict[str, Any]:
+    """``GPUModelRunner._get_prompt_logprobs_dict`` with one lm_head product and one
+    :func:`~mtkd.harvest.prompt_logprobs.prompt_logprobs_fast` call for all of a step's prompt
+    rows of one k, where vLLM runs both once per request (the per-call costs, a Python list
+    to tensor and a zeroed buffer per request dominated the rows of short prompts).
 
-    @staticmethod
-    def gather_logprobs(logits: Any, num_logprobs: int, token_ids: Any) -> Any:
-        """vLLM's ``LogprobsTensors`` of ``Sampler.gather_logprobs(compute_logprobs(logits))``."""
-        from vllm.v1.outputs import LogprobsTensors
+    Same bookkeeping as vLLM's: a request's rows go to its chunk buffer, which is returned
+    with its last chunk; a prompt done in one step gets views of the step's tensors instead
+    of a buffer it would be copied into.
+    """
+    import numpy as np
+    import torch
+    from vllm.v1.outputs import LogprobsTensors
 
-        from mtkd.harvest.prompt_logprobs import prompt_logprobs_fast
+    from mtkd.harvest.prompt_logprobs import prompt_logprobs_fast
 
+    pending: dict[str, int] = runner.num_prompt_logprobs
+    done: dict[str, Any] = {}
+    by_k: dict[int, list[_Rows]] = {}
+    for req_id, k in pending.items():
+        scheduled = num_scheduled_tokens.get(req_id)
+        request = runner.requests[req_id]
+        prompt = request.prompt_token_ids
+        if scheduled is None or prompt is None:  # preempted in prefill; prompt embeddings
+            continue
+        first = request.num_computed_tokens
+        remaining = len(prompt) - 1 - first
+        last = scheduled > remaining  # == : the rows are done, but returned with the next step
+        count = remaining if last else scheduled
+        buffer = request.in_progress_prompt_logprobs_cpu
+        if buffer is None and not (last and first == 0 and count > 0):
+            buffer = LogprobsTensors.empty_cpu(len(prompt) - 1, k + 1)
+            request.in_progress_prompt_logprobs_cpu = buffer
+        if count > 0:
+            offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
+            by_k.setdefault(k, []).append(_Rows(req_id, prompt, first, count, offset, buffer))
+        if last:
+            done[req_id] = buffer  # a whole prompt's views are filled in below
+    for k, group in by_k.items():
+        rows = np.concatenate([np.arange(r.offset, r.offset + r.count) for r in group])
+        targets = np.concatenate(
+            [np.asarray(r.prompt[r.first + 1 : r.first + 1 + r.count], np.int64) for r in group])
+        logits = runner.model.compute_logits(hidden_states[torch.from_numpy(rows)])
         start = time.perf_counter()
-        rows = prompt_logprobs_fast(logits, num_logprobs, token_ids, _STATS)
+        ids, lps, ranks = prompt_logprobs_fast(logits, k, torch.from_numpy(targets), _STATS)
         _STATS["seconds"] = _STATS.get("seconds", 0.0) + time.perf_counter() - start
-        return LogprobsTensors(*rows)
+        ranks = ranks.to(torch.int32)  # the dtype of vLLM's buffers
+        a = 0
+        for r in group:
+            b = a + r.count
+            if r.buffer is None:
+                done[r.req_id] = LogprobsTensors(ids[a:b], lps[a:b], ranks[a:b])
+            else:
+                rows_of = slice(r.first, r.first + r.count)
+                r.buffer.logprob_token_ids[rows_of] = ids[a:b]
+                r.buffer.logprobs[rows_of] = lps[a:b]
+                r.buffer.selected_token_ranks[rows_of] = ranks[a:b]
+            a = b
+    for req_id in done:
+        del pending[req_id]
+        runner.requests[req_id].in_progress_prompt_logprobs_cpu = None
+    return done
 
 
 def _patch_runner(module: ModuleType) -> None:
-    """Wrap ``GPUModelRunner._get_prompt_logprobs_dict`` (once)."""
+    """Replace ``GPUModelRunner._get_prompt_logprobs_dict`` (once; the original stays the
+    fallback)."""
     try:
         cls = module.GPUModelRunner
         original: Callable[..., Any] = cls.__dict__["_get_prompt_logprobs_dict"]
@@ -191,12 +247,7 @@ def _patch_runner(module: ModuleType) -> None:
             or self.model_config.logprobs_mode not in ("raw_logprobs", "processed_logprobs")
         ):
             return original(self, *args, **kwargs)
-        sampler = self.sampler
-        self.sampler = _PromptSampler(sampler)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            self.sampler = sampler
+        return prompt_logprobs_batched(self, *args, **kwargs)
 
     _get_prompt_logprobs_dict.__doc__ = original.__doc__
     setattr(_get_prompt_logprobs_dict, _PATCHED, True)
