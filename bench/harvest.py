@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd.harvest.openmp import limit_openmp_spinning
+from mtkd.harvest.parallel import limit_openmp_spinning
 
 limit_openmp_spinning()  # as `mtkd harvest` does, before torch is imported
 K = 64

@@ -153,7 +153,7 @@ def harvest(
     config: ConfigOpt = None,
 ) -> None:
     """Run one teacher over a tokens store with vLLM and write its sparse log-probs."""
-    from mtkd.harvest.openmp import limit_openmp_spinning
+    from mtkd.harvest.parallel import limit_openmp_spinning
 
     limit_openmp_spinning()  # before torch is imported
     from mtkd.harvest.job import HarvestConfig

@@ -12,6 +12,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mtkd.harvest.parallel import over_rows
+
+#: Rows per chunk of :func:`tail_logmass` (its float64 exponentials stay in cache).
+TAIL_CHUNK_ROWS = 2048
+
 #: Keys every engine returns (optional extras: ``tempered_tail_logmass``, ``sample_*``).
 ROW_KEYS = ("topk_ids", "topk_logprobs", "target_logprob", "target_rank", "tail_logmass")
 
@@ -64,11 +69,22 @@ def tail_logmass(topk_logprobs: np.ndarray) -> np.ndarray:
     """``log(1 − Σ exp(topk_logprobs))`` per row in float64 (−inf when the top-k holds all
     the mass), returned as float32.
 
-    Float32 log-probs carry ≈1e-7 relative error, so tails below that are noise.
+    Float32 log-probs carry ≈1e-7 relative error, so tails below that are noise. Rows are done
+    in cache-sized chunks over the harvest's threads (each row's sum is the same either way).
     """
-    mass = np.exp(topk_logprobs, dtype=np.float64).sum(axis=-1)
-    with np.errstate(divide="ignore"):
-        return np.log1p(-np.minimum(mass, 1.0)).astype(np.float32)
+    lp = np.asarray(topk_logprobs)
+    out = np.empty(lp.shape[:-1], np.float32)
+    lp_rows, out_rows = lp.reshape(-1, lp.shape[-1]), out.reshape(-1)
+
+    def rows(lo: int, hi: int) -> None:
+        for a in range(lo, hi, TAIL_CHUNK_ROWS):
+            b = min(a + TAIL_CHUNK_ROWS, hi)
+            mass = np.exp(lp_rows[a:b], dtype=np.float64).sum(axis=-1)
+            with np.errstate(divide="ignore"):
+                out_rows[a:b] = np.log1p(-np.minimum(mass, 1.0))
+
+    over_rows(0, len(lp_rows), rows)
+    return out
 
 
 def finish_rows(

@@ -31,14 +31,13 @@ against ``V`` or the tensors are not on the CPU.
 
 from __future__ import annotations
 
-import ctypes
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from mtkd.harvest.parallel import over_rows
 
 #: Rows per chunk (log-softmax, selection, sort, decode in turn): about this many float32
 #: log-probs (1 MiB, a core's L2), and at least ``_MIN_CHUNK_ROWS``.
@@ -47,9 +46,6 @@ _MIN_CHUNK_ROWS = 16
 #: Largest k the kernel takes (vLLM's max_logprobs default is 20; mtkd caps k at 256).
 MAX_FAST_K = 1024
 
-#: Fewer rows than this per thread are not worth a thread.
-_MIN_ROWS_PER_THREAD = 64
-_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 _PAD_KEY = np.iinfo(np.int64).min  # sorts before every real key
 _LOW = 0xFFFFFFFF  # the low 32 bits of a key hold _LOW − id (equal log-probs → smaller id first)
@@ -130,7 +126,7 @@ def prompt_logprobs_fast(
             kk.sort(axis=1)
             kern.decode(kk, tgt_np[a:b], tgt_lp[a:b], ids[a:b], vals[a:b].view(np.int32))
 
-    _over_rows(_threads(), 0, n, rows)
+    over_rows(0, n, rows)
     ids_t, vals_t, ranks_t = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks)
     redo = np.flatnonzero(ranks < 0)
     if len(redo):
@@ -140,45 +136,6 @@ def prompt_logprobs_fast(
     if stats is not None:
         _bump(stats, calls=1, rows=n, reference_rows=len(redo))
     return ids_t, vals_t, ranks_t
-
-
-def _threads() -> int:
-    """Threads for the row-parallel parts: torch's intra-op count (what the worker was given)."""
-    return max(1, torch.get_num_threads())
-
-
-def _over_rows(threads: int, start: int, stop: int, fn: Callable[[int, int], None]) -> None:
-    """``fn(lo, hi)`` over ``threads`` contiguous row ranges of [start, stop), in parallel
-    (the numba kernels are nogil and numpy's sort releases the GIL)."""
-    threads = min(threads, max(1, (stop - start) // _MIN_ROWS_PER_THREAD))
-    if threads == 1:
-        fn(start, stop)
-        return
-    cuts = [start + (stop - start) * i // threads for i in range(threads + 1)]
-    list(_pool(threads).map(lambda i: fn(cuts[i], cuts[i + 1]), range(threads)))
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept for the life of the process."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(
-            threads, thread_name_prefix="mtkd-topk", initializer=_torch_ops_inline)
-    return _POOLS[threads]
-
-
-def _torch_ops_inline() -> None:
-    """Make the calling thread run ATen ops (the log-softmax) without an OpenMP team.
-
-    A pool thread's parallel op would start a team of its own, whose threads spin on the
-    worker's cores long after it ends and slow the model's next forward pass (measured: the
-    forward +2 µs per position on the overhead bench). OpenMP's thread count is per thread, so
-    the model's own threads keep theirs; ``torch.set_num_threads`` would change the default of
-    every thread started later too. Without an OpenMP runtime in the process, nothing to do.
-    """
-    torch.get_num_threads()  # torch's lazy per-thread OpenMP set-up first: it would undo this
-    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
-    if set_threads is not None:
-        set_threads(1)
 
 
 def _bump(stats: dict[str, float], **counts: int) -> None:

@@ -136,6 +136,7 @@ def test_rows_split_over_threads_and_chunks() -> None:
     the pool threads run ATen ops without an OpenMP team, and no other thread is changed."""
     import threading
 
+    from mtkd.harvest import parallel
     from mtkd.harvest import prompt_logprobs as plp
 
     vocab = 512
@@ -147,7 +148,7 @@ def test_rows_split_over_threads_and_chunks() -> None:
     torch.set_num_threads(2)
     try:
         assert_same_rows(logits, 64, targets)
-        assert plp._pool(2).submit(torch.get_num_threads).result() == 1
+        assert parallel.pool(2).submit(torch.get_num_threads).result() == 1
         assert torch.get_num_threads() == 2
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
