@@ -181,6 +181,19 @@ def test_tail_logmass_float64_and_empty_tail() -> None:
     assert tail_logmass(tiny)[0] == pytest.approx(expect, rel=1e-6)
 
 
+def test_tail_logmass_in_chunks_and_threads_equals_one_pass() -> None:
+    from mtkd.harvest.engine import TAIL_CHUNK_ROWS
+
+    rng = np.random.default_rng(3)
+    n = 2 * TAIL_CHUNK_ROWS + 77  # two threads, chunks, a partial one
+    lp = np.log(rng.dirichlet(np.ones(300), n)[:, :64]).astype(np.float32)
+    one_pass = np.log1p(-np.minimum(np.exp(lp, dtype=np.float64).sum(axis=-1), 1.0))
+    np.testing.assert_array_equal(tail_logmass(lp), one_pass.astype(np.float32))
+    np.testing.assert_array_equal(tail_logmass(lp[:35].reshape(5, 7, 64)),
+                                  one_pass[:35].astype(np.float32).reshape(5, 7))
+    assert tail_logmass(np.zeros((0, 64), np.float32)).shape == (0,)
+
+
 def test_rows_from_logprobs_contract() -> None:
     gen = torch.Generator().manual_seed(0)
     lp = torch.log_softmax(torch.randn(20, 50, generator=gen), dim=-1)
