@@ -29,6 +29,7 @@ from mtkd.harvest.vllm_engine import MAX_K, VllmEngine
 
 K = 64
 VOCAB = 512
+SET_NUM_THREADS = torch.set_num_threads  # at collection, before any engine is built
 MAX_LEN = 1024
 
 
@@ -318,6 +319,8 @@ def test_sequence_longer_than_max_model_len_refused(vllm_engine: VllmEngine) -> 
 def test_engine_paths(vllm_engine: VllmEngine) -> None:
     assert isinstance(vllm_engine, TeacherEngine)
     assert vllm_engine.in_process  # the CPU default: engine core and worker in this process
+    # vLLM's CPU worker turns torch.set_num_threads into a no-op; the build puts it back
+    assert torch.set_num_threads is SET_NUM_THREADS
     assert vllm_engine.vocab_size == VOCAB and vllm_engine.k == K
     vllm_engine.use_path("public")
     assert vllm_engine.name == "vllm-public"
