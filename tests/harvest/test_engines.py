@@ -329,6 +329,32 @@ def test_engine_paths(vllm_engine: VllmEngine) -> None:
 
 
 @engine
+def test_requests_of_different_k_in_one_step(
+    vllm_engine: VllmEngine, sequences: list[np.ndarray], full_logprobs: np.ndarray
+) -> None:
+    """The kernel runs once per k for all of a step's requests: each gets its own top-k."""
+    from vllm import SamplingParams
+
+    from mtkd.harvest.vllm_engine import _rows_from_flat
+
+    seqs = sequences[:-1]  # all but the max-length one
+    ks = [5, K, 1, 20, K, 5]
+    params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
+                             flat_logprobs=True) for k in ks]
+    outs = vllm_engine.generate(seqs, params)
+    start = 0
+    for seq, k, out in zip(seqs, ks, outs, strict=True):
+        n = len(seq) - 1
+        ids, lps, _ = _rows_from_flat(out.prompt_logprobs, n, k)
+        exact = full_logprobs[start:start + n]
+        np.testing.assert_array_equal(ids[:, 0], seq[1:])
+        np.testing.assert_allclose(lps[:, 0], exact[np.arange(n), seq[1:]], atol=LOGPROB_ATOL)
+        np.testing.assert_allclose(lps[:, 1:], -np.sort(-exact, axis=1)[:, :k],
+                                   atol=LOGPROB_ATOL)
+        start += n
+
+
+@engine
 def test_rows_align_with_the_known_answer(
     fast_rows: dict[str, np.ndarray], sequences: list[np.ndarray]
 ) -> None:
