@@ -74,7 +74,7 @@ def tail_logmass(topk_logprobs: np.ndarray) -> np.ndarray:
     """
     lp = np.asarray(topk_logprobs)
     out = np.empty(lp.shape[:-1], np.float32)
-    lp_rows, out_rows = lp.reshape(-1, lp.shape[-1]), out.reshape(-1)
+    lp_rows, out_rows = lp.reshape(out.size, lp.shape[-1]), out.reshape(-1)
 
     def rows(lo: int, hi: int) -> None:
         for a in range(lo, hi, TAIL_CHUNK_ROWS):

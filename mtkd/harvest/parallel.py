@@ -19,6 +19,7 @@ This module imports torch only when the pool is first used.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -30,6 +31,8 @@ HARVEST_SPIN_COUNT = 30_000
 MIN_ROWS_PER_THREAD = 64
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_WARNED: list[bool] = []
+log = logging.getLogger(__name__)
 
 
 def limit_openmp_spinning() -> bool:
@@ -79,6 +82,14 @@ def _torch_ops_inline() -> None:
     import torch
 
     torch.get_num_threads()  # torch's lazy per-thread OpenMP set-up first: it would undo this
-    set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
-    if set_threads is not None:
-        set_threads(1)
+    try:  # a failing initializer would break the pool for good: never raise here
+        set_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+        if set_threads is not None:
+            set_threads(1)
+    except (OSError, TypeError, AttributeError):
+        pass
+    if torch.get_num_threads() != 1 and not _WARNED:
+        _WARNED.append(True)
+        log.warning("mtkd's row threads could not turn off OpenMP teams for their ATen ops "
+                    "(no omp_set_num_threads in the process): results are unchanged, the "
+                    "harvest may be slower")

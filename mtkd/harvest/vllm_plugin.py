@@ -170,7 +170,10 @@ def prompt_logprobs_batched(
 
     Same bookkeeping as vLLM's: a request's rows go to its chunk buffer, which is returned
     with its last chunk; a prompt done in one step gets views of the step's tensors instead
-    of a buffer it would be copied into.
+    of a buffer it would be copied into. The rows equal vLLM's for equal logits; like vLLM's
+    own batches, one lm_head product over many requests' rows may round differently from one
+    per request where the GEMM kernel picks its blocking by the row count (the tests' bf16
+    and float32 models get bit-identical rows).
     """
     import numpy as np
     import torch
