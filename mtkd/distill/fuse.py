@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -299,16 +300,22 @@ def default_backend() -> str:
 
 def _check_teachers(teachers: Sequence[TeacherRows], vocab_size: int, ids: bool = True) -> None:
     """Refuse teachers that cannot be fused (``ids``: also scan the ids' range)."""
-    if not teachers:
-        raise ValueError("fuse needs at least one teacher")
-    n = teachers[0].n
+    check_same_rows(teachers, "teacher")
     for j, t in enumerate(teachers):
-        if t.n != n:
-            raise ValueError(f"teacher {j} has {t.n} rows, teacher 0 has {n}")
         if t.k > vocab_size:
             raise ValueError(f"teacher {j} has k={t.k} > vocab_size={vocab_size}")
         if ids and t.n and t.k and (int(t.ids.min()) < 0 or int(t.ids.max()) >= vocab_size):
             _bad_ids(j, vocab_size)
+
+
+def check_same_rows(teachers: Sequence[Any], kind: str) -> None:
+    """Refuse an empty list, or teachers (anything with ``.n`` rows) of unequal row counts."""
+    if not teachers:
+        raise ValueError(f"need at least one {kind}")
+    n = teachers[0].n
+    for j, t in enumerate(teachers):
+        if t.n != n:
+            raise ValueError(f"{kind} {j} has {t.n} rows, {kind} 0 has {n}")
 
 
 def _bad_ids(teacher: int, vocab_size: int) -> None:

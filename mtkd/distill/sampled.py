@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtkd.distill.diagnostics import disagreement, jensen_gap
-from mtkd.distill.fuse import fused_rows, top_k
+from mtkd.distill.fuse import check_same_rows, fused_rows, top_k
 from mtkd.distill.operators import Stack
 from mtkd.distill.weights import validate_weights
 
@@ -51,12 +51,8 @@ class SampledRows:
 
 def check_sampled(teachers: Sequence[SampledRows], vocab_size: int) -> None:
     """Refuse rows that are not N draws each: bad ids, negative counts, wrong totals."""
-    if not teachers:
-        raise ValueError("need at least one sampled teacher")
-    n = teachers[0].n
+    check_same_rows(teachers, "sampled teacher")
     for j, t in enumerate(teachers):
-        if t.n != n:
-            raise ValueError(f"sampled teacher {j} has {t.n} rows, teacher 0 has {n}")
         real = t.counts > 0
         if np.any(t.counts < 0) or np.any(real & ((t.ids < 0) | (t.ids >= vocab_size))):
             raise ValueError(f"sampled teacher {j}: ids outside [0, {vocab_size}) or "
