@@ -47,7 +47,8 @@ import numpy as np
 import pyarrow as pa
 
 from mtkd.distill import fuse as fuse_module
-from mtkd.distill.aggregate import (
+from mtkd.distill.aggregate.fuse import fuse
+from mtkd.distill.aggregate.job import (
     TEACHER_ARRAYS,
     AggregateConfig,
     _attrs,
@@ -55,9 +56,8 @@ from mtkd.distill.aggregate import (
     open_teachers,
     teacher_rows,
 )
-from mtkd.distill.fuse import fuse
-from mtkd.parallel import run_parts
 from mtkd.store import Header, StoreWriter, open_store
+from mtkd.store.executor import run_parts
 from mtkd.store.schema import TEACHER, TOKENS, target_header, teacher_header, tokens_header
 
 GOAL = 1.5

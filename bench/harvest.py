@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd.harvest.parallel import limit_openmp_spinning
+from mtkd.harvest.threads import limit_openmp_spinning
 
 limit_openmp_spinning()  # as `mtkd harvest` does, before torch is imported
 K = 64
@@ -99,7 +99,12 @@ def run_model(m: BenchModel, workdir: Path, args: argparse.Namespace) -> dict[st
     from vllm import SamplingParams
 
     from mtkd.harvest.vllm_engine import VllmEngine
-    from mtkd.models import init_llama, llama_intermediate, stdlib_texts, train_bpe_tokenizer
+    from mtkd.recipes.models import (
+        init_llama,
+        llama_intermediate,
+        stdlib_texts,
+        train_bpe_tokenizer,
+    )
 
     tokenizer = train_bpe_tokenizer(stdlib_texts(), m.vocab)
     model_dir = init_llama(

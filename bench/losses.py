@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mtkd.distill.losses import (
+from mtkd.distill.train.losses import (
     SparseTargets,
     chunked_cross_entropy,
     dense_kd_loss,

@@ -1,7 +1,7 @@
 """Tail models and imputation measured against exact answers from a real (tiny) teacher.
 
 Trains a small Llama teacher on the standard library's ``.py`` files (a byte-level BPE from
-``mtkd.models``, a plain torch cross-entropy loop, about two minutes of CPU), harvests
+``mtkd.recipes.models``, a plain torch cross-entropy loop, about two minutes of CPU), harvests
 held-out text with :class:`mtkd.harvest.hf_engine.HfReferenceEngine` (full logits, exact
 tempered tail masses) and compares, per position:
 
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkd.distill.fuse import fuse, union_support
-from mtkd.distill.tempering import TeacherRows, temper
-from mtkd.models import EOS_TOKEN, init_llama, stdlib_texts, train_bpe_tokenizer
+from mtkd.distill.aggregate.fuse import fuse, union_support
+from mtkd.distill.aggregate.tempering import TeacherRows, temper
+from mtkd.recipes.models import EOS_TOKEN, init_llama, stdlib_texts, train_bpe_tokenizer
 
 TEMPERATURES = (1.0, 2.0, 3.0)
 MODELS = ("renormalise", "lump", "zipf", "exact")

@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkd.distill.data import PackedBatch, PackedLoader
-from mtkd.distill.losses import SparseTargets, dense_kd_loss, sparse_kd_loss
-from mtkd.distill.trainer import (
+from mtkd.distill.train.loader import PackedBatch, PackedLoader
+from mtkd.distill.train.loop import (
     Dist,
     LossSpec,
     StudentLoss,
@@ -45,6 +44,7 @@ from mtkd.distill.trainer import (
     make_optimizer,
     train_step,
 )
+from mtkd.distill.train.losses import SparseTargets, dense_kd_loss, sparse_kd_loss
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import target_header, tokens_header
 

@@ -80,9 +80,9 @@ def tokenize(
     config: ConfigOpt = None,
 ) -> None:
     """Tokenise a corpus once into a tokens store (resumable: committed parts are skipped)."""
-    from mtkd.corpus import CorpusError
+    from mtkd.ingest.corpus import CorpusError
+    from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
     from mtkd.store import StoreError
-    from mtkd.tokenize import TokenizeConfig, tokenize_corpus
 
     index, total, processes = _workers(worker_index, num_workers)
     try:
@@ -153,7 +153,7 @@ def harvest(
     config: ConfigOpt = None,
 ) -> None:
     """Run one teacher over a tokens store with vLLM and write its sparse log-probs."""
-    from mtkd.harvest.parallel import limit_openmp_spinning
+    from mtkd.harvest.threads import limit_openmp_spinning
 
     limit_openmp_spinning()  # before torch is imported
     from mtkd.harvest.job import HarvestConfig
@@ -286,8 +286,8 @@ def aggregate(
     config: ConfigOpt = None,
 ) -> None:
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
-    from mtkd.distill.aggregate import AggregateConfig
-    from mtkd.distill.aggregate import aggregate as run_aggregate
+    from mtkd.distill.aggregate.job import AggregateConfig
+    from mtkd.distill.aggregate.job import aggregate as run_aggregate
     from mtkd.store import StoreError
 
     index, total, processes = _workers(worker_index, num_workers)
@@ -370,8 +370,8 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Train a student on cached targets (or CE only); runs DDP (or FSDP) under torchrun."""
-    from mtkd.distill.trainer import TrainConfig
-    from mtkd.distill.trainer import train as run_train
+    from mtkd.distill.train.loop import TrainConfig
+    from mtkd.distill.train.loop import train as run_train
     from mtkd.store import StoreError
 
     if (student is None) == (student_config is None):
@@ -449,7 +449,7 @@ def demo(
     experiments: Annotated[str, typer.Option(help="default or all.")] = "default",
 ) -> None:
     """The whole pipeline on the standard library's sources: teachers, harvest, fuse, train."""
-    from mtkd.demo import DemoError, run_demo
+    from mtkd.recipes.demo import DemoError, run_demo
 
     if experiments not in ("default", "all"):
         raise _fail(f"--experiments must be default or all, got {experiments!r}", 2)
@@ -464,7 +464,7 @@ def demo(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
     """Write an HTML page with plots and a markdown table for a run."""
-    from mtkd.report import write_report
+    from mtkd.recipes.report import write_report
 
     try:
         path = write_report(run_dir)

@@ -1,5 +1,5 @@
-"""The science of mtkd: tempering and tail models, aggregation operators, weight policies.
+"""Distillation: fuse teacher stores into targets (`aggregate`), train a student (`train`).
 
-The aggregation maths (``tails``, ``tempering``, ``operators``, ``weights``, ``diagnostics``,
-``fuse``) is pure numpy: arrays in, arrays out, no I/O.
+The two stages never import each other: ``aggregate`` is numpy/numba on CPU batch nodes,
+``train`` is torch.
 """

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mtkd.harvest.parallel import over_rows
+from mtkd.harvest.threads import over_rows
 
 #: Rows per chunk of :func:`tail_logmass` (its float64 exponentials stay in cache).
 TAIL_CHUNK_ROWS = 2048

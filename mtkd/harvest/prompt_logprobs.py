@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mtkd.harvest.parallel import over_rows
+from mtkd.harvest.threads import over_rows
 
 #: Rows per chunk (log-softmax, selection, sort, decode in turn): about this many float32
 #: log-probs (1 MiB, a core's L2), and at least ``_MIN_CHUNK_ROWS``.

@@ -38,7 +38,7 @@ def successor_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path)
     """Llama, hidden 128, 2 layers, 2 heads (head_dim 64): argmax after x is (x + 1) mod V."""
     from transformers import AutoTokenizer
 
-    from mtkd.models import init_llama
+    from mtkd.recipes.models import init_llama
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     out = tmp_path_factory.mktemp("successor")
@@ -148,7 +148,7 @@ def test_vocab_hash_is_stable_and_tells_tokenizers_apart(
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from mtkd.models import stdlib_texts, train_bpe_tokenizer, vocab_hash
+    from mtkd.recipes.models import stdlib_texts, train_bpe_tokenizer, vocab_hash
     from mtkd.store.schema import vocab_fingerprint
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -161,7 +161,7 @@ def test_vocab_hash_is_stable_and_tells_tokenizers_apart(
 
 
 def test_init_llama_refuses_small_heads(tmp_path: Path) -> None:
-    from mtkd.models import init_llama
+    from mtkd.recipes.models import init_llama
 
     with pytest.raises(ValueError, match="head_dim"):
         init_llama(tmp_path, 512, hidden=64, layers=1, heads=4)

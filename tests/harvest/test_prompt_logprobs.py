@@ -226,7 +226,7 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     """Llama with a 2048-entry vocabulary (the strided-group path of the kernel)."""
     from transformers import AutoTokenizer
 
-    from mtkd.models import init_llama
+    from mtkd.recipes.models import init_llama
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     out = tmp_path_factory.mktemp("wide")

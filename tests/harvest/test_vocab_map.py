@@ -61,7 +61,7 @@ class Setup:
 
 
 def _corpus(out: Path, marker: str = "") -> Path:
-    from mtkd.models import stdlib_texts
+    from mtkd.recipes.models import stdlib_texts
 
     out.mkdir(parents=True)
     texts = list(stdlib_texts(max_files=6, max_chars=12_000))
@@ -77,8 +77,8 @@ def _corpus(out: Path, marker: str = "") -> Path:
 def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Setup:
     from transformers import AutoTokenizer
 
-    from mtkd.models import init_llama, permute_vocabulary
-    from mtkd.tokenize import TokenizeConfig, tokenize_corpus
+    from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
+    from mtkd.recipes.models import init_llama, permute_vocabulary
 
     root = tmp_path_factory.mktemp("vocab-map")
     small = {"hidden": 64, "layers": 1, "heads": 2, "max_position": 256}

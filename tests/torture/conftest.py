@@ -75,7 +75,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> P
     from typer.testing import CliRunner
 
     from mtkd.cli import app
-    from mtkd.models import init_llama
+    from mtkd.recipes.models import init_llama
 
     root = tmp_path_factory.mktemp("torture-pipeline")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))

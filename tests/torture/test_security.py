@@ -127,7 +127,7 @@ def test_engines_load_models_without_remote_code(tmp_path: Path, tokenizer_dir: 
         seen["hf"] = kwargs
         return real(*args, **kwargs)
 
-    from mtkd.models import init_llama
+    from mtkd.recipes.models import init_llama
 
     model = init_llama(tmp_path / "m", 512, hidden=64, layers=1, heads=2, max_position=64,
                        tokenizer=transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir)))

@@ -10,7 +10,7 @@ Objectives (``TrainConfig.objective``):
 With per-teacher blocks in the target store the other objective is logged too (``l_mix`` /
 ``l_multi``), with the stored Jensen gap. The loss is computed from the final hidden states
 (``model.base_model``) and the lm_head weight by the chunked losses of
-:mod:`mtkd.distill.losses`: the ``[N, V]`` logits of a batch never exist.
+:mod:`mtkd.distill.train.losses`: the ``[N, V]`` logits of a batch never exist.
 
 Normalisation: a step's loss is the sum over every labelled position of the step (all ranks,
 all accumulation micro-batches) divided by their global count, so W ranks × batch B give the
@@ -23,7 +23,7 @@ read with ``torch.load(weights_only=True)``. Model and optimizer state are full 
 keyed by parameter name, through ``torch.distributed.checkpoint.state_dict``) in every mode, so
 a checkpoint written by one process, DDP or FSDP resumes under any of them. Only rank 0 writes.
 
-Run under ``torchrun --nproc_per_node N -m mtkd.distill.trainer CONFIG`` for DDP (gloo on CPU,
+Run under ``torchrun --nproc_per_node N -m mtkd.distill.train.loop CONFIG`` for DDP (gloo on CPU,
 nccl on GPU), or with ``fsdp`` for FSDP2 (``fully_shard``: parameters, gradients and optimizer
 state sharded over the ranks, for students that do not fit one device); ``CONFIG`` is a
 JSON/TOML/YAML file of :class:`TrainConfig` fields.
@@ -61,7 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from mtkd.distill.data import (
+from mtkd.distill.train.loader import (
     LoaderState,
     PackedBatch,
     PackedLoader,
@@ -69,7 +69,7 @@ from mtkd.distill.data import (
     heldout_split,
     token_budget,
 )
-from mtkd.distill.losses import (
+from mtkd.distill.train.losses import (
     IGNORE_INDEX,
     KINDS,
     LossOutput,
@@ -891,12 +891,12 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mtkd.distill.trainer CONFIG`` (what torchrun launches)."""
+    """``python -m mtkd.distill.train.loop CONFIG`` (what torchrun launches)."""
     from mtkd.config import read_config_file
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m mtkd.distill.trainer CONFIG(.json|.toml|.yaml)")
+        raise SystemExit("usage: python -m mtkd.distill.train.loop CONFIG(.json|.toml|.yaml)")
     path = Path(args[0])
     data = json.loads(path.read_text()) if path.suffix == ".json" else read_config_file(path)
     result = train(TrainConfig.from_dict(data.get("train", data)))

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.diagnostics import kl
-from mtkd.distill.fuse import fuse, to_union
-from mtkd.distill.operators import get_operator
-from mtkd.distill.tempering import temper
-from mtkd.distill.weights import (
+from mtkd.distill.aggregate.diagnostics import kl
+from mtkd.distill.aggregate.fuse import fuse, to_union
+from mtkd.distill.aggregate.operators import get_operator
+from mtkd.distill.aggregate.tempering import temper
+from mtkd.distill.aggregate.weights import (
     AdaptiveWeights,
     WeightInputs,
     apply_safety_floor,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.tails import (
+from mtkd.distill.aggregate.tails import (
     TAIL_MODELS,
     Exact,
     Lump,
@@ -17,7 +17,7 @@ from mtkd.distill.tails import (
     log_power_sum,
     logsumexp,
 )
-from mtkd.distill.tempering import TeacherRows, temper
+from mtkd.distill.aggregate.tempering import TeacherRows, temper
 
 SETTINGS = settings(deadline=None)
 MODELS_IDENTITY_AT_1 = ["lump", "zipf", "exact"]

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from mtkd.distill.data import PackedLoader
-from mtkd.distill.trainer import LossSpec, TrainConfig, batch_loss, load_student, train
-from mtkd.models import stdlib_texts
+from mtkd.distill.train.loader import PackedLoader
+from mtkd.distill.train.loop import LossSpec, TrainConfig, batch_loss, load_student, train
+from mtkd.recipes.models import stdlib_texts
 from mtkd.store import open_store
 
-from .test_data import write_targets, write_tokens
+from .test_loader import write_targets, write_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 STUDENT = {
@@ -115,11 +115,11 @@ def run_env() -> dict[str, str]:
 
 
 def torchrun(cfg: Path, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """``torchrun --nproc_per_node nproc -m mtkd.distill.trainer cfg`` on the CPU (gloo)."""
+    """``torchrun --nproc_per_node nproc -m mtkd.distill.train.loop cfg`` on the CPU (gloo)."""
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe), "--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(
-        [*cmd, "-m", "mtkd.distill.trainer", str(cfg)],
+        [*cmd, "-m", "mtkd.distill.train.loop", str(cfg)],
         env=run_env(),
         capture_output=True,
         timeout=180,
@@ -218,7 +218,7 @@ def test_online_teacher_gives_the_dense_kl(data: dict[str, str], tmp_path: Path)
     rows = metrics(out)
     assert rows[-1]["l_mix"] < 0.5 * rows[0]["l_mix"]
 
-    from mtkd.distill.trainer import load_teacher, with_teacher_targets
+    from mtkd.distill.train.loop import load_teacher, with_teacher_targets
 
     tokens = open_store(data["tokens"], "tokens")
     batch = next(PackedLoader(tokens, None, seq_len=64, batch_size=4).stream())
@@ -247,7 +247,7 @@ def test_resume_after_sigkill_is_exact(data: dict[str, str], tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "mtkd.distill.trainer",
+            "mtkd.distill.train.loop",
             str(write_config(cfg, tmp_path / "cfg.json")),
         ],
         env=run_env(),

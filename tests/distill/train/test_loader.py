@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mtkd.distill.data import (
+from mtkd.distill.train.loader import (
     LoaderState,
     PackedBatch,
     PackedLoader,
@@ -18,7 +18,7 @@ from mtkd.distill.data import (
     heldout_split,
     pack,
 )
-from mtkd.distill.losses import IGNORE_INDEX
+from mtkd.distill.train.losses import IGNORE_INDEX
 from mtkd.store import Store, StoreError, StoreWriter, open_store
 from mtkd.store.schema import target_header, tokens_header
 

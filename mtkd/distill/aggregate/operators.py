@@ -14,7 +14,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from mtkd.distill.tails import logsumexp
+from mtkd.distill.aggregate.tails import logsumexp
 
 
 def xlogx(p: np.ndarray, log_p: np.ndarray) -> np.ndarray:

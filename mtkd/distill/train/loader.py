@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtkd.distill.losses import IGNORE_INDEX, SparseTargets
+from mtkd.distill.train.losses import IGNORE_INDEX, SparseTargets
 from mtkd.store import Store, StoreError
 from mtkd.store.schema import check_aligned
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.distill.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
 from mtkd.harvest.hf_engine import sample_targets
 
 VOCAB = 30

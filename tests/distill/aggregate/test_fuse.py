@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.fuse import (
+from mtkd.distill.aggregate.fuse import (
     BACKENDS,
     add_label_entry,
     fuse,
@@ -24,9 +24,9 @@ from mtkd.distill.fuse import (
     top_k,
     union_support,
 )
-from mtkd.distill.operators import Operator, Stack, get_operator
-from mtkd.distill.tails import Zipf
-from mtkd.distill.tempering import TeacherRows, temper
+from mtkd.distill.aggregate.operators import Operator, Stack, get_operator
+from mtkd.distill.aggregate.tails import Zipf
+from mtkd.distill.aggregate.tempering import TeacherRows, temper
 
 from .test_tails import dense_logprobs, sparse_rows, tempered_dense
 

@@ -15,16 +15,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mtkd.distill.aggregate import (
+from mtkd.distill.aggregate.fuse import fuse
+from mtkd.distill.aggregate.job import (
     TEACHER_ARRAYS,
     AggregateConfig,
     _read_part,
     aggregate,
     teacher_rows,
 )
-from mtkd.distill.fuse import fuse
-from mtkd.distill.tempering import temper
-from mtkd.distill.weights import AdaptiveWeights, fit_mixture_weights
+from mtkd.distill.aggregate.tempering import temper
+from mtkd.distill.aggregate.weights import AdaptiveWeights, fit_mixture_weights
 from mtkd.harvest.hf_engine import sample_targets
 from mtkd.store import IncompleteStoreError, StoreError, StoreWriter, open_store
 from mtkd.store import topk_codec as tc

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from mtkd.corpus import (
+from mtkd.ingest.corpus import (
     CorpusError,
     Problems,
     Unit,
@@ -30,8 +30,8 @@ from mtkd.corpus import (
     plan_units,
     read_unit,
 )
-from mtkd.parallel import run_parts
 from mtkd.store import StoreWriter, open_store
+from mtkd.store.executor import run_parts
 from mtkd.store.schema import tokens_header, vocab_fingerprint
 
 SEQ_ID_SHIFT = 32

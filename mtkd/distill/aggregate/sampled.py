@@ -7,7 +7,7 @@ a top-k cut (which drops the tail's shape). Fusing K sampled teachers with stati
 gives Σ_k w_k c_k/N, an unbiased estimate of their linear mixture; other operators of
 empirical distributions are biased, so only the linear one is offered.
 
-The fused rows have the same fields as :func:`mtkd.distill.fuse.fuse` returns, so the target
+The fused rows have the same fields as :func:`~.fuse.fuse` returns, so the target
 store and the trainer are the same for sampled and top-k targets. Their tail is empty unless
 more than ``k_out`` distinct ids were drawn (the rest is lumped into ``tail_mass``).
 """
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtkd.distill.diagnostics import disagreement, jensen_gap
-from mtkd.distill.fuse import check_same_rows, fused_rows, top_k
-from mtkd.distill.operators import Stack
-from mtkd.distill.weights import validate_weights
+from mtkd.distill.aggregate.diagnostics import disagreement, jensen_gap
+from mtkd.distill.aggregate.fuse import check_same_rows, fused_rows, top_k
+from mtkd.distill.aggregate.operators import Stack
+from mtkd.distill.aggregate.weights import validate_weights
 
 #: Dense scratch per block, in float64 elements (K teachers × rows × (V + 1)).
 BLOCK_ELEMENTS = 1 << 23
@@ -71,7 +71,7 @@ def fuse_samples(
 ) -> dict[str, np.ndarray]:
     """The linear mixture of K teachers' empirical distributions, as sparse target rows.
 
-    ``weights``: static ``[K]`` or per-row ``[N,K]``. Returns what :func:`~mtkd.distill.fuse.fuse`
+    ``weights``: static ``[K]`` or per-row ``[N,K]``. Returns what :func:`~.fuse.fuse`
     does (``ids``, ``probs``, ``tail_mass``, ``weights``, ``jensen_gap``, ``disagreement``,
     ``n_eff``, ``tail_bucket``), with the diagnostics of the empirical distributions.
     """

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mtkd.distill.operators import xlogx
-from mtkd.distill.tails import TailModel, as_float64, get_tail_model
+from mtkd.distill.aggregate.operators import xlogx
+from mtkd.distill.aggregate.tails import TailModel, as_float64, get_tail_model
 
 
 @dataclass(frozen=True)

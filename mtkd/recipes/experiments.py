@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mtkd.distill.aggregate import target_logprobs, teacher_rows
-from mtkd.distill.fuse import to_union
-from mtkd.distill.operators import get_operator
-from mtkd.distill.tempering import temper
-from mtkd.distill.weights import fit_mixture_weights
+from mtkd.distill.aggregate.fuse import to_union
+from mtkd.distill.aggregate.job import target_logprobs, teacher_rows
+from mtkd.distill.aggregate.operators import get_operator
+from mtkd.distill.aggregate.tempering import temper
+from mtkd.distill.aggregate.weights import fit_mixture_weights
 from mtkd.store import open_store
 
 if TYPE_CHECKING:
-    from mtkd.demo import Run
+    from mtkd.recipes.demo import Run
 
 SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
@@ -40,7 +40,7 @@ def static_weights(run: Run) -> np.ndarray:
 def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = None,
             extra: tuple[str, ...] = (), suffix: str = "student") -> str:
     """Aggregate the given teachers' stores into ``stores/<name>`` (skipped when done)."""
-    from mtkd.demo import _done
+    from mtkd.recipes.demo import _done
 
     out = run.path("stores", name)
     if not _done(out):
@@ -56,7 +56,7 @@ def sampled_targets(run: Run, teacher: int) -> str:
     """Random-sampling targets of one teacher at (at most) the top-k targets' bytes:
     ``k`` draws per position from the reference engine, fused as their empirical distribution
     into a store of the same width ``k``."""
-    from mtkd.demo import _done
+    from mtkd.recipes.demo import _done
 
     t = run.size.teachers[teacher]
     draws = run.path("stores", f"{t.name}-student-sampled")
@@ -83,7 +83,7 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
     Targets come from ``target_store``, or (``teacher``: a teacher's name) from that teacher
     run online over the full vocabulary; with neither the student is trained on CE only.
     """
-    from mtkd.demo import train_model
+    from mtkd.recipes.demo import train_model
 
     size = run.size
     distilled = target_store is not None or teacher is not None
@@ -100,7 +100,7 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
 
 
 def run_experiments(run: Run, which: str = "default") -> None:
-    from mtkd.demo import mixture_quality
+    from mtkd.recipes.demo import mixture_quality
 
     teachers = run.size.teachers
     safety = next(j for j, t in enumerate(teachers) if t.safety)

@@ -213,7 +213,7 @@ def train_tokenizer(run: Run) -> Path:
     if (out / "tokenizer.json").exists():
         return out
     _stage(f"tokenizer: byte-level BPE, vocabulary {run.size.vocab_size}")
-    from mtkd.models import train_bpe_tokenizer
+    from mtkd.recipes.models import train_bpe_tokenizer
 
     def texts() -> Any:
         with open(run.path("corpus", "train.jsonl")) as f:
@@ -345,7 +345,7 @@ def mixture_quality(run: Run, weightings: dict[str, np.ndarray]) -> dict[str, An
 def run_demo(workdir: str | os.PathLike[str], size: str = "small",
              experiments: str = "default") -> Path:
     """Run (or resume) the demo in ``workdir``; return the path of the report."""
-    from mtkd.report import write_report
+    from mtkd.recipes.report import write_report
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
@@ -366,7 +366,7 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.save()
     train_teachers(run, unsafe)
     harvest_teachers(run)
-    from mtkd.experiments import run_experiments
+    from mtkd.recipes.experiments import run_experiments
 
     run_experiments(run, experiments)
     run.results["seconds"] = run.results.get("seconds", 0.0) + time.perf_counter() - started

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtkd.distill.operators import Stack, xlogx
+from mtkd.distill.aggregate.operators import Stack, xlogx
 
 
 def entropy(probs: np.ndarray, logprobs: np.ndarray, axis: int = -1) -> np.ndarray:

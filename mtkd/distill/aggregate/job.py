@@ -1,6 +1,6 @@
 """``mtkd aggregate``: K teacher stores over one tokens store → one target store, part by part.
 
-This is the I/O shell around :func:`mtkd.distill.fuse.fuse`: it checks that the teachers can be
+This is the I/O shell around :func:`~.fuse.fuse`: it checks that the teachers can be
 fused (same tokens store, same tokenizer, complete), builds each part's weight policy from the
 tokens store's task tags and sequence boundaries, fuses, and commits the part. Parts are
 independent, so workers (local processes or machines) share them like harvest does.
@@ -19,20 +19,20 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd.distill.fuse import IMPUTATIONS, add_label_entry, fuse
-from mtkd.distill.operators import get_operator
-from mtkd.distill.sampled import SampledRows, fuse_samples
-from mtkd.distill.tails import get_tail_model
-from mtkd.distill.tempering import TeacherRows
-from mtkd.distill.weights import (
+from mtkd.distill.aggregate.fuse import IMPUTATIONS, add_label_entry, fuse
+from mtkd.distill.aggregate.operators import get_operator
+from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.tails import get_tail_model
+from mtkd.distill.aggregate.tempering import TeacherRows
+from mtkd.distill.aggregate.weights import (
     SUM_TOL,
     AdaptiveWeights,
     fit_mixture_weights,
     validate_temperatures,
     validate_weights,
 )
-from mtkd.parallel import run_parts
 from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
+from mtkd.store.executor import run_parts
 from mtkd.store.schema import TARGET, TEACHER, TOKENS, check_aligned, target_header
 
 TEACHER_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
@@ -54,9 +54,9 @@ class AggregateConfig:
     tail, or "rank": the id takes its next ranks under a Zipf fit). ``source="samples"`` fuses
     the teachers' random-sampling targets (harvested with ``--num-samples``) instead of their
     top-k: static weights and the linear operator at temperature 1 only (see
-    :mod:`mtkd.distill.sampled`). ``label_entry`` stores the actual next token's exact
+    :mod:`mtkd.distill.aggregate.sampled`). ``label_entry`` stores the actual next token's exact
     probability in one more column wherever the support lacks it
-    (:func:`~mtkd.distill.fuse.add_label_entry`; linear operator at temperature 1).
+    (:func:`~mtkd.distill.aggregate.fuse.add_label_entry`; linear operator at temperature 1).
     """
 
     teachers: tuple[str, ...]

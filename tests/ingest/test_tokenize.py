@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from mtkd.cli import app
-from mtkd.corpus import (
+from mtkd.ingest.corpus import (
     CorpusError,
     Problems,
     group_units,
@@ -26,8 +26,8 @@ from mtkd.corpus import (
     plan_units,
     read_unit,
 )
+from mtkd.ingest.job import TokenizeConfig, load_tokenizer, tokenize_corpus, windows
 from mtkd.store import open_store, verify_store
-from mtkd.tokenize import TokenizeConfig, load_tokenizer, tokenize_corpus, windows
 
 EXCLUDE = ("site-packages", "test*", "idlelib", "__pycache__", "lib2to3", "tkinter", "turtledemo")
 @pytest.fixture
@@ -293,7 +293,7 @@ def test_windows_cover_the_document(length: int, max_len: int, data: st.DataObje
 
 @given(sizes=st.lists(st.integers(0, 1000), min_size=1, max_size=30), parts=st.integers(1, 10))
 def test_group_units_is_contiguous_and_complete(sizes: list[int], parts: int) -> None:
-    from mtkd.corpus import Unit
+    from mtkd.ingest.corpus import Unit
 
     units = [Unit(f"f{i}", "text", 0, s, s) for i, s in enumerate(sizes)]
     groups = group_units(units, parts)

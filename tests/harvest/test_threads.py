@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from mtkd.harvest import parallel
+from mtkd.harvest import threads as harvest_threads
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -23,7 +23,7 @@ def test_over_rows_covers_each_row_once(threads: int, stop: int) -> None:
         with lock:
             seen.extend(range(lo, hi))
 
-    parallel.over_rows(5, 5 + stop, fn, threads)
+    harvest_threads.over_rows(5, 5 + stop, fn, threads)
     assert sorted(seen) == list(range(5, 5 + stop))
 
 
@@ -31,7 +31,7 @@ def test_pool_threads_run_torch_ops_inline_and_leave_other_threads_alone() -> No
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert parallel.pool(2).submit(torch.get_num_threads).result() == 1
+        assert harvest_threads.pool(2).submit(torch.get_num_threads).result() == 1
         assert torch.get_num_threads() == 2
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -44,7 +44,7 @@ def test_pool_threads_run_torch_ops_inline_and_leave_other_threads_alone() -> No
 
 SPIN = """
 import os, sys
-from mtkd.harvest.parallel import limit_openmp_spinning
+from mtkd.harvest.threads import limit_openmp_spinning
 first = limit_openmp_spinning()
 import torch
 print(first, limit_openmp_spinning(), os.environ.get("GOMP_SPINCOUNT"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.losses import (
+from mtkd.distill.train.losses import (
     KINDS,
     SparseTargets,
     chunked_cross_entropy,

@@ -12,8 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.diagnostics import disagreement, effective_teachers, entropy, jensen_gap, kl
-from mtkd.distill.operators import (
+from mtkd.distill.aggregate.diagnostics import (
+    disagreement,
+    effective_teachers,
+    entropy,
+    jensen_gap,
+    kl,
+)
+from mtkd.distill.aggregate.operators import (
     OPERATORS,
     Geometric,
     Linear,

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.distill.diagnostics import disagreement, effective_teachers, jensen_gap
-from mtkd.distill.operators import (
+from mtkd.distill.aggregate.diagnostics import disagreement, effective_teachers, jensen_gap
+from mtkd.distill.aggregate.operators import (
     Geometric,
     Linear,
     Operator,
@@ -40,9 +40,9 @@ from mtkd.distill.operators import (
     get_operator,
     xlogx,
 )
-from mtkd.distill.tails import TailModel, Zipf, get_tail_model, logsumexp
-from mtkd.distill.tempering import TeacherRows, TemperedRows, as_float64, temper
-from mtkd.distill.weights import (
+from mtkd.distill.aggregate.tails import TailModel, Zipf, get_tail_model, logsumexp
+from mtkd.distill.aggregate.tempering import TeacherRows, TemperedRows, as_float64, temper
+from mtkd.distill.aggregate.weights import (
     WeightInputs,
     WeightPolicy,
     validate_temperatures,

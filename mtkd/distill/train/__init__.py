@@ -1,0 +1,1 @@
+"""The train stage: sparse KD losses, the loader over target + tokens stores, the training loop."""

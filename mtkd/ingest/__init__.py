@@ -1,0 +1,1 @@
+"""The ingest stage: corpus readers and the tokenize job (corpus → tokens store)."""
