@@ -12,14 +12,14 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from mtkd.harvest.config import HarvestConfig
 from mtkd.harvest.engine import TeacherEngine
 from mtkd.harvest.vllm_engine import MAX_K
 from mtkd.harvest.vocab_map import (
@@ -30,46 +30,8 @@ from mtkd.harvest.vocab_map import (
     unmapped_sequences,
 )
 from mtkd.store import Store, StoreError, StoreWriter, open_store
-from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, Codec, part_name
-from mtkd.store.schema import TOKENS, check_logprob_dtype, teacher_header, vocab_fingerprint
-from mtkd.store.topk_codec import Q64
-
-EngineKind = Literal["vllm", "hf"]
-
-
-@dataclass(frozen=True)
-class HarvestConfig:
-    """What a teacher store holds and how the engine runs; every worker must agree on it."""
-
-    k: int = 64
-    engine: EngineKind = "vllm"
-    dtype: str = "bfloat16"
-    temperatures: tuple[float, ...] = ()
-    num_samples: int = 0
-    #: ``q64``: the compact top-k coding (|error| ≤ 1/128 nat for p ≥ 1e-3, docs/FORMAT.md);
-    #: a float dtype (``float16``, ``float32``): int32 ids and log-probs of that dtype
-    logprob_dtype: str = Q64
-    codec: Codec = "zstd"
-    batch_tokens: int = 65536
-    fast_path: str = "auto"
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    #: ``auto`` or a JSON file: harvest a teacher whose tokenizer differs from the tokens
-    #: store's through a vocabulary map (mtkd/harvest/vocab_map.py); None: the same tokenizer
-    vocab_map: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.k <= 4096:
-            raise ValueError(f"k must be in [1, 4096], got {self.k}")
-        check_logprob_dtype(self.logprob_dtype)
-        if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
-        if (self.temperatures or self.num_samples) and self.engine != "hf":
-            raise ValueError("exact tempered tails and sampled targets need --engine hf "
-                             "(the reference engine sees the full vocabulary)")
-        if (self.temperatures or self.num_samples) and self.vocab_map is not None:
-            raise ValueError("exact tempered tails and sampled targets are not supported with "
-                             "--vocab-map (they would have to be re-split between the two "
-                             "vocabularies)")
+from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, part_name
+from mtkd.store.schema import TOKENS, teacher_header, vocab_fingerprint
 
 
 @dataclass

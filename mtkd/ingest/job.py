@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from mtkd.ingest.config import TokenizeConfig
 from mtkd.ingest.corpus import (
     CorpusError,
     Problems,
@@ -42,23 +43,6 @@ META_SCHEMA = pa.schema([("seq_id", pa.int64()), ("doc_id", pa.int64()), ("sourc
                          ("task", pa.string()), ("window", pa.int64()), ("start", pa.int64())])
 
 
-@dataclass(frozen=True)
-class TokenizeConfig:
-    max_len: int = 2048
-    overlap: int = 0
-    text_field: str = "text"
-    task_field: str | None = None
-    task: str = ""
-    pattern: str = "*"
-    exclude: tuple[str, ...] = ()
-    strict: bool = False
-    add_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_len < 2:
-            raise ValueError(f"max_len must be at least 2, got {self.max_len}")
-        if not 0 <= self.overlap < self.max_len:
-            raise ValueError(f"overlap must be in [0, max_len), got {self.overlap}")
 
 
 @dataclass

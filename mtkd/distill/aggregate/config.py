@@ -1,0 +1,151 @@
+"""The aggregate stage's options: the only home of their defaults and bounds."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from mtkd.distill.aggregate.fuse import IMPUTATIONS
+from mtkd.distill.aggregate.operators import get_operator
+from mtkd.distill.aggregate.tails import get_tail_model
+from mtkd.distill.aggregate.weights import (
+    SUM_TOL,
+    AdaptiveWeights,
+    validate_temperatures,
+    validate_weights,
+)
+
+SOURCES = ("topk", "samples")
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Everything that decides the targets; every worker of one target store must agree on it.
+
+    ``weights`` are static per-teacher priors (sum to 1); adaptive weighting multiplies them by
+    token-level (``token``: entropy | target), task-level (``task_weights``: task tag → K
+    factors) and context-level (``context``: loss) factors and renormalises
+    (product-structure normalisation). ``safety`` names the safety teacher, whose weight never
+    drops below ``safety_floor`` (default: its static weight). ``imputation``: how a teacher's
+    mass on a union id outside its top-k is imputed (``fuse.impute_logs``: "even" share of its
+    tail, or "rank": the id takes its next ranks under a Zipf fit). ``source="samples"`` fuses
+    the teachers' random-sampling targets (harvested with ``--num-samples``) instead of their
+    top-k: static weights and the linear operator at temperature 1 only (see
+    :mod:`mtkd.distill.aggregate.sampled`). ``label_entry`` stores the actual next token's exact
+    probability in one more column wherever the support lacks it
+    (:func:`~mtkd.distill.aggregate.fuse.add_label_entry`; linear operator at temperature 1).
+    """
+
+    teachers: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    fit_weights: bool = False  # static weights fitted by maximum likelihood (see fitted_config)
+    temperatures: tuple[float, ...] | None = None
+    operator: Literal["linear", "geometric", "power_mean"] = "linear"
+    alpha: float = 0.5
+    tail_model: Literal["renormalise", "lump", "zipf", "exact"] = "lump"
+    k_out: int = 64
+    token: Literal["none", "entropy", "target"] = "none"
+    token_sharpness: float = 1.0
+    task_weights: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    context: Literal["none", "loss"] = "none"
+    context_sharpness: float = 1.0
+    eps: float = 0.0
+    safety: int | None = None
+    safety_floor: float | None = None
+    teacher_blocks: bool = False
+    imputation: Literal["even", "rank"] = "even"
+    source: Literal["topk", "samples"] = "topk"
+    label_entry: bool = False
+    codec: Literal["raw", "zstd"] = "raw"  # of the target store (see schema.target_header)
+
+    def __post_init__(self) -> None:
+        k = len(self.teachers)
+        if k == 0:
+            raise ValueError("aggregate needs at least one teacher store")
+        if self.weights is not None and len(self.weights) == k \
+                and np.isfinite(self.weights).all() and abs(sum(self.weights) - 1) > SUM_TOL:
+            raise ValueError(f"weights {','.join(f'{w:g}' for w in self.weights)} sum to "
+                             f"{sum(self.weights):g}; give {k} weights that sum to 1")
+        validate_weights(self.static_weights, k)
+        validate_temperatures(self.teacher_temperatures, k)
+        get_operator(self.operator, **self.operator_params)
+        get_tail_model(self.tail_model)
+        if self.imputation not in IMPUTATIONS:
+            raise ValueError(f"unknown imputation {self.imputation!r}; "
+                             f"choose one of {list(IMPUTATIONS)}")
+        if self.k_out < 1:
+            raise ValueError(f"k_out must be >= 1, got {self.k_out}")
+        if self.safety is not None and not 0 <= self.safety < k:
+            raise ValueError(f"safety teacher index {self.safety} is not in [0, {k})")
+        for tag, factors in self.task_weights.items():
+            if len(factors) != k or any(not np.isfinite(f) or f < 0 for f in factors):
+                raise ValueError(f"task weights for {tag!r} must be {k} finite factors >= 0")
+            if not any(f > 0 for f in factors):
+                raise ValueError(f"task weights for {tag!r} need a positive factor "
+                                 "(every teacher would get weight 0)")
+        # the policy validates its own fields (token/context names, sharpness)
+        self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
+        tempered = bool(np.any(self.teacher_temperatures != 1))
+        if self.label_entry and (self.operator != "linear" or self.source != "topk" or tempered):
+            raise ValueError("the label entry is for top-k targets fused by the linear operator "
+                             "at temperature 1 (the stores hold each teacher's untempered "
+                             "p(label))")
+        if self.codec not in ("raw", "zstd"):
+            raise ValueError(f"unknown codec {self.codec!r}; choose raw or zstd")
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown source {self.source!r}; choose one of {list(SOURCES)}")
+        if self.source == "samples":
+            unsupported = [name for name, bad in (
+                ("operator " + self.operator, self.operator != "linear"),
+                ("temperatures other than 1", tempered),
+                ("adaptive or safety weights", self.adaptive or self.safety is not None),
+                ("teacher blocks", self.teacher_blocks),
+            ) if bad]
+            if unsupported:
+                raise ValueError("sampled targets are fused linearly with static weights at "
+                                 "temperature 1 (the sampling temperature is the harvest's); "
+                                 f"not supported with: {', '.join(unsupported)}")
+
+    @property
+    def static_weights(self) -> np.ndarray:
+        k = len(self.teachers)
+        return np.full(k, 1.0 / k) if self.weights is None else np.asarray(self.weights, float)
+
+    @property
+    def teacher_temperatures(self) -> np.ndarray:
+        k = len(self.teachers)
+        return np.ones(k) if self.temperatures is None else np.asarray(self.temperatures, float)
+
+    @property
+    def operator_params(self) -> dict[str, float]:
+        return {"alpha": self.alpha} if self.operator == "power_mean" else {}
+
+    @property
+    def adaptive(self) -> bool:
+        return self.token != "none" or bool(self.task_weights) or self.context != "none"
+
+    def policy(self, task_index: np.ndarray, seq_offsets: np.ndarray
+               ) -> AdaptiveWeights | np.ndarray:
+        """The weights of one part: static, or an adaptive policy over its rows."""
+        if not self.adaptive and self.safety is None:
+            return self.static_weights
+        table = None
+        if self.task_weights:
+            tags = sorted(self.task_weights)
+            table = np.array([self.task_weights[t] for t in tags] + [[1.0] * len(self.teachers)])
+        return AdaptiveWeights(
+            base=tuple(self.static_weights),
+            token=self.token,
+            token_sharpness=self.token_sharpness,
+            task_table=table,
+            task_index=task_index if table is not None else None,
+            context=self.context,
+            context_sharpness=self.context_sharpness,
+            seq_offsets=seq_offsets,
+            eps=self.eps,
+            safety_index=self.safety,
+            safety_floor=self.safety_floor,
+        )
