@@ -46,8 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mtkd.distill import fuse as fuse_module
-from mtkd.distill.aggregate.fuse import fuse
+from mtkd.distill.aggregate.fuse import default_backend, fuse
 from mtkd.distill.aggregate.job import (
     TEACHER_ARRAYS,
     AggregateConfig,
@@ -267,7 +266,7 @@ def main() -> None:
         print(f"teachers={args.teachers}")
         print(f"k={args.k}")
         print(f"k_out={args.k_out}")
-        print(f"backend={fuse_module.default_backend()}")
+        print(f"backend={default_backend()}")
         print(f"build_s={time.perf_counter() - t0:.1f}")
         # warm the page cache and compile any kernel before timing anything
         io_baseline(tokens_dir, root / "warm-io", config, 1)

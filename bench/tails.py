@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtkd.distill.aggregate.fuse import fuse, union_support
+from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.tempering import TeacherRows, temper
-from mtkd.recipes.models import EOS_TOKEN, init_llama, stdlib_texts, train_bpe_tokenizer
+from mtkd.distill.aggregate.union import union_support
+from mtkd.recipes.models import EOS_TOKEN, init_llama, train_bpe_tokenizer
+from mtkd.recipes.stdlib_corpus import stdlib_texts
 
 TEMPERATURES = (1.0, 2.0, 3.0)
 MODELS = ("renormalise", "lump", "zipf", "exact")

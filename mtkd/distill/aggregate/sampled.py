@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtkd.distill.aggregate.diagnostics import disagreement, jensen_gap
-from mtkd.distill.aggregate.fuse import check_same_rows, fused_rows, top_k
 from mtkd.distill.aggregate.operators import Stack
+from mtkd.distill.aggregate.targets import check_same_rows, fused_rows, top_k
 from mtkd.distill.aggregate.weights import validate_weights
 
 #: Dense scratch per block, in float64 elements (K teachers × rows × (V + 1)).

@@ -13,6 +13,7 @@ and the tail together. Every model except ``renormalise`` returns log r exactly 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -22,19 +23,19 @@ import numpy as np
 _LOG_FLOOR = -1.0e4
 
 
-_F16_TO_F64: np.ndarray | None = None
+@functools.cache
+def float16_values() -> np.ndarray:
+    """The float64 value of every float16 bit pattern: a 64K-entry table, indexed by the bits."""
+    return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
 
 
 def as_float64(x: np.ndarray) -> np.ndarray:
-    """``x`` as float64; float16 (the stored log-prob dtype) through a 64K-entry table, which is
-    several times faster than numpy's scalar half-precision cast."""
-    global _F16_TO_F64
+    """``x`` as float64; float16 (the stored log-prob dtype) through :func:`float16_values`,
+    which is several times faster than numpy's scalar half-precision cast."""
     x = np.asarray(x)
     if x.dtype != np.float16:
         return np.asarray(x, dtype=np.float64)
-    if _F16_TO_F64 is None:
-        _F16_TO_F64 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
-    return _F16_TO_F64[np.ascontiguousarray(x).view(np.uint16)]
+    return float16_values()[np.ascontiguousarray(x).view(np.uint16)]
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -101,6 +102,15 @@ class Lump:
         return np.asarray(tail_logmass, dtype=np.float64) / temperature
 
 
+def expm1_ratio(z: np.ndarray) -> np.ndarray:
+    """φ(z) = expm1(z)/z, taken as 1 + z/2 where |z| < 1e-10: the factor of the power-law
+    integral ∫_lo^hi x^{−s} dx = lo^{1−s}·Δ·φ((1−s)Δ), Δ = log(hi/lo), that stays finite at
+    s = 1."""
+    small = np.abs(z) < 1e-10
+    z_safe = np.where(small, 1.0, z)
+    return np.where(small, 1.0 + 0.5 * z, np.expm1(z_safe) / z_safe)
+
+
 def log_power_sum(s: np.ndarray, first: int, last: int) -> np.ndarray:
     """log Σ_{j=first}^{last} j^{−s} per entry of ``s ≥ 0`` (float64), for 1 ≤ first ≤ last.
 
@@ -123,11 +133,7 @@ def log_power_sum(s: np.ndarray, first: int, last: int) -> np.ndarray:
         g_lo, g_hi = np.exp(-s * log_u), np.exp(-s * log_v)
         # ∫_lo^hi (x/a)^{−s} dx = lo·g_lo·Δ·φ((1−s)Δ), φ(z) = expm1(z)/z, Δ = log(hi/lo).
         delta = log_v - log_u
-        z = (1.0 - s) * delta
-        small = np.abs(z) < 1e-10
-        z_safe = np.where(small, 1.0, z)
-        phi = np.where(small, 1.0 + 0.5 * z, np.expm1(z_safe) / z_safe)
-        integral = lo * g_lo * delta * phi
+        integral = lo * g_lo * delta * expm1_ratio((1.0 - s) * delta)
         d1 = -s / hi * g_hi + s / lo * g_lo  # g'(hi) − g'(lo)
         c3 = s * (s + 1.0) * (s + 2.0)
         d3 = -c3 / hi**3 * g_hi + c3 / lo**3 * g_lo  # g'''(hi) − g'''(lo)

@@ -1,4 +1,4 @@
-"""fuse(): union of supports, imputation, dense golden values, output format, temperature
+"""fuse(): a worked imputation example, dense golden values, output format, temperature
 coherence end to end, and argument validation — every test runs on both backends (numpy and
 numba), and the two are compared directly."""
 
@@ -14,21 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.aggregate.fuse import (
-    BACKENDS,
-    add_label_entry,
-    fuse,
-    impute,
-    log_rank_share,
-    to_union,
-    top_k,
-    union_support,
-)
-from mtkd.distill.aggregate.operators import Operator, Stack, get_operator
-from mtkd.distill.aggregate.tails import Zipf
+from mtkd.distill.aggregate.fuse import BACKENDS, fuse
+from mtkd.distill.aggregate.operators import Operator, get_operator
 from mtkd.distill.aggregate.tempering import TeacherRows, temper
+from mtkd.distill.aggregate.union import to_union
 
-from .test_tails import dense_logprobs, sparse_rows, tempered_dense
+from .cases import TAILS, dense_logprobs, fused_dense, sparse_rows, teachers_case, tempered_dense
 
 SETTINGS = settings(deadline=None)
 OPERATORS = [
@@ -37,7 +28,6 @@ OPERATORS = [
     ("power_mean", {"alpha": 0.5}),
     ("power_mean", {"alpha": -0.7}),
 ]
-TAILS = ["renormalise", "lump", "zipf", "exact"]
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 
@@ -64,16 +54,6 @@ def operator(name: str, params: dict) -> Operator:
     return get_operator(name, **params)
 
 
-def fused_dense(out: dict[str, np.ndarray], vocab: int) -> np.ndarray:
-    """The fused target as dense rows [N, V+1]: probs at ids, tail_mass in the last column."""
-    n = out["ids"].shape[0]
-    dense = np.zeros((n, vocab + 1))
-    rows, cols = np.nonzero(out["ids"] >= 0)
-    dense[rows, out["ids"][rows, cols]] = out["probs"][rows, cols]
-    dense[:, vocab] = out["tail_mass"]
-    return dense
-
-
 def dense_reference(
     logps: list[np.ndarray], w: np.ndarray, temps: list[float], name: str, params: dict
 ) -> np.ndarray:
@@ -88,67 +68,6 @@ def dense_reference(
         a = params["alpha"]
         m = (wk * p**a).sum(axis=0) ** (1 / a)
     return m / m.sum(axis=1, keepdims=True)
-
-
-@st.composite
-def teachers_case(draw: st.DrawFn, max_teachers: int = 3):
-    """Random dense teachers over a small vocabulary, harvested as top-k rows (k may differ)."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    n_teachers = draw(st.integers(1, max_teachers))
-    n, vocab = draw(st.integers(1, 6)), draw(st.integers(2, 40))
-    temps = [draw(st.sampled_from([0.5, 1.0, 2.0, 3.0])) for _ in range(n_teachers)]
-    logps = [dense_logprobs(rng, n, vocab, draw(st.floats(0.3, 4.0))) for _ in range(n_teachers)]
-    ks = [draw(st.integers(1, vocab)) for _ in range(n_teachers)]
-    teachers = [
-        sparse_rows(lp, k, tuple(sorted(set(temps)))) for lp, k in zip(logps, ks, strict=True)
-    ]
-    w = rng.dirichlet(np.ones(n_teachers))
-    return teachers, logps, temps, w, vocab, rng
-
-
-@SETTINGS
-@given(seed=st.integers(0, 2**32 - 1), n_teachers=st.integers(1, 4), vocab=st.integers(1, 50))
-def test_union_support_matches_per_row_union(seed, n_teachers, vocab):
-    rng = np.random.default_rng(seed)
-    n = 7
-    ids = [
-        np.argsort(rng.random((n, vocab)), axis=1)[:, : rng.integers(1, vocab + 1)].astype(np.int32)
-        for _ in range(n_teachers)
-    ]
-    union, counts, cols = union_support(ids, vocab)
-    for r in range(n):
-        want = np.unique(np.concatenate([a[r] for a in ids]))
-        assert counts[r] == len(want)
-        np.testing.assert_array_equal(union[r, : counts[r]], want)
-        assert (union[r, counts[r] :] == -1).all()
-    np.testing.assert_array_equal(
-        np.take_along_axis(union, cols.astype(np.intp), axis=1), np.concatenate(ids, axis=1)
-    )
-
-
-@SETTINGS
-@given(case=teachers_case(), tail=st.sampled_from(TAILS))
-def test_union_imputation_conserves_each_teachers_mass(case, tail):
-    teachers, _, temps, _, vocab, _ = case
-    tempered = [temper(t, tt, tail, vocab) for t, tt in zip(teachers, temps, strict=True)]
-    block = to_union(tempered, vocab)
-    probs = block.stack.probs
-    assert (probs >= 0).all()
-    np.testing.assert_allclose(probs.sum(axis=2), 1.0, atol=1e-12)
-    size = block.ids.shape[1]
-    pad = np.arange(size) >= block.counts[:, None]
-    assert (probs[:, :, :size][:, pad] == 0).all()
-    for j, t in enumerate(tempered):
-        in_union = np.searchsorted(block.ids[0, : block.counts[0]], t.ids[0])
-        np.testing.assert_allclose(probs[j, 0, in_union], t.probs[0], rtol=1e-12)
-        lacks = ~np.isin(block.ids, t.ids) & ~pad
-        imputed = probs[j, :, :size][lacks]
-        rows = np.nonzero(lacks)[0]
-        # At most the k-th prob and at most the even share of the tempered tail.
-        assert (imputed <= t.probs.min(axis=1)[rows] * (1 + 1e-12)).all()
-        assert (imputed <= t.tail_mass[rows] / max(vocab - t.ids.shape[1], 1) * (1 + 1e-9)).all()
-    # The sparse Σ p log p equals the dense one.
-    np.testing.assert_allclose(block.stack.plogp, Stack(probs).plogp, atol=1e-12)
 
 
 def test_imputation_worked_example():
@@ -303,14 +222,6 @@ def test_entropy_grows_with_temperature(case, op, t1, t2):
     assert (h(hi) >= h(lo) - 1e-5).all()
 
 
-def test_top_k_orders_pads_and_breaks_ties_by_column():
-    q = np.array([[0.1, 0.4, 0.1, 0.0, 0.4], [0.5, 0.5, 0.0, 0.0, 0.0]])
-    ids = np.array([[3, 5, 7, 9, 11], [2, 4, -1, -1, -1]], dtype=np.int32)
-    got_ids, got_probs = top_k(q, ids, 6)
-    np.testing.assert_array_equal(got_ids, [[5, 11, 3, 7, -1, -1], [2, 4, -1, -1, -1, -1]])
-    np.testing.assert_allclose(got_probs[0], [0.4, 0.4, 0.1, 0.1, 0, 0])
-
-
 def test_weight_policy_gets_tempered_entropies():
     logp = dense_logprobs(np.random.default_rng(3), 5, 20, 2.0)
     teachers = [sparse_rows(logp, 4), sparse_rows(logp, 4)]
@@ -406,39 +317,6 @@ def test_backends_agree(case, op, tail, imputation, half, k_out, policy):
     np.testing.assert_array_equal(a["ids"] >= 0, b["ids"] >= 0)
 
 
-@SETTINGS
-@given(case=teachers_case(), tail=st.sampled_from(TAILS))
-def test_rank_imputation_conserves_mass_and_exceeds_the_even_share(case, tail):
-    """Rank-based imputation: each lacking teacher still sums to 1, its imputed mass stays
-    ≤ its k-th prob and ≤ its tail, and is at least the even share (the first ranks of a
-    decreasing tail hold at least their even share of it)."""
-    teachers, _, temps, _, vocab, _ = case
-    tempered = [temper(t, tt, tail, vocab) for t, tt in zip(teachers, temps, strict=True)]
-    exps = [Zipf().exponent(t.logprobs) / tt for t, tt in zip(teachers, temps, strict=True)]
-    block = to_union(tempered, vocab, rank_exponents=exps)
-    np.testing.assert_allclose(block.stack.probs.sum(axis=2), 1.0, atol=1e-12)
-    assert (block.stack.probs >= 0).all()
-    for t, s in zip(tempered, exps, strict=True):
-        rank, even = impute(t, block.counts, vocab, s), impute(t, block.counts, vocab)
-        missing = block.counts - t.ids.shape[1]
-        lacks = missing > 0
-        assert (rank.v[lacks] <= t.probs.min(axis=1)[lacks] * (1 + 1e-12)).all()
-        assert (missing * rank.v <= t.tail_mass * (1 + 1e-9) + 1e-300).all()
-        assert (rank.v[lacks] >= even.v[lacks] * (1 - 1e-9)).all()
-        np.testing.assert_allclose(rank.tail + missing * rank.v, t.tail_mass, atol=1e-12)
-
-
-@pytest.mark.parametrize("s", [0.0, 0.5, 1.0, 1.7, 3.0])
-@pytest.mark.parametrize(("k", "m", "vocab"), [(16, 1, 100), (64, 20, 32000), (64, 100, 500)])
-def test_rank_share_against_direct_sums(s, k, m, vocab):
-    ranks = np.arange(k + 1, vocab + 1, dtype=np.float64)
-    terms = ranks**-s
-    want = terms[:m].sum() / terms.sum()
-    got = np.exp(log_rank_share(np.array([s]), k, np.array([m]), vocab))[0]
-    assert got <= 1.0
-    np.testing.assert_allclose(got, want, rtol=2e-3)
-
-
 def test_rank_imputation_is_identity_for_a_single_teacher():
     logp = dense_logprobs(np.random.default_rng(11), 6, 30, 2.0)
     t = sparse_rows(logp, 5)
@@ -480,26 +358,3 @@ def test_backend_and_imputation_validation():
     for b in BACKENDS if HAS_NUMBA else ("numpy",):
         with pytest.raises(ValueError, match="outside"):
             fuse([t, bad], [0.5, 0.5], 1.0, "linear", "lump", 4, 12, backend=b)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 6))
-def test_label_entry_keeps_the_distribution(seed: int, k: int) -> None:
-    """add_label_entry: Σ probs + tail is unchanged, the label gets min(p, tail) only where the
-    support lacks it, and every other column is untouched."""
-    rng = np.random.default_rng(seed)
-    n, vocab = 16, 12
-    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)]).astype(np.int32)
-    probs = rng.dirichlet(np.ones(k + 1), n)
-    tail = probs[:, -1].copy()
-    probs = probs[:, :k]
-    labels = rng.integers(0, vocab, n)
-    label_probs = tail * rng.uniform(0, 1.2, n)  # above the tail now and then: capped
-    out_ids, out_probs, out_tail = add_label_entry(ids, probs, tail, labels, label_probs)
-    np.testing.assert_array_equal(out_ids[:, :k], ids)
-    np.testing.assert_array_equal(out_probs[:, :k], probs)
-    np.testing.assert_allclose(out_probs.sum(axis=1) + out_tail, 1.0, atol=1e-12)
-    outside = ~(ids == labels[:, None]).any(axis=1)
-    np.testing.assert_array_equal(out_ids[:, k], np.where(outside, labels, -1))
-    np.testing.assert_allclose(out_probs[:, k], np.where(outside, np.minimum(label_probs, tail), 0))
-    assert np.all(out_tail >= 0)

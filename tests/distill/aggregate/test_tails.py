@@ -13,48 +13,17 @@ from mtkd.distill.aggregate.tails import (
     Lump,
     Zipf,
     as_float64,
+    expm1_ratio,
     get_tail_model,
     log_power_sum,
     logsumexp,
 )
 from mtkd.distill.aggregate.tempering import TeacherRows, temper
 
+from .cases import dense_logprobs, sparse_rows, tempered_dense
+
 SETTINGS = settings(deadline=None)
 MODELS_IDENTITY_AT_1 = ["lump", "zipf", "exact"]
-
-
-def dense_logprobs(rng: np.random.Generator, n: int, vocab: int, scale: float) -> np.ndarray:
-    """Random full-vocabulary log-probs [n,V] (float64)."""
-    logits = rng.standard_normal((n, vocab)) * scale
-    return logits - logsumexp(logits)[:, None]
-
-
-def tempered_dense(logp: np.ndarray, temperature: float) -> np.ndarray:
-    """Exact tempered log-probs of full-vocabulary rows."""
-    x = logp / temperature
-    return x - logsumexp(x)[:, None]
-
-
-def sparse_rows(logp: np.ndarray, k: int, temperatures: tuple[float, ...] = ()) -> TeacherRows:
-    """The top-k view of dense rows, as a harvest engine stores it (float64 here), with exact
-    tempered tails at ``temperatures`` (what the reference engine stores)."""
-    order = np.argsort(-logp, axis=1, kind="stable")
-    ids, rest = order[:, :k], order[:, k:]
-    top = np.take_along_axis(logp, ids, axis=1)
-    comp = np.take_along_axis(logp, rest, axis=1)
-    tail = logsumexp(comp) if rest.shape[1] else np.full(logp.shape[0], -np.inf)
-    exact = None
-    if temperatures:
-        cols = []
-        for t in temperatures:
-            lt = tempered_dense(logp, t)
-            cols.append(
-                logsumexp(np.take_along_axis(lt, rest, axis=1))
-                if rest.shape[1]
-                else np.full(logp.shape[0], -np.inf)
-            )
-        exact = np.stack(cols, axis=1)
-    return TeacherRows(ids.astype(np.int32), top, tail, None, exact, tuple(temperatures))
 
 
 @st.composite
@@ -180,6 +149,18 @@ def test_log_power_sum_against_direct_sum(first, last_extra):
     j = np.arange(first, last + 1, dtype=np.float64)
     want = logsumexp(-s[:, None] * np.log(j)[None, :])
     np.testing.assert_allclose(log_power_sum(s, first, last), want, rtol=1e-9, atol=1e-8)
+
+
+@SETTINGS
+@given(z=st.floats(-30.0, 30.0))
+def test_expm1_ratio_is_expm1_over_z_and_smooth_at_zero(z):
+    """φ(z)·z = expm1(z) away from 0; near it, including both sides of the cut-over at
+    |z| = 1e-10, φ(z) = 1 + z/2 + O(z²)."""
+    got = expm1_ratio(np.array([z, z * 1e-9]))
+    if abs(z) >= 1e-10:
+        np.testing.assert_allclose(got[0] * z, np.expm1(z), rtol=1e-12)
+    small = z * 1e-9
+    assert abs(got[1] - (1.0 + 0.5 * small)) <= small * small + 4 * np.finfo(float).eps
 
 
 @SETTINGS

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkd.distill.aggregate.diagnostics import kl
-from mtkd.distill.aggregate.fuse import fuse, to_union
+from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tempering import temper
+from mtkd.distill.aggregate.union import to_union
 from mtkd.distill.aggregate.weights import (
     AdaptiveWeights,
     WeightInputs,
@@ -26,8 +27,7 @@ from mtkd.distill.aggregate.weights import (
     validate_weights,
 )
 
-from .test_fuse import fused_dense
-from .test_tails import dense_logprobs, sparse_rows
+from .cases import dense_logprobs, fused_dense, sparse_rows
 
 SETTINGS = settings(deadline=None)
 KINDS = ["static", "entropy", "target", "task", "context_loss", "context_feature", "composite"]
