@@ -30,12 +30,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mtkd.distill.train.losses import (
-    SparseTargets,
-    chunked_cross_entropy,
-    dense_kd_loss,
-    sparse_kd_loss,
-)
+from mtkd.distill.train.dense_reference import dense_kd_loss
+from mtkd.distill.train.losses import chunked_cross_entropy, sparse_kd_loss
+from mtkd.distill.train.targets import SparseTargets
 
 # name -> what it runs (printed as method.<name>=...)
 METHODS = {

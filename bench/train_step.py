@@ -35,16 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtkd.distill.train.config import TrainConfig
+from mtkd.distill.train.dense_reference import dense_kd_loss
+from mtkd.distill.train.distributed import Dist
 from mtkd.distill.train.loader import PackedBatch, PackedLoader
-from mtkd.distill.train.loop import (
-    Dist,
-    LossSpec,
-    StudentLoss,
-    TrainConfig,
-    make_optimizer,
-    train_step,
-)
-from mtkd.distill.train.losses import SparseTargets, dense_kd_loss, sparse_kd_loss
+from mtkd.distill.train.loop import train_step
+from mtkd.distill.train.losses import sparse_kd_loss
+from mtkd.distill.train.objective import LossSpec, StudentLoss
+from mtkd.distill.train.optimizer import make_optimizer
+from mtkd.distill.train.targets import SparseTargets
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import target_header, tokens_header
 
@@ -140,8 +139,11 @@ def step_fn(model: torch.nn.Module, mode: str,
             stores: tuple[Path, Path]) -> Callable[[], float]:
     """A training step of the trainer (``train_step``) on a fixed full batch, after a tiny
     warm-up step that creates AdamW's state."""
-    net = StudentLoss(model, LossSpec("mix" if mode == "kd" else "ce"))
-    opt = make_optimizer(model, TrainConfig(tokens="", out="", student={}))
+    kd = mode == "kd"
+    cfg = TrainConfig(tokens=str(stores[0]), out="", student={},
+                      targets=str(stores[1]) if kd else None, objective="mix" if kd else "ce")
+    net = StudentLoss(model, LossSpec.from_config(cfg))
+    opt = make_optimizer(model, cfg)
     warm, batch = batches(stores, mode == "kd")
     train_step(net, model, opt, [warm], CPU, grad_clip=1.0)
     return lambda: train_step(net, model, opt, [batch], CPU, grad_clip=1.0)

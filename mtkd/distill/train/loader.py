@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtkd.distill.train.losses import IGNORE_INDEX, SparseTargets
+from mtkd.distill.train.targets import IGNORE_INDEX, SparseTargets
 from mtkd.store import Store, StoreError
 from mtkd.store.schema import check_aligned
 
@@ -242,11 +242,6 @@ class PackedLoader:
         self.rank, self.world_size, self.open_rows = rank, world_size, open_rows
         self.vocab_size, self.pad_id = vocab_size, pad_id
         self._plan: tuple[int, EpochPlan] | None = None
-
-    @property
-    def num_positions(self) -> int:
-        """Token positions of one epoch (all ranks)."""
-        return int(self.tokens.seq_lengths[self.sequences].sum())
 
     def plan(self, epoch: int) -> EpochPlan:
         """The packing of ``epoch`` (cached for the latest epoch asked for)."""

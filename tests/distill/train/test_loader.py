@@ -18,7 +18,7 @@ from mtkd.distill.train.loader import (
     heldout_split,
     pack,
 )
-from mtkd.distill.train.losses import IGNORE_INDEX
+from mtkd.distill.train.targets import IGNORE_INDEX
 from mtkd.store import Store, StoreError, StoreWriter, open_store
 from mtkd.store.schema import target_header, tokens_header
 

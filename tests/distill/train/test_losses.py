@@ -10,13 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.distill.train.losses import (
-    KINDS,
-    SparseTargets,
-    chunked_cross_entropy,
-    dense_kd_loss,
-    sparse_kd_loss,
-)
+from mtkd.distill.train.dense_reference import dense_kd_loss
+from mtkd.distill.train.divergences import KINDS
+from mtkd.distill.train.losses import chunked_cross_entropy, sparse_kd_loss
+from mtkd.distill.train.targets import SparseTargets
 
 F64 = torch.float64
 

@@ -1,0 +1,106 @@
+"""The models of a run: the student (loaded or built, checked, saved) and an online teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from mtkd.distill.train.loader import PackedBatch
+from mtkd.distill.train.targets import SparseTargets
+from mtkd.store import Store
+
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                   "merges.txt", "*.model", "chat_template*")
+
+
+def load_student(spec: str | dict[str, Any], seed: int, tokens: Store) -> PreTrainedModel:
+    """A local checkpoint, or a fresh model from config kwargs initialised with ``seed``.
+
+    Config kwargs default ``model_type`` to llama and take ``vocab_size`` and the eos id from
+    the tokens store when absent.
+    """
+    torch.manual_seed(seed)
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        model_type = kwargs.pop("model_type", "llama")
+        kwargs.setdefault("vocab_size", tokens.attrs.get("vocab_size"))
+        eos = tokens.attrs.get("eos_id")
+        if eos is not None:
+            for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+                kwargs.setdefault(key, eos)
+        config = AutoConfig.for_model(model_type, **kwargs)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        if not (Path(spec) / "config.json").exists():
+            raise FileNotFoundError(f"{spec}: no config.json (a local Hugging Face model dir)")
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise ValueError(f"student config sets {attr}; the chunked losses assume plain "
+                             "logits = hidden @ lm_head.weight.T")
+    return model
+
+
+def student_vocab(model: PreTrainedModel) -> int:
+    """Ids the student can both embed and predict."""
+    return min(model.get_output_embeddings().weight.shape[0],
+               model.get_input_embeddings().weight.shape[0])
+
+
+def check_vocab(vocab: int, stores: list[Store | None]) -> None:
+    """Refuse a student vocabulary smaller than any store's."""
+    for store in stores:
+        need = store.attrs.get("vocab_size") if store is not None else None
+        if need is not None and vocab < int(need):
+            raise ValueError(f"the student's vocabulary has {vocab} entries but {store.root} "
+                             f"uses {need}; build the student with vocab_size ≥ {need}")
+
+
+def save_student(model: PreTrainedModel, out: Path, tokenizer_dir: str | None,
+                 state_dict: dict[str, Tensor] | None = None) -> Path:
+    """save_pretrained into ``out/final`` plus the tokens store's tokenizer files.
+
+    ``state_dict``: the full weights (under FSDP, gathered by :func:`training_state`);
+    default ``model.state_dict()``.
+    """
+    final = out / "final"
+    model.save_pretrained(str(final), state_dict=state_dict, safe_serialization=True)
+    src = Path(tokenizer_dir) if tokenizer_dir else None
+    if src is None or not src.is_dir():
+        warnings.warn(f"tokenizer dir {tokenizer_dir!r} not found; {final} has no tokenizer",
+                      stacklevel=2)
+        return final
+    for pattern in TOKENIZER_FILES:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, final / f.name)
+    return final
+
+
+def load_teacher(path: str, device: torch.device) -> PreTrainedModel:
+    """A frozen local teacher for online full-vocabulary targets."""
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return teacher.eval().requires_grad_(False)
+
+
+def with_teacher_targets(batch: PackedBatch, teacher: PreTrainedModel) -> PackedBatch:
+    """``batch`` with the teacher's full softmax as targets (support = the whole vocabulary).
+
+    The dense baseline that sparse top-k targets are compared with; it holds [B,T,V] ids and
+    probabilities, so it is meant for small vocabularies.
+    """
+    with torch.no_grad():
+        logits = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         use_cache=False).logits
+        probs = torch.softmax(logits.float(), dim=-1)
+    ids = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape)
+    tail = probs.new_zeros(probs.shape[:-1])
+    return dataclasses.replace(batch, targets=SparseTargets(ids, probs, tail))
+
