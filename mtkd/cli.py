@@ -1,20 +1,31 @@
 """The ``mtkd`` command line: the only place that parses arguments.
 
-Each command is a thin wrapper over a library function; every command takes ``--config FILE``
-(TOML or YAML) whose values act as defaults that flags override.
+Each command is a thin wrapper over a library function. A stage's options are made from the
+fields of its config dataclass (:func:`stage_options`): their defaults, help texts and bounds
+live there (:func:`mtkd.config.option`), never here. Every command takes ``--config FILE``
+(TOML, YAML or JSON) whose values act as defaults that flags override.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
+import typing
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
-from mtkd.config import apply_config
+from mtkd.config import ConfigError, command_defaults, read_config_file
+from mtkd.distill.aggregate.config import AggregateConfig
+from mtkd.distill.train.config import TrainConfig
+from mtkd.harvest.config import HarvestConfig
+from mtkd.ingest.config import TokenizeConfig
 
 app = typer.Typer(
     name="mtkd",
@@ -24,12 +35,147 @@ app = typer.Typer(
     add_completion=False,
 )
 
+# ----------------------------------------------------------------- options from stage configs
+
+#: The parameter of a command that receives the options made from its stage config's fields.
+StageFields = dict[str, Any]
+Command = Callable[..., None]
+#: ``ctx.meta`` key: the parameters a config file sets to null (click would read "no default").
+_NULLS = "mtkd.config_nulls"
+_CTX = "mtkd_context"  # the parameter through which typer hands a stage command its context
+
+
+def stage_options(
+    config_cls: type,
+    *,
+    skip: Collection[str] = (),
+    flags: Mapping[str, tuple[str, ...]] | None = None,
+) -> Callable[[Command], Command]:
+    """Give a command one option per field of the dataclass ``config_cls`` but ``skip``.
+
+    The options stand where the command's ``fields: StageFields`` parameter stands; it receives
+    their values as a dict ready for ``config_cls(**fields)`` (paths as str, repeated options
+    as tuples). A field's flag is ``--field-name`` unless ``flags`` gives its names.
+    """
+    hints = typing.get_type_hints(config_cls)
+    made = [
+        _field_parameter(f, hints[f.name], (flags or {}).get(f.name, ()))
+        for f in dataclasses.fields(config_cls)
+        if f.init and f.name not in skip
+    ]
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        params = [  # all keyword-only: typer passes them by name
+            q.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in signature.parameters.values()
+            for q in (made if p.name == "fields" else [p])
+        ]
+        params.append(inspect.Parameter(_CTX, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=typer.Context))
+
+        def run(**kwargs: Any) -> None:
+            kwargs.update(_config_nulls(kwargs.pop(_CTX)))
+            fields = {p.name: _field_value(kwargs.pop(p.name)) for p in made}
+            command(fields=fields, **kwargs)
+
+        functools.update_wrapper(run, command, ("__module__", "__name__", "__doc__"), ())
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+def _field_parameter(field: dataclasses.Field, hint: Any, names: tuple[str, ...]) -> Any:
+    """The keyword parameter (typer option) of one config field."""
+    meta = field.metadata
+    cli_type = _cli_type(hint, meta.get("path", False))
+    repeatable = typing.get_origin(cli_type) is list
+    text = meta.get("help", "")
+    info = typer.Option(
+        *names,
+        help=text.rstrip(".") + " (repeatable)." if repeatable else text,
+        min=meta.get("min"),
+        max=meta.get("max"),
+    )
+    default = field.default
+    if default is dataclasses.MISSING:
+        default = inspect.Parameter.empty
+    elif repeatable:
+        default = list(default)
+    annotation = Annotated[cli_type, info]  # type: ignore[valid-type]
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=annotation)
+
+
+def _cli_type(hint: Any, path: bool) -> Any:
+    """A field's type as typer parses it: paths as Path, Literal as str, ``tuple[X, ...]`` as a
+    repeated option; ``| None`` kept."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    inner = next(a for a in args if a is not type(None)) if optional else hint
+    if path:
+        inner = Path
+    elif typing.get_origin(inner) is Literal:
+        inner = str
+    elif typing.get_origin(inner) is tuple and typing.get_args(inner)[-1] is Ellipsis:
+        inner = list[typing.get_args(inner)[0]]  # type: ignore[misc]
+    return inner | None if optional else inner
+
+
+def _field_value(value: Any) -> Any:
+    """A parsed option as its config field holds it: paths as str, repeated values as a tuple."""
+    if isinstance(value, Path):
+        return str(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _config_nulls(ctx: typer.Context) -> dict[str, None]:
+    """The parameters that a config file sets to null and no flag sets otherwise."""
+    return {name: None for name in ctx.meta.get(_NULLS, ())
+            if getattr(ctx.get_parameter_source(name), "name", None) == "DEFAULT"}
+
+
+def _apply_config(ctx: typer.Context, _param: typer.CallbackParam,
+                  value: str | None) -> str | None:
+    """Eager callback of ``--config``: install the file's values as the command's defaults."""
+    if value is None:
+        return None
+    group = ctx.parent.command if ctx.parent is not None else None
+    sections = frozenset(getattr(group, "commands", {}) or {})
+    keys = {  # every name of an option, with _ for -, → its parameter
+        key.replace("-", "_"): p.name
+        for p in ctx.command.params if p.name and p.name != "config"
+        for key in (p.name, *(o[2:] for o in p.opts if o.startswith("--")))
+    }
+    try:
+        values = command_defaults(read_config_file(value), ctx.command.name or "", keys,
+                                  str(value), sections)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+    ctx.meta[_NULLS] = {name for name, v in values.items() if v is None}
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def _help_of(config_cls: type, name: str) -> str:
+    """The help text of a config field that a command parses itself."""
+    return next(f for f in dataclasses.fields(config_cls) if f.name == name).metadata["help"]
+
+
+def _as_given(value: Any) -> Any:
+    """Parser of an option that a config file may give as a list or a table: kept as it is."""
+    return value
+
+
+# ------------------------------------------------------------------------------ shared options
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML/YAML file of option values (flags override it).",
-        callback=apply_config,
+        help="TOML/YAML/JSON file of option values (flags override it).",
+        callback=_apply_config,
         is_eager=True,
         exists=False,
     ),
@@ -58,36 +204,31 @@ def _workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]
     return worker_index, num_workers, 1
 
 
+# ------------------------------------------------------------------------------------ commands
+
+
 @app.command()
+@stage_options(TokenizeConfig)
 def tokenize(
     inputs: Annotated[list[Path], typer.Argument(help="jsonl/parquet/text files or directories.")],
     tokenizer: Annotated[Path, typer.Option(help="Local Hugging Face tokenizer directory.")],
     out: Annotated[Path, typer.Option(help="Output tokens store directory.")],
-    max_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence window.")] = 2048,
-    overlap: Annotated[int, typer.Option(min=0, help="Tokens shared by adjacent windows.")] = 0,
-    text_field: Annotated[str, typer.Option(help="jsonl/parquet field holding the text.")] = "text",
-    task_field: Annotated[str | None, typer.Option(help="Field holding a task tag.")] = None,
-    task: Annotated[str, typer.Option(help="Task tag for documents without one.")] = "",
-    pattern: Annotated[str, typer.Option(help="File-name glob inside directories.")] = "*",
-    exclude: Annotated[list[str] | None, typer.Option(
-        help="Skip directory entries matching this glob (repeatable).")] = None,
+    *,
+    fields: StageFields,
     num_parts: Annotated[int | None, typer.Option(min=1, help="Parts (default: ~64 MB of "
                                                    "input each).")] = None,
     num_workers: NumWorkersOpt = 1,
     worker_index: WorkerIndexOpt = None,
-    strict: Annotated[bool, typer.Option(help="Refuse the corpus at the first bad document.")]
-    = False,
     config: ConfigOpt = None,
 ) -> None:
     """Tokenise a corpus once into a tokens store (resumable: committed parts are skipped)."""
     from mtkd.ingest.corpus import CorpusError
-    from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
+    from mtkd.ingest.job import tokenize_corpus
     from mtkd.store import StoreError
 
     index, total, processes = _workers(worker_index, num_workers)
     try:
-        cfg = TokenizeConfig(max_len, overlap, text_field, task_field, task, pattern,
-                             tuple(exclude or ()), strict)
+        cfg = TokenizeConfig(**fields)
         summary = tokenize_corpus(inputs, tokenizer, out, cfg, num_parts=num_parts,
                                   processes=processes, worker_index=index, num_workers=total)
     except (CorpusError, StoreError, ValueError) as e:
@@ -106,28 +247,13 @@ def tokenize(
 
 
 @app.command()
+@stage_options(HarvestConfig, skip=("engine_args",), flags={"temperatures": ("--temperature",)})
 def harvest(
     tokens: Annotated[Path, typer.Argument(help="Tokens store made by `mtkd tokenize`.")],
     model: Annotated[Path, typer.Option(help="Local teacher model directory (HF format).")],
     out: Annotated[Path, typer.Option(help="Output teacher store directory.")],
-    k: Annotated[int, typer.Option(min=1, help="Top-k log-probs kept per position.")] = 64,
-    engine: Annotated[str, typer.Option(help="vllm (fast) or hf (reference, full vocabulary).")]
-    = "vllm",
-    dtype: Annotated[str, typer.Option(help="Engine dtype: bfloat16, float16, float32.")]
-    = "bfloat16",
-    temperature: Annotated[list[float] | None, typer.Option(
-        help="Store exact tempered tail masses at this temperature (hf engine; repeatable).")]
-    = None,
-    num_samples: Annotated[int, typer.Option(
-        min=0, help="Random-sampling KD draws per position (hf engine).")] = 0,
-    logprob_dtype: Annotated[str, typer.Option(
-        help="Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
-             "docs/FORMAT.md) or a float dtype (float16, float32) with int32 ids.")] = "q64",
-    codec: Annotated[str, typer.Option(help="Array codec: zstd (compact) or raw.")] = "zstd",
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per engine call.")] = 65536,
-    fast_path: Annotated[str, typer.Option(
-        help="auto | fast (keep vLLM's tensors) | public (the public API).")]
-    = "auto",
+    *,
+    fields: StageFields,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM GPUs per model.")]
     = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM max_model_len.")] = None,
@@ -138,15 +264,6 @@ def harvest(
     enforce_eager: Annotated[bool, typer.Option(
         help="vLLM without torch.compile / CUDA graphs: starts tens of seconds sooner, "
              "runs slower (small jobs, tests).")] = False,
-    vocab_map: Annotated[str | None, typer.Option(
-        help="auto | FILE: harvest a teacher whose tokenizer differs from the tokens store's "
-             "through a vocabulary map. auto pairs tokens with identical strings (byte-level "
-             "BPE; added/special tokens by content); FILE is JSON "
-             '{"store_to_teacher": {"<store id>": <teacher id>, ...}}. Inputs are translated '
-             "to teacher ids (a sequence holding a store id with no teacher counterpart "
-             "refuses the harvest); teacher ids with no store counterpart leave the top-k and "
-             "their mass joins the tail, the engine being asked for up to k extra entries to "
-             "keep k ids (docs/FORMAT.md, teacher attrs.vocab_map).")] = None,
     worker_index: Annotated[int, typer.Option(min=0, help="This worker's index "
                                               "(Slurm array / k8s completion index).")] = 0,
     num_workers: NumWorkersOpt = 1,
@@ -156,7 +273,6 @@ def harvest(
     from mtkd.harvest.threads import limit_openmp_spinning
 
     limit_openmp_spinning()  # before torch is imported
-    from mtkd.harvest.job import HarvestConfig
     from mtkd.harvest.job import harvest as run_harvest
     from mtkd.store import StoreError
 
@@ -171,11 +287,7 @@ def harvest(
         ) if value is not None
     }
     try:
-        cfg = HarvestConfig(k=k, engine=engine, dtype=dtype,  # type: ignore[arg-type]
-                            temperatures=tuple(temperature or ()), num_samples=num_samples,
-                            logprob_dtype=logprob_dtype, codec=codec,  # type: ignore[arg-type]
-                            batch_tokens=batch_tokens, fast_path=fast_path,
-                            engine_args=engine_args, vocab_map=vocab_map)
+        cfg = HarvestConfig(**fields, engine_args=engine_args)
         summary = run_harvest(tokens, model, out, cfg, worker_index=worker_index,
                               num_workers=num_workers)
     except (StoreError, ValueError) as e:
@@ -186,7 +298,7 @@ def harvest(
         f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk; "
         + ("store complete" if summary.complete else "waiting for other workers' parts")
     )
-    if engine == "vllm":
+    if cfg.engine == "vllm":
         _skip_teardown()
 
 
@@ -211,7 +323,7 @@ def _skip_teardown() -> None:
     os._exit(0)
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+def _floats(text: Any, what: str) -> tuple[float, ...] | None:
     """Parse "0.5,0.3,0.2" (or a list from a config file)."""
     if text is None:
         return None
@@ -237,56 +349,29 @@ def _task_weights(items: list[str] | dict[str, Any] | None, k: int) -> dict[str,
 
 
 @app.command()
+@stage_options(
+    AggregateConfig, skip=("teachers", "weights", "fit_weights", "temperatures", "task_weights")
+)
 def aggregate(
     teachers: Annotated[list[Path], typer.Argument(help="Teacher stores to fuse.")],
     tokens: Annotated[Path, typer.Option(help="The tokens store the teachers were harvested on.")],
     out: Annotated[Path, typer.Option(help="Output target store directory.")],
-    operator: Annotated[str, typer.Option(help="linear | geometric | power_mean.")] = "linear",
-    alpha: Annotated[float, typer.Option(help="Power-mean exponent (1 linear, 0 geometric).")]
-    = 0.5,
+    *,
+    fields: StageFields,
     weights: Annotated[str | None, typer.Option(
+        parser=_as_given, metavar="W1,...,WK|fit",
         help="Static teacher weights, e.g. 0.5,0.3,0.2, or 'fit': maximum likelihood of the "
              "actual next tokens under the mixture (EM). Default uniform.")] = None,
     temperatures: Annotated[str | None, typer.Option(
+        parser=_as_given, metavar="T1,...,TK",
         help="Per-teacher temperatures, e.g. 2,2,1 (default 1).")] = None,
-    tail_model: Annotated[str, typer.Option(
-        help="Tempered tail outside the top-k: renormalise | lump | zipf | exact.")] = "lump",
-    k_out: Annotated[int, typer.Option(min=1, help="Support size kept per position.")] = 64,
-    imputation: Annotated[str, typer.Option(
-        help="Mass of ids a teacher lacks: even (share of its tail) | rank (Zipf next ranks).")]
-    = "even",
-    token: Annotated[str, typer.Option(
-        help="Token-level adaptive weights: none | entropy | target.")] = "none",
-    token_sharpness: Annotated[float, typer.Option(help="Sharpness of token weights.")] = 1.0,
     task_weight: Annotated[list[str] | None, typer.Option(
         help="Task-level factors TAG=w1,...,wK (repeatable).")] = None,
-    context: Annotated[str, typer.Option(
-        help="Context-level weights: none | loss (each teacher's loss on the sequence).")]
-    = "none",
-    context_sharpness: Annotated[float, typer.Option(help="Sharpness of context weights.")]
-    = 1.0,
-    eps: Annotated[float, typer.Option(help="Lower bound on every adaptive weight.")] = 0.0,
-    safety: Annotated[int | None, typer.Option(
-        help="Index of the safety teacher (its weight never drops below its floor).")] = None,
-    safety_floor: Annotated[float | None, typer.Option(
-        help="Safety teacher's weight floor (default: its static weight).")] = None,
-    teacher_blocks: Annotated[bool, typer.Option(
-        help="Also store each teacher's tempered targets (for --objective multi).")] = False,
-    source: Annotated[str, typer.Option(
-        help="What to fuse: topk (the harvested top-k + tail) | samples (random-sampling "
-             "targets from harvest --num-samples; linear, static weights).")] = "topk",
-    label_entry: Annotated[bool, typer.Option(
-        help="Give the actual next token its exact probability in one more column wherever "
-             "the support lacks it (linear, T=1; the teacher stores hold p(label)).")] = False,
-    codec: Annotated[str, typer.Option(
-        help="Target store arrays: raw (memory-mapped, fastest to train from) | zstd (about "
-             "half the bytes; whole chunks are decoded on every read).")] = "raw",
     num_workers: NumWorkersOpt = 1,
     worker_index: WorkerIndexOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
-    from mtkd.distill.aggregate.job import AggregateConfig
     from mtkd.distill.aggregate.job import aggregate as run_aggregate
     from mtkd.store import StoreError
 
@@ -297,13 +382,8 @@ def aggregate(
             weights=None if weights == "fit" else _floats(weights, "--weights"),
             fit_weights=weights == "fit",
             temperatures=_floats(temperatures, "--temperatures"),
-            operator=operator, alpha=alpha, tail_model=tail_model,  # type: ignore[arg-type]
-            k_out=k_out, token=token, token_sharpness=token_sharpness,  # type: ignore[arg-type]
             task_weights=_task_weights(task_weight, len(teachers)),
-            context=context, context_sharpness=context_sharpness,  # type: ignore[arg-type]
-            eps=eps, safety=safety, safety_floor=safety_floor, teacher_blocks=teacher_blocks,
-            imputation=imputation, source=source, label_entry=label_entry,  # type: ignore[arg-type]
-            codec=codec,  # type: ignore[arg-type]
+            **fields,
         )
         summary = run_aggregate(tokens, out, cfg, processes=processes, worker_index=index,
                                 num_workers=total)
@@ -322,75 +402,37 @@ def aggregate(
 
 
 @app.command()
+@stage_options(TrainConfig, skip=("student", "suppress_ids"), flags={
+    "max_steps": ("--max-steps", "--steps"),
+    "warmup_steps": ("--warmup-steps", "--warmup"),
+    "eval_tokens": ("--eval-tokens", "--heldout"),
+})
 def train(
-    tokens: Annotated[Path, typer.Option(help="Tokens store to train on.")],
-    out: Annotated[Path, typer.Option(help="Run directory (checkpoints, metrics, final/).")],
-    targets: Annotated[Path | None, typer.Option(
-        help="Target store from `mtkd aggregate` (none: cross-entropy only).")] = None,
-    student: Annotated[Path | None, typer.Option(
-        help="Local Hugging Face checkpoint to start from.")] = None,
+    *,
+    student: Annotated[str | None, typer.Option(
+        parser=_as_given, metavar="DIR",
+        help="Local Hugging Face checkpoint to start from (a config file may instead give a "
+             "table of model config kwargs).")] = None,
     student_config: Annotated[Path | None, typer.Option(
         help="JSON of model config kwargs to initialise a fresh student.")] = None,
-    objective: Annotated[str, typer.Option(
-        help="ce | mix (KL to fused targets) | multi (Σ w_k KL to each teacher) | auto.")]
-    = "auto",
-    loss: Annotated[str, typer.Option(
-        help="fkl_tail | fkl_renorm | rkl_tail | rkl_renorm | jsd_tail | jsd_renorm.")]
-    = "fkl_tail",
-    alpha: Annotated[float, typer.Option(help="Weight of CE: (1−α)·KD + α·CE.")] = 0.0,
-    temperature: Annotated[float, typer.Option(help="Student temperature of the KD term.")]
-    = 1.0,
-    teacher: Annotated[Path | None, typer.Option(
-        help="Local teacher checkpoint run online for full-vocabulary targets (the dense "
-             "baseline of the demo; small vocabularies) instead of --targets.")] = None,
-    heldout: Annotated[Path | None, typer.Option(help="Held-out tokens store.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(
-        min=1, help="Train on a seeded subset of at most this many tokens.")] = None,
+    fields: StageFields,
     suppress_ids: Annotated[str | None, typer.Option(
-        help="Token ids to push to low probability (training a safety teacher), e.g. 12,97.")]
-    = None,
-    suppress_weight: Annotated[float, typer.Option(help="Weight of that unlikelihood term.")]
-    = 1.0,
-    seq_len: Annotated[int, typer.Option(min=2, help="Packed row length.")] = 2048,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per rank per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
-    warmup: Annotated[int | None, typer.Option(help="Warmup steps (default 10% of steps).")]
-    = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
-    eval_every: Annotated[int, typer.Option(help="Held-out evaluation period (0: end).")] = 200,
-    save_every: Annotated[int, typer.Option(help="Checkpoint period (0: none).")] = 500,
-    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    fsdp: Annotated[bool, typer.Option(
-        help="Under torchrun: shard parameters, gradients and optimizer state over the ranks "
-             "(FSDP2) instead of replicating the student (DDP); for students that do not fit "
-             "one device.")] = False,
+        parser=_as_given, metavar="ID,...",
+        help=_help_of(TrainConfig, "suppress_ids").rstrip(".") + ", e.g. 12,97.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a student on cached targets (or CE only); runs DDP (or FSDP) under torchrun."""
-    from mtkd.distill.train.loop import TrainConfig
     from mtkd.distill.train.loop import train as run_train
     from mtkd.store import StoreError
 
     if (student is None) == (student_config is None):
         raise _fail("give exactly one of --student (checkpoint) or --student-config (JSON)", 2)
     try:
-        spec: str | dict[str, Any] = (str(student) if student is not None
-                                      else json.loads(Path(student_config).read_text()))
-        cfg = TrainConfig(
-            tokens=str(tokens), out=str(out), student=spec,
-            targets=str(targets) if targets else None,
-            teacher=str(teacher) if teacher else None, objective=objective, loss=loss,
-            alpha=alpha, temperature=temperature, seq_len=seq_len, batch_size=batch_size,
-            grad_accum=grad_accum, max_steps=steps, lr=lr,
-            warmup_steps=warmup if warmup is not None else max(steps // 10, 1), seed=seed,
-            eval_tokens=str(heldout) if heldout else None, eval_every=eval_every,
-            save_every=save_every, bf16=bf16, device=device, fsdp=fsdp, max_tokens=max_tokens,
-            suppress_ids=tuple(int(x) for x in _floats(suppress_ids, "--suppress-ids") or ()),
-            suppress_weight=suppress_weight,
-        )
+        spec: str | dict[str, Any] = (
+            json.loads(Path(student_config).read_text()) if student_config is not None
+            else student if isinstance(student, dict) else str(Path(str(student))))
+        ids = _floats(suppress_ids, "--suppress-ids") or ()
+        cfg = TrainConfig(**fields, student=spec, suppress_ids=tuple(int(x) for x in ids))
         result = run_train(cfg)
     except (StoreError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise _fail(str(e)) from None
@@ -423,7 +465,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print a store's manifest in human form."""
-    from mtkd.store import StoreError, open_store
+    from mtkd.store import StoreError, bytes_on_disk, open_store
 
     try:
         s = open_store(store, verify="none")
@@ -434,7 +476,7 @@ def info(
         return
     typer.echo(f"{s.kind} store {store}")
     typer.echo(f"  sequences {s.num_sequences:,}  rows {s.num_rows:,}  parts {s.num_parts}")
-    typer.echo(f"  bytes on disk {_du(store):,}")
+    typer.echo(f"  bytes on disk {bytes_on_disk(store):,}")
     typer.echo("  arrays " + ", ".join(
         f"{a.name}:{a.dtype}{list(a.row_shape) or ''}/{a.codec}" for a in s.header.arrays))
     for key, value in sorted(s.attrs.items()):
@@ -449,7 +491,8 @@ def demo(
     experiments: Annotated[str, typer.Option(help="default or all.")] = "default",
 ) -> None:
     """The whole pipeline on the standard library's sources: teachers, harvest, fuse, train."""
-    from mtkd.recipes.demo import DemoError, run_demo
+    from mtkd.recipes.demo import run_demo
+    from mtkd.recipes.run import DemoError
 
     if experiments not in ("default", "all"):
         raise _fail(f"--experiments must be default or all, got {experiments!r}", 2)
@@ -471,10 +514,6 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")
     except FileNotFoundError as e:
         raise _fail(str(e)) from None
     typer.echo(f"report: {path}")
-
-
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _short(value: Any, width: int = 100) -> str:

@@ -1,19 +1,27 @@
-"""Config files (TOML or YAML) as defaults for a command's flags; flags given override them.
+"""Options of the stages: fields that document and bound themselves, and the files that set them.
 
-A file holds either the command's options at top level or one table per command
-(``[tokenize]``, ``[aggregate]``, ``[train]`` …); a file with tables may hold tables for other
-commands too, so one file can serve a whole pipeline. Keys are option names with ``-`` or ``_``.
-Unknown keys are refused, naming the key and the options that exist. Relative paths in a file
-are relative to the working directory, as on the command line.
+Each stage has one config dataclass (``TokenizeConfig``, ``HarvestConfig``, ``AggregateConfig``,
+``TrainConfig``) whose fields are declared with :func:`option`: the default, the help text and
+the bounds live there once; the dataclass enforces the bounds (:func:`check_bounds`) and the
+command line reads all three to build its flags.
+
+A config file (TOML; YAML for ``.yaml``/``.yml``; JSON for ``.json``) holds either one command's
+options at top level or one table per command (``[tokenize]``, ``[aggregate]``, ``[train]`` …);
+a file with tables may hold tables for other commands too, so one file can serve a whole
+pipeline. Keys are option names with ``-`` or ``_``. Unknown keys are refused, naming the key
+and the options that exist. Relative paths in a file are relative to the working directory, as
+on the command line. This module knows nothing of the command-line library.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import typer
 import yaml
 
 if sys.version_info >= (3, 11):
@@ -22,71 +30,107 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(typer.BadParameter):
-    """A config file that cannot be used; printed as a usage error (exit code 2).
+class ConfigError(ValueError):
+    """A config file that cannot be used (the command line reports it as a usage error)."""
 
-    Derived from typer's ``BadParameter`` (click's, or the copy of click that newer typer
-    vendors), so the command line reports it as a usage error rather than a traceback.
-    """
+
+# ----------------------------------------------------------------------------- config fields
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    why: str = "",
+    path: bool = False,
+) -> Any:
+    """A stage-config field with its help text and bounds (``min``/``max`` inclusive; a None
+    value is never out of bounds; ``why`` explains them in the refusal). ``path``: the value
+    names a file or directory."""
+    metadata = {"help": help, "min": min, "max": max, "why": why, "path": path}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_bounds(config: Any) -> None:
+    """Refuse a field of ``config`` outside the bounds its :func:`option` declares."""
+    for f in dataclasses.fields(config):
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        value = getattr(config, f.name)
+        if value is None or (
+            (low is None or value >= low) and (high is None or value <= high)
+        ):
+            continue
+        why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+        raise ValueError(f"{f.name} must be {_bounds_text(low, high)}{why}, got {value}")
+
+
+def _bounds_text(low: float | None, high: float | None) -> str:
+    """``≥ low``, ``≤ high`` or ``in [low, high]``."""
+    if high is None:
+        return f"≥ {low}"
+    return f"≤ {high}" if low is None else f"in [{low}, {high}]"
+
+
+# ------------------------------------------------------------------------------- config files
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The file's top-level table; TOML unless the suffix is ``.yaml``/``.yml``."""
+    """The file's top-level table: TOML, or YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
-    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    suffix = path.suffix.lower()
+    kind = "YAML" if suffix in (".yaml", ".yml") else "JSON" if suffix == ".json" else "TOML"
     try:
-        data = (yaml.safe_load(text) or {}) if is_yaml else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'YAML' if is_yaml else 'TOML'}: {e}") from e
+        if kind == "YAML":
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {kind}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of options")
     return data
 
 
-def command_defaults(data: dict[str, Any], command: Any, source: str,
-                     sections: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The options of ``command`` (a click command) from a config file, keyed by parameter name.
+def command_defaults(
+    data: dict[str, Any],
+    command: str,
+    options: Mapping[str, str],
+    source: str,
+    sections: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The values a config file gives the options of ``command``, keyed by parameter name.
 
-    ``sections``: names of the app's commands; their tables are skipped in a file shared by
-    several commands.
+    ``options`` maps every accepted key (an option's names with ``_`` for ``-``) to its
+    parameter name; ``sections``: the names of all commands, whose tables are skipped in a
+    file shared by several commands.
     """
-    name = command.name
-    params = {p.name for p in command.params if p.name and p.name != "config"}
-    if name and name in data:
-        section = data[name]
+    if command in data:
+        section = data[command]
         if not isinstance(section, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table of options")
-        stray = [k for k in data if k not in sections and k != name]
+            raise ConfigError(f"{source}: [{command}] must be a table of options")
+        stray = [k for k in data if k not in sections and k != command]
         if stray:
-            raise ConfigError(f"{source}: keys {stray} sit outside any command's table; "
-                              f"move them into [{name}]")
+            raise ConfigError(
+                f"{source}: keys {stray} sit outside any command's table; "
+                f"move them into [{command}]"
+            )
     else:
         section = data
     out: dict[str, Any] = {}
     for key, value in section.items():
-        option = str(key).replace("-", "_")
         if section is data and key in sections and isinstance(value, dict):
             continue  # another command's table
-        if option not in params:
+        name = options.get(str(key).replace("-", "_"))
+        if name is None:
             raise ConfigError(
-                f"{source}: unknown key {key!r} for `mtkd {name}` "
-                f"(known: {', '.join(sorted(params))})"
+                f"{source}: unknown key {key!r} for `mtkd {command}` "
+                f"(known: {', '.join(sorted(options))})"
             )
-        out[option] = value
+        out[name] = value
     return out
-
-
-def apply_config(ctx: typer.Context, _param: typer.CallbackParam,
-                 value: str | None) -> str | None:
-    """Eager callback of ``--config``: install the file's values as the command's defaults."""
-    if value is None:
-        return None
-    group = ctx.parent.command if ctx.parent is not None else None
-    sections = frozenset(getattr(group, "commands", {}) or {})
-    defaults = command_defaults(read_config_file(value), ctx.command, str(value), sections)
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 from mtkd.cli import app
+from mtkd.distill.aggregate.config import AggregateConfig
+from mtkd.distill.train.config import TrainConfig
+from mtkd.harvest.config import MAX_K, HarvestConfig
+from mtkd.ingest.config import TokenizeConfig
 from mtkd.store import ArraySpec, Header, StoreWriter, open_store
 
 runner = CliRunner()
@@ -129,3 +137,92 @@ def test_config_unknown_key_refused(tmp_path: Path, suffix: str, text: str) -> N
     output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # rich may box and wrap
     assert "unknown key 'max_lenn'" in output and "mtkd tokenize" in output
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------- options from the stage configs
+
+JOBS = {"tokenize": ("mtkd.ingest.job", "tokenize_corpus"),
+        "harvest": ("mtkd.harvest.job", "harvest"),
+        "aggregate": ("mtkd.distill.aggregate.job", "aggregate"),
+        "train": ("mtkd.distill.train.loop", "train")}
+REQUIRED = {"tokenize": ["corpus", "--tokenizer", "tok", "--out", "o"],
+            "harvest": ["tokens", "--model", "m", "--out", "o", "--engine", "hf"],
+            "aggregate": ["a", "b", "--tokens", "t", "--out", "o"],
+            "train": ["--tokens", "t", "--out", "o", "--student", "s"]}
+
+
+@pytest.fixture
+def configs(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``made(command, *args)``: the stage config the command builds (its job is not run)."""
+    seen: list[Any] = []
+
+    def job(*args: Any, **_: Any) -> None:
+        seen.append(next(a for a in args if dataclasses.is_dataclass(a)))
+        raise ValueError("job not run")
+
+    for module, name in JOBS.values():
+        monkeypatch.setitem(sys.modules, module, SimpleNamespace(**{name: job}))
+
+    def made(command: str, *args: str, required: bool = True) -> Any:
+        result = runner.invoke(app, [command, *(REQUIRED[command] if required else ()), *args])
+        assert result.exit_code == 1 and "job not run" in result.output, result.output
+        return seen.pop()
+
+    return made
+
+
+def test_defaults_are_the_configs(configs: Any) -> None:
+    assert configs("tokenize") == TokenizeConfig()
+    assert configs("harvest") == HarvestConfig(engine="hf")
+    assert configs("aggregate") == AggregateConfig(teachers=("a", "b"))
+    assert configs("train") == TrainConfig(tokens="t", out="o", student="s")
+    assert configs("train", "--steps", "50").warmup_steps == 5  # 10% of the steps
+    assert configs("train", "--max-steps", "5").warmup_steps == 1  # at least 1
+
+
+def test_every_train_option_has_a_flag(configs: Any) -> None:
+    cfg = configs("train", "--steps", "7", "--warmup", "3", "--heldout", "h", "--beta", "0.3",
+                  "--chunk-size", "16", "--eval-batches", "4", "--prefetch", "2", "--open-rows",
+                  "8", "--min-lr-ratio", "0.2", "--weight-decay", "0", "--adam-betas", "0.8",
+                  "0.9", "--grad-clip", "0.5", "--eval-fraction", "0.2", "--eval-targets", "et",
+                  "--keep-checkpoints", "3", "--no-resume", "--log-every", "2", "--threads", "1",
+                  "--no-monitor", "--no-progress", "--no-tensorboard", "--suppress-ids", "3,4")
+    assert cfg == TrainConfig(
+        tokens="t", out="o", student="s", max_steps=7, warmup_steps=3, eval_tokens="h",
+        beta=0.3, chunk_size=16, eval_batches=4, prefetch=2, open_rows=8, min_lr_ratio=0.2,
+        weight_decay=0.0, adam_betas=(0.8, 0.9), grad_clip=0.5, eval_fraction=0.2,
+        eval_targets="et", keep_checkpoints=3, resume=False, log_every=2, threads=1,
+        monitor=False, progress=False, tensorboard=False, suppress_ids=(3, 4))
+    flags = {p.name for p in typer.main.get_command(app).commands["train"].params}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+
+
+def test_train_config_file_with_the_configs_own_keys(configs: Any, tmp_path: Path) -> None:
+    """A TrainConfig written out (JSON, null and all) is what `mtkd train --config` builds."""
+    want = TrainConfig(tokens="t", out="o", student={"model_type": "llama", "vocab_size": 9},
+                       max_steps=9, warmup_steps=2, eval_batches=None, suppress_ids=(5,),
+                       adam_betas=(0.9, 0.99), threads=1, progress=False)
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"train": want.to_dict()}))
+    assert configs("train", "--config", str(path), required=False) == want
+    path.write_text(json.dumps(want.to_dict()))  # the same at top level
+    assert configs("train", "--config", str(path), required=False) == want
+    assert configs("train", "--config", str(path)) == dataclasses.replace(want, student="s")
+    assert configs("train", "--config", str(path), "--eval-batches", "3").eval_batches == 3
+    toml = tmp_path / "train.toml"
+    toml.write_text('[train]\nsteps = 20\nwarmup = 4\nheldout = "h"\nbeta = 0.1\n')
+    cfg = configs("train", "--config", str(toml))
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_tokens, cfg.beta) == (20, 4, "h", 0.1)
+
+
+def test_bounds_come_from_the_configs() -> None:
+    for k in (0, MAX_K + 1):  # a usage error before anything runs
+        result = runner.invoke(app, ["harvest", "t", "--model", "m", "--out", "o", "--k", str(k)],
+                               env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and "Invalid value for '--k'" in result.output
+    help_text = runner.invoke(app, ["harvest", "--help"], env={"COLUMNS": "200"}).output
+    assert f"[1<=x<={MAX_K}]" in help_text
+    with pytest.raises(ValueError, match=rf"k must be in \[1, {MAX_K}\] \(the vLLM engine"):
+        HarvestConfig(k=MAX_K + 1)
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "[x>=2]" in result.output and "--max-steps,--steps" in result.output

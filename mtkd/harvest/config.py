@@ -1,4 +1,4 @@
-"""The harvest stage's options: the only home of their defaults and bounds."""
+"""The harvest stage's options: the only home of their defaults, help texts and bounds."""
 
 from __future__ import annotations
 
@@ -7,43 +7,65 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mtkd.store.core import Codec
+from mtkd.config import check_bounds, option
+from mtkd.store.format import Codec
 from mtkd.store.schema import check_logprob_dtype
 from mtkd.store.topk_codec import Q64
 
-EngineKind = Literal["vllm", "hf"]
+#: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
+#: ``max_logprobs`` to k and serves at most this many log-probs per position.
+MAX_K = 256
+_WHY_MAX_K = f"the vLLM engine serves at most {MAX_K} log-probs per position"
 
 
 @dataclass(frozen=True)
 class HarvestConfig:
     """What a teacher store holds and how the engine runs; every worker must agree on it."""
 
-    k: int = 64
-    engine: EngineKind = "vllm"
-    dtype: str = "bfloat16"
-    temperatures: tuple[float, ...] = ()
-    num_samples: int = 0
-    #: ``q64``: the compact top-k coding (|error| ≤ 1/128 nat for p ≥ 1e-3, docs/FORMAT.md);
-    #: a float dtype (``float16``, ``float32``): int32 ids and log-probs of that dtype
-    logprob_dtype: str = Q64
-    codec: Codec = "zstd"
-    batch_tokens: int = 65536
-    fast_path: str = "auto"
+    k: int = option(64, "Top-k log-probs kept per position.", min=1, max=MAX_K, why=_WHY_MAX_K)
+    engine: Literal["vllm", "hf"] = option(
+        "vllm", "vllm (fast) or hf (reference, full vocabulary)."
+    )
+    dtype: str = option("bfloat16", "Engine dtype: bfloat16, float16, float32.")
+    temperatures: tuple[float, ...] = option(
+        (), "Store exact tempered tail masses at this temperature (hf engine)."
+    )
+    num_samples: int = option(0, "Random-sampling KD draws per position (hf engine).", min=0)
+    logprob_dtype: str = option(
+        Q64,
+        "Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
+        "docs/FORMAT.md) or a float dtype (float16, float32) with int32 ids.",
+    )
+    codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")  # noqa: RUF009
+    batch_tokens: int = option(65536, "Tokens per engine call.", min=1)
+    fast_path: str = option("auto", "auto | fast (keep vLLM's tensors) | public (the public API).")
+    #: keyword arguments of the engine (vLLM: tensor_parallel_size, max_model_len, ...)
     engine_args: dict[str, Any] = field(default_factory=dict)
-    #: ``auto`` or a JSON file: harvest a teacher whose tokenizer differs from the tokens
-    #: store's through a vocabulary map (mtkd/harvest/vocab_map.py); None: the same tokenizer
-    vocab_map: str | None = None
+    vocab_map: str | None = option(
+        None,
+        "auto | FILE: harvest a teacher whose tokenizer differs from the tokens store's "
+        "through a vocabulary map. auto pairs tokens with identical strings (byte-level "
+        "BPE; added/special tokens by content); FILE is JSON "
+        '{"store_to_teacher": {"<store id>": <teacher id>, ...}}. Inputs are translated '
+        "to teacher ids (a sequence holding a store id with no teacher counterpart "
+        "refuses the harvest); teacher ids with no store counterpart leave the top-k and "
+        "their mass joins the tail, the engine being asked for up to k extra entries to "
+        "keep k ids (docs/FORMAT.md, teacher attrs.vocab_map; mtkd/harvest/vocab_map.py).",
+    )
 
     def __post_init__(self) -> None:
-        if not 1 <= self.k <= 4096:
-            raise ValueError(f"k must be in [1, 4096], got {self.k}")
+        check_bounds(self)
         check_logprob_dtype(self.logprob_dtype)
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if (self.temperatures or self.num_samples) and self.engine != "hf":
-            raise ValueError("exact tempered tails and sampled targets need --engine hf "
-                             "(the reference engine sees the full vocabulary)")
+            raise ValueError(
+                "exact tempered tails and sampled targets need --engine hf "
+                "(the reference engine sees the full vocabulary)"
+            )
         if (self.temperatures or self.num_samples) and self.vocab_map is not None:
-            raise ValueError("exact tempered tails and sampled targets are not supported with "
-                             "--vocab-map (they would have to be re-split between the two "
-                             "vocabularies)")
+            raise ValueError(
+                "exact tempered tails and sampled targets are not supported with "
+                "--vocab-map (they would have to be re-split between the two "
+                "vocabularies)"
+            )

@@ -39,14 +39,13 @@ import numpy as np
 import torch
 
 from mtkd.harvest import vllm_plugin
+from mtkd.harvest.config import MAX_K  # vLLM's max_logprobs is set to k
 from mtkd.harvest.engine import check_k, check_sequences, finish_rows
 
 log = logging.getLogger(__name__)
 
 #: vLLM versions whose internals the fast path was tested against.
 FAST_PATH_VERSIONS = ("0.32.",)
-#: Largest top-k this engine accepts (vLLM's ``max_logprobs`` is set to k).
-MAX_K = 256
 #: SamplingParams.extra_args key that routes a request's prompt log-probs to the fast path.
 _KEEP_TENSORS = "mtkd_keep_prompt_logprobs_tensors"
 _MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"

@@ -1,4 +1,4 @@
-"""The aggregate stage's options: the only home of their defaults and bounds."""
+"""The aggregate stage's options: the only home of their defaults, help texts and bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Literal
 
 import numpy as np
 
-from mtkd.distill.aggregate.fuse import IMPUTATIONS
+from mtkd.config import check_bounds, option
+from mtkd.distill.aggregate.imputation import IMPUTATIONS
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tails import get_tail_model
 from mtkd.distill.aggregate.weights import (
@@ -43,23 +44,51 @@ class AggregateConfig:
     weights: tuple[float, ...] | None = None
     fit_weights: bool = False  # static weights fitted by maximum likelihood (see fitted_config)
     temperatures: tuple[float, ...] | None = None
-    operator: Literal["linear", "geometric", "power_mean"] = "linear"
-    alpha: float = 0.5
-    tail_model: Literal["renormalise", "lump", "zipf", "exact"] = "lump"
-    k_out: int = 64
-    token: Literal["none", "entropy", "target"] = "none"
-    token_sharpness: float = 1.0
+    operator: Literal["linear", "geometric", "power_mean"] = option(
+        "linear", "linear | geometric | power_mean."
+    )
+    alpha: float = option(0.5, "Power-mean exponent (1 linear, 0 geometric).")
+    tail_model: Literal["renormalise", "lump", "zipf", "exact"] = option(
+        "lump", "Tempered tail outside the top-k: renormalise | lump | zipf | exact."
+    )
+    k_out: int = option(64, "Support size kept per position.", min=1)
+    token: Literal["none", "entropy", "target"] = option(
+        "none", "Token-level adaptive weights: none | entropy | target."
+    )
+    token_sharpness: float = option(1.0, "Sharpness of token weights.")
     task_weights: Mapping[str, Sequence[float]] = field(default_factory=dict)
-    context: Literal["none", "loss"] = "none"
-    context_sharpness: float = 1.0
-    eps: float = 0.0
-    safety: int | None = None
-    safety_floor: float | None = None
-    teacher_blocks: bool = False
-    imputation: Literal["even", "rank"] = "even"
-    source: Literal["topk", "samples"] = "topk"
-    label_entry: bool = False
-    codec: Literal["raw", "zstd"] = "raw"  # of the target store (see schema.target_header)
+    context: Literal["none", "loss"] = option(
+        "none", "Context-level weights: none | loss (each teacher's loss on the sequence)."
+    )
+    context_sharpness: float = option(1.0, "Sharpness of context weights.")
+    eps: float = option(0.0, "Lower bound on every adaptive weight.")
+    safety: int | None = option(
+        None, "Index of the safety teacher (its weight never drops below its floor)."
+    )
+    safety_floor: float | None = option(
+        None, "Safety teacher's weight floor (default: its static weight)."
+    )
+    teacher_blocks: bool = option(
+        False, "Also store each teacher's tempered targets (for training with objective multi)."
+    )
+    imputation: Literal["even", "rank"] = option(
+        "even", "Mass of ids a teacher lacks: even (share of its tail) | rank (Zipf next ranks)."
+    )
+    source: Literal["topk", "samples"] = option(
+        "topk",
+        "What to fuse: topk (the harvested top-k + tail) | samples (random-sampling "
+        "targets from harvest --num-samples; linear, static weights).",
+    )
+    label_entry: bool = option(
+        False,
+        "Give the actual next token its exact probability in one more column wherever "
+        "the support lacks it (linear, T=1; the teacher stores hold p(label)).",
+    )
+    codec: Literal["raw", "zstd"] = option(
+        "raw",
+        "Target store arrays: raw (memory-mapped, fastest to train "
+        "from) | zstd (about half the bytes; whole chunks are decoded on every read).",
+    )
 
     def __post_init__(self) -> None:
         k = len(self.teachers)
@@ -76,8 +105,7 @@ class AggregateConfig:
         if self.imputation not in IMPUTATIONS:
             raise ValueError(f"unknown imputation {self.imputation!r}; "
                              f"choose one of {list(IMPUTATIONS)}")
-        if self.k_out < 1:
-            raise ValueError(f"k_out must be >= 1, got {self.k_out}")
+        check_bounds(self)  # k_out
         if self.safety is not None and not 0 <= self.safety < k:
             raise ValueError(f"safety teacher index {self.safety} is not in [0, {k})")
         for tag, factors in self.task_weights.items():

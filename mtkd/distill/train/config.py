@@ -1,4 +1,4 @@
-"""The train stage's options: the only home of their defaults and bounds."""
+"""The train stage's options: the only home of their defaults, help texts and bounds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mtkd.distill.train.losses import KINDS
+from mtkd.config import check_bounds, option
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
 
@@ -16,51 +16,89 @@ OBJECTIVES = ("auto", "ce", "mix", "multi")
 class TrainConfig:
     """Every option of ``mtkd train``; ``from_dict`` loads a config file's table."""
 
-    tokens: str  # tokens store
-    out: str  # output directory (checkpoints, metrics.jsonl, final/)
+    tokens: str = option(help="Tokens store to train on.", path=True)
+    out: str = option(help="Run directory (checkpoints, metrics.jsonl, final/).", path=True)
     student: str | dict[str, Any]  # local HF checkpoint dir, or config kwargs (+ "model_type")
-    targets: str | None = None  # target store built over ``tokens``
-    teacher: str | None = None  # or: a local teacher run online (full-vocabulary targets)
-    objective: str = "auto"  # ce | mix | multi | auto (mix with targets, else ce)
-    loss: str = "fkl_tail"  # one of losses.KINDS
-    alpha: float = 0.0  # weight of CE in (1−α)·KD + α·CE
-    temperature: float = 1.0  # student temperature of the KD term
-    beta: float = 0.5  # JSD mixing weight
-    monitor: bool = True  # read per-teacher blocks to log the other objective
-    seq_len: int = 2048
-    batch_size: int = 8  # rows per rank per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on ≥2-D parameters only
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    max_tokens: int | None = None  # train on a seeded subset of at most this many tokens
-    suppress_ids: tuple[int, ...] = ()  # ids to push towards zero probability (unlikelihood)
-    suppress_weight: float = 1.0  # weight of the unlikelihood term −log(1 − Σ_suppressed s)
-    eval_fraction: float = 0.01  # held out by doc_id hash (ignored with eval_tokens)
-    eval_tokens: str | None = None  # explicit held-out tokens store
-    eval_targets: str | None = None  # its target store
-    eval_every: int = 200  # 0: only at the end
-    eval_batches: int | None = 50  # per rank; None: the whole held-out set
-    save_every: int = 500  # 0: no periodic checkpoints
-    keep_checkpoints: int = 2
-    resume: bool = True  # continue from the latest checkpoint in ``out``
-    log_every: int = 10
-    bf16: bool = False  # bfloat16 autocast
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    fsdp: bool = False  # under torchrun: shard the student with FSDP2 instead of DDP replicas
-    threads: int | None = None  # torch threads (default: cores / local ranks under torchrun)
-    chunk_size: int = 1024  # rows per chunk of the chunked losses
-    prefetch: int = 4  # batches prepared ahead by the loader thread
-    open_rows: int = 32  # packing window: rows kept open for first-fit
-    progress: bool = True
-    tensorboard: bool = True  # also log to out/tensorboard if tensorboard is importable
+    targets: str | None = option(
+        None, "Target store from `mtkd aggregate` (none: cross-entropy only).", path=True
+    )
+    teacher: str | None = option(
+        None,
+        "Local teacher checkpoint run online for full-vocabulary targets (the dense baseline "
+        "of the demo; small vocabularies) instead of a target store.",
+        path=True,
+    )
+    objective: str = option(
+        "auto",
+        "ce | mix (KL to fused targets) | multi (Σ w_k KL to each teacher) | auto (mix with "
+        "targets or a teacher, else ce).",
+    )
+    loss: str = option(
+        "fkl_tail", "fkl_tail | fkl_renorm | rkl_tail | rkl_renorm | jsd_tail | jsd_renorm."
+    )
+    alpha: float = option(0.0, "Weight of CE: (1−α)·KD + α·CE.")
+    temperature: float = option(1.0, "Student temperature of the KD term.")
+    beta: float = option(0.5, "JSD mixing weight.")
+    monitor: bool = option(True, "Read per-teacher blocks to log the other objective.")
+    seq_len: int = option(2048, "Packed row length.", min=2)
+    batch_size: int = option(8, "Rows per rank per micro-batch.", min=1)
+    grad_accum: int = option(1, "Micro-batches per step.", min=1)
+    max_steps: int = option(1000, "Optimizer steps.", min=1)
+    lr: float = option(3e-4, "Peak learning rate.")
+    min_lr_ratio: float = option(0.1, "The cosine schedule decays to lr · min_lr_ratio.")
+    warmup_steps: int | None = option(
+        None, "Linear warmup steps (default: 10% of max_steps, at least 1).", min=0
+    )
+    weight_decay: float = option(0.1, "AdamW weight decay (of ≥2-D parameters only).")
+    adam_betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    grad_clip: float = option(1.0, "Gradient-norm clipping (0: none).")
+    seed: int = option(0, "Seed of initialisation and data order.")
+    max_tokens: int | None = option(
+        None, "Train on a seeded subset of at most this many tokens.", min=1
+    )
+    suppress_ids: tuple[int, ...] = option(
+        (), "Token ids to push to low probability (training a safety teacher)."
+    )
+    suppress_weight: float = option(
+        1.0, "Weight of the unlikelihood term −log(1 − Σ s over suppress_ids)."
+    )
+    eval_fraction: float = option(
+        0.01, "Fraction held out by doc_id hash (without a held-out tokens store)."
+    )
+    eval_tokens: str | None = option(None, "Held-out tokens store.", path=True)
+    eval_targets: str | None = option(None, "Target store of the held-out tokens.", path=True)
+    eval_every: int = option(200, "Held-out evaluation period (0: at the end only).")
+    eval_batches: int | None = option(
+        50, "Held-out batches per rank (a config file's null: the whole held-out set)."
+    )
+    save_every: int = option(500, "Checkpoint period (0: none).")
+    keep_checkpoints: int = option(2, "Checkpoints kept.")
+    resume: bool = option(True, "Continue from the latest checkpoint in the run directory.")
+    log_every: int = option(10, "Metrics logging period (steps).", min=1)
+    bf16: bool = option(False, "bfloat16 autocast.")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    fsdp: bool = option(
+        False,
+        "Under torchrun: shard parameters, gradients and optimizer state over the ranks "
+        "(FSDP2) instead of replicating the student (DDP); for students that do not fit "
+        "one device.",
+    )
+    threads: int | None = option(
+        None, "Torch threads (default: the cores / local ranks under torchrun)."
+    )
+    chunk_size: int = option(1024, "Rows per chunk of the chunked losses.", min=1)
+    prefetch: int = option(4, "Batches prepared ahead by the loader thread.")
+    open_rows: int = option(32, "Packing window: rows kept open for first-fit.", min=1)
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(
+        True, "Also log to <out>/tensorboard if tensorboard is importable."
+    )
 
     def __post_init__(self) -> None:
+        # imported here: divergences imports torch, and the command line imports this module
+        # to build its flags before a harvest sets up OpenMP (mtkd.harvest.threads)
+        from mtkd.distill.train.divergences import KINDS
+
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in KINDS:
@@ -73,15 +111,13 @@ class TrainConfig:
             raise ValueError("objective 'mix' needs a target store (targets) or a teacher")
         if self.eval_targets is not None and self.eval_tokens is None:
             raise ValueError("eval_targets needs eval_tokens")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1")
+        check_bounds(self)
+        if self.warmup_steps is None:
+            self.warmup_steps = max(self.max_steps // 10, 1)
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         self.suppress_ids = tuple(int(i) for i in self.suppress_ids)
         if self.suppress_ids and self.suppress_weight < 0:
             raise ValueError("suppress_weight must be ≥ 0")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError("max_tokens must be ≥ 1")
 
     @property
     def resolved_objective(self) -> str:

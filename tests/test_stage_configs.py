@@ -1,0 +1,65 @@
+"""The stage configs: the one home of each option's default, help text and bounds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer
+
+from mtkd.cli import app
+from mtkd.distill.aggregate.config import AggregateConfig
+from mtkd.distill.train.config import TrainConfig
+from mtkd.harvest.config import MAX_K, HarvestConfig
+from mtkd.ingest.config import TokenizeConfig
+
+#: Fields given by an option of the command's own (parsed from another form) or not at all.
+NOT_FROM_FIELDS = {
+    HarvestConfig: {"engine_args"},  # --tensor-parallel-size, --max-model-len, ...
+    AggregateConfig: {"teachers", "weights", "fit_weights", "temperatures", "task_weights"},
+    TrainConfig: {"student", "suppress_ids"},  # --student/--student-config, --suppress-ids 1,2
+}
+STAGES = {"tokenize": TokenizeConfig, "harvest": HarvestConfig, "aggregate": AggregateConfig,
+          "train": TrainConfig}
+
+
+@pytest.mark.parametrize("command", sorted(STAGES))
+def test_every_field_is_an_option_with_help(command: str) -> None:
+    cls = STAGES[command]
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for field in dataclasses.fields(cls):
+        if field.name in NOT_FROM_FIELDS.get(cls, ()):
+            continue
+        assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+        assert params[field.name].help.startswith(field.metadata["help"].rstrip("."))
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: TokenizeConfig(max_len=1), "max_len must be ≥ 2, got 1"),
+    (lambda: TokenizeConfig(max_len=8, overlap=8), r"overlap must be in \[0, max_len\)"),
+    (lambda: HarvestConfig(k=0), rf"k must be in \[1, {MAX_K}\]"),
+    (lambda: HarvestConfig(k=MAX_K + 1), "vLLM engine serves at most"),
+    (lambda: HarvestConfig(batch_tokens=0), "batch_tokens must be ≥ 1"),
+    (lambda: AggregateConfig(("a",), k_out=0), "k_out must be ≥ 1, got 0"),
+    (lambda: TrainConfig(tokens="t", out="o", student={}, seq_len=1), "seq_len must be ≥ 2"),
+    (lambda: TrainConfig(tokens="t", out="o", student={}, max_tokens=0), "max_tokens must be ≥ 1"),
+    (lambda: TrainConfig(tokens="t", out="o", student={}, warmup_steps=-1), "warmup_steps"),
+])
+def test_bounds(make: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()  # type: ignore[operator]
+
+
+def test_the_vllm_engine_keeps_the_config_bound() -> None:
+    from mtkd.harvest import vllm_engine
+
+    assert vllm_engine.MAX_K is MAX_K
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(1000, 100), (50, 5), (9, 1), (1, 1)])
+def test_warmup_defaults_to_a_tenth_of_the_steps(steps: int, warmup: int) -> None:
+    cfg = TrainConfig(tokens="t", out="o", student="s", max_steps=steps)
+    assert cfg.warmup_steps == warmup
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig(tokens="t", out="o", student="s", max_steps=steps,
+                       warmup_steps=0).warmup_steps == 0
