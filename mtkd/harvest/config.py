@@ -36,7 +36,7 @@ class HarvestConfig:
         "Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
         "docs/FORMAT.md) or a float dtype (float16, float32) with int32 ids.",
     )
-    codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")  # noqa: RUF009
+    codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")
     batch_tokens: int = option(65536, "Tokens per engine call.", min=1)
     fast_path: str = option("auto", "auto | fast (keep vLLM's tensors) | public (the public API).")
     #: keyword arguments of the engine (vLLM: tensor_parallel_size, max_model_len, ...)

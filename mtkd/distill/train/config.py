@@ -10,6 +10,10 @@ from typing import Any
 from mtkd.config import check_bounds, option
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
+#: a loss kind is "<divergence>_<collapse>" (mtkd.distill.train.divergences)
+DIVERGENCES = ("fkl", "rkl", "jsd")
+COLLAPSES = ("tail", "renorm")
+KINDS = tuple(f"{d}_{c}" for d in DIVERGENCES for c in COLLAPSES)
 
 
 @dataclass
@@ -95,10 +99,6 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        # imported here: divergences imports torch, and the command line imports this module
-        # to build its flags before a harvest sets up OpenMP (mtkd.harvest.threads)
-        from mtkd.distill.train.divergences import KINDS
-
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.loss not in KINDS:

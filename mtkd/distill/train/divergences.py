@@ -20,9 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-DIVERGENCES = ("fkl", "rkl", "jsd")
-COLLAPSES = ("tail", "renorm")
-KINDS = tuple(f"{d}_{c}" for d in DIVERGENCES for c in COLLAPSES)
+from mtkd.distill.train.config import KINDS
 
 DivergenceFn = Callable[[Tensor, Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
 
