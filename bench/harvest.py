@@ -99,12 +99,8 @@ def run_model(m: BenchModel, workdir: Path, args: argparse.Namespace) -> dict[st
     from vllm import SamplingParams
 
     from mtkd.harvest.vllm_engine import VllmEngine
-    from mtkd.recipes.models import (
-        init_llama,
-        llama_intermediate,
-        stdlib_texts,
-        train_bpe_tokenizer,
-    )
+    from mtkd.recipes.models import init_llama, llama_intermediate, train_bpe_tokenizer
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
 
     tokenizer = train_bpe_tokenizer(stdlib_texts(), m.vocab)
     model_dir = init_llama(

@@ -18,7 +18,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mtkd.recipes.models import stdlib_texts, train_bpe_tokenizer
+    from mtkd.recipes.models import train_bpe_tokenizer
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer(stdlib_texts(max_files=40), vocab_size=512, out_dir=out)

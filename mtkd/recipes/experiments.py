@@ -12,19 +12,17 @@ Numbers come from the run; the report only renders them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from mtkd.distill.aggregate.fuse import to_union
 from mtkd.distill.aggregate.job import target_logprobs, teacher_rows
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tempering import temper
+from mtkd.distill.aggregate.union import to_union
 from mtkd.distill.aggregate.weights import fit_mixture_weights
+from mtkd.recipes.run import Run, is_complete, train_model
 from mtkd.store import open_store
-
-if TYPE_CHECKING:
-    from mtkd.recipes.demo import Run
 
 SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
@@ -40,10 +38,8 @@ def static_weights(run: Run) -> np.ndarray:
 def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = None,
             extra: tuple[str, ...] = (), suffix: str = "student") -> str:
     """Aggregate the given teachers' stores into ``stores/<name>`` (skipped when done)."""
-    from mtkd.recipes.demo import _done
-
     out = run.path("stores", name)
-    if not _done(out):
+    if not is_complete(out):
         specs = [run.size.teachers[j] for j in teachers]
         run.mtkd("aggregate", *[run.path("stores", f"{t.name}-{suffix}") for t in specs],
                  "--tokens", run.path("stores", "tokens-student"), "--out", out,
@@ -56,11 +52,9 @@ def sampled_targets(run: Run, teacher: int) -> str:
     """Random-sampling targets of one teacher at (at most) the top-k targets' bytes:
     ``k`` draws per position from the reference engine, fused as their empirical distribution
     into a store of the same width ``k``."""
-    from mtkd.recipes.demo import _done
-
     t = run.size.teachers[teacher]
     draws = run.path("stores", f"{t.name}-student-sampled")
-    if not _done(draws):
+    if not is_complete(draws):
         run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
                  run.path("teachers", t.name, "final"), "--out", draws, "--engine", "hf",
                  "--k", str(run.size.k), "--num-samples", str(run.size.k), "--dtype", "float32")
@@ -70,7 +64,7 @@ def sampled_targets(run: Run, teacher: int) -> str:
 
 def target_bytes_per_position(run: Run, name: str) -> float:
     """Bytes on disk of a target store per target position."""
-    from mtkd.harvest.job import bytes_on_disk
+    from mtkd.store import bytes_on_disk
 
     store = open_store(run.path("stores", name), verify="none")
     return bytes_on_disk(store.root) / store.num_rows
@@ -83,8 +77,6 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
     Targets come from ``target_store``, or (``teacher``: a teacher's name) from that teacher
     run online over the full vocabulary; with neither the student is trained on CE only.
     """
-    from mtkd.recipes.demo import train_model
-
     size = run.size
     distilled = target_store is not None or teacher is not None
     extra: tuple[str, ...] = ("--loss", loss) if distilled else ()
@@ -100,8 +92,8 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
 
 
 def run_experiments(run: Run, which: str = "default") -> None:
-    from mtkd.recipes.demo import mixture_quality
-
+    """Measure the teachers, train and compare the students, then the papers' claims
+    (``which``: ``default``, or ``all`` for every student); results go to ``run.results``."""
     teachers = run.size.teachers
     safety = next(j for j, t in enumerate(teachers) if t.safety)
     fitted = fitted_weights(run)
@@ -155,6 +147,35 @@ def run_experiments(run: Run, which: str = "default") -> None:
 
 
 # --------------------------------------------------------------------------- measurements
+
+
+def heldout_logprobs(run: Run) -> np.ndarray:
+    """[N,K] each teacher's log-prob of the actual next token on the held-out tokens.
+
+    Computed in-process with the full-vocabulary reference engine (no vLLM start needed).
+    """
+    from mtkd.harvest.hf_engine import HfReferenceEngine
+
+    store = open_store(run.path("stores", "tokens-heldout"), verify="none")
+    batch = store.read(np.arange(store.num_sequences), ["token_ids"])
+    seqs = [batch["token_ids"][a:b] for a, b in zip(batch.offsets[:-1], batch.offsets[1:],
+                                                      strict=True)]
+    cols = []
+    for t in run.size.teachers:
+        engine = HfReferenceEngine(str(run.path("teachers", t.name, "final")), k=1)
+        cols.append(engine.harvest(seqs)["target_logprob"].astype(np.float64))
+    return np.stack(cols, axis=1)
+
+
+def mixture_quality(run: Run, weightings: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Held-out CE of each teacher and of their (temperature-1) mixtures, one per weighting."""
+    lp = heldout_logprobs(run)
+    ce = -lp.mean(axis=0)
+    mixtures = {name: float(-np.mean(np.log(np.exp(lp) @ np.asarray(w))))
+                for name, w in weightings.items()}
+    return {"teacher_ce": dict(zip([t.name for t in run.size.teachers], ce.tolist(),
+                                   strict=True)),
+            "mixture_ce": mixtures, "positions": len(lp)}
 
 
 def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:

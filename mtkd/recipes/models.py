@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,27 +17,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mtkd.recipes.stdlib_corpus import stdlib_texts
 from mtkd.store.schema import vocab_fingerprint
 
 EOS_TOKEN = "<|endoftext|>"
-
-
-def stdlib_texts(max_files: int | None = 200, max_chars: int | None = None) -> Iterator[str]:
-    """Yield the text of the standard library's top-level ``.py`` files, in sorted order.
-
-    A deterministic, offline corpus for tokenizers and smoke tests.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))[:max_files]
-    total = 0
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if max_chars is not None:
-            text = text[: max_chars - total]
-        total += len(text)
-        yield text
-        if max_chars is not None and total >= max_chars:
-            return
 
 
 def train_bpe_tokenizer(

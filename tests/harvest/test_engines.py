@@ -148,7 +148,8 @@ def test_vocab_hash_is_stable_and_tells_tokenizers_apart(
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from mtkd.recipes.models import stdlib_texts, train_bpe_tokenizer, vocab_hash
+    from mtkd.recipes.models import train_bpe_tokenizer, vocab_hash
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
     from mtkd.store.schema import vocab_fingerprint
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -61,7 +61,7 @@ class Setup:
 
 
 def _corpus(out: Path, marker: str = "") -> Path:
-    from mtkd.recipes.models import stdlib_texts
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
 
     out.mkdir(parents=True)
     texts = list(stdlib_texts(max_files=6, max_chars=12_000))
