@@ -53,7 +53,7 @@ def main() -> None:
     import vllm
     from vllm.v1.sample.sampler import Sampler
 
-    from mtkd.harvest.prompt_logprobs import BLOCK_ELEMENTS, prompt_logprobs_fast
+    from mtkd.harvest.prompt_logprobs import _MIN_CHUNK_ROWS, CHUNK_ELEMENTS, prompt_logprobs_fast
 
     def vllm_rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(Sampler.gather_logprobs(Sampler.compute_logprobs(logits), args.k, targets))
@@ -63,7 +63,7 @@ def main() -> None:
 
     def log_softmax_only(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The log-softmax blocks of ``mtkd_rows`` alone (the same ATen kernel as vLLM's)."""
-        step = max(1, BLOCK_ELEMENTS // logits.shape[1])
+        step = max(_MIN_CHUNK_ROWS, CHUNK_ELEMENTS // logits.shape[1])
         return tuple(
             logits[a : a + step].log_softmax(-1, dtype=torch.float32)
             for a in range(0, len(logits), step)

@@ -150,21 +150,59 @@ def _bump(stats: dict[str, float], **counts: int) -> None:
 # 1. acc[g] = max of the strided group {g, g+G, g+2G, …} over the first B·G entries (B = V // G):
 #    element-wise maxima of contiguous chunks, which LLVM vectorises (so are the min/max over
 #    acc, folded into 16 lanes first);
-# 2. bisection of a threshold t on acc: the largest t tried with #{g: acc[g] >= t} >= k, stopping
-#    once that count is at most 1.25 k. Every group that reaches t holds an entry >= t, so at
-#    least k entries pass, and all of them sit in those groups or in the tail [B·G, V);
+# 2. bisection of a threshold t on acc (``_raise_threshold``): the largest t tried with
+#    #{g: acc[g] >= t} >= k, stopping once that count is at most 1.25 k. Every group that
+#    reaches t holds an entry >= t, so at least k entries pass, and all of them sit in those
+#    groups or in the tail [B·G, V);
 # 3. those groups and the tail are scanned into candidates (value, id) without branches; if
-#    there are more than the capacity, a second bisection over the candidates raises t (still
+#    there are more than the capacity, the same bisection over the candidates raises t (still
 #    >= k of them);
 # 4. candidates become int64 keys: high 32 bits the order-preserving integer image of the
-#    float's bits, low 32 bits _LOW − id; padding sorts first (numpy sorts them, and
-#    ``_decode_kernel`` turns the last k of each row back into ids and exact log-probs);
+#    float's bits (``_sortable_bits``), low 32 bits _LOW − id; padding sorts first (numpy sorts
+#    them, and ``_decode_kernel`` turns the last k of each row back into ids and exact
+#    log-probs);
 # 5. rank: if the target's log-prob is >= t every entry >= it is a candidate, so count there;
 #    otherwise count the full row (vectorised).
 # A row it cannot settle gets rank −1 and is recomputed by the reference.
 
 _KERNELS: SimpleNamespace | None = None
 _LANES = 16
+
+
+def _count_at_least(
+    values: np.ndarray, n: int, t: float
+) -> int:  # pragma: no cover - compiled by numba
+    """#{i < n: values[i] >= t}, without branches (LLVM vectorises it)."""
+    count = 0
+    for i in range(n):
+        count += np.int64(values[i] >= t)
+    return count
+
+
+def _raise_threshold(
+    values: np.ndarray, n: int, k: int, most: int, lo: float, hi: float, count: int
+) -> tuple[float, int]:  # pragma: no cover - compiled by numba
+    """Raise the float32 threshold ``lo``, which ``count`` of ``values[:n]`` reach, while more
+    than ``most`` reach it: the float32 midpoint of ``lo`` and ``hi`` becomes ``lo`` if at least
+    k reach it, else ``hi``; stops when no float32 lies strictly between them. Returns the last
+    ``lo`` and its count (still at least k when the given one was)."""
+    while count > most:
+        mid = np.float32(lo + (hi - lo) * np.float32(0.5))
+        if not (lo < mid and mid < hi):
+            break
+        c = _count_at_least(values, n, mid)
+        if c >= k:
+            lo = mid
+            count = c
+        else:
+            hi = mid
+    return lo, count
+
+
+def _sortable_bits(o: int) -> int:  # pragma: no cover - compiled by numba
+    """A float32's bits (int32) → an integer of the same order, and back (its own inverse):
+    negative floats get their 31 lower bits flipped."""
+    return o ^ ((o >> 31) & 0x7FFFFFFF)
 
 
 def _select_kernel(
@@ -177,6 +215,7 @@ def _select_kernel(
     ranks: np.ndarray,
     tgt_lp: np.ndarray,
 ) -> None:  # pragma: no cover - compiled by numba
+    """Per row: the candidates' sort keys, the target's log-prob and rank (steps 1–5 above)."""
     n, vocab = lp.shape
     cap = keys.shape[1]
     full = vocab // groups
@@ -227,24 +266,11 @@ def _select_kernel(
             for g in range(groups):
                 if acc[g] > -np.inf:
                     lo = min(lo, acc[g])
-            hit = 0
-            for g in range(groups):
-                hit += np.int64(acc[g] >= lo)
+            hit = _count_at_least(acc, groups, lo)
             if hit < k:
                 ranks[r] = -1
                 continue
-        while hit > stop:
-            mid = np.float32(lo + (hi - lo) * np.float32(0.5))
-            if not (lo < mid and mid < hi):
-                break
-            c = 0
-            for g in range(groups):
-                c += np.int64(acc[g] >= mid)
-            if c >= k:
-                lo = mid
-                hit = c
-            else:
-                hi = mid
+        lo, hit = _raise_threshold(acc, groups, k, stop, lo, hi, hit)
         # 3. candidates: entries >= lo, in the groups that reach lo and in the tail
         nh = 0
         for g in range(groups):
@@ -267,19 +293,7 @@ def _select_kernel(
             top = cand_v[0]
             for i in range(nc):
                 top = max(top, cand_v[i])
-            kept = nc
-            while kept > cap:
-                mid = np.float32(lo + (top - lo) * np.float32(0.5))
-                if not (lo < mid and mid < top):
-                    break
-                c = 0
-                for i in range(nc):
-                    c += np.int64(cand_v[i] >= mid)
-                if c >= k:
-                    lo = mid
-                    kept = c
-                else:
-                    top = mid
+            lo, kept = _raise_threshold(cand_v, nc, k, cap, lo, top, nc)
             if kept > cap:
                 ranks[r] = -1
                 continue
@@ -295,20 +309,14 @@ def _select_kernel(
         brow = bits[r]
         for i in range(nc):
             j = cand_i[i]
-            o = brow[j]
-            o ^= (o >> 31) & 0x7FFFFFFF
-            krow[i] = (np.int64(o) << 32) | (_LOW - j)
+            krow[i] = (np.int64(_sortable_bits(brow[j])) << 32) | (_LOW - j)
         for i in range(nc, cap):
             krow[i] = _PAD_KEY
         # 5. the target's rank
-        rank = 0
         if t_lp >= lo:
-            for i in range(nc):
-                rank += np.int64(cand_v[i] >= t_lp)
+            ranks[r] = _count_at_least(cand_v, nc, t_lp)
         else:
-            for j in range(vocab):
-                rank += np.int64(row[j] >= t_lp)
-        ranks[r] = rank
+            ranks[r] = _count_at_least(row, vocab, t_lp)
 
 
 def _decode_kernel(
@@ -328,16 +336,23 @@ def _decode_kernel(
         for i in range(k):
             key = keys[r, cap - 1 - i]
             ids[r, i + 1] = _LOW - (key & _LOW)
-            o = np.int32(key >> 32)
-            val_bits[r, i + 1] = o ^ ((o >> 31) & 0x7FFFFFFF)
+            val_bits[r, i + 1] = _sortable_bits(np.int32(key >> 32))
 
 
 def _kernels() -> SimpleNamespace:
-    """The jitted kernel (compiled on first use, cached on disk by numba)."""
+    """The jitted kernels (compiled on first use, cached on disk by numba).
+
+    numba is imported only here, not with the module; the helpers the kernels call are
+    registered with it first, so that they compile into the kernels.
+    """
     global _KERNELS
     if _KERNELS is None:
         import numba
+        from numba.extending import register_jitable
 
-        jit = numba.njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+        options = {"error_model": "numpy", "boundscheck": False}
+        for helper in (_count_at_least, _raise_threshold, _sortable_bits):
+            register_jitable(**options)(helper)
+        jit = numba.njit(cache=True, nogil=True, **options)
         _KERNELS = SimpleNamespace(select=jit(_select_kernel), decode=jit(_decode_kernel))
     return _KERNELS
