@@ -28,8 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd.store import StoreWriter, open_store
-from mtkd.store.schema import teacher_header
+from mtkd.store import StoreWriter, bytes_on_disk, open_store
+from mtkd.store.schema import (
+    TAIL_LOGMASS,
+    TARGET_LOGPROB,
+    TARGET_RANK,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    teacher_header,
+)
 
 GOAL_RATIO = 0.5
 
@@ -55,17 +62,13 @@ def synth_part(rng: np.random.Generator, num_seqs: int, seq_len: int, k: int,
     target = np.where(in_top, logprobs[np.arange(n), np.minimum(rank, k) - 1],
                       logprobs[:, -1] - rng.exponential(2.0, size=n))
     rows = {
-        "topk_ids": ids,
-        "topk_logprobs": logprobs.astype(np.float16),
-        "target_logprob": target.astype(np.float32),
-        "target_rank": rank,
-        "tail_logmass": tail.astype(np.float32),
+        TOPK_IDS: ids,
+        TOPK_LOGPROBS: logprobs.astype(np.float16),
+        TARGET_LOGPROB: target.astype(np.float32),
+        TARGET_RANK: rank,
+        TAIL_LOGMASS: tail.astype(np.float32),
     }
     return rows, lengths
-
-
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
@@ -97,7 +100,7 @@ def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
         t = time.perf_counter()
         n = 0
         for p in range(store.num_parts):
-            n += len(store.read_part(p)["topk_ids"])
+            n += len(store.read_part(p)[TOPK_IDS])
         return n / (time.perf_counter() - t)
 
     def shuffled() -> float:
@@ -105,7 +108,7 @@ def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
         t = time.perf_counter()
         n = 0
         for i in range(0, len(order), batch):
-            n += len(store.read(order[i:i + batch])["topk_ids"])
+            n += len(store.read(order[i:i + batch])[TOPK_IDS])
         return n / (time.perf_counter() - t)
 
     # alternate the two and keep each one's best: both are warm, and a busy machine's noise
@@ -128,7 +131,7 @@ def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
             assert np.array_equal(seg, whole[name][lo:hi], equal_nan=True), name
     return {
         "write_mb_s": raw_bytes / 1e6 / write_s,
-        "bytes_per_position": du(out) / positions,
+        "bytes_per_position": bytes_on_disk(out) / positions,
         "seq_positions_s": seq,
         "shuffled_positions_s": shuf,
         "shuffled_read_ratio": shuf / seq,

@@ -53,16 +53,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, open_store
+from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store import topk_codec as tc
-from mtkd.store.core import PARTS_DIR, Codec, part_name
-from mtkd.store.schema import TEACHER, teacher_header
+from mtkd.store.format import PARTS_DIR, Codec, part_name
+from mtkd.store.schema import TAIL_LOGMASS, TARGET_LOGPROB, TEACHER, teacher_header
 
 DEFAULT_STORE = Path("/tmp/storesize-input")
 CHOSEN = "q64"
 GOAL_BYTES, GOAL_ERR = 128.0, 0.01
 LOG_P_MIN = math.log(1e-3)
-SCALARS = ("target_logprob", "tail_logmass")
+SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
 
 TopK = tuple[np.ndarray, np.ndarray]  # ids [n, k], log-probs [n, k]
 
@@ -223,13 +223,9 @@ def read_speed(store: Store, cand: Candidate, repeats: int = 3) -> float:
     return store.num_rows / best
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def bytes_by_array(store: Store) -> dict[str, float]:
     """Bytes on disk per position of each array (its chunks and ``zarr.json`` in every part)."""
-    return {name: sum(du(store.root / PARTS_DIR / part_name(p) / name)
+    return {name: sum(bytes_on_disk(store.root / PARTS_DIR / part_name(p) / name)
                       for p in range(store.num_parts)) / store.num_rows
             for name in store.array_names}
 
@@ -244,7 +240,7 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
         f, c = topk_errors((ref[tc.IDS], ref[tc.LOGPROBS]), topk)
         fine, coarse, scalars = max(fine, f), max(coarse, c), max(scalars, scalar_error(ref, got))
     return {
-        "bytes_per_position": du(out) / src.num_rows,
+        "bytes_per_position": bytes_on_disk(out) / src.num_rows,
         "max_abs_logprob_err_p_ge_1e-3": fine,
         "max_abs_logprob_err_all": coarse,
         "max_abs_scalar_err": scalars,

@@ -3,11 +3,12 @@
 The teacher store has exactly the parts and sequences of the tokens store. Parts are shared
 round robin by ``worker_index``/``num_workers``, so any number of workers on any nodes can run
 against one output directory; committed parts are skipped and a killed worker's part is redone.
+One engine serves all of a worker's parts; the part executor (``mtkd.store.executor``) reads the
+next part's tokens and commits the previous part's rows while the engine scores the current one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -19,9 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mtkd.harvest.config import HarvestConfig
+from mtkd.harvest.config import MAX_K, HarvestConfig
 from mtkd.harvest.engine import TeacherEngine
-from mtkd.harvest.vllm_engine import MAX_K
 from mtkd.harvest.vocab_map import (
     MappedEngine,
     VocabMap,
@@ -29,9 +29,19 @@ from mtkd.harvest.vocab_map import (
     resolve_vocab_map,
     unmapped_sequences,
 )
-from mtkd.store import Store, StoreError, StoreWriter, open_store
-from mtkd.store.core import COMMIT_FILE, HEADER_FILE, PARTS_DIR, part_name
-from mtkd.store.schema import TOKENS, teacher_header, vocab_fingerprint
+from mtkd.store import Batch, PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
+from mtkd.store.executor import run_parts
+from mtkd.store.format import HEADER_FILE
+from mtkd.store.schema import (
+    TARGET_LOGPROB,
+    TOKEN_IDS,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    teacher_header,
+    vocab_fingerprint,
+)
+from mtkd.store.writer import pending_parts
 
 
 @dataclass
@@ -90,8 +100,8 @@ def check_mappable(tokens: Store, vmap: VocabMap) -> None:
         return
     bad_seqs, bad_ids = 0, np.zeros(0, dtype=np.int64)
     for part in range(tokens.num_parts):
-        batch = tokens.read_part(part, ["token_ids"])
-        seqs, ids = unmapped_sequences(batch["token_ids"], batch.offsets, vmap.store_to_teacher)
+        batch = tokens.read_part(part, [TOKEN_IDS])
+        seqs, ids = unmapped_sequences(batch[TOKEN_IDS], batch.offsets, vmap.store_to_teacher)
         bad_seqs += int(seqs.sum())
         bad_ids = np.union1d(bad_ids, ids)
     if bad_seqs:
@@ -185,8 +195,7 @@ def harvest(
         inner = engine_factory() if engine_factory else build_engine(model_dir, config, engine_k)
         return inner if vmap is None else MappedEngine(inner, vmap, config.k)
 
-    share = [p for p in range(worker_index, tokens.num_parts, num_workers)
-             if not (Path(out) / PARTS_DIR / part_name(p) / COMMIT_FILE).exists()]
+    share = pending_parts(out, tokens.num_parts, worker_index, num_workers)
     for part in share:
         tokens.verify_part(part)
     if share and not (Path(out) / HEADER_FILE).exists():  # a new store: the engine first
@@ -202,8 +211,10 @@ def harvest(
         todo = int(sum(tokens.seq_lengths[tokens.part_sequences(p)].sum() for p in pending))
         bar = tqdm(total=todo, desc=f"harvest ({engine.name})", unit="tok", unit_scale=True,
                    disable=not progress)
-        for part in pending:
-            total_tokens += harvest_part(tokens, engine, writer, part, config, bar)
+        # one engine for all parts, in this process: parts are read and committed around it
+        done = run_parts(pending, HarvestParts(tokens, engine, writer, config, bar),
+                         desc="harvest", progress=False)
+        total_tokens = sum(done.values())
         bar.close()
     seconds = time.perf_counter() - start
     complete = writer.finalize()
@@ -212,39 +223,50 @@ def harvest(
                           engine_name)
 
 
-def bytes_on_disk(root: str | os.PathLike[str]) -> int:
-    """Bytes of the files under ``root``, tolerating files that vanish meanwhile (other
-    workers' temp parts are renamed or removed while this one counts)."""
-    total = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-    return total
+@dataclass
+class HarvestParts:
+    """The harvest as a part job: the tokens of a part in, the teacher's rows out."""
 
+    tokens: Store
+    engine: TeacherEngine
+    writer: StoreWriter
+    config: HarvestConfig
+    bar: tqdm | None = None  # counts tokens, as the engine finishes each batch
 
-def harvest_part(tokens: Store, engine: TeacherEngine, writer: StoreWriter, part: int,
-                 config: HarvestConfig, bar: tqdm | None = None) -> int:
-    """Harvest one part of the tokens store and commit it; returns the tokens processed."""
-    batch = tokens.read_part(part, ["token_ids"])
-    flat, offsets = batch["token_ids"], batch.offsets
-    lengths = np.diff(offsets)
-    names = [a.name for a in writer.header.arrays]
-    mapped = engine if isinstance(engine, MappedEngine) else None
-    filled = mapped.filled_rows if mapped else 0
-    with writer.open_part(part) as pw:
-        pw.stats = {"engine": engine.name}
-        for sel in batches(lengths, config.batch_tokens):
-            seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(sel.start, sel.stop)]
-            rows = engine.harvest(seqs)
-            _check_rows(rows, names, seqs, engine.name, part, engine.vocab_size)
-            pw.append({n: rows[n] for n in names}, np.maximum(lengths[sel] - 1, 0),
-                      batch.seq_ids[sel])
-            if bar is not None:
-                bar.update(int(lengths[sel].sum()))
-        if mapped is not None:
-            pw.stats["vocab_map_filled_rows"] = mapped.filled_rows - filled
-    return int(lengths.sum())
+    def read(self, part: int) -> Batch:
+        return self.tokens.read_part(part, [TOKEN_IDS])
+
+    def compute(self, part: int, batch: Batch) -> tuple[PartWriter, int]:
+        """The part's rows, batch by batch through the engine, checked and appended to its
+        (not yet committed) part writer; with the tokens processed."""
+        engine, writer = self.engine, self.writer
+        flat, offsets = batch[TOKEN_IDS], batch.offsets
+        lengths = np.diff(offsets)
+        names = [a.name for a in writer.header.arrays]
+        mapped = engine if isinstance(engine, MappedEngine) else None
+        filled = mapped.filled_rows if mapped else 0
+        pw = writer.open_part(part)
+        try:
+            pw.stats = {"engine": engine.name}
+            for sel in batches(lengths, self.config.batch_tokens):
+                seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(sel.start, sel.stop)]
+                rows = engine.harvest(seqs)
+                _check_rows(rows, names, seqs, engine.name, part, engine.vocab_size)
+                pw.append({n: rows[n] for n in names}, np.maximum(lengths[sel] - 1, 0),
+                          batch.seq_ids[sel])
+                if self.bar is not None:
+                    self.bar.update(int(lengths[sel].sum()))
+            if mapped is not None:
+                pw.stats["vocab_map_filled_rows"] = mapped.filled_rows - filled
+        except BaseException:
+            pw.discard()
+            raise
+        return pw, int(lengths.sum())
+
+    def write(self, part: int, outputs: tuple[PartWriter, int]) -> int:
+        pw, tokens = outputs
+        pw.commit()
+        return tokens
 
 
 def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequence[np.ndarray],
@@ -252,16 +274,16 @@ def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequenc
     missing = [n for n in names if n not in rows]
     if missing:
         raise StoreError(f"engine {engine} did not return {missing} (part {part})")
-    ids = np.asarray(rows["topk_ids"])
+    ids = np.asarray(rows[TOPK_IDS])
     if ids.size and vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise StoreError(f"engine {engine} returned token ids outside [0, {vocab_size}) in "
                          f"topk_ids for part {part}; refusing to store them")
-    for name in ("topk_logprobs", "target_logprob"):
+    for name in (TOPK_LOGPROBS, TARGET_LOGPROB):
         values = np.asarray(rows[name], dtype=np.float64)
         if np.isnan(values).any() or np.isposinf(values).any() or (values > 1e-3).any():
             raise StoreError(f"engine {engine} returned invalid log-probs in {name} "
                              f"(NaN, +inf or > 0) for part {part}; refusing to store them")
     want = sum(max(len(s) - 1, 0) for s in seqs)
-    if len(rows["topk_ids"]) != want:
-        raise StoreError(f"engine {engine} returned {len(rows['topk_ids'])} rows for "
+    if len(rows[TOPK_IDS]) != want:
+        raise StoreError(f"engine {engine} returned {len(rows[TOPK_IDS])} rows for "
                          f"{want} target positions (part {part})")

@@ -3,6 +3,8 @@
 Every document is tokenised (plus an end-of-document token), cut into windows of ``max_len``
 tokens that overlap by ``overlap`` tokens, and written as one sequence per window. Sequence ids
 are ``part << 32 | index``: deterministic, so any worker or rerun produces the same store.
+Parts run through the part executor (``mtkd.store.executor``): workers, local processes, the
+next part's documents read while the current part is tokenised.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tokenizers import Tokenizer
 from mtkd.ingest.config import TokenizeConfig
 from mtkd.ingest.corpus import (
     CorpusError,
+    Document,
     Problems,
     Unit,
     fingerprint,
@@ -33,7 +36,7 @@ from mtkd.ingest.corpus import (
 )
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.schema import tokens_header, vocab_fingerprint
+from mtkd.store.schema import TOKEN_IDS, TOKENS, tokens_header, vocab_fingerprint
 
 SEQ_ID_SHIFT = 32
 DEFAULT_PART_BYTES = 64 << 20
@@ -41,8 +44,6 @@ DEFAULT_PART_BYTES = 64 << 20
 #: the same column types as the others (readers concatenate the parts' tables).
 META_SCHEMA = pa.schema([("seq_id", pa.int64()), ("doc_id", pa.int64()), ("source", pa.string()),
                          ("task", pa.string()), ("window", pa.int64()), ("start", pa.int64())])
-
-
 
 
 @dataclass
@@ -114,8 +115,8 @@ def tokenize_corpus(
     }
     writer = StoreWriter(out, tokens_header(len(groups), attrs))
     pending = writer.pending_parts(worker_index, num_workers)
-    work = partial(_tokenize_part, str(out), groups, str(tokenizer_dir), config, attrs)
-    run_parts(pending, work, processes=processes, desc="tokenize", progress=progress)
+    job = TokenizeParts(str(out), groups, str(tokenizer_dir), config, attrs)
+    run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
     complete = writer.finalize()
     return summarize(out, len(groups), len(pending), complete)
 
@@ -133,7 +134,7 @@ def summarize(out: str | os.PathLike[str], parts: int, written: int,
     summary = TokenizeSummary(parts, written, 0, 0, 0, complete=complete)
     if not complete:
         return summary
-    store = open_store(out, "tokens", verify="none")
+    store = open_store(out, TOKENS, verify="none")
     counts: Counter[str] = Counter()
     for p in range(store.num_parts):
         stats = store.part_stats(p)
@@ -146,35 +147,75 @@ def summarize(out: str | os.PathLike[str], parts: int, written: int,
     return summary
 
 
-def _tokenize_part(out: str, groups: list[list[Unit]], tokenizer_dir: str,
-                   config: TokenizeConfig, attrs: dict[str, Any], part: int) -> int:
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
-    writer = StoreWriter(out, tokens_header(len(groups), attrs))
-    problems = Problems(strict=config.strict)
-    docs = [d for unit in groups[part]
-            for d in read_unit(unit, problems, config.text_field, config.task_field, config.task)]
-    encodings = tokenizer.encode_batch_fast([d.text for d in docs], add_special_tokens=False)
-    eos = [attrs["eos_id"]] if attrs["eos_id"] is not None else []
-    token_rows: list[np.ndarray] = []
-    meta: dict[str, list[Any]] = {k: [] for k in ("doc_id", "source", "task", "window", "start")}
-    for doc_index, (doc, enc) in enumerate(zip(docs, encodings, strict=True)):
-        ids = np.asarray(enc.ids + eos, dtype=np.int32)
-        spans = [(s, e) for s, e in windows(len(ids), config.max_len, config.overlap) if e - s >= 2]
-        if not spans:
-            problems.add("too_short", doc.source)
-        for w, (start, stop) in enumerate(spans):
-            token_rows.append(ids[start:stop])
-            meta["doc_id"].append((part << SEQ_ID_SHIFT) | doc_index)
-            meta["source"].append(doc.source)
-            meta["task"].append(doc.task)
-            meta["window"].append(w)
-            meta["start"].append(start)
-    lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
-    seq_ids = (np.int64(part) << SEQ_ID_SHIFT) | np.arange(len(token_rows), dtype=np.int64)
-    table = pa.table({"seq_id": seq_ids, **meta}, schema=META_SCHEMA)
-    flat = np.concatenate(token_rows) if token_rows else np.zeros(0, np.int32)
-    with writer.open_part(part) as pw:
-        pw.stats = {"documents": len(docs), "problems": dict(problems.counts),
-                    "examples": problems.examples}
-        pw.append({"token_ids": flat}, lengths, seq_ids, table)
-    return int(lengths.sum())
+@dataclass
+class _Windows:
+    """One part's sequences (token windows), their metadata and the part's reading problems."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    seq_ids: np.ndarray
+    meta: pa.Table
+    documents: int
+    problems: Problems
+
+
+@dataclass
+class TokenizeParts:
+    """Tokenising as a part job: read a part's documents, cut them into token windows, commit.
+
+    Picklable; the tokenizer is loaded once per process, on first use.
+    """
+
+    out: str
+    groups: list[list[Unit]]
+    tokenizer_dir: str
+    config: TokenizeConfig
+    attrs: dict[str, Any]
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.tokenizer_dir)[0]
+
+    def read(self, part: int) -> tuple[list[Document], Problems]:
+        config = self.config
+        problems = Problems(strict=config.strict)
+        docs = [d for unit in self.groups[part]
+                for d in read_unit(unit, problems, config.text_field, config.task_field,
+                                   config.task)]
+        return docs, problems
+
+    def compute(self, part: int, inputs: tuple[list[Document], Problems]) -> _Windows:
+        docs, problems = inputs
+        config = self.config
+        encodings = self.tokenizer.encode_batch_fast([d.text for d in docs],
+                                                     add_special_tokens=False)
+        eos = [self.attrs["eos_id"]] if self.attrs["eos_id"] is not None else []
+        token_rows: list[np.ndarray] = []
+        meta: dict[str, list[Any]] = {k: [] for k in ("doc_id", "source", "task", "window",
+                                                      "start")}
+        for doc_index, (doc, enc) in enumerate(zip(docs, encodings, strict=True)):
+            ids = np.asarray(enc.ids + eos, dtype=np.int32)
+            spans = [(s, e) for s, e in windows(len(ids), config.max_len, config.overlap)
+                     if e - s >= 2]
+            if not spans:
+                problems.add("too_short", doc.source)
+            for w, (start, stop) in enumerate(spans):
+                token_rows.append(ids[start:stop])
+                meta["doc_id"].append((part << SEQ_ID_SHIFT) | doc_index)
+                meta["source"].append(doc.source)
+                meta["task"].append(doc.task)
+                meta["window"].append(w)
+                meta["start"].append(start)
+        lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
+        seq_ids = (np.int64(part) << SEQ_ID_SHIFT) | np.arange(len(token_rows), dtype=np.int64)
+        table = pa.table({"seq_id": seq_ids, **meta}, schema=META_SCHEMA)
+        flat = np.concatenate(token_rows) if token_rows else np.zeros(0, np.int32)
+        return _Windows(flat, lengths, seq_ids, table, len(docs), problems)
+
+    def write(self, part: int, cut: _Windows) -> int:
+        writer = StoreWriter(self.out, tokens_header(len(self.groups), self.attrs))
+        with writer.open_part(part) as pw:
+            pw.stats = {"documents": cut.documents, "problems": dict(cut.problems.counts),
+                        "examples": cut.problems.examples}
+            pw.append({TOKEN_IDS: cut.tokens}, cut.lengths, cut.seq_ids, cut.meta)
+        return int(cut.lengths.sum())

@@ -18,9 +18,27 @@ from typing import Any
 import numpy as np
 
 from mtkd.store import topk_codec
-from mtkd.store.core import ArraySpec, Codec, Header, Store, StoreError
+from mtkd.store.errors import StoreError
+from mtkd.store.format import ArraySpec, Codec, Header
+from mtkd.store.reader import Store
 
 TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
+
+#: The one array of a tokens store.
+TOKEN_IDS = "token_ids"
+
+# The arrays of a teacher store, by name: every engine returns them, the harvest writes them,
+# aggregation reads them. The top-k columns are named by ``topk_codec``, which codes them.
+TOPK_IDS, TOPK_LOGPROBS = topk_codec.IDS, topk_codec.LOGPROBS
+TARGET_LOGPROB = "target_logprob"
+TARGET_RANK = "target_rank"
+TAIL_LOGMASS = "tail_logmass"
+#: Exact tempered tail masses (reference engine, ``--temperature``).
+TEMPERED_TAIL_LOGMASS = "tempered_tail_logmass"
+#: Random-sampling targets (reference engine, ``--num-samples``).
+SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
+#: What every teacher store holds per position (and every engine returns).
+TEACHER_ROWS = (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS)
 
 
 def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
@@ -30,7 +48,7 @@ def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
 
 
 def tokens_header(num_parts: int, attrs: Mapping[str, Any]) -> Header:
-    return Header(TOKENS, num_parts, (ArraySpec("token_ids", "int32"),), attrs)
+    return Header(TOKENS, num_parts, (ArraySpec(TOKEN_IDS, "int32"),), attrs)
 
 
 def check_logprob_dtype(name: str) -> str:
@@ -71,21 +89,21 @@ def teacher_header(
         topk = [ArraySpec(name, dtype, shape, codec) for name, (dtype, shape) in coded.items()]
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
     else:
-        topk = [ArraySpec("topk_ids", "int32", (k,), codec),
-                ArraySpec("topk_logprobs", logprob_dtype, (k,), codec)]
+        topk = [ArraySpec(TOPK_IDS, "int32", (k,), codec),
+                ArraySpec(TOPK_LOGPROBS, logprob_dtype, (k,), codec)]
     arrays = [
         *topk,
-        ArraySpec("target_logprob", "float32", (), codec),
-        ArraySpec("target_rank", "int32", (), codec),
-        ArraySpec("tail_logmass", "float32", (), codec),
+        ArraySpec(TARGET_LOGPROB, "float32", (), codec),
+        ArraySpec(TARGET_RANK, "int32", (), codec),
+        ArraySpec(TAIL_LOGMASS, "float32", (), codec),
     ]
     if temperatures:
-        arrays.append(ArraySpec("tempered_tail_logmass", "float32", (len(temperatures),), codec))
+        arrays.append(ArraySpec(TEMPERED_TAIL_LOGMASS, "float32", (len(temperatures),), codec))
     if num_samples:
         arrays += [
-            ArraySpec("sample_ids", "int32", (num_samples,), codec),
-            ArraySpec("sample_counts", "uint16", (num_samples,), codec),
-            ArraySpec("sample_logprobs", "float32", (num_samples,), codec),
+            ArraySpec(SAMPLE_IDS, "int32", (num_samples,), codec),
+            ArraySpec(SAMPLE_COUNTS, "uint16", (num_samples,), codec),
+            ArraySpec(SAMPLE_LOGPROBS, "float32", (num_samples,), codec),
         ]
     full_attrs = dict(attrs) | {"k": k, "temperatures": list(temperatures),
                                 "num_samples": num_samples}

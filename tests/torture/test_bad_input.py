@@ -111,7 +111,8 @@ def test_document_longer_than_max_len(tokenizer_dir: Path, tmp_path: Path) -> No
 
 
 def test_mismatched_tokenizer(pipeline: Pipeline, tmp_path: Path) -> None:
-    from mtkd.recipes.models import stdlib_texts, train_bpe_tokenizer
+    from mtkd.recipes.models import train_bpe_tokenizer
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
 
     other = tmp_path / "other-teacher"
     train_bpe_tokenizer(stdlib_texts(max_files=5), vocab_size=300, out_dir=other)

@@ -80,11 +80,11 @@ def test_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
     import numpy as np
 
     from mtkd.store import ArraySpec, Header, StoreWriter
-    from mtkd.store.core import _HOST
+    from mtkd.store.fs import HOST
 
     writer = StoreWriter(tmp_path / "s", Header("tokens", 1, (ArraySpec("x", "int32"),), {}))
-    dead = tmp_path / "s" / f".tmp-manifest.json-{_HOST}-{2**22 + 12345}-0a1b"
-    live = tmp_path / "s" / f".tmp-store.json-{_HOST}-{os.getpid()}-0a1b"
+    dead = tmp_path / "s" / f".tmp-manifest.json-{HOST}-{2**22 + 12345}-0a1b"
+    live = tmp_path / "s" / f".tmp-store.json-{HOST}-{os.getpid()}-0a1b"
     for path in (dead, live):
         path.write_text("{")
     with writer.open_part(0) as pw:

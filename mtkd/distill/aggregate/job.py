@@ -3,39 +3,50 @@
 This is the I/O shell around :func:`~.fuse.fuse`: it checks that the teachers can be
 fused (same tokens store, same tokenizer, complete), builds each part's weight policy from the
 tokens store's task tags and sequence boundaries, fuses, and commits the part. Parts are
-independent, so workers (local processes or machines) share them like harvest does.
+independent, so workers (local processes or machines) share them like harvest does, through
+the part executor (``mtkd.store.executor``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mtkd.distill.aggregate.config import AggregateConfig
-from mtkd.distill.aggregate.fuse import add_label_entry, fuse
+from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.targets import add_label_entry
 from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.distill.aggregate.weights import (
     fit_mixture_weights,
 )
 from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.schema import TARGET, TEACHER, TOKENS, check_aligned, target_header
+from mtkd.store.schema import (
+    SAMPLE_COUNTS,
+    SAMPLE_IDS,
+    TAIL_LOGMASS,
+    TARGET,
+    TARGET_LOGPROB,
+    TEACHER,
+    TEMPERED_TAIL_LOGMASS,
+    TOKEN_IDS,
+    TOKENS,
+    TOPK_IDS,
+    TOPK_LOGPROBS,
+    check_aligned,
+    target_header,
+)
 
-TEACHER_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprob")
-SAMPLE_ARRAYS = ("sample_ids", "sample_counts")
-STORED_DIAGNOSTICS = ("jensen_gap", "disagreement")
-
-
+#: What fusing reads of each teacher store: its top-k rows, or its sampled targets.
+TEACHER_ARRAYS = (TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS, TARGET_LOGPROB)
+SAMPLE_ARRAYS = (SAMPLE_IDS, SAMPLE_COUNTS)
 
 
 @dataclass
@@ -84,7 +95,7 @@ def aggregate(
     config = fitted_config(config, teachers)
     if config.source == "samples":
         for t in teachers:
-            if "sample_ids" not in t.array_names:
+            if SAMPLE_IDS not in t.array_names:
                 raise StoreError(f"{t.root} holds no sampled targets (harvest with --engine hf "
                                  "--num-samples N)")
     elif config.tail_model == "exact":
@@ -102,15 +113,9 @@ def aggregate(
                            if config.teacher_blocks else (), codec=config.codec)
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
-    groups = [pending[i::processes] for i in range(max(1, min(processes, len(pending))))]
-    work = partial(_aggregate_parts, str(tokens_dir), str(out), config, header, groups,
-                   pipeline=pipeline)
-    if len(groups) == 1:
-        stats = work(0, progress=progress)
-    else:
-        done = run_parts(range(len(groups)), work, processes=len(groups), desc="aggregate",
-                         progress=progress)
-        stats = {p: s for group in done.values() for p, s in group.items()}
+    stats = run_parts(pending, AggregateParts(str(tokens_dir), str(out), config, header),
+                      processes=processes, pipeline=pipeline, desc="aggregate",
+                      progress=progress)
     complete = writer.finalize()
     return AggregateSummary(tokens.num_parts, len(pending),
                             sum(s["positions"] for s in stats.values()), complete,
@@ -134,7 +139,7 @@ def target_logprobs(teachers: Sequence[Store]) -> np.ndarray:
     """[N,K]: each teacher's log-prob of the actual next token at every position, all parts."""
     columns = []
     for store in teachers:
-        parts = [store.read_part(p, ["target_logprob"])["target_logprob"]
+        parts = [store.read_part(p, [TARGET_LOGPROB])[TARGET_LOGPROB]
                  for p in range(store.num_parts)]
         columns.append(np.concatenate(parts).astype(np.float64))
     return np.stack(columns, axis=1)
@@ -158,12 +163,12 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
     """A teacher store part as the maths sees it. The store has decoded coded top-k columns
     (q64: int32 ids, float32 log-probs); plain log-probs keep their stored dtype, e.g.
     float16: the tempering converts block by block."""
-    tempered = batch.arrays.get("tempered_tail_logmass")
+    tempered = batch.arrays.get(TEMPERED_TAIL_LOGMASS)
     return TeacherRows(
-        ids=batch["topk_ids"],
-        logprobs=batch["topk_logprobs"],
-        tail_logmass=batch["tail_logmass"].astype(np.float64),
-        target_logprob=batch["target_logprob"].astype(np.float64),
+        ids=batch[TOPK_IDS],
+        logprobs=batch[TOPK_LOGPROBS],
+        tail_logmass=batch[TAIL_LOGMASS].astype(np.float64),
+        target_logprob=batch[TARGET_LOGPROB].astype(np.float64),
         tempered_tail_logmass=None if tempered is None else tempered.astype(np.float64),
         temperatures=tuple(attrs.get("temperatures", ())) if tempered is not None else (),
     )
@@ -171,7 +176,7 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
 
 def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
     """A teacher store part's random-sampling targets (ids of the draws and their counts)."""
-    return SampledRows(ids=batch["sample_ids"], counts=batch["sample_counts"],
+    return SampledRows(ids=batch[SAMPLE_IDS], counts=batch[SAMPLE_COUNTS],
                        num_samples=int(attrs["num_samples"]))
 
 
@@ -195,8 +200,8 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
     rows, ref = [], None
     for store in teachers:
         names = list(SAMPLE_ARRAYS if config.source == "samples" else TEACHER_ARRAYS)
-        if "tempered_tail_logmass" in store.array_names and config.source == "topk":
-            names.append("tempered_tail_logmass")
+        if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk":
+            names.append(TEMPERED_TAIL_LOGMASS)
         batch = store.read_part(part, names)
         if ref is None:
             ref = batch
@@ -215,8 +220,8 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
                             dtype=np.int64)
     labels = None
     if config.label_entry:
-        tok = tokens.read_part(part, ["token_ids"])
-        labels = np.delete(tok["token_ids"], tok.offsets[:-1])  # row j of a sequence: token j+1
+        tok = tokens.read_part(part, [TOKEN_IDS])
+        labels = np.delete(tok[TOKEN_IDS], tok.offsets[:-1])  # row j of a sequence: token j+1
         if len(labels) != ref.offsets[-1]:
             raise StoreError(f"part {part}: {len(labels)} labels for {ref.offsets[-1]} rows")
     return _PartInputs(part, rows, ref.offsets, ref.seq_ids, np.repeat(seq_task, lengths),
@@ -241,59 +246,47 @@ def _fuse_part(inputs: _PartInputs, config: AggregateConfig, vocab_size: int
     return fused
 
 
-def _write_part(out: str, header: Header, inputs: _PartInputs, fused: Mapping[str, np.ndarray]
-                ) -> dict[str, Any]:
+@dataclass
+class _PartOutputs:
+    """One part's fused targets and the sequence boundaries they are committed with."""
+
+    part: int
+    offsets: np.ndarray
+    seq_ids: np.ndarray
+    fused: dict[str, np.ndarray]
+
+
+def _write_part(out: str, header: Header, outputs: _PartOutputs) -> dict[str, Any]:
     writer = StoreWriter(out, header)
     names = [a.name for a in writer.header.arrays]
-    with writer.open_part(inputs.part) as pw:
-        pw.stats = part_stats(fused)
-        pw.append({n: fused[n] for n in names}, np.diff(inputs.offsets), inputs.seq_ids)
+    with writer.open_part(outputs.part) as pw:
+        pw.stats = part_stats(outputs.fused)
+        pw.append({n: outputs.fused[n] for n in names}, np.diff(outputs.offsets),
+                  outputs.seq_ids)
     return pw.stats
 
 
-def _aggregate_part(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
-                    part: int) -> dict[str, Any]:
-    """Read, fuse and commit one part."""
-    inputs = _read_part(tokens_dir, config, part)
-    fused = _fuse_part(inputs, config, int(header.attrs["vocab_size"]))
-    return _write_part(out, header, inputs, fused)
+@dataclass(frozen=True)
+class AggregateParts:
+    """Aggregation as a part job: read the teachers' rows, fuse them, commit the targets.
 
+    Picklable (paths, not open stores): each local process opens what it reads itself.
+    """
 
-def _aggregate_parts(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
-                     groups: Sequence[Sequence[int]], group: int, *, pipeline: bool = True,
-                     progress: bool = False) -> dict[int, dict[str, Any]]:
-    """Read, fuse and commit the parts ``groups[group]`` in order; with ``pipeline``, part
-    i+1 is read and part i−1 committed in background threads while part i is fused."""
-    parts = list(groups[group])
-    vocab = int(header.attrs["vocab_size"])
-    bar = tqdm(total=len(parts), desc="aggregate", unit="part",
-               disable=not progress or not parts)
-    stats: dict[int, dict[str, Any]] = {}
-    if not pipeline:
-        for part in parts:
-            stats[part] = _aggregate_part(tokens_dir, out, config, header, part)
-            bar.update()
-        bar.close()
-        return stats
-    with ThreadPoolExecutor(2, thread_name_prefix="aggregate-io") as io:
-        reading = io.submit(_read_part, tokens_dir, config, parts[0]) if parts else None
-        writing: Future | None = None
-        for i in range(len(parts)):
-            assert reading is not None
-            inputs = reading.result()
-            if i + 1 < len(parts):
-                reading = io.submit(_read_part, tokens_dir, config, parts[i + 1])
-            fused = _fuse_part(inputs, config, vocab)
-            if writing is not None:
-                stats[parts[i - 1]] = writing.result()
-                bar.update()
-            writing = io.submit(_write_part, out, header, inputs, fused)
-            del inputs, fused
-        if writing is not None:
-            stats[parts[-1]] = writing.result()
-            bar.update()
-    bar.close()
-    return stats
+    tokens_dir: str
+    out: str
+    config: AggregateConfig
+    header: Header
+
+    def read(self, part: int) -> _PartInputs:
+        return _read_part(self.tokens_dir, self.config, part)
+
+    def compute(self, part: int, inputs: _PartInputs) -> _PartOutputs:
+        fused = _fuse_part(inputs, self.config, int(self.header.attrs["vocab_size"]))
+        return _PartOutputs(part, inputs.offsets, inputs.seq_ids, fused)
+
+    def write(self, part: int, outputs: _PartOutputs) -> dict[str, Any]:
+        return _write_part(self.out, self.header, outputs)
 
 
 def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -1,0 +1,21 @@
+"""The errors a store raises: each message names the store (or file) and the reason."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """A store cannot be used as asked; the message names the store and the reason."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store is not fully committed."""
+
+
+class CorruptStoreError(StoreError):
+    """Files of a committed store do not match their recorded counts or checksums."""
+
+
+def io_error(what: str, e: OSError) -> StoreError:
+    """An OSError (disk full, file too large, quota, permissions) as a one-line StoreError."""
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreError(f"{what}: {e.strerror or e}{where}")
