@@ -123,18 +123,13 @@ def test_mismatched_tokenizer(pipeline: Pipeline, tmp_path: Path) -> None:
 
 
 def test_k_above_the_engine_cap(pipeline: Pipeline, tmp_path: Path) -> None:
+    """One bound for k (HarvestConfig's MAX_K): a usage error before anything is written."""
     out = tmp_path / "teacher"
-    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out", out,
-                     "--engine", "vllm", "--k", 300)
-    assert code == 1 and "k=300 is outside [1, 256]" in msg
-    assert not (out / "store.json").exists(), "a refused harvest claimed the output directory"
-    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out", out,
-                     "--engine", "hf", "--k", 600)
-    assert code == 1 and "k=600 is outside [1, 512]" in msg
-    assert not (out / "store.json").exists()
-    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out", out,
-                     "--k", 5000)
-    assert code == 1 and "k must be in [1, 4096]" in msg
+    for engine in ("vllm", "hf"):
+        code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out",
+                         out, "--engine", engine, "--k", 257)
+        assert code == 2 and "Invalid value for '--k'" in msg and "256" in msg, msg
+        assert not out.exists(), "a refused harvest claimed the output directory"
 
 
 def test_a_teacher_that_cannot_load(pipeline: Pipeline, tmp_path: Path) -> None:
