@@ -31,13 +31,13 @@ class AggregateConfig:
     factors) and context-level (``context``: loss) factors and renormalises
     (product-structure normalisation). ``safety`` names the safety teacher, whose weight never
     drops below ``safety_floor`` (default: its static weight). ``imputation``: how a teacher's
-    mass on a union id outside its top-k is imputed (``fuse.impute_logs``: "even" share of its
+    mass on a union id outside its top-k is imputed (``imputation.impute_logs``: "even" share of its
     tail, or "rank": the id takes its next ranks under a Zipf fit). ``source="samples"`` fuses
     the teachers' random-sampling targets (harvested with ``--num-samples``) instead of their
     top-k: static weights and the linear operator at temperature 1 only (see
     :mod:`mtkd.distill.aggregate.sampled`). ``label_entry`` stores the actual next token's exact
     probability in one more column wherever the support lacks it
-    (:func:`~mtkd.distill.aggregate.fuse.add_label_entry`; linear operator at temperature 1).
+    (:func:`~mtkd.distill.aggregate.targets.add_label_entry`; linear operator at temperature 1).
     """
 
     teachers: tuple[str, ...]
