@@ -9,13 +9,15 @@ import numpy as np
 
 from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
-from mtkd.store.schema import check_logprob_dtype
+from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
 from mtkd.store.topk_codec import Q64
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.
 MAX_K = 256
 _WHY_MAX_K = f"the vLLM engine serves at most {MAX_K} log-probs per position"
+AUTO = "auto"
+TOKENIZATIONS = (AUTO, STORE_TOKENS, OWN_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,23 @@ class HarvestConfig:
         "their mass joins the tail, the engine being asked for up to k extra entries to "
         "keep k ids (docs/FORMAT.md, teacher attrs.vocab_map; mtkd/harvest/vocab_map.py).",
     )
+    tokenization: Literal["auto", "store", "own"] = option(
+        AUTO,
+        "auto | store | own: what the teacher reads. store: the tokens store's token ids (the "
+        "teacher shares its tokenizer, or --vocab-map maps it); own: each window's text "
+        "tokenised by the teacher's own tokenizer (its BOS convention), rows in teacher ids "
+        "with the byte where each row's context ends (docs/FORMAT.md); auto: store when the "
+        "teacher's vocabulary is the tokens store's or --vocab-map is given, else own.",
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.tokenization not in TOKENIZATIONS:
+            raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, "
+                             f"got {self.tokenization!r}")
+        if self.tokenization == OWN_TOKENS and self.vocab_map is not None:
+            raise ValueError("--tokenization own and --vocab-map exclude each other: a "
+                             "vocabulary map harvests the tokens store's ids")
         check_logprob_dtype(self.logprob_dtype)
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")

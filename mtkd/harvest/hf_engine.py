@@ -107,6 +107,12 @@ class HfReferenceEngine:
         self.seed = int(seed)
         self.batch_size = max(1, int(batch_size))
 
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest sequence the model takes (its positions), None if its config says none."""
+        size = getattr(self.model.config, "max_position_embeddings", None)
+        return int(size) if isinstance(size, int) else None
+
     @torch.inference_mode()
     def logits(self, sequences: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
         """Float32 logits ``[L_i − 1, V]`` per sequence, batch by batch (right-padded; causal,

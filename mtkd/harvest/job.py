@@ -5,6 +5,8 @@ round robin by ``worker_index``/``num_workers``, so any number of workers on any
 against one output directory; committed parts are skipped and a killed worker's part is redone.
 One engine serves all of a worker's parts; the part executor (``mtkd.store.executor``) reads the
 next part's tokens and commits the previous part's rows while the engine scores the current one.
+A teacher with another tokenizer reads each window's text in its own tokens
+(``config.tokenization``; ``mtkd.harvest.own_tokens``).
 """
 
 from __future__ import annotations
@@ -12,34 +14,45 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mtkd.harvest.config import MAX_K, HarvestConfig
 from mtkd.harvest.engine import TeacherEngine
+from mtkd.harvest.own_tokens import TeacherTokenizer, check_texts, own_attrs, window_texts
 from mtkd.harvest.vocab_map import (
     MappedEngine,
     VocabMap,
     engine_extra,
     resolve_vocab_map,
+    teacher_vocab_size,
     unmapped_sequences,
 )
-from mtkd.store import Batch, PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
+from mtkd.ingest.tokenizer import (
+    MODEL_FILES,
+    TokenizerError,
+    load_pretrained_tokenizer,
+    resolve_pretrained,
+)
+from mtkd.store import PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.format import HEADER_FILE
+from mtkd.store.format import HEADER_FILE, Header
 from mtkd.store.schema import (
+    CONTEXT_END,
+    NEXT_ID,
+    OWN_TOKENS,
+    STORE_TOKENS,
     TARGET_LOGPROB,
     TOKEN_IDS,
     TOKENS,
     TOPK_IDS,
     TOPK_LOGPROBS,
     teacher_header,
-    vocab_fingerprint,
 )
 from mtkd.store.writer import pending_parts
 
@@ -53,6 +66,9 @@ class HarvestSummary:
     bytes_on_disk: int
     complete: bool
     engine: str = ""
+    tokenization: str = STORE_TOKENS
+    #: own tokenization: sequences of this run's parts the teacher could not read, by reason
+    unreadable: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,6 +87,15 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def teacher_tokenizer_hash(model_dir: str | os.PathLike[str]) -> str:
+    """The vocabulary hash of the teacher's tokenizer (any that transformers loads)."""
+    try:
+        return load_pretrained_tokenizer(model_dir).vocab_hash
+    except TokenizerError as e:
+        raise StoreError(f"teacher {model_dir}: no tokenizer to compare with the tokens store "
+                         f"({e})") from None
+
+
 def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str],
                     vocab_map: str | None = None) -> tuple[VocabMap | None, str | None]:
     """Refuse a teacher whose vocabulary differs from the one the tokens store was cut with,
@@ -78,19 +103,44 @@ def check_tokenizer(tokens: Store, model_dir: str | os.PathLike[str],
     vocabularies agree, or the map is the identity) and the teacher's tokenizer hash."""
     if vocab_map is not None:
         return resolve_vocab_map(vocab_map, tokens.attrs, model_dir)
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.exists():
-        raise StoreError(f"{model_dir}: no tokenizer.json to compare with the tokens store")
-    got = vocab_fingerprint(Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True))
+    got = teacher_tokenizer_hash(model_dir)
     want = tokens.attrs.get("tokenizer_hash")
     if got != want:
         raise StoreError(
             f"teacher {model_dir} has a different tokenizer (vocabulary hash {got}) from the "
-            f"tokens store {tokens.root} ({want}); harvest teachers that share the tokenizer "
-            "the corpus was tokenised with, or give --vocab-map auto (tokens paired by their "
-            "strings) or --vocab-map FILE to harvest this one through a vocabulary map"
+            f"tokens store {tokens.root} ({want}); harvest it in its own tokens "
+            "(--tokenization own or auto: it reads each window's text with its own "
+            "tokenizer), or through a vocabulary map: --vocab-map auto (tokens paired by their "
+            "strings) or --vocab-map FILE"
         )
     return None, got
+
+
+def choose_tokenization(tokens: Store, model_dir: str | os.PathLike[str],
+                        config: HarvestConfig) -> str:
+    """``store`` or ``own`` (see ``HarvestConfig.tokenization``); ``auto`` compares the
+    vocabularies (a teacher without a loadable tokenizer takes the store path, which says so)."""
+    if config.vocab_map is not None or config.tokenization == STORE_TOKENS:
+        return STORE_TOKENS
+    if config.tokenization == OWN_TOKENS:
+        return OWN_TOKENS
+    try:
+        same = load_pretrained_tokenizer(model_dir).vocab_hash == tokens.attrs.get(
+            "tokenizer_hash")
+    except TokenizerError:
+        return STORE_TOKENS
+    return STORE_TOKENS if same else OWN_TOKENS
+
+
+def prepare_own(tokens: Store, model_dir: str | os.PathLike[str],
+                config: HarvestConfig) -> TeacherTokenizer:
+    """The teacher's tokenizer for an own-tokens harvest, after refusing what it cannot do."""
+    if config.temperatures or config.num_samples:
+        raise ValueError("exact tempered tails and sampled targets are not supported for a "
+                         "teacher harvested in its own tokens (the alignment to the student's "
+                         "positions carries top-k rows)")
+    check_texts(tokens)
+    return TeacherTokenizer.load(model_dir)
 
 
 def check_mappable(tokens: Store, vmap: VocabMap) -> None:
@@ -164,12 +214,20 @@ def harvest(
     above the engine's cap, a bad dtype, an unloadable model) leaves no store behind that a
     corrected rerun would then disagree with. With ``config.vocab_map`` the map is built and
     every tokens part checked for unmappable ids first; ``engine_factory`` then returns the
-    engine in teacher ids, which is wrapped in a :class:`MappedEngine`.
+    engine in teacher ids, which is wrapped in a :class:`MappedEngine`. In own tokens
+    (``config.tokenization``) the engine reads the teacher's tokens of each window's text.
+    ``model_dir``: a local directory or a hub id (its snapshot in the Hugging Face cache).
     """
     # sizes here; below, the sha256 of the parts this worker reads (the store is hashed once)
     tokens = open_store(tokens_dir, TOKENS, verify="size")
-    vmap, teacher_hash = check_tokenizer(tokens, model_dir, config.vocab_map)
+    model_dir = resolve_pretrained(model_dir, "model", MODEL_FILES)
+    tokenization = choose_tokenization(tokens, model_dir, config)
+    vmap, teacher, teacher_hash = None, None, None
     engine_k = config.k
+    if tokenization == OWN_TOKENS:
+        teacher = prepare_own(tokens, model_dir, config)
+    else:
+        vmap, teacher_hash = check_tokenizer(tokens, model_dir, config.vocab_map)
     if vmap is not None:
         check_mappable(tokens, vmap)
         engine_k += engine_extra(vmap.teacher_size - vmap.mapped, config.k,
@@ -185,9 +243,12 @@ def harvest(
     }
     if vmap is not None:
         attrs["vocab_map"] = vmap.attrs(engine_k, teacher_hash)
+    if teacher is not None:
+        size = teacher_vocab_size(model_dir, teacher.loaded.tokenizer)
+        attrs |= own_attrs(teacher, size)
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
-                            codec=config.codec)
+                            codec=config.codec, own_tokens=teacher is not None)
     start = time.perf_counter()
     engine = None
 
@@ -204,6 +265,7 @@ def harvest(
     pending = writer.pending_parts(worker_index, num_workers)
     total_tokens = 0
     engine_name = ""
+    unreadable: Counter[str] = Counter()
     if pending:
         if engine is None:
             engine = make_engine()
@@ -212,61 +274,109 @@ def harvest(
         bar = tqdm(total=todo, desc=f"harvest ({engine.name})", unit="tok", unit_scale=True,
                    disable=not progress)
         # one engine for all parts, in this process: parts are read and committed around it
-        done = run_parts(pending, HarvestParts(tokens, engine, writer, config, bar),
+        done = run_parts(pending, HarvestParts(tokens, engine, writer, config, bar, teacher),
                          desc="harvest", progress=False)
-        total_tokens = sum(done.values())
+        total_tokens = sum(n for n, _ in done.values())
+        for _, why in done.values():
+            unreadable.update(why)
         bar.close()
     seconds = time.perf_counter() - start
     complete = writer.finalize()
     size = bytes_on_disk(out)
     return HarvestSummary(tokens.num_parts, len(pending), total_tokens, seconds, size, complete,
-                          engine_name)
+                          engine_name, tokenization, dict(unreadable))
+
+
+@dataclass
+class PartInputs:
+    """One part as the engine reads it: its sequences (an empty one where the teacher cannot
+    read it), their tokens in the tokens store (for progress), and per-row arrays that do not
+    come from the engine (own tokenization: ``context_end``, ``next_id``)."""
+
+    seq_ids: np.ndarray
+    sequences: list[np.ndarray]
+    store_lengths: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    unreadable: Counter[str] | None = None  # own tokenization: sequences left out, by reason
 
 
 @dataclass
 class HarvestParts:
-    """The harvest as a part job: the tokens of a part in, the teacher's rows out."""
+    """The harvest as a part job: the tokens of a part in, the teacher's rows out.
+
+    ``teacher``: the teacher's own tokenizer, which reads each window's text instead of the
+    tokens store's ids (``own_tokens``); None: the store's ids.
+    """
 
     tokens: Store
     engine: TeacherEngine
     writer: StoreWriter
     config: HarvestConfig
     bar: tqdm | None = None  # counts tokens, as the engine finishes each batch
+    teacher: TeacherTokenizer | None = None
 
-    def read(self, part: int) -> Batch:
-        return self.tokens.read_part(part, [TOKEN_IDS])
-
-    def compute(self, part: int, batch: Batch) -> tuple[PartWriter, int]:
-        """The part's rows, batch by batch through the engine, checked and appended to its
-        (not yet committed) part writer; with the tokens processed."""
-        engine, writer = self.engine, self.writer
+    def read(self, part: int) -> PartInputs:
+        if self.teacher is not None:
+            seq_ids, texts, store_lengths = window_texts(self.tokens, part)
+            own = self.teacher.read(texts, getattr(self.engine, "max_model_len", None))
+            return PartInputs(seq_ids, own.sequences, store_lengths,
+                              {CONTEXT_END: own.context_end, NEXT_ID: own.next_id},
+                              own.unreadable)
+        batch = self.tokens.read_part(part, [TOKEN_IDS])
         flat, offsets = batch[TOKEN_IDS], batch.offsets
-        lengths = np.diff(offsets)
+        seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(len(batch.seq_ids))]
+        return PartInputs(batch.seq_ids, seqs, np.diff(offsets))
+
+    def compute(self, part: int, inputs: PartInputs) -> tuple[PartWriter, int, Counter[str]]:
+        """The part's rows, batch by batch through the engine, checked and appended to its
+        (not yet committed) part writer; with the tokens processed and the sequences left out."""
+        engine, writer = self.engine, self.writer
+        lengths = np.array([len(s) for s in inputs.sequences], dtype=np.int64)
+        rows_per_seq = np.maximum(lengths - 1, 0)
         names = [a.name for a in writer.header.arrays]
+        from_engine = [n for n in names if n not in inputs.extra]
         mapped = engine if isinstance(engine, MappedEngine) else None
         filled = mapped.filled_rows if mapped else 0
         pw = writer.open_part(part)
         try:
             pw.stats = {"engine": engine.name}
+            row = 0
             for sel in batches(lengths, self.config.batch_tokens):
-                seqs = [flat[offsets[i]:offsets[i + 1]] for i in range(sel.start, sel.stop)]
-                rows = engine.harvest(seqs)
-                _check_rows(rows, names, seqs, engine.name, part, engine.vocab_size)
-                pw.append({n: rows[n] for n in names}, np.maximum(lengths[sel] - 1, 0),
-                          batch.seq_ids[sel])
+                seqs = inputs.sequences[sel]
+                if inputs.unreadable is not None:  # own tokens: what the teacher cannot read
+                    seqs = [s for s in seqs if len(s)]
+                rows = engine.harvest(seqs) if seqs else empty_rows(writer.header)
+                _check_rows(rows, from_engine, seqs, engine.name, part, engine.vocab_size)
+                count = int(rows_per_seq[sel].sum())
+                rows = {**rows, **{k: v[row:row + count] for k, v in inputs.extra.items()}}
+                row += count
+                pw.append({n: rows[n] for n in names}, rows_per_seq[sel], inputs.seq_ids[sel])
                 if self.bar is not None:
-                    self.bar.update(int(lengths[sel].sum()))
+                    self.bar.update(int(inputs.store_lengths[sel].sum()))
             if mapped is not None:
                 pw.stats["vocab_map_filled_rows"] = mapped.filled_rows - filled
+            if inputs.unreadable is not None:
+                pw.stats["unreadable_sequences"] = sum(inputs.unreadable.values())
+                pw.stats["unreadable"] = dict(inputs.unreadable)
         except BaseException:
             pw.discard()
             raise
-        return pw, int(lengths.sum())
+        return pw, int(lengths.sum()), inputs.unreadable or Counter()
 
-    def write(self, part: int, outputs: tuple[PartWriter, int]) -> int:
-        pw, tokens = outputs
+    def write(self, part: int, outputs: tuple[PartWriter, int, Counter[str]]
+              ) -> tuple[int, Counter[str]]:
+        pw, tokens, unreadable = outputs
         pw.commit()
-        return tokens
+        return tokens, unreadable
+
+
+def empty_rows(header: Header) -> dict[str, np.ndarray]:
+    """No rows of every array of ``header`` (a batch of sequences the teacher cannot read)."""
+    k = int(header.attrs["k"])
+    rows = {a.name: np.zeros((0, *a.row_shape), a.dtype) for a in header.arrays}
+    rows[TOPK_IDS] = np.zeros((0, k), np.int32)  # as engines return them (the writer codes them)
+    rows[TOPK_LOGPROBS] = np.zeros((0, k), np.float32)
+    return rows
 
 
 def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequence[np.ndarray],

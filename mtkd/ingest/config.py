@@ -20,6 +20,12 @@ class TokenizeConfig:
     exclude: tuple[str, ...] = option((), "Skip directory entries matching this glob.")
     strict: bool = option(False, "Refuse the corpus at the first bad document.")
     add_eos: bool = option(True, "End every document with the tokenizer's EOS token.")
+    byte_offsets: bool = option(
+        True,
+        "Keep each window's text and where each token ends in it (meta text/byte_start, array "
+        "byte_end): what a teacher with another tokenizer reads. Refused for a tokenizer whose "
+        "tokens do not spell the text (a normalizer, WordPiece): --no-byte-offsets then.",
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -4,12 +4,12 @@ Every document is tokenised (plus an end-of-document token), cut into windows of
 tokens that overlap by ``overlap`` tokens, and written as one sequence per window. Sequence ids
 are ``part << 32 | index``: deterministic, so any worker or rerun produces the same store.
 Parts run through the part executor (``mtkd.store.executor``): workers, local processes, the
-next part's documents read while the current part is tokenised.
+next part's documents read while the current part is tokenised. Each window's text and the end
+of each of its tokens in it are kept too (``byte_offsets``; ``mtkd.ingest.window_text``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -34,16 +34,24 @@ from mtkd.ingest.corpus import (
     plan_units,
     read_unit,
 )
+from mtkd.ingest.tokenizer import load_pretrained_tokenizer
+from mtkd.ingest.tokenizer import load_tokenizer as load_tokenizer
+from mtkd.ingest.window_text import DocumentBytes, Spelling, document_bytes
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.schema import TOKEN_IDS, TOKENS, tokens_header, vocab_fingerprint
+from mtkd.store.schema import BYTE_END, BYTE_START, TEXT, TOKEN_IDS, TOKENS, tokens_header
 
 SEQ_ID_SHIFT = 32
 DEFAULT_PART_BYTES = 64 << 20
+NO_BYTE_OFFSETS = ("tokenize with --no-byte-offsets to keep no window texts (a teacher with "
+                   "another tokenizer then cannot be harvested over the store)")
 #: meta.parquet's columns (docs/FORMAT.md §4); explicit, so that a part without sequences has
 #: the same column types as the others (readers concatenate the parts' tables).
 META_SCHEMA = pa.schema([("seq_id", pa.int64()), ("doc_id", pa.int64()), ("source", pa.string()),
                          ("task", pa.string()), ("window", pa.int64()), ("start", pa.int64())])
+#: With byte offsets: where the window's text starts in its document's UTF-8, and the text.
+META_SCHEMA_BYTES = META_SCHEMA.append(pa.field(BYTE_START, pa.int64())).append(
+    pa.field(TEXT, pa.large_binary()))
 
 
 @dataclass
@@ -56,24 +64,6 @@ class TokenizeSummary:
     problems: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     complete: bool = False
-
-
-def load_tokenizer(tokenizer_dir: str | os.PathLike[str]) -> tuple[Tokenizer, int | None]:
-    """A fast tokenizer from a local Hugging Face directory and its end-of-sequence id."""
-    path = Path(tokenizer_dir)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.exists():
-        raise CorpusError(f"{file}: no tokenizer.json (a fast Hugging Face tokenizer is needed)")
-    tokenizer = Tokenizer.from_file(str(file))
-    eos_id = None
-    config = file.parent / "tokenizer_config.json"
-    if config.exists():
-        eos = json.loads(config.read_text()).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if eos is not None:
-            eos_id = tokenizer.token_to_id(eos)
-    return tokenizer, eos_id
 
 
 def windows(length: int, max_len: int, overlap: int) -> list[tuple[int, int]]:
@@ -103,19 +93,25 @@ def tokenize_corpus(
     if num_parts is None:
         num_parts = max(1, -(-sum(u.size for u in units) // DEFAULT_PART_BYTES))
     groups = group_units(units, num_parts)
-    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
+    loaded = load_pretrained_tokenizer(tokenizer_dir)
+    tokenizer = loaded.tokenizer
+    if config.byte_offsets:
+        try:
+            Spelling.of(tokenizer)
+        except ValueError as e:
+            raise CorpusError(f"tokenizer {loaded.path}: {e}; {NO_BYTE_OFFSETS}") from None
     attrs = {
-        "tokenizer": str(Path(tokenizer_dir).resolve()),
-        "tokenizer_hash": vocab_fingerprint(tokenizer.get_vocab(with_added_tokens=True)),
+        "tokenizer": str(loaded.path),
+        "tokenizer_hash": loaded.vocab_hash,
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "eos_id": eos_id if config.add_eos else None,
+        "eos_id": loaded.eos_id if config.add_eos else None,
         "corpus_fingerprint": fingerprint(files),
         "config": config.__dict__,
         "num_files": len(files),
     }
-    writer = StoreWriter(out, tokens_header(len(groups), attrs))
+    writer = StoreWriter(out, tokens_header(len(groups), attrs, byte_offsets=config.byte_offsets))
     pending = writer.pending_parts(worker_index, num_workers)
-    job = TokenizeParts(str(out), groups, str(tokenizer_dir), config, attrs)
+    job = TokenizeParts(str(out), groups, str(loaded.path), config, attrs)
     run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
     complete = writer.finalize()
     return summarize(out, len(groups), len(pending), complete)
@@ -157,6 +153,8 @@ class _Windows:
     meta: pa.Table
     documents: int
     problems: Problems
+    byte_end: np.ndarray | None = None  # with byte offsets: each token's end in its window text
+    literal_specials: int = 0  # special tokens found written out in the documents
 
 
 @dataclass
@@ -176,6 +174,10 @@ class TokenizeParts:
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_dir)[0]
 
+    @cached_property
+    def spelling(self) -> Spelling:
+        return Spelling.of(self.tokenizer)
+
     def read(self, part: int) -> tuple[list[Document], Problems]:
         config = self.config
         problems = Problems(strict=config.strict)
@@ -191,14 +193,21 @@ class TokenizeParts:
                                                      add_special_tokens=False)
         eos = [self.attrs["eos_id"]] if self.attrs["eos_id"] is not None else []
         token_rows: list[np.ndarray] = []
-        meta: dict[str, list[Any]] = {k: [] for k in ("doc_id", "source", "task", "window",
-                                                      "start")}
+        ends: list[np.ndarray] = []
+        columns = ("doc_id", "source", "task", "window", "start")
+        if config.byte_offsets:
+            columns += (BYTE_START, TEXT)
+        meta: dict[str, list[Any]] = {k: [] for k in columns}
+        literal_specials = 0
         for doc_index, (doc, enc) in enumerate(zip(docs, encodings, strict=True)):
             ids = np.asarray(enc.ids + eos, dtype=np.int32)
             spans = [(s, e) for s, e in windows(len(ids), config.max_len, config.overlap)
                      if e - s >= 2]
             if not spans:
                 problems.add("too_short", doc.source)
+            elif config.byte_offsets:
+                doc_bytes = self._document_bytes(enc.ids, len(eos), doc, doc_index, part)
+                literal_specials += doc_bytes.literal_specials
             for w, (start, stop) in enumerate(spans):
                 token_rows.append(ids[start:stop])
                 meta["doc_id"].append((part << SEQ_ID_SHIFT) | doc_index)
@@ -206,16 +215,41 @@ class TokenizeParts:
                 meta["task"].append(doc.task)
                 meta["window"].append(w)
                 meta["start"].append(start)
+                if config.byte_offsets:
+                    byte_start, byte_end, text = doc_bytes.window(start, stop)
+                    ends.append(byte_end)
+                    meta[BYTE_START].append(byte_start)
+                    meta[TEXT].append(text)
         lengths = np.array([len(r) for r in token_rows], dtype=np.int64)
         seq_ids = (np.int64(part) << SEQ_ID_SHIFT) | np.arange(len(token_rows), dtype=np.int64)
-        table = pa.table({"seq_id": seq_ids, **meta}, schema=META_SCHEMA)
+        schema = META_SCHEMA_BYTES if config.byte_offsets else META_SCHEMA
+        table = pa.table({"seq_id": seq_ids, **meta}, schema=schema)
         flat = np.concatenate(token_rows) if token_rows else np.zeros(0, np.int32)
-        return _Windows(flat, lengths, seq_ids, table, len(docs), problems)
+        byte_end = None
+        if config.byte_offsets:
+            byte_end = np.concatenate(ends) if ends else np.zeros(0, np.int32)
+        return _Windows(flat, lengths, seq_ids, table, len(docs), problems, byte_end,
+                        literal_specials)
+
+    def _document_bytes(self, ids: list[int], appended: int, doc: Document, doc_index: int,
+                        part: int) -> DocumentBytes:
+        try:
+            return document_bytes(ids, appended, doc.text, self.spelling)
+        except ValueError as e:
+            raise CorpusError(f"{doc.source} (document {doc_index} of part {part}): the "
+                              f"tokenizer's tokens do not spell its text: {e}; "
+                              f"{NO_BYTE_OFFSETS}") from None
 
     def write(self, part: int, cut: _Windows) -> int:
-        writer = StoreWriter(self.out, tokens_header(len(self.groups), self.attrs))
+        writer = StoreWriter(self.out, tokens_header(len(self.groups), self.attrs,
+                                                     byte_offsets=self.config.byte_offsets))
         with writer.open_part(part) as pw:
             pw.stats = {"documents": cut.documents, "problems": dict(cut.problems.counts),
                         "examples": cut.problems.examples}
-            pw.append({TOKEN_IDS: cut.tokens}, cut.lengths, cut.seq_ids, cut.meta)
+            if cut.literal_specials:
+                pw.stats["special_tokens_in_text"] = cut.literal_specials
+            rows = {TOKEN_IDS: cut.tokens}
+            if cut.byte_end is not None:
+                rows[BYTE_END] = cut.byte_end
+            pw.append(rows, cut.lengths, cut.seq_ids, cut.meta)
         return int(cut.lengths.sum())

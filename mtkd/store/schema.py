@@ -24,8 +24,12 @@ from mtkd.store.reader import Store
 
 TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
 
-#: The one array of a tokens store.
+#: The token ids of a tokens store.
 TOKEN_IDS = "token_ids"
+#: Tokens store (``mtkd tokenize``): where each token ends in its window's text (UTF-8 bytes),
+#: and the meta columns holding where that text starts in its document and the text itself.
+BYTE_END = "byte_end"
+BYTE_START, TEXT = "byte_start", "text"
 
 # The arrays of a teacher store, by name: every engine returns them, the harvest writes them,
 # aggregation reads them. The top-k columns are named by ``topk_codec``, which codes them.
@@ -39,6 +43,12 @@ TEMPERED_TAIL_LOGMASS = "tempered_tail_logmass"
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
 #: What every teacher store holds per position (and every engine returns).
 TEACHER_ROWS = (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS)
+#: A teacher harvested in its own tokens (``attrs.tokenization == "own"``): where row i's context
+#: ends in the window text (the end byte of the teacher's token i), and the teacher id of token
+#: i + 1 (the token the row's target is about).
+CONTEXT_END, NEXT_ID = "context_end", "next_id"
+#: ``attrs.tokenization`` of a teacher store: in the tokens store's ids, or in the teacher's own.
+STORE_TOKENS, OWN_TOKENS = "store", "own"
 
 
 def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
@@ -47,8 +57,14 @@ def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
-def tokens_header(num_parts: int, attrs: Mapping[str, Any]) -> Header:
-    return Header(TOKENS, num_parts, (ArraySpec(TOKEN_IDS, "int32"),), attrs)
+def tokens_header(num_parts: int, attrs: Mapping[str, Any], *,
+                  byte_offsets: bool = False) -> Header:
+    """Token ids; with ``byte_offsets`` each token's end in its window's text too (``mtkd
+    tokenize`` writes them unless told not to)."""
+    arrays = [ArraySpec(TOKEN_IDS, "int32")]
+    if byte_offsets:
+        arrays.append(ArraySpec(BYTE_END, "int32"))
+    return Header(TOKENS, num_parts, tuple(arrays), attrs)
 
 
 def check_logprob_dtype(name: str) -> str:
@@ -73,6 +89,7 @@ def teacher_header(
     num_samples: int = 0,
     logprob_dtype: str = topk_codec.Q64,
     codec: Codec = "zstd",
+    own_tokens: bool = False,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -81,7 +98,8 @@ def teacher_header(
     dtype stores int32 ids and log-probs of that dtype. Readers see int32 ids and float
     log-probs either way. ``temperatures`` adds exact tempered tail masses (reference engine);
     ``num_samples`` adds random-sampling KD targets (unique ids, counts, log-probs) of width
-    ``num_samples``.
+    ``num_samples``. ``own_tokens``: rows are the teacher's own tokens of each window's text,
+    with ``context_end`` and ``next_id`` (the caller sets ``attrs.tokenization``).
     """
     attrs = {n: v for n, v in attrs.items() if n != topk_codec.CODING_ATTR}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
@@ -105,10 +123,15 @@ def teacher_header(
             ArraySpec(SAMPLE_COUNTS, "uint16", (num_samples,), codec),
             ArraySpec(SAMPLE_LOGPROBS, "float32", (num_samples,), codec),
         ]
+    if own_tokens:
+        arrays += [ArraySpec(CONTEXT_END, "int32", (), codec),
+                   ArraySpec(NEXT_ID, "int32", (), codec)]
     full_attrs = dict(attrs) | {"k": k, "temperatures": list(temperatures),
                                 "num_samples": num_samples}
-    # version 2: a version-1 reader would take the coded columns for plain ids and log-probs
-    version = 2 if topk_codec.CODING_ATTR in full_attrs else 1
+    # version 2: a version-1 reader would take the coded columns for plain ids and log-probs;
+    # version 3: rows in the teacher's own tokens, which an older reader would take for rows of
+    # the tokens store's positions
+    version = 3 if own_tokens else 2 if topk_codec.CODING_ATTR in full_attrs else 1
     return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)
 
 

@@ -279,8 +279,9 @@ def test_teacher_only_ids_move_their_mass_into_the_tail(setup: Setup, tmp_path: 
 
 def test_unmappable_inputs_are_refused(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "teacher"
+    # in the store's ids (the default, auto, would harvest it in its own tokens instead)
     code, msg = mtkd("harvest", setup.tokens_store_only, "--model", setup.same, "--out", out,
-                     *CLI_EXACT)
+                     *CLI_EXACT, "--tokenization", "store")
     assert code == 1 and "has a different tokenizer" in msg and "--vocab-map" in msg
     code, msg = mtkd("harvest", setup.tokens_store_only, "--model", setup.same, "--out", out,
                      *CLI_EXACT, "--vocab-map", "auto")

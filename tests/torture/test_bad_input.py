@@ -117,7 +117,8 @@ def test_mismatched_tokenizer(pipeline: Pipeline, tmp_path: Path) -> None:
     other = tmp_path / "other-teacher"
     train_bpe_tokenizer(stdlib_texts(max_files=5), vocab_size=300, out_dir=other)
     out = tmp_path / "teacher"
-    code, msg = mtkd("harvest", pipeline.tokens, "--model", other, "--out", out, *HARVEST)
+    code, msg = mtkd("harvest", pipeline.tokens, "--model", other, "--out", out, *HARVEST,
+                     "--tokenization", "store")
     assert code == 1 and "has a different tokenizer" in msg and str(other) in msg
     assert not out.exists()
 

@@ -1,0 +1,77 @@
+"""Each window's text and where its tokens end in it: what a teacher with another tokenizer reads.
+
+A tokens store keeps, per window, the UTF-8 bytes its tokens spell (meta column ``text``), where
+they start in the document (``byte_start``), and the end of every token within that text (array
+``byte_end``; docs/FORMAT.md). They are exact: the tokens are walked along the document's bytes
+with :func:`mtkd.ingest.token_bytes.byte_bounds`, which refuses tokens that do not spell it.
+
+Special tokens take zero bytes: the end-of-document token tokenize appends, and a special token
+the tokenizer found written out in the document (e.g. a literal ``<|endoftext|>``), whose bytes
+then are not part of the window's text (the text is what the tokens spell).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtkd.ingest.token_bytes import backend, byte_bounds, token_bytes
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """What each id of a tokenizer spells: ``plain`` (:func:`token_bytes`, special tokens
+    nothing) and ``literal`` (special tokens their content, as when read from a text)."""
+
+    plain: list[bytes | None]
+    literal: list[bytes | None]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Spelling:
+        """Raises ``ValueError`` for a tokenizer whose tokens do not spell text (WordPiece …)."""
+        plain = token_bytes(tokenizer)
+        literal = list(plain)
+        for i, token in backend(tokenizer).get_added_tokens_decoder().items():
+            if plain[i] is None:
+                literal[i] = token.content.encode("utf-8")
+        return cls(plain, literal)
+
+
+@dataclass(frozen=True)
+class DocumentBytes:
+    """A document's tokens on its bytes: token i starts at byte ``starts[i]`` of the document
+    and spans ``bounds[i]:bounds[i+1]`` of ``spelled`` (the bytes its tokens spell)."""
+
+    starts: np.ndarray  # int64 [L+1]
+    bounds: np.ndarray  # int64 [L+1]
+    spelled: bytes
+    literal_specials: int = 0  # special tokens read from the text (their bytes left out)
+
+    def window(self, start: int, stop: int) -> tuple[int, np.ndarray, bytes]:
+        """Tokens ``[start, stop)`` as a window: where its text starts in the document, the end
+        of each token within the text (int32), and the text."""
+        base = int(self.bounds[start])
+        ends = (self.bounds[start + 1:stop + 1] - base).astype(np.int32)
+        return int(self.starts[start]), ends, self.spelled[base:int(self.bounds[stop])]
+
+
+def document_bytes(ids: Sequence[int], appended: int, text: str,
+                   spelling: Spelling) -> DocumentBytes:
+    """``ids``, the tokens a tokenizer read from ``text``, followed by ``appended`` special tokens
+    (zero bytes at its end). Raises ``ValueError`` when the tokens do not spell the text."""
+    data = text.encode("utf-8")
+    starts = byte_bounds(ids, spelling.literal, data)
+    special = np.fromiter((spelling.plain[i] is None for i in ids), bool, len(ids))
+    if special.any():  # read from the text, spelling nothing: their bytes leave it
+        width = np.diff(starts)
+        width[special] = 0
+        bounds = np.concatenate([[0], np.cumsum(width)]).astype(np.int64)
+        spelled = b"".join(data[starts[i]:starts[i + 1]] for i in np.flatnonzero(~special))
+    else:
+        bounds, spelled = starts, data[:int(starts[-1])]
+    tail = np.repeat(starts[-1:], appended), np.repeat(bounds[-1:], appended)
+    return DocumentBytes(np.concatenate([starts, tail[0]]), np.concatenate([bounds, tail[1]]),
+                         spelled, int(special.sum()))

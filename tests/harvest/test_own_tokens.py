@@ -1,0 +1,365 @@
+"""Teachers with another tokenizer, harvested in their own tokens (``--tokenization own``).
+
+The student's tokens store is cut with the session's BPE (vocabulary 512); the teachers are tiny
+Llamas on another byte-level BPE (vocabulary 400), one without and one with a BOS. Every stored
+row is checked against an independent reference: transformers' own tokenisation of each window's
+text (``AutoTokenizer``, BOS included by its convention), token byte lengths from transformers'
+byte table, and a float32 forward of the model on that sequence alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtkd.cli import app
+from mtkd.harvest.job import HarvestConfig, harvest
+from mtkd.harvest.own_tokens import unreadable_counts
+from mtkd.store import Store, StoreError, open_store
+
+from .test_engines import LOGPROB_ATOL
+
+K = 8
+EOS = "<|endoftext|>"
+MAX_POSITION = 24  # the teachers' context: the longest windows do not fit
+EXACT = ("--k", str(K), "--dtype", "float32", "--logprob-dtype", "float32", "--codec", "raw")
+UNICODE_DOCS = ["naïve café — über straße, 日本語のテキスト 🎉🎉 and then plain words again " * 2,
+                "x = '✓' if ok else '✗'  # ünïcödé in code\n" * 3]
+
+
+@dataclass(frozen=True)
+class Setup:
+    tokens: Path  # the student's tokens store (session tokenizer)
+    old_tokens: Path  # the same, without window texts (--no-byte-offsets)
+    teacher: Path  # another tokenizer, no BOS
+    bos_teacher: Path  # another tokenizer that puts <s> first
+    hf_store: Path  # `teacher` harvested with the reference engine
+
+
+def mtkd(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    assert "Traceback" not in result.output
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Setup:
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
+    from mtkd.recipes.models import init_llama, train_bpe_tokenizer
+    from mtkd.recipes.stdlib_corpus import stdlib_texts
+
+    root = tmp_path_factory.mktemp("own-tokens")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    texts = [*stdlib_texts(max_files=4, max_chars=4_000), *UNICODE_DOCS]
+    for i, text in enumerate(texts):  # two files: two parts
+        with open(corpus / f"c{i % 2}.jsonl", "a") as f:
+            for a in range(0, len(text), 700):
+                f.write(json.dumps({"text": text[a:a + 700]}) + "\n")
+    tokens, old = root / "tokens", root / "tokens-old"
+    cfg = TokenizeConfig(max_len=20, overlap=4)
+    tokenize_corpus([corpus], tokenizer_dir, tokens, cfg, num_parts=2, progress=False)
+    tokenize_corpus([corpus], tokenizer_dir, old, TokenizeConfig(max_len=20, overlap=4,
+                                                                  byte_offsets=False),
+                    num_parts=2, progress=False)
+    small = {"hidden": 64, "layers": 1, "heads": 2, "max_position": MAX_POSITION}
+    other_texts = list(stdlib_texts(max_files=20))[8:]  # not the student's tokenizer's texts
+    tok = train_bpe_tokenizer(other_texts, 400, root / "teacher-tokenizer")
+    teacher = init_llama(root / "teacher", len(tok), seed=5, tokenizer=tok, **small)
+    backend = Tokenizer.from_file(str(root / "teacher-tokenizer" / "tokenizer.json"))
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", bos)])
+    bos_tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=EOS)
+    bos_teacher = init_llama(root / "bos-teacher", len(bos_tok), seed=6, tokenizer=bos_tok,
+                             **small)
+    assert AutoTokenizer.from_pretrained(str(bos_teacher))("a")["input_ids"][0] == bos
+    hf_store = root / "hf"
+    code, msg = mtkd("harvest", tokens, "--model", teacher, "--out", hf_store, "--engine", "hf",
+                     *EXACT, "--batch-tokens", "300")
+    assert code == 0, msg
+    return Setup(tokens, old, teacher, bos_teacher, hf_store)
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+@dataclass
+class Reference:
+    """Per tokens-store sequence: the teacher's ids (None: unreadable), and for the readable
+    ones the float64 log-probs of every row and where each row's context ends."""
+
+    ids: list[np.ndarray | None]
+    logprobs: list[np.ndarray]
+    context_end: list[np.ndarray]
+    unreadable: Counter[str]
+
+
+def reference(model_dir: Path, tokens: Store, max_len: int) -> Reference:
+    """transformers alone: AutoTokenizer's ids of each window text, byte lengths from
+    transformers' byte-level table, a float32 forward of each sequence on its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    specials = set(tok.all_special_ids)
+    out = Reference([], [], [], Counter())
+    for text in tokens.read_meta().column("text").to_pylist():
+        try:
+            string = text.decode("utf-8")
+        except UnicodeDecodeError:
+            out.ids.append(None)
+            out.unreadable["undecodable"] += 1
+            continue
+        ids = tok(string)["input_ids"]
+        if len(ids) < 2 or len(ids) > max_len:
+            out.ids.append(None)
+            out.unreadable["too_short" if len(ids) < 2 else "too_long"] += 1
+            continue
+        pieces = [b"" if i in specials else bytes(to_byte[c] for c in s)
+                  for i, s in zip(ids, tok.convert_ids_to_tokens(ids), strict=True)]
+        assert b"".join(pieces) == text
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        out.ids.append(np.asarray(ids))
+        out.logprobs.append(torch.log_softmax(logits.double(), dim=-1).numpy())
+        out.context_end.append(np.cumsum([len(p) for p in pieces])[:-1])
+    return out
+
+
+def check_against_reference(store_dir: Path, tokens: Store, ref: Reference,
+                            atol: float, k: int = K) -> None:
+    """Sequences, context ends and next ids exactly; log-probs within ``atol``; top-k ids where
+    the reference's gaps are clear."""
+    store = open_store(store_dir, "teacher")
+    rows = store.read(np.arange(store.num_sequences))
+    np.testing.assert_array_equal(rows.seq_ids, tokens.seq_ids)
+    want_rows = [0 if ids is None else len(ids) - 1 for ids in ref.ids]
+    np.testing.assert_array_equal(np.diff(rows.offsets), want_rows)
+    readable = [ids for ids in ref.ids if ids is not None]
+    np.testing.assert_array_equal(rows["next_id"], np.concatenate([i[1:] for i in readable]))
+    np.testing.assert_array_equal(rows["context_end"], np.concatenate(ref.context_end))
+    full = np.concatenate(ref.logprobs)
+    target = full[np.arange(len(full)), rows["next_id"]]
+    np.testing.assert_allclose(rows["target_logprob"], target, atol=atol)
+    got_ids = rows["topk_ids"].astype(np.int64)
+    np.testing.assert_allclose(rows["topk_logprobs"], np.take_along_axis(full, got_ids, 1),
+                               atol=atol)
+    ordered = -np.sort(-full, axis=1)[:, :k]
+    np.testing.assert_allclose(rows["topk_logprobs"], ordered, atol=atol)
+    clear = np.ones_like(ordered, bool)
+    clear[:, 1:] &= ordered[:, :-1] - ordered[:, 1:] > 2 * atol
+    clear[:, :-1] &= ordered[:, :-1] - ordered[:, 1:] > 2 * atol
+    np.testing.assert_array_equal(got_ids[clear], np.argsort(-full, axis=1)[:, :k][clear])
+    for p in range(store.num_parts):
+        stats = store.part_stats(p)
+        assert stats["unreadable_sequences"] == sum(stats["unreadable"].values())
+    assert unreadable_counts(store) == ref.unreadable
+
+
+# --------------------------------------------------------------------------- reference engine
+
+
+def test_reference_engine_rows_equal_an_independent_forward(setup: Setup) -> None:
+    tokens = open_store(setup.tokens)
+    ref = reference(setup.teacher, tokens, MAX_POSITION)
+    # every kind of unreadable window occurs, and most windows are read
+    assert ref.unreadable["undecodable"] and ref.unreadable["too_long"]
+    assert sum(ids is not None for ids in ref.ids) > 0.6 * len(ref.ids)
+    check_against_reference(setup.hf_store, tokens, ref, atol=1e-5)
+    attrs = open_store(setup.hf_store).attrs
+    from mtkd.ingest.tokenizer import load_pretrained_tokenizer
+
+    teacher_tok = load_pretrained_tokenizer(setup.teacher)
+    assert attrs["tokenization"] == "own" and attrs["bos_id"] is None
+    assert attrs["teacher_tokenizer"] == str(setup.teacher.resolve())
+    assert attrs["teacher_tokenizer_hash"] == attrs["tokenizer_hash"] == teacher_tok.vocab_hash
+    assert attrs["teacher_vocab_size"] == attrs["vocab_size"] == len(teacher_tok.tokenizer
+                                                                     .get_vocab())
+    assert attrs["tokens_fingerprint"] == tokens.manifest["checksum"]
+    assert attrs["vocab_size"] != tokens.attrs["vocab_size"]
+
+
+def test_a_bos_teacher_starts_every_sequence_with_its_bos(setup: Setup, tmp_path: Path) -> None:
+    """The BOS takes zero bytes: row 0's context ends at byte 0 and predicts the text's first
+    token. The API with an engine factory, q64 coding: ids exact, log-probs within q64."""
+    from mtkd.harvest.hf_engine import HfReferenceEngine
+
+    tokens = open_store(setup.tokens)
+    config = HarvestConfig(engine="hf", k=K, dtype="float32", tokenization="own")
+    summary = harvest(setup.tokens, setup.bos_teacher, tmp_path / "bos", config, progress=False,
+                      engine_factory=lambda: HfReferenceEngine(setup.bos_teacher, K))
+    assert summary.complete and summary.tokenization == "own"
+    store = open_store(tmp_path / "bos")
+    bos = store.attrs["bos_id"]
+    assert bos is not None and store.attrs["topk_coding"] == "q64"
+    ref = reference(setup.bos_teacher, tokens, MAX_POSITION)
+    assert all(ids[0] == bos for ids in ref.ids if ids is not None)
+    assert summary.unreadable == dict(ref.unreadable)
+    check_against_reference(tmp_path / "bos", tokens, ref, atol=1 / 64)
+    rows = store.read(np.arange(store.num_sequences))
+    firsts = rows.offsets[:-1][np.diff(rows.offsets) > 0]
+    assert (rows["context_end"][firsts] == 0).all()
+
+
+def test_a_model_given_by_hub_id_is_read_from_the_cache(setup: Setup, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--model owner/name`` offline: the cached snapshot, harvested as the directory is."""
+    import huggingface_hub.constants
+
+    from tests.ingest.test_tokenizer_loading import fake_hub_cache
+
+    snapshot = fake_hub_cache(tmp_path / "hub", "acme/tiny-teacher", setup.teacher)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, msg = mtkd("harvest", setup.tokens, "--model", "acme/tiny-teacher", "--out",
+                     tmp_path / "out", "--engine", "hf", *EXACT, "--batch-tokens", "300")
+    assert code == 0 and "own tokenization" in msg, msg
+    got, want = open_store(tmp_path / "out"), open_store(setup.hf_store)
+    assert got.attrs["teacher"] == got.attrs["teacher_tokenizer"] == str(snapshot.resolve())
+    for p in range(got.num_parts):
+        a, b = got.read_part(p), want.read_part(p)
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+        for name in got.array_names:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    code, msg = mtkd("harvest", setup.tokens, "--model", "acme/elsewhere", "--out",
+                     tmp_path / "none", "--engine", "hf", *EXACT)
+    assert code == 1 and "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in msg
+    assert not (tmp_path / "none").exists()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_what_cannot_be_harvested_in_own_tokens_is_refused(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hf = ("--engine", "hf", *EXACT)
+    code, msg = mtkd("harvest", setup.old_tokens, "--model", setup.teacher, "--out", out, *hf)
+    assert code == 1 and "keeps no window texts" in msg and "re-tokenize" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *hf,
+                     "--tokenization", "store")
+    assert code == 1 and "different tokenizer" in msg and "--tokenization own" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *hf,
+                     "--tokenization", "own", "--vocab-map", "auto")
+    assert code == 1 and "exclude each other" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *hf,
+                     "--temperature", "2")
+    assert code == 1 and "own tokens" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *hf,
+                     "--tokenization", "mine")
+    assert code == 1 and "tokenization must be one of auto, store, own" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", tmp_path / "missing", "--out", out, *hf)
+    assert code == 1 and "no such file or directory" in msg
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((setup.teacher / "config.json").read_text())
+    code, msg = mtkd("harvest", setup.tokens, "--model", no_tokenizer, "--out", out, *hf,
+                     "--tokenization", "own")
+    assert code == 1 and "cannot read the windows' texts" in msg
+    code, msg = mtkd("harvest", setup.tokens, "--model", no_tokenizer, "--out", out, *hf)
+    assert code == 1 and "no tokenizer to compare" in msg
+    assert not out.exists()  # every refusal came before the store was created
+
+
+def test_a_tokens_store_whose_texts_do_not_match_its_offsets_is_refused(
+        setup: Setup, tmp_path: Path) -> None:
+    from mtkd.harvest.own_tokens import window_texts
+
+    tokens = open_store(setup.tokens)
+    seq_ids, texts, lengths = window_texts(tokens, 0)
+    assert len(texts) == len(seq_ids) == len(lengths) == len(tokens.part_sequences(0))
+    broken = tmp_path / "broken"
+    shutil.copytree(setup.tokens, broken)
+    meta_path = broken / "parts" / "00000" / "meta.parquet"
+    table = pq.read_table(meta_path)
+    column = pa.array([texts[0] + b"!", *texts[1:]], pa.large_binary())
+    pq.write_table(table.set_column(table.column_names.index("text"), "text", column), meta_path)
+    with pytest.raises(StoreError, match="sequence 0: its text holds"):
+        window_texts(open_store(broken, verify="none"), 0)
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+def run_cli(args: list[object], timeout: float = 540) -> str:
+    """``python -m mtkd`` in its own process group (vLLM's processes can outlive it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mtkd", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout
+
+
+@pytest.mark.engine
+def test_vllm_rows_equal_an_independent_forward(setup: Setup, tmp_path: Path) -> None:
+    """The same teacher on vLLM (float32, eager): the same sequences, context ends and next ids
+    as the reference engine, log-probs within the engines' tolerance."""
+    out = tmp_path / "vllm"
+    stdout = run_cli(["harvest", setup.tokens, "--model", setup.teacher, "--out", out, *EXACT,
+                      "--engine", "vllm", "--enforce-eager", "--tokenization", "own"])
+    assert "unreadable" in stdout
+    tokens = open_store(setup.tokens)
+    check_against_reference(out, tokens, reference(setup.teacher, tokens, MAX_POSITION),
+                            atol=LOGPROB_ATOL)
+    got, want = open_store(out), open_store(setup.hf_store)
+    assert got.attrs["engine"] == "vllm" and got.attrs["teacher_tokenizer_hash"] == want.attrs[
+        "teacher_tokenizer_hash"]
+
+
+@pytest.mark.engine
+def test_vllm_harvests_smollm2_over_another_tokenizers_store(tokenizer_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """The real pretrained teacher (vocabulary 49,152) over windows cut by the session's BPE
+    (vocabulary 512): vLLM float32 rows in SmolLM2's own tokens against transformers."""
+    from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
+    from mtkd.recipes.real_teacher import TeacherUnavailableError, ensure_smollm2
+
+    try:
+        smollm2 = ensure_smollm2()
+    except TeacherUnavailableError as err:
+        pytest.skip(f"SmolLM2 is not cached and cannot be built here: {err}")
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "The json module exposes an API familiar to users of the standard library marshal "
+        "and pickle modules.",
+        'def fib(n):\n    """Return the Fibonacci series up to n."""\n    a, b = 0, 1\n',
+        "Exceptions are raised when the program encounters an error: naïve café.")))
+    tokenize_corpus([corpus], tokenizer_dir, tmp_path / "tokens", TokenizeConfig(max_len=32),
+                    progress=False)
+    out = tmp_path / "smollm2"
+    run_cli(["harvest", tmp_path / "tokens", "--model", smollm2, "--out", out, "--k", "16",
+             "--dtype", "float32", "--logprob-dtype", "float32", "--enforce-eager",
+             "--max-model-len", "128"])
+    tokens = open_store(tmp_path / "tokens")
+    ref = reference(smollm2, tokens, 128)
+    assert sum(ids is not None for ids in ref.ids) >= tokens.num_sequences - 2
+    check_against_reference(out, tokens, ref, atol=1e-3, k=16)
+    attrs = open_store(out).attrs
+    assert attrs["tokenization"] == "own" and attrs["vocab_size"] == 49152
