@@ -211,7 +211,10 @@ def _workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]
 @stage_options(TokenizeConfig)
 def tokenize(
     inputs: Annotated[list[Path], typer.Argument(help="jsonl/parquet/text files or directories.")],
-    tokenizer: Annotated[Path, typer.Option(help="Local Hugging Face tokenizer directory.")],
+    tokenizer: Annotated[Path, typer.Option(
+        help="Tokenizer: a local directory (tokenizer.json, or what AutoTokenizer loads, e.g. "
+             "a SentencePiece tokenizer.model) or a Hugging Face hub id (cache; HF_HUB_OFFLINE "
+             "honoured).")],
     out: Annotated[Path, typer.Option(help="Output tokens store directory.")],
     *,
     fields: StageFields,
@@ -250,7 +253,9 @@ def tokenize(
 @stage_options(HarvestConfig, skip=("engine_args",), flags={"temperatures": ("--temperature",)})
 def harvest(
     tokens: Annotated[Path, typer.Argument(help="Tokens store made by `mtkd tokenize`.")],
-    model: Annotated[Path, typer.Option(help="Local teacher model directory (HF format).")],
+    model: Annotated[Path, typer.Option(
+        help="Teacher model: a local Hugging Face directory or a hub id (cache; "
+             "HF_HUB_OFFLINE honoured).")],
     out: Annotated[Path, typer.Option(help="Output teacher store directory.")],
     *,
     fields: StageFields,
@@ -298,6 +303,10 @@ def harvest(
         f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk; "
         + ("store complete" if summary.complete else "waiting for other workers' parts")
     )
+    if summary.tokenization == "own":  # the teacher read each window's text its own way
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.unreadable.items()))
+        typer.echo(f"own tokenization: {sum(summary.unreadable.values())} sequences unreadable "
+                   f"by the teacher (no rows){': ' + counts if counts else ''}")
     if cfg.engine == "vllm":
         _skip_teardown()
 
@@ -399,6 +408,10 @@ def aggregate(
                "n_eff {n_eff:.3f}  tail_mass {tail_mass:.4f}".format(**d))
     typer.echo("  mean weights " + " ".join(
         f"{d[f'mean_weight_{j}']:.3f}" for j in range(len(teachers))))
+    if "ce_only_fraction" in d:  # a teacher with its own tokenizer: rows each one covers
+        typer.echo("  coverage " + " ".join(
+            f"{d[f'coverage_fraction_{j}']:.3f}" for j in range(len(teachers)))
+            + f"  ce_only {d['ce_only_fraction']:.4f}")
 
 
 @app.command()

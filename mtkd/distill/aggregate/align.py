@@ -30,6 +30,8 @@ from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.distill.aggregate.vocab_projection import VocabProjection
 
 INTERIOR_TAILS = ("keep", "drop")
+#: The id of a sequence's first token when it is not known (``TokenSpans``).
+UNKNOWN = -1
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class TokenSpans:
 
     Sequence s holds ``ids[offsets[s]:offsets[s+1]]``; its first token starts at byte
     ``starts[s]`` and token i ends at byte ``ends[i]`` (non-decreasing; special tokens take
-    zero bytes). A sequence of L tokens has L − 1 rows.
+    zero bytes). A sequence of L tokens has L − 1 rows. A sequence's first token may have id
+    ``UNKNOWN`` (−1): no row predicts it, so alignment needs only where it ends (a teacher
+    store keeps the ids its rows predict, ``next_id``, not the first one).
     """
 
     ids: np.ndarray
@@ -138,8 +142,12 @@ class Aligner(Protocol):
 def _check_spans(spans: TokenSpans, lengths: np.ndarray, who: str,
                  first_bytes: np.ndarray | None = None) -> None:
     """Refuse ids outside the vocabulary, decreasing offsets, and tokens whose byte span is not
-    what they spell (one leading space less is allowed on a sequence's first spelling token)."""
-    if spans.ids.size and (spans.ids.min() < 0 or spans.ids.max() >= len(lengths)):
+    what they spell (one leading space less is allowed on a sequence's first spelling token).
+    A sequence's first token of id ``UNKNOWN`` spells whatever it spans."""
+    seq_first = np.repeat(spans.offsets[:-1], np.diff(spans.offsets))
+    unknown = (spans.ids == UNKNOWN) & (np.arange(len(spans.ids)) == seq_first)
+    if spans.ids.size and (spans.ids[~unknown].min(initial=0) < 0
+                           or spans.ids.max() >= len(lengths)):
         raise ValueError(f"{who} ids outside [0, {len(lengths)}) (the projection's vocabulary)")
     prev = spans.previous_bounds()
     width = spans.ends - prev
@@ -147,16 +155,16 @@ def _check_spans(spans: TokenSpans, lengths: np.ndarray, who: str,
         t = int(np.flatnonzero(width < 0)[0])
         raise ValueError(f"{who} byte offsets are not increasing: token {t} ends at "
                          f"{spans.ends[t]}, before it starts ({prev[t]})")
-    spelled = lengths[spans.ids].astype(np.int64)
+    known = np.where(unknown, 0, spans.ids)
+    spelled = np.where(unknown, width, lengths[known].astype(np.int64))
     bad = width != spelled
     if bad.any():
         spells = spelled > 0
         before = np.cumsum(spells) - spells  # spelling tokens before each token
-        seq_first = np.repeat(spans.offsets[:-1], np.diff(spans.offsets))
         first = spells & (before == before[seq_first])  # its sequence's first spelling token
         ok = first & (width == spelled - 1)
         if first_bytes is not None:
-            ok &= first_bytes[spans.ids] == ord(" ")
+            ok &= first_bytes[known] == ord(" ")
         bad &= ~ok
     if bad.any():
         t = int(np.flatnonzero(bad)[0])
@@ -164,8 +172,10 @@ def _check_spans(spans: TokenSpans, lengths: np.ndarray, who: str,
                          f"but spells {spelled[t]}: offsets and tokens do not match")
 
 
-def _check_inputs(student: TokenSpans, teacher: TokenSpans, rows: TeacherRows,
-                  projection: VocabProjection, k_out: int, interior_tail: str) -> None:
+def check_spans(student: TokenSpans, teacher: TokenSpans, projection: VocabProjection) -> None:
+    """Refuse two tokenisations that do not cover the same text (sequence by sequence) or whose
+    tokens do not spell the bytes they span (``ValueError``). ``align_rows`` checks this too;
+    a job calls it first to refuse bad input before it writes anything."""
     if student.num_sequences != teacher.num_sequences:
         raise ValueError(f"{student.num_sequences} student sequences but "
                          f"{teacher.num_sequences} teacher sequences")
@@ -176,6 +186,16 @@ def _check_inputs(student: TokenSpans, teacher: TokenSpans, rows: TeacherRows,
         raise ValueError(f"sequence {s}: the student covers bytes [{student.starts[s]}, "
                          f"{student.span_ends()[s]}) of the text, the teacher "
                          f"[{teacher.starts[s]}, {teacher.span_ends()[s]}): not the same text")
+    teacher_first = np.zeros(projection.teacher_size, np.int64)
+    spells = projection.teacher_lengths > 0
+    teacher_first[spells] = projection.spelled[projection.starts[:-1][spells]]
+    _check_spans(teacher, projection.teacher_lengths, "teacher", teacher_first)
+    _check_spans(student, projection.student_lengths, "student")
+
+
+def _check_inputs(student: TokenSpans, teacher: TokenSpans, rows: TeacherRows,
+                  projection: VocabProjection, k_out: int, interior_tail: str) -> None:
+    check_spans(student, teacher, projection)
     want = int(teacher.row_offsets[-1])
     if rows.n != want:
         raise ValueError(f"the teacher has {rows.n} rows, but its {len(teacher.ids)} tokens in "
@@ -188,11 +208,6 @@ def _check_inputs(student: TokenSpans, teacher: TokenSpans, rows: TeacherRows,
     if interior_tail not in INTERIOR_TAILS:
         raise ValueError(f"unknown interior_tail {interior_tail!r}; choose one of "
                          f"{list(INTERIOR_TAILS)}")
-    teacher_first = np.zeros(projection.teacher_size, np.int64)
-    spells = projection.teacher_lengths > 0
-    teacher_first[spells] = projection.spelled[projection.starts[:-1][spells]]
-    _check_spans(teacher, projection.teacher_lengths, "teacher", teacher_first)
-    _check_spans(student, projection.student_lengths, "student")
 
 
 def align_rows(

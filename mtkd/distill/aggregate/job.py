@@ -1,10 +1,13 @@
 """``mtkd aggregate``: K teacher stores over one tokens store → one target store, part by part.
 
 This is the I/O shell around :func:`~.fuse.fuse`: it checks that the teachers can be
-fused (same tokens store, same tokenizer, complete), builds each part's weight policy from the
-tokens store's task tags and sequence boundaries, fuses, and commits the part. Parts are
-independent, so workers (local processes or machines) share them like harvest does, through
-the part executor (``mtkd.store.executor``).
+fused (same tokens store, same tokenizer or aligned from their own, complete), builds each
+part's weight policy from the tokens store's task tags and sequence boundaries, fuses, and
+commits the part. A teacher with its own tokenizer (``cross``) is aligned to the student's
+positions first; rows it does not cover are handled by ``coverage`` (its weight 0 there, the
+CE fallback where no teacher covers a row) and the target store then records a ``coverage``
+bitmask per row. Parts are independent, so workers (local processes or machines) share them
+like harvest does, through the part executor (``mtkd.store.executor``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,31 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.distill.aggregate.align import AlignedRows
 from mtkd.distill.aggregate.config import AggregateConfig
+from mtkd.distill.aggregate.coverage import (
+    COVERAGE,
+    MAX_TEACHERS,
+    MaskedWeights,
+    complete_rows,
+    coverage_bits,
+    coverage_stats,
+    covered_rows,
+    fill_placeholders,
+    fuse_partial_rows,
+    one_hot,
+    uncovered,
+)
+from mtkd.distill.aggregate.cross import (
+    OwnTeacherPart,
+    StudentPart,
+    align_own_part,
+    check_own_part,
+    check_own_teacher,
+    is_own,
+    read_own_part,
+    read_student_part,
+)
 from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
@@ -26,7 +53,7 @@ from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.distill.aggregate.weights import (
     fit_mixture_weights,
 )
-from mtkd.store import Header, Store, StoreError, StoreWriter, open_store
+from mtkd.store import ArraySpec, Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.executor import run_parts
 from mtkd.store.schema import (
     SAMPLE_COUNTS,
@@ -43,6 +70,7 @@ from mtkd.store.schema import (
     check_aligned,
     target_header,
 )
+from mtkd.store.writer import pending_parts
 
 #: What fusing reads of each teacher store: its top-k rows, or its sampled targets.
 TEACHER_ARRAYS = (TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS, TARGET_LOGPROB)
@@ -65,10 +93,45 @@ def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]])
         # sizes here; each part's sha256 when a worker reads it (_read_part)
         store = open_store(path, TEACHER, verify="size")
         check_aligned(tokens, store)
-        if store.attrs.get("tokenizer_hash") != tokens.attrs.get("tokenizer_hash"):
+        if is_own(store):
+            check_own_teacher(tokens, store)
+        elif store.attrs.get("tokenizer_hash") != tokens.attrs.get("tokenizer_hash"):
             raise StoreError(f"{path} was harvested with a different tokenizer than {tokens.root}")
         stores.append(store)
     return stores
+
+
+def check_own_settings(teachers: Sequence[Store], config: AggregateConfig) -> None:
+    """Refuse what teachers of their own tokenizer cannot do: sampled targets and exact
+    tempered tails are in the teacher's ids (aligned rows carry neither), and a coverage
+    bitmask holds at most 31 teachers."""
+    own = [str(t.root) for t in teachers if is_own(t)]
+    if not own:
+        return
+    if config.source == "samples":
+        raise StoreError(f"{own[0]} has its own tokenizer: its sampled targets cannot be "
+                         "aligned; fuse its top-k (--source topk)")
+    tempered = [str(t.root) for t, temp in zip(teachers, config.teacher_temperatures,
+                                               strict=True) if is_own(t) and temp != 1.0]
+    if config.tail_model == "exact" and tempered:
+        raise StoreError(f"tail model 'exact' at T ≠ 1 for {tempered[0]}, a teacher with its "
+                         "own tokenizer: exact tempered tails do not survive the alignment "
+                         "(use zipf or lump)")
+    if len(teachers) > MAX_TEACHERS:
+        raise StoreError(f"at most {MAX_TEACHERS} teachers when one has its own tokenizer "
+                         f"(the coverage bitmask), got {len(teachers)}")
+
+
+def check_own_parts(tokens: Store, teachers: Sequence[Store], parts: Sequence[int]) -> None:
+    """Refuse, before anything is written, parts whose own-tokens teachers do not cover the
+    same texts as the tokens store or whose tokens do not spell them (offsets only)."""
+    for part in parts:
+        student = None
+        for store in teachers:
+            if is_own(store):
+                student = student or read_student_part(tokens, part)
+                check_own_part(student, read_own_part(store, part, student, tokens.attrs, None),
+                               part)
 
 
 def aggregate(
@@ -92,7 +155,8 @@ def aggregate(
     """
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
-    config = fitted_config(config, teachers)
+    check_own_settings(teachers, config)
+    config = fitted_config(config, tokens, teachers)
     if config.source == "samples":
         for t in teachers:
             if SAMPLE_IDS not in t.array_names:
@@ -103,7 +167,7 @@ def aggregate(
             # T = 1 needs nothing stored: its tail is the stored tail
             wanted = {float(x) for x in config.teacher_temperatures if x != 1.0}
             missing = wanted - {float(x) for x in t.attrs.get("temperatures", [])}
-            if missing:
+            if missing and not is_own(t):
                 raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
                                  f"in {t.root} (harvest with --engine hf --temperature T)")
     width = config.k_out + config.label_entry  # the label entry is one more column
@@ -111,6 +175,11 @@ def aggregate(
                            _attrs(tokens, teachers, config),
                            teacher_ks=[t.attrs["k"] for t in teachers]
                            if config.teacher_blocks else (), codec=config.codec)
+    if any(is_own(t) for t in teachers):
+        check_own_parts(tokens, teachers,
+                        pending_parts(out, tokens.num_parts, worker_index, num_workers))
+        header = replace(header, arrays=(*header.arrays,
+                                         ArraySpec(COVERAGE, "int32", (), config.codec)))
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     stats = run_parts(pending, AggregateParts(str(tokens_dir), str(out), config, header),
@@ -122,25 +191,42 @@ def aggregate(
                             summarize(out) if complete else {})
 
 
-def fitted_config(config: AggregateConfig, teachers: Sequence[Store]) -> AggregateConfig:
+def fitted_config(config: AggregateConfig, tokens: Store,
+                  teachers: Sequence[Store]) -> AggregateConfig:
     """``config`` with its static weights fitted, when it asks for that.
 
     The weights maximise the likelihood of the actual next tokens under the untempered
     mixture, over every position of every part (each worker computes the same fit, so their
-    headers agree).
+    headers agree). A teacher of its own tokenizer enters with its aligned log-prob of the
+    student's actual token; rows where that is unknown (its fallback rows) are left out of the
+    fit for all teachers (``coverage.complete_rows``).
     """
     if not config.fit_weights or config.weights is not None:
         return config
-    weights = fit_mixture_weights(target_logprobs(teachers))
+    lp = target_logprobs(teachers, tokens)
+    complete = complete_rows(lp, [is_own(t) for t in teachers])
+    weights = fit_mixture_weights(lp if complete.all() else lp[complete])
     return replace(config, weights=tuple(float(w) for w in weights))
 
 
-def target_logprobs(teachers: Sequence[Store]) -> np.ndarray:
-    """[N,K]: each teacher's log-prob of the actual next token at every position, all parts."""
+def target_logprobs(teachers: Sequence[Store], tokens: Store | None = None) -> np.ndarray:
+    """[N,K]: each teacher's log-prob of the actual next token at every position, all parts
+    (aligned to the student's positions for a teacher of its own tokenizer, which needs the
+    ``tokens`` store; −inf where unknown)."""
     columns = []
     for store in teachers:
-        parts = [store.read_part(p, [TARGET_LOGPROB])[TARGET_LOGPROB]
-                 for p in range(store.num_parts)]
+        parts = []
+        for p in range(store.num_parts):
+            if is_own(store):
+                if tokens is None:
+                    raise ValueError(f"{store.root} has its own tokenizer: aligning its "
+                                     "target log-probs needs the tokens store")
+                student = read_student_part(tokens, p)
+                rows = teacher_rows(store.read_part(p, list(TEACHER_ARRAYS)), store.attrs)
+                own = read_own_part(store, p, student, tokens.attrs, rows)
+                parts.append(align_own_part(student, own, p).rows.target_logprob)
+            else:
+                parts.append(store.read_part(p, [TARGET_LOGPROB])[TARGET_LOGPROB])
         columns.append(np.concatenate(parts).astype(np.float64))
     return np.stack(columns, axis=1)
 
@@ -153,6 +239,9 @@ def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) ->
         "teacher_stores": [
             {"path": str(Path(t.root).resolve()), "teacher": t.attrs.get("teacher"),
              "revision": t.attrs.get("teacher_revision"), "manifest": t.manifest["checksum"]}
+            | ({"tokenization": "own", "teacher_tokenizer": t.attrs["teacher_tokenizer"],
+                "teacher_tokenizer_hash": t.attrs["teacher_tokenizer_hash"]} if is_own(t)
+               else {})
             for t in teachers
         ],
         "config": asdict(config) | {"teachers": list(config.teachers)},
@@ -182,14 +271,18 @@ def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
 
 @dataclass
 class _PartInputs:
-    """One part's teacher rows, sequence boundaries and per-row task index."""
+    """One part's teacher rows, sequence boundaries and per-row task index; with teachers of
+    their own tokenizer, the student's tokens and those teachers' rows before alignment
+    (``own``: by teacher index; ``rows`` holds their unaligned rows until ``compute``)."""
 
     part: int
     rows: list[TeacherRows] | list[SampledRows]
     offsets: np.ndarray
     seq_ids: np.ndarray
     task_index: np.ndarray
-    labels: np.ndarray | None = None  # the actual next token of every row (label_entry only)
+    labels: np.ndarray | None = None  # the actual next token of every row (label entry, CE)
+    student: StudentPart | None = None
+    own: dict[int, OwnTeacherPart] = field(default_factory=dict)
 
 
 def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInputs:
@@ -197,20 +290,31 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
     teachers = [open_store(t, TEACHER, verify="none") for t in config.teachers]
     for store in (tokens, *teachers):  # sha256 of what this part reads: each file hashed once
         store.verify_part(part)
-    rows, ref = [], None
-    for store in teachers:
+    student = read_student_part(tokens, part) if any(map(is_own, teachers)) else None
+    rows, ref, ref_root, own = [], None, None, {}
+    for j, store in enumerate(teachers):
         names = list(SAMPLE_ARRAYS if config.source == "samples" else TEACHER_ARRAYS)
-        if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk":
+        if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk" \
+                and not is_own(store):
             names.append(TEMPERED_TAIL_LOGMASS)
         batch = store.read_part(part, names)
-        if ref is None:
-            ref = batch
-        elif not np.array_equal(batch.offsets, ref.offsets):
-            raise StoreError(f"{store.root} part {part}: sequences differ from {teachers[0].root}")
         rows.append(sampled_rows(batch, store.attrs) if config.source == "samples"
                     else teacher_rows(batch, store.attrs))
-    assert ref is not None
-    lengths = np.diff(ref.offsets)
+        if student is not None and is_own(store):
+            own[j] = read_own_part(store, part, student, tokens.attrs, rows[-1])
+        elif ref is None:
+            ref, ref_root = batch, store.root
+        elif not np.array_equal(batch.offsets, ref.offsets):
+            raise StoreError(f"{store.root} part {part}: sequences differ from {ref_root}")
+    if student is not None:
+        if ref is not None and not np.array_equal(ref.offsets, student.spans.row_offsets):
+            raise StoreError(f"{ref_root} part {part}: its rows are not the tokens store's "
+                             "(L − 1 per sequence)")
+        offsets, seq_ids = student.spans.row_offsets, student.seq_ids
+    else:
+        assert ref is not None
+        offsets, seq_ids = ref.offsets, ref.seq_ids
+    lengths = np.diff(offsets)
     tags = sorted(config.task_weights)
     seq_task = np.full(len(lengths), len(tags), dtype=np.int64)
     meta = tokens.read_meta(part) if tags else None
@@ -218,49 +322,105 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
         lookup = {t: i for i, t in enumerate(tags)}
         seq_task = np.array([lookup.get(t, len(tags)) for t in meta.column("task").to_pylist()],
                             dtype=np.int64)
-    labels = None
-    if config.label_entry:
+    labels = None if student is None else student.labels
+    if config.label_entry and student is None:
         tok = tokens.read_part(part, [TOKEN_IDS])
         labels = np.delete(tok[TOKEN_IDS], tok.offsets[:-1])  # row j of a sequence: token j+1
-        if len(labels) != ref.offsets[-1]:
-            raise StoreError(f"part {part}: {len(labels)} labels for {ref.offsets[-1]} rows")
-    return _PartInputs(part, rows, ref.offsets, ref.seq_ids, np.repeat(seq_task, lengths),
-                       labels)
+        if len(labels) != offsets[-1]:
+            raise StoreError(f"part {part}: {len(labels)} labels for {offsets[-1]} rows")
+    return _PartInputs(part, rows, offsets, seq_ids, np.repeat(seq_task, lengths), labels,
+                       student, own)
 
 
 def _fuse_part(inputs: _PartInputs, config: AggregateConfig, vocab_size: int
-               ) -> dict[str, np.ndarray]:
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The part's fused targets, and the coverage counts for its commit record (none when
+    every teacher is in the student's tokens)."""
     weights = config.policy(inputs.task_index, inputs.offsets)
+    rows = inputs.rows
     if config.source == "samples":
-        fused = fuse_samples(inputs.rows, weights, config.k_out, vocab_size)  # type: ignore[arg-type]
-    else:
-        fused = fuse(inputs.rows, weights, config.teacher_temperatures,
-                     get_operator(config.operator, **config.operator_params), config.tail_model,
-                     config.k_out, vocab_size, keep_teacher_blocks=config.teacher_blocks,
-                     imputation=config.imputation)
-    if inputs.labels is not None:
-        p_label = np.stack([np.exp(r.target_logprob) for r in inputs.rows], axis=1)  # type: ignore[union-attr]
+        fused = fuse_samples(rows, weights, config.k_out, vocab_size)  # type: ignore[arg-type]
+        return _label_entry(fused, rows, inputs.labels), {}
+    aligned = _align(inputs)
+    if aligned is not None:
+        return _fuse_covered(inputs, aligned, weights, config, vocab_size)
+    fused = fuse(rows, weights, config.teacher_temperatures,
+                 get_operator(config.operator, **config.operator_params), config.tail_model,
+                 config.k_out, vocab_size, keep_teacher_blocks=config.teacher_blocks,
+                 imputation=config.imputation)
+    return _label_entry(fused, rows, inputs.labels), {}
+
+
+def _label_entry(fused: dict[str, np.ndarray], rows: Sequence[Any],
+                 labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``fused`` with the label entry added when ``labels`` are given (``--label-entry``)."""
+    if labels is not None:
+        p_label = np.stack([np.exp(r.target_logprob) for r in rows], axis=1)
         label_probs = np.einsum("nk,nk->n", fused["weights"].astype(np.float64), p_label)
         fused["ids"], fused["probs"], fused["tail_mass"] = add_label_entry(
-            fused["ids"], fused["probs"], fused["tail_mass"], inputs.labels, label_probs)
+            fused["ids"], fused["probs"], fused["tail_mass"], labels, label_probs)
     return fused
+
+
+def _align(inputs: _PartInputs) -> list[AlignedRows | None] | None:
+    """Each teacher of its own tokenizer aligned to the student's positions (None for the
+    others); None when there is none."""
+    if not inputs.own:
+        return None
+    assert inputs.student is not None
+    return [align_own_part(inputs.student, inputs.own[j], inputs.part) if j in inputs.own
+            else None for j in range(len(inputs.rows))]
+
+
+def _fuse_covered(inputs: _PartInputs, aligned: Sequence[AlignedRows | None],
+                  weights: Any, config: AggregateConfig, vocab_size: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fusion with teachers that do not cover every row (``coverage``): masked weights, rows
+    missing a teacher fused from the others alone, the CE fallback where none is left."""
+    assert inputs.labels is not None
+    n = len(inputs.labels)
+    covered = np.stack([np.ones(n, bool) if a is None else covered_rows(a) for a in aligned],
+                       axis=1)
+    rows = [fill_placeholders(r if a is None else a.rows, covered[:, j])
+            for j, (r, a) in enumerate(zip(inputs.rows, aligned, strict=True))]
+    masked = MaskedWeights(weights, covered, np.array([a is not None for a in aligned]),
+                           inputs.offsets)
+    op = get_operator(config.operator, **config.operator_params)
+    temps = config.teacher_temperatures
+
+    def fuse_rows(some: list[TeacherRows], w: np.ndarray | MaskedWeights,
+                  cols: np.ndarray | slice = slice(None), keep: bool = False
+                  ) -> dict[str, np.ndarray]:
+        return fuse(some, w, temps[cols], op, config.tail_model, config.k_out,
+                    vocab_size, keep_teacher_blocks=keep, imputation=config.imputation)
+
+    fused = fuse_rows(rows, masked if callable(weights) else masked.static(),
+                      keep=config.teacher_blocks)
+    assert masked.weights is not None
+    fuse_partial_rows(fused, rows, masked.weights, covered, fuse_rows)
+    fused = _label_entry(fused, rows, inputs.labels if config.label_entry else None)
+    one_hot(fused, uncovered(masked.weights, covered), inputs.labels)
+    fused[COVERAGE] = coverage_bits(covered)
+    return fused, coverage_stats(aligned, covered, masked.weights)
 
 
 @dataclass
 class _PartOutputs:
-    """One part's fused targets and the sequence boundaries they are committed with."""
+    """One part's fused targets, the sequence boundaries they are committed with, and counts
+    for its commit record beyond the diagnostics' (coverage)."""
 
     part: int
     offsets: np.ndarray
     seq_ids: np.ndarray
     fused: dict[str, np.ndarray]
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def _write_part(out: str, header: Header, outputs: _PartOutputs) -> dict[str, Any]:
     writer = StoreWriter(out, header)
     names = [a.name for a in writer.header.arrays]
     with writer.open_part(outputs.part) as pw:
-        pw.stats = part_stats(outputs.fused)
+        pw.stats = part_stats(outputs.fused) | outputs.stats
         pw.append({n: outputs.fused[n] for n in names}, np.diff(outputs.offsets),
                   outputs.seq_ids)
     return pw.stats
@@ -282,8 +442,8 @@ class AggregateParts:
         return _read_part(self.tokens_dir, self.config, part)
 
     def compute(self, part: int, inputs: _PartInputs) -> _PartOutputs:
-        fused = _fuse_part(inputs, self.config, int(self.header.attrs["vocab_size"]))
-        return _PartOutputs(part, inputs.offsets, inputs.seq_ids, fused)
+        fused, stats = _fuse_part(inputs, self.config, int(self.header.attrs["vocab_size"]))
+        return _PartOutputs(part, inputs.offsets, inputs.seq_ids, fused, stats)
 
     def write(self, part: int, outputs: _PartOutputs) -> dict[str, Any]:
         return _write_part(self.out, self.header, outputs)
@@ -300,7 +460,10 @@ def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
-    """Mean diagnostics over the whole target store, from the parts' commit records."""
+    """Mean diagnostics over the whole target store, from the parts' commit records; with
+    teachers of their own tokenizer also each teacher's ``coverage_fraction_{j}`` (rows it
+    gives a distribution), ``aligned_{shared,interior,fallback}_{j}`` (row counts) and
+    ``ce_only_fraction`` (rows with the one-hot target)."""
     store = open_store(out, TARGET, verify="none")
     totals: dict[str, Any] = {}
     for p in range(store.num_parts):
@@ -311,5 +474,12 @@ def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
                if k.startswith("sum_") and np.ndim(v) == 0}
     for j, w in enumerate(np.atleast_1d(totals.get("sum_weights", []))):
         summary[f"mean_weight_{j}"] = float(w) / n
+    # with teachers of their own tokenizer (coverage.coverage_stats): per teacher j
+    for j, c in enumerate(np.atleast_1d(totals.get("covered_rows", []))):
+        summary[f"coverage_fraction_{j}"] = float(c) / n
+        for kind in ("shared", "interior", "fallback"):
+            summary[f"aligned_{kind}_{j}"] = float(totals[f"aligned_{kind}"][j])
+    if "ce_only_rows" in totals:
+        summary["ce_only_fraction"] = float(totals["ce_only_rows"]) / n
     summary["positions"] = float(totals.get("positions", 0))
     return summary
