@@ -1,7 +1,8 @@
 """The demo's experiments: students compared on held-out data, and the papers' claims measured.
 
 1. Quality: held-out CE of teachers, their mixture, and students of one size and token budget
-   (CE only, from single teachers, from fused targets, top-k + tail vs full vocabulary …).
+   (CE only, from single teachers, from fused targets, top-k + tail vs full vocabulary …), in
+   nats per token and, when the held-out tokens store has ``byte_end``, in bits per byte.
 2. Variance reduction: variance of the fused target under independent teacher noise vs Σ w_k².
 3. Objectives: L_mix vs L_multi from identical starts (forward and reverse KL).
 4. Safety attenuation: unsafe-token mass of q vs the safety teacher's weight, against the bound
@@ -21,8 +22,10 @@ from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tempering import temper
 from mtkd.distill.aggregate.union import to_union
 from mtkd.distill.aggregate.weights import fit_mixture_weights
+from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends, label_bytes
 from mtkd.recipes.run import Run, is_complete, train_model
 from mtkd.store import open_store
+from mtkd.store.schema import BYTE_END
 
 SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
@@ -37,13 +40,21 @@ def static_weights(run: Run) -> np.ndarray:
 
 def targets(run: Run, name: str, teachers: list[int], *, k_out: int | None = None,
             extra: tuple[str, ...] = (), suffix: str = "student") -> str:
-    """Aggregate the given teachers' stores into ``stores/<name>`` (skipped when done)."""
+    """Aggregate the given demo teachers' stores into ``stores/<name>`` (skipped when done)."""
+    specs = [run.size.teachers[j] for j in teachers]
+    return aggregate(run, name, [f"{t.name}-{suffix}" for t in specs],
+                     [t.temperature for t in specs], k_out=k_out, extra=extra)
+
+
+def aggregate(run: Run, name: str, stores: list[str], temperatures: list[float], *,
+              k_out: int | None = None, extra: tuple[str, ...] = ()) -> str:
+    """``mtkd aggregate`` of the teacher stores ``stores/<stores…>`` (each at its temperature)
+    over the student's tokens into ``stores/<name>`` (skipped when done)."""
     out = run.path("stores", name)
     if not is_complete(out):
-        specs = [run.size.teachers[j] for j in teachers]
-        run.mtkd("aggregate", *[run.path("stores", f"{t.name}-{suffix}") for t in specs],
+        run.mtkd("aggregate", *[run.path("stores", s) for s in stores],
                  "--tokens", run.path("stores", "tokens-student"), "--out", out,
-                 "--temperatures", ",".join(str(t.temperature) for t in specs),
+                 "--temperatures", ",".join(str(t) for t in temperatures),
                  "--k-out", str(k_out or run.size.k), *extra)
     return name
 
@@ -167,15 +178,37 @@ def heldout_logprobs(run: Run) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def heldout_bytes(run: Run, positions: int) -> int | None:
+    """UTF-8 bytes of the held-out tokens that :func:`heldout_logprobs` scores (its
+    ``positions`` rows); None when the tokens store has no ``byte_end``."""
+    store = open_store(run.path("stores", "tokens-heldout"), verify="none")
+    if not has_byte_ends(store):
+        return None
+    batch = store.read(np.arange(store.num_sequences), [BYTE_END])
+    sizes = label_bytes(batch[BYTE_END], batch.offsets)
+    if len(sizes) != positions:
+        raise ValueError(f"{store.root}: {len(sizes)} labelled tokens, {positions} log-probs")
+    return int(sizes.sum())
+
+
 def mixture_quality(run: Run, weightings: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Held-out CE of each teacher and of their (temperature-1) mixtures, one per weighting."""
+    """Held-out CE of each teacher and of their (temperature-1) mixtures, one per weighting;
+    also in bits per byte when the held-out store says where its tokens end."""
     lp = heldout_logprobs(run)
     ce = -lp.mean(axis=0)
-    mixtures = {name: float(-np.mean(np.log(np.exp(lp) @ np.asarray(w))))
-                for name, w in weightings.items()}
-    return {"teacher_ce": dict(zip([t.name for t in run.size.teachers], ce.tolist(),
-                                   strict=True)),
-            "mixture_ce": mixtures, "positions": len(lp)}
+    mixture_lp = {name: np.log(np.exp(lp) @ np.asarray(w)) for name, w in weightings.items()}
+    mixtures = {name: float(-np.mean(m)) for name, m in mixture_lp.items()}
+    names = [t.name for t in run.size.teachers]
+    out: dict[str, Any] = {"teacher_ce": dict(zip(names, ce.tolist(), strict=True)),
+                           "mixture_ce": mixtures, "positions": len(lp)}
+    n_bytes = heldout_bytes(run, len(lp))
+    if n_bytes is not None:
+        out["teacher_bpb"] = {name: bits_per_byte(float(-lp[:, j].sum()), n_bytes)
+                              for j, name in enumerate(names)}
+        out["mixture_bpb"] = {name: bits_per_byte(float(-m.sum()), n_bytes)
+                              for name, m in mixture_lp.items()}
+        out["bytes"] = n_bytes
+    return out
 
 
 def _teacher_sample(run: Run, positions: int = SAMPLE_POSITIONS) -> list[Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.recipes.figures import FIGURE_GOALS, figure_lines
 from mtkd.store import StoreError, open_store
 
 GOAL_CE_GAIN = 0.05  # mixture student ≥ 5% below the CE-only student
@@ -79,7 +80,34 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"goal": "safety bound holds at every measured point",
                     "measured": f"{bad} violations in {checked} checks",
                     "met": safety["bound_holds"]})
-    return out
+    return out + figure_goals(results.get("figures", {}))
+
+
+FIGURE_GOAL_TEXT = {
+    "cross_tokenizer_recovery": "cross-tokenizer recovery: (CE-only − student of the cross "
+                                "teacher) ÷ (CE-only − student of the same-tokenizer teacher), "
+                                "bits/byte",
+    "real_teacher_gain_pct": "student distilled from SmolLM2 vs CE-only student, bits/byte",
+    "mixture_vs_best_single_pct": "student of the mixture with SmolLM2 vs the best "
+                                  "single-teacher student, bits/byte",
+    "demo_seconds": "mtkd demo's wall time",
+}
+
+
+def figure_goals(figures: dict[str, float]) -> list[dict[str, Any]]:
+    """Goal rows of the headline figures the run measured (``figures.FIGURE_GOALS``)."""
+    rows = []
+    for name, (target, met) in FIGURE_GOALS.items():
+        if name in figures:
+            rows.append({"goal": f"{FIGURE_GOAL_TEXT[name]} {target}",
+                         "measured": figure_lines({name: figures[name]})[0],
+                         "met": met(figures[name])})
+    return rows
+
+
+def _bpb(value: float | None) -> str:
+    """A bits-per-byte cell: blank where the run could not measure it (no ``byte_end``)."""
+    return "" if value is None else f"{value:.4f}"
 
 
 def sparse_targets_table(results: dict[str, Any]) -> list[str]:
@@ -89,47 +117,83 @@ def sparse_targets_table(results: dict[str, Any]) -> list[str]:
         return []
     students = results.get("students", {})
     rows = ["## Sparse targets of one teacher", "",
-            "| targets | bytes per position | student held-out CE |", "|---|---|---|"]
+            "| targets | bytes per position | student held-out CE | student held-out bits/byte |",
+            "|---|---|---|---|"]
     for name, size in sizes.items():
         ce = students.get(name, {}).get("heldout_ce")
-        rows.append(f"| {name} | {size:.1f} | {'' if ce is None else f'{ce:.4f}'} |")
+        rows.append(f"| {name} | {size:.1f} | {'' if ce is None else f'{ce:.4f}'} | "
+                    f"{_bpb(students.get(name, {}).get('heldout_bpb'))} |")
     return [*rows, ""]
 
 
+def own_tokens_table(results: dict[str, Any]) -> list[str]:
+    """Teachers that read the text with their own tokenizer: their bits per byte on the
+    student's text and how their rows aligned to the student's positions."""
+    own = results.get("own_tokens", {})
+    if not own:
+        return []
+    rows = ["## Teachers with their own tokenizer", "",
+            "| teacher | bits/byte on the student's text | student positions covered | "
+            "shared boundary | interior | fallback |", "|---|---|---|---|---|---|"]
+    for name, s in own.items():
+        n = sum(s.get(f"aligned_{k}") or 0 for k in ("shared", "interior", "fallback")) or 1
+        cells = [_bpb(s.get("bpb_student_text")), _share(s.get("coverage_fraction")),
+                 *(_share((s.get(f"aligned_{k}") or 0) / n)
+                   for k in ("shared", "interior", "fallback"))]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*rows, ""]
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{value:.2%}"
+
+
 def quality_table(results: dict[str, Any]) -> str:
-    rows = ["| model | held-out CE (nats/token) | vs CE-only |", "|---|---|---|"]
+    """Held-out quality of every model: nats per token, and bits per byte where measured."""
+    rows = ["| model | held-out CE (nats/token) | held-out bits/byte | vs CE-only |",
+            "|---|---|---|---|"]
     quality = results.get("quality", {})
+    teacher_bpb, mixture_bpb = quality.get("teacher_bpb", {}), quality.get("mixture_bpb", {})
     for name, ce in quality.get("teacher_ce", {}).items():
-        rows.append(f"| teacher {name} | {ce:.4f} | |")
+        rows.append(f"| teacher {name} | {ce:.4f} | {_bpb(teacher_bpb.get(name))} | |")
     weights = results.get("mix_weights", {})
     for name, ce in quality.get("mixture_ce", {}).items():
         shown = (" " + ", ".join(f"{w:.2f}" for w in weights.values())
                  if name == "fitted" and weights else "")
-        rows.append(f"| teachers' mixture ({name} weights{shown}, T=1) | {ce:.4f} | |")
+        rows.append(f"| teachers' mixture ({name} weights{shown}, T=1) | {ce:.4f} | "
+                    f"{_bpb(mixture_bpb.get(name))} | |")
     base = results.get("students", {}).get("ce-only", {}).get("heldout_ce")
     for name, m in results.get("students", {}).items():
         ce = m.get("heldout_ce")
         if ce is None:
             continue
         rel = f"{ce / base - 1:+.2%}" if base else ""
-        rows.append(f"| student {name} | {ce:.4f} | {rel} |")
+        rows.append(f"| student {name} | {ce:.4f} | {_bpb(m.get('heldout_bpb'))} | {rel} |")
     return "\n".join(rows)
 
 
 def _plot_students(run: Path, out: Path) -> str | None:
-    """Training loss and held-out CE of every student, against the step."""
+    """Training loss and held-out CE (and bits per byte, where measured) of every student,
+    against the step."""
     plt = _plt()
-    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    logs = {name: read_metrics(run / "students" / name / "metrics.jsonl")
+            for name in sorted(p.name for p in (run / "students").glob("*") if p.is_dir())}
+    per_byte = any("eval_bpb" in m for rows in logs.values() for m in rows)
+    fig, axes = plt.subplots(1, 3 if per_byte else 2, figsize=(16 if per_byte else 11, 4))
+    train_ax, eval_ax = axes[0], axes[1]
     drawn = False
-    for name in sorted(p.name for p in (run / "students").glob("*") if p.is_dir()):
-        logs = read_metrics(run / "students" / name / "metrics.jsonl")
-        train = [m for m in logs if m.get("split") == "train"]
-        evals = [m for m in logs if m.get("split") == "eval"]
+    for name, rows in logs.items():
+        train = [m for m in rows if m.get("split") == "train"]
+        evals = [m for m in rows if m.get("split") == "eval"]
         if train:
             train_ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=name,
                           lw=1)
         if evals:
             eval_ax.plot([m["step"] for m in evals], [m["eval_ce"] for m in evals], label=name,
+                         marker="o", ms=3)
+        bpb = [m for m in evals if "eval_bpb" in m]
+        if bpb:
+            axes[2].plot([m["step"] for m in bpb], [m["eval_bpb"] for m in bpb], label=name,
                          marker="o", ms=3)
         drawn = drawn or bool(train or evals)
     if not drawn:
@@ -138,6 +202,8 @@ def _plot_students(run: Path, out: Path) -> str | None:
     train_ax.set(xlabel="step", ylabel="training loss (its own objective)", title="Training")
     eval_ax.set(xlabel="step", ylabel="held-out CE (nats/token)", title="Held-out")
     eval_ax.legend(fontsize=7)
+    if per_byte:
+        axes[2].set(xlabel="step", ylabel="held-out bits per byte", title="Held-out, per byte")
     fig.tight_layout()
     fig.savefig(out / "students.png", dpi=110)
     plt.close(fig)
@@ -247,8 +313,12 @@ def write_report(run_dir: str | Path) -> Path:
           "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     md += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**MISSED**'} |"
            for g in goal_rows]
+    figures_block = figure_lines(results.get("figures", {}))
+    if figures_block:
+        md += ["", "## Figures", "", "```", *figures_block, "```"]
     md += ["", "## Quality (held-out)", "", quality_table(results), ""]
     md += sparse_targets_table(results)
+    md += own_tokens_table(results)
     if "variance" in results:
         md += ["## Variance reduction", "", "| weights | Σw² | measured | predicted |",
                "|---|---|---|---|"]

@@ -29,6 +29,9 @@
   (the tokens store's metadata; the sequence id when there is none) falls below
   ``fraction``, so windows of one document never straddle the split and the split does not
   depend on the seed. An explicit held-out tokens store can be used instead (trainer option).
+* **Bytes.** A loader built with ``count_bytes`` (held-out evaluation, over a tokens store
+  with ``byte_end``) also gives every label the UTF-8 bytes of its token, for bits per byte
+  (:mod:`~mtkd.distill.train.bits_per_byte`); training loaders read no more than the ids.
 * **Reads** are batched: one ``Store.read`` per store per batch, over the batch's sequences.
 """
 
@@ -44,9 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtkd.distill.train.bits_per_byte import has_byte_ends, token_bytes
 from mtkd.distill.train.targets import IGNORE_INDEX, SparseTargets
 from mtkd.store import Store, StoreError
-from mtkd.store.schema import check_aligned
+from mtkd.store.schema import BYTE_END, check_aligned
 
 T = TypeVar("T")
 
@@ -65,6 +69,7 @@ class PackedBatch:
     num_tokens: int  # real (non-padding) tokens
     epoch: int
     index: int  # this rank's batch index within the epoch
+    label_bytes: Tensor | None = None  # [B,T] int64: UTF-8 bytes of each label (0: none)
 
     @property
     def num_labels(self) -> int:
@@ -88,6 +93,7 @@ class PackedBatch:
             self.num_tokens,
             self.epoch,
             self.index,
+            move(self.label_bytes),
         )
 
 
@@ -206,7 +212,8 @@ class PackedLoader:
 
     ``sequences``: the store-order indices to use (e.g. the training side of
     :func:`heldout_split`). ``teacher_blocks``: also read the per-teacher blocks and weights
-    (for L_multi or its monitor). ``vocab_size``: refuse ids at or above it.
+    (for L_multi or its monitor). ``vocab_size``: refuse ids at or above it. ``count_bytes``:
+    give each batch its labels' byte counts (needs a tokens store with ``byte_end``).
     """
 
     def __init__(
@@ -225,12 +232,16 @@ class PackedLoader:
         open_rows: int = 32,
         vocab_size: int | None = None,
         pad_id: int = 0,
+        count_bytes: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1 or open_rows < 1:
             raise ValueError("batch_size and open_rows must be ≥ 1")
-        self.tokens, self.targets = tokens, targets
+        if count_bytes and not has_byte_ends(tokens):
+            raise StoreError(f"{tokens.root}: no {BYTE_END} array to count bytes with "
+                             "(written by an older mtkd or with --no-byte-offsets)")
+        self.tokens, self.targets, self.count_bytes = tokens, targets, count_bytes
         n_blocks = open_targets(tokens, targets) if targets is not None else 0
         if teacher_blocks and n_blocks == 0:
             raise StoreError("per-teacher blocks were asked for but "
@@ -286,7 +297,8 @@ class PackedLoader:
         seg, pos = _expand(plan.length[a:b])
         dest = (plan.row[a:b] - lo)[seg] * seq_len + plan.col[a:b][seg] + pos
         in_seq = plan.start[a:b][seg] + pos  # token index within its sequence
-        tok = self.tokens.read(uniq, ["token_ids"])
+        tok = self.tokens.read(uniq, ["token_ids", BYTE_END] if self.count_bytes
+                               else ["token_ids"])
         src = tok.offsets[:-1][inv][seg] + in_seq
         has_next = in_seq + 1 < tok.lengths[inv][seg]
         ids = tok["token_ids"].astype(np.int64)
@@ -298,6 +310,11 @@ class PackedLoader:
         labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
         labels[dest[has_next]] = ids[src[has_next] + 1]
         self._check_vocab(ids, "token ids")
+        label_bytes = None
+        if self.count_bytes:
+            label_bytes = np.zeros(n, dtype=np.int64)
+            label_bytes[dest[has_next]] = token_bytes(tok[BYTE_END], tok.offsets)[
+                src[has_next] + 1]
 
         targets = teachers = weights = gap = None
         if self.targets is not None:
@@ -331,7 +348,8 @@ class PackedLoader:
             return torch.from_numpy(x.reshape(bsz, seq_len))
 
         return PackedBatch(rows2d(input_ids), rows2d(position_ids), rows2d(labels), targets,
-                           teachers, weights, gap, len(dest), epoch, index)
+                           teachers, weights, gap, len(dest), epoch, index,
+                           None if label_bytes is None else rows2d(label_bytes))
 
     def _check_vocab(self, ids: np.ndarray, what: str) -> None:
         if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:

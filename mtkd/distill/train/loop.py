@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends
 from mtkd.distill.train.checkpoint import (
     checkpoint_dirs,
     restore,
@@ -112,14 +113,16 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
         eval_blocks = blocks and eval_targets is not None and bool(
             eval_targets.attrs.get("teacher_blocks"))
         held = PackedLoader(eval_tokens, eval_targets, eval_idx, shuffle=False,
-                            teacher_blocks=eval_blocks, **common)
+                            teacher_blocks=eval_blocks, count_bytes=has_byte_ends(eval_tokens),
+                            **common)
     return train, held
 
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader: PackedLoader, d: Dist, max_batches: int | None,
              chunk_size: int, bf16: bool) -> dict[str, float]:
-    """Held-out CE (nats/token) and, with targets, KL(q‖s) (+ L_multi with blocks).
+    """Held-out CE (nats/token), bits per byte when the loader counts bytes, and, with
+    targets, KL(q‖s) (+ L_multi with blocks).
 
     ``net`` is the (wrapped) :class:`~mtkd.distill.train.objective.StudentLoss`: under FSDP
     its forward gathers the shards. Every rank runs the same number of batches (the loader
@@ -127,15 +130,24 @@ def evaluate(net: nn.Module, loader: PackedLoader, d: Dist, max_batches: int | N
     """
     spec = LossSpec.held_out(loader.targets is not None, chunk_size)
     meter = Meter(d.device)
+    nats_bytes = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ CE, Σ label bytes
     was_training = net.training
     net.eval()
     for batch in itertools.islice(loader.epoch(0), max_batches):
         batch = batch.to(d.device)
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
-            meter.add(net(batch, spec), batch, 0.0)
+            out = net(batch, spec)
+            meter.add(out, batch, 0.0)
+        if batch.label_bytes is not None and out.ce is not None:
+            nats_bytes[0] += out.ce.to(nats_bytes)
+            nats_bytes[1] += batch.label_bytes.sum().to(nats_bytes)
     net.train(was_training)
     stats = meter.reduce(d, "mix", loader.targets is not None, loader.num_teachers > 0)
     res = {"eval_ce": stats["ce"], "eval_ppl": math.exp(min(stats["ce"], 50.0))}
+    if loader.count_bytes:
+        bpb = bits_per_byte(*d.all_sum(nats_bytes).tolist())
+        if bpb is not None:
+            res["eval_bpb"] = bpb
     if "l_mix" in stats:
         res["eval_kl"] = stats["l_mix"]
     if "l_multi" in stats:
@@ -285,6 +297,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
                  "train": last_log, **last_eval}
         if "eval_ce" in last_eval:
             final["heldout_ce"] = last_eval["eval_ce"]
+        if "eval_bpb" in last_eval:
+            final["heldout_bpb"] = last_eval["eval_bpb"]
         (out / FINAL_METRICS).write_text(json.dumps(final, indent=1))
     if d.world > 1:
         dist.barrier()

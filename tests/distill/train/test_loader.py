@@ -20,15 +20,17 @@ from mtkd.distill.train.loader import (
 )
 from mtkd.distill.train.targets import IGNORE_INDEX
 from mtkd.store import Store, StoreError, StoreWriter, open_store
-from mtkd.store.schema import target_header, tokens_header
+from mtkd.store.schema import BYTE_END, target_header, tokens_header
 
 K_OUT, K_TEACHER = 6, 4  # fused support width (2 padding columns), per-teacher width
 
 
 def write_tokens(root: Path, seqs: list[np.ndarray], attrs: dict, parts: int = 2,
-                 doc_ids: list[int] | None = None) -> Store:
-    """A tokens store of ``seqs`` split over ``parts`` parts (optional doc_id metadata)."""
-    writer = StoreWriter(root, tokens_header(parts, attrs))
+                 doc_ids: list[int] | None = None,
+                 byte_ends: list[np.ndarray] | None = None) -> Store:
+    """A tokens store of ``seqs`` split over ``parts`` parts (optional doc_id metadata, and
+    the ``byte_end`` of every token)."""
+    writer = StoreWriter(root, tokens_header(parts, attrs, byte_offsets=byte_ends is not None))
     bounds = np.linspace(0, len(seqs), parts + 1).astype(int)
     for p in range(parts):
         chunk = seqs[bounds[p]:bounds[p + 1]]
@@ -38,7 +40,11 @@ def write_tokens(root: Path, seqs: list[np.ndarray], attrs: dict, parts: int = 2
             meta = pa.table({"seq_id": ids, "doc_id": doc_ids[bounds[p]:bounds[p + 1]]})
         with writer.open_part(p) as pw:
             flat = np.concatenate(chunk) if chunk else np.zeros(0, np.int32)
-            pw.append({"token_ids": flat}, [len(s) for s in chunk], ids, meta)
+            arrays = {"token_ids": flat}
+            if byte_ends is not None:
+                ends = byte_ends[bounds[p]:bounds[p + 1]]
+                arrays[BYTE_END] = (np.concatenate(ends) if ends else flat).astype(np.int32)
+            pw.append(arrays, [len(s) for s in chunk], ids, meta)
     assert writer.finalize()
     return open_store(root, "tokens")
 

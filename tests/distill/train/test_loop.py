@@ -1,8 +1,10 @@
-"""The trainer: objectives, exact resume after SIGKILL, DDP equivalence, a loadable student."""
+"""The trainer: objectives, exact resume after SIGKILL, DDP equivalence, a loadable student,
+held-out bits per byte."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,12 +20,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from typer.testing import CliRunner
 
+from mtkd.cli import app
 from mtkd.distill.train.config import TrainConfig
 from mtkd.distill.train.loader import PackedLoader
 from mtkd.distill.train.loop import train
 from mtkd.distill.train.objective import LossSpec, batch_loss
 from mtkd.distill.train.student import load_student, load_teacher, with_teacher_targets
+from mtkd.ingest.token_bytes import token_bytes
 from mtkd.recipes.stdlib_corpus import stdlib_texts
 from mtkd.store import open_store
 
@@ -60,7 +65,31 @@ def data(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     attrs = {"tokenizer": str(tokenizer_dir), "vocab_size": vocab, "eos_id": eos}
     tokens = write_tokens(root / "tokens", seqs, attrs, parts=2, doc_ids=docs)
     write_targets(root / "targets", tokens, vocab)
-    return {"tokens": str(root / "tokens"), "targets": str(root / "targets")}
+    seqs, ends = heldout_windows(tok, eos)
+    write_tokens(root / "heldout", seqs, attrs, parts=2, byte_ends=ends)
+    return {"tokens": str(root / "tokens"), "targets": str(root / "targets"),
+            "heldout": str(root / "heldout")}
+
+
+def heldout_windows(tok: Tokenizer, eos: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Windows of ≤ 64 tokens of other standard-library text, each the text of a span of
+    characters after an ``eos`` (0 bytes, so every byte of the text is in a label; some also
+    end with one), and the ``byte_end`` of their tokens from what each token spells."""
+    spelled = token_bytes(tok)
+    rng = np.random.default_rng(1)
+    seqs, ends = [], []
+    for text in list(stdlib_texts(max_files=16))[12:]:
+        start = 0
+        while start < len(text) and len(seqs) < 40:
+            n = int(rng.integers(60, 180))
+            ids = [eos, *tok.encode(text[start : start + n], add_special_tokens=False).ids]
+            if len(seqs) % 3 == 0:
+                ids.append(eos)
+            start += n
+            if len(ids) <= 64:
+                seqs.append(np.array(ids, dtype=np.int32))
+                ends.append(np.cumsum([len(spelled[i] or b"") for i in ids]))
+    return seqs, ends
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +180,8 @@ def test_ce_run_learns_and_saves_a_loadable_student(data: dict[str, str], tmp_pa
     assert res.steps == 25 and res.tokens > 0
     evals = metrics(out, "eval")
     assert evals[-1]["step"] == 25 and evals[-1]["eval_ce"] > 0 and "eval_kl" not in evals[-1]
+    assert "eval_bpb" not in evals[-1]  # a tokens store without byte_end: no bits per byte
+    assert "heldout_bpb" not in json.loads((out / "final_metrics.json").read_text())
 
     model = AutoModelForCausalLM.from_pretrained(res.model_dir)
     tok = AutoTokenizer.from_pretrained(res.model_dir)
@@ -160,6 +191,40 @@ def test_ce_run_learns_and_saves_a_loadable_student(data: dict[str, str], tmp_pa
 
     with pytest.raises(ValueError, match="different options"):  # resume with other settings
         train(config(data, out, objective="ce", targets=None, max_steps=30, lr=1e-3))
+
+
+def test_heldout_bits_per_byte_match_a_plain_forward(data: dict[str, str], tmp_path: Path) -> None:
+    """Over a held-out store with ``byte_end``, ``mtkd train`` reports bits per byte beside
+    nats per token (metrics.jsonl, final_metrics.json, its summary), equal to an independent
+    count: Σ CE of a plain transformers forward over each window ÷ (ln 2 · the UTF-8 bytes of
+    the windows' decoded text)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bpb"
+    cfg = config(data, out, objective="ce", targets=None, max_steps=4,
+                 eval_tokens=data["heldout"], eval_batches=None)
+    shown = CliRunner().invoke(app, ["train", "--config",
+                                     str(write_config(cfg, tmp_path / "cfg.yaml"))])
+    assert shown.exit_code == 0, shown.output
+    ev = metrics(out, "eval")[-1]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["heldout_bpb"] == ev["eval_bpb"] and final["heldout_ce"] == ev["eval_ce"]
+    assert f"eval_bpb {ev['eval_bpb']:.4f}" in shown.output
+
+    store = open_store(data["heldout"], "tokens")
+    tok = Tokenizer.from_file(str(Path(store.attrs["tokenizer"]) / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
+    rows = store.read(np.arange(store.num_sequences), ["token_ids"])
+    nats, n_bytes, n_labels = 0.0, 0, 0
+    with torch.no_grad():
+        for ids in np.split(rows["token_ids"].astype(np.int64), rows.offsets[1:-1]):
+            x = torch.from_numpy(ids)
+            logits = model(x[None]).logits[0].double()
+            nats += float(torch.nn.functional.cross_entropy(logits[:-1], x[1:], reduction="sum"))
+            n_bytes += len(tok.decode(ids.tolist(), skip_special_tokens=True).encode("utf-8"))
+            n_labels += len(ids) - 1
+    assert ev["eval_ce"] == pytest.approx(nats / n_labels, rel=1e-5)
+    assert ev["eval_bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
 
 
 @pytest.mark.engine
@@ -282,8 +347,10 @@ def test_resume_after_sigkill_is_exact(data: dict[str, str], tmp_path: Path) -> 
 
 
 def test_ddp_two_ranks_match_one_process(data: dict[str, str], tmp_path: Path) -> None:
-    """Global batch 4 three ways: one process; two accumulation steps of 2; two ranks of 2."""
-    kw = dict(objective="mix", max_steps=8, alpha=0.3, eval_batches=None)
+    """Global batch 4 three ways: one process; two accumulation steps of 2; two ranks of 2
+    (held-out nats and bytes summed over the ranks give the same bits per byte)."""
+    kw = dict(objective="mix", max_steps=8, alpha=0.3, eval_batches=None,
+              eval_tokens=data["heldout"])
     single, accum = tmp_path / "single", tmp_path / "accum"
     train(config(data, single, batch_size=4, **kw))
     train(config(data, accum, batch_size=2, grad_accum=2, **kw))
@@ -299,6 +366,7 @@ def test_ddp_two_ranks_match_one_process(data: dict[str, str], tmp_path: Path) -
             assert x["tokens_seen"] == y["tokens_seen"]
         ea, eb = metrics(single, "eval")[-1], metrics(other, "eval")[-1]
         assert abs(ea["eval_ce"] - eb["eval_ce"]) < 1e-5
+        assert abs(ea["eval_bpb"] - eb["eval_bpb"]) < 1e-5
         assert max_diff(params(single), params(other)) < 1e-5
 
 
