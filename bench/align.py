@@ -28,25 +28,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from mtkd.distill.aggregate.align import UNKNOWN, TokenSpans, align_rows
 from mtkd.distill.aggregate.cross import projection
 from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.ingest.job import windows
 from mtkd.ingest.token_bytes import byte_bounds, token_bytes
+from mtkd.recipes.models import byte_level_bpe
 from mtkd.recipes.stdlib_corpus import stdlib_files
 
 EOS = "<|endoftext|>"
 
 
 def train_bpe(texts: list[str], vocab_size: int, path: Path) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = byte_level_bpe(texts, vocab_size)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     return tok

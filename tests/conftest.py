@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,25 @@ def memory_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(dir=FAST_TMP, prefix="mtkd-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def run_mtkd(*args: object, timeout: float = 540) -> str:
+    """``python -m mtkd ARGS`` in its own process group (vLLM's engine processes can outlive the
+    command, so the group is killed afterwards); its stdout, or a failure showing its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "mtkd", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout
+
+
+@pytest.fixture(scope="session")
+def mtkd_cli() -> Callable[..., str]:
+    """:func:`run_mtkd`: a real ``mtkd`` command line, as a user runs it."""
+    return run_mtkd

@@ -23,12 +23,9 @@ from mtkd.store.schema import vocab_fingerprint
 EOS_TOKEN = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (with an ``eos`` token) and save it to ``out_dir``.
+def byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained on ``texts``, with ``<|endoftext|>`` as id 0.
 
-    The saved directory loads offline with ``AutoTokenizer.from_pretrained(out_dir)``.
     The vocabulary may come out smaller than ``vocab_size`` if the corpus is small.
     """
     tok = Tokenizer(models.BPE())
@@ -41,8 +38,17 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
+    """:func:`byte_level_bpe` as a transformers tokenizer (``eos`` = bos = pad), saved to
+    ``out_dir``: the directory loads offline with ``AutoTokenizer.from_pretrained(out_dir)``."""
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+        tokenizer_object=byte_level_bpe(texts, vocab_size), eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
     )
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))

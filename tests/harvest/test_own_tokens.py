@@ -9,14 +9,10 @@ byte table, and a float32 forward of the model on that sequence alone.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,28 +298,14 @@ def test_a_tokens_store_whose_texts_do_not_match_its_offsets_is_refused(
 # --------------------------------------------------------------------------- vLLM
 
 
-def run_cli(args: list[object], timeout: float = 540) -> str:
-    """``python -m mtkd`` in its own process group (vLLM's processes can outlive it)."""
-    proc = subprocess.Popen([sys.executable, "-m", "mtkd", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 @pytest.mark.engine
-def test_vllm_rows_equal_an_independent_forward(setup: Setup, tmp_path: Path) -> None:
+def test_vllm_rows_equal_an_independent_forward(setup: Setup, tmp_path: Path,
+                                                mtkd_cli: Callable[..., str]) -> None:
     """The same teacher on vLLM (float32, eager): the same sequences, context ends and next ids
     as the reference engine, log-probs within the engines' tolerance."""
     out = tmp_path / "vllm"
-    stdout = run_cli(["harvest", setup.tokens, "--model", setup.teacher, "--out", out, *EXACT,
-                      "--engine", "vllm", "--enforce-eager", "--tokenization", "own"])
+    stdout = mtkd_cli("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *EXACT,
+                      "--engine", "vllm", "--enforce-eager", "--tokenization", "own")
     assert "unreadable" in stdout
     tokens = open_store(setup.tokens)
     check_against_reference(out, tokens, reference(setup.teacher, tokens, MAX_POSITION),
@@ -334,8 +316,8 @@ def test_vllm_rows_equal_an_independent_forward(setup: Setup, tmp_path: Path) ->
 
 
 @pytest.mark.engine
-def test_vllm_harvests_smollm2_over_another_tokenizers_store(tokenizer_dir: Path,
-                                                             tmp_path: Path) -> None:
+def test_vllm_harvests_smollm2_over_another_tokenizers_store(
+        tokenizer_dir: Path, tmp_path: Path, mtkd_cli: Callable[..., str]) -> None:
     """The real pretrained teacher (vocabulary 49,152) over windows cut by the session's BPE
     (vocabulary 512): vLLM float32 rows in SmolLM2's own tokens against transformers."""
     from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
@@ -354,9 +336,9 @@ def test_vllm_harvests_smollm2_over_another_tokenizers_store(tokenizer_dir: Path
     tokenize_corpus([corpus], tokenizer_dir, tmp_path / "tokens", TokenizeConfig(max_len=32),
                     progress=False)
     out = tmp_path / "smollm2"
-    run_cli(["harvest", tmp_path / "tokens", "--model", smollm2, "--out", out, "--k", "16",
+    mtkd_cli("harvest", tmp_path / "tokens", "--model", smollm2, "--out", out, "--k", "16",
              "--dtype", "float32", "--logprob-dtype", "float32", "--enforce-eager",
-             "--max-model-len", "128"])
+             "--max-model-len", "128")
     tokens = open_store(tmp_path / "tokens")
     ref = reference(smollm2, tokens, 128)
     assert sum(ids is not None for ids in ref.ids) >= tokens.num_sequences - 2

@@ -19,6 +19,7 @@ from mtkd.ingest.token_bytes import (
     token_bytes,
     unicode_to_bytes,
 )
+from mtkd.recipes.models import byte_level_bpe as models_byte_level_bpe
 
 TEXTS = ["def f(x):\n    return x + 1  # héllo wörld", "the cat sat on the mat, 日本語",
          "naïve café — über straße", "for i in range(10):\n\tprint(i)"] * 20
@@ -27,14 +28,8 @@ EOS = "<|endoftext|>"
 
 
 def byte_level_bpe(vocab_size: int = 400, texts: list[str] = TEXTS) -> Tokenizer:
-    """A GPT-2-style byte-level BPE (as ``recipes.models.train_bpe_tokenizer`` builds)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
+    """A GPT-2-style byte-level BPE (``recipes.models.byte_level_bpe``)."""
+    return models_byte_level_bpe(texts, vocab_size)
 
 
 def llama_style_bpe(vocab_size: int = 350) -> Tokenizer:

@@ -7,14 +7,11 @@ fills it); they skip only when it is absent and cannot be built here (no package
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,31 +173,9 @@ def test_the_converted_model_is_plain_and_knows_paris(
     assert tokenizer.decode(out[0, ids.shape[1] :]) == " Paris."
 
 
-def _mtkd(*args: object, timeout: float) -> str:
-    """Run ``python -m mtkd`` in its own process group (vLLM's engine processes can outlive
-    the command); return its stdout, failing with its stderr."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mtkd", *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 @pytest.mark.engine
 def test_vllm_harvest_matches_a_float32_transformers_forward(
-    smollm2: Path, model: PreTrainedModel, tmp_path: Path
+    smollm2: Path, model: PreTrainedModel, tmp_path: Path, mtkd_cli: Callable[..., str]
 ) -> None:
     """`mtkd tokenize` with SmolLM2's tokenizer, `mtkd harvest` on vLLM in float32, then every
     stored row against log_softmax of transformers' float32 logits (student row j ↔ token j+1):
@@ -211,8 +186,9 @@ def test_vllm_harvest_matches_a_float32_transformers_forward(
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     tokens, teacher = tmp_path / "tokens", tmp_path / "teacher"
-    _mtkd("tokenize", corpus, "--tokenizer", smollm2, "--out", tokens, "--max-len", 48, timeout=300)
-    _mtkd(
+    mtkd_cli("tokenize", corpus, "--tokenizer", smollm2, "--out", tokens, "--max-len", 48,
+             timeout=300)
+    mtkd_cli(
         "harvest",
         tokens,
         "--model",

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mtkd.ingest.job import windows
 from mtkd.ingest.token_bytes import byte_bounds, token_bytes
+from mtkd.recipes.models import byte_level_bpe
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import (
     CONTEXT_END,
@@ -44,13 +45,7 @@ def save_tokenizer(tok: Tokenizer, path: Path, eos: str | None = EOS) -> Path:
 
 def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE with ``<|endoftext|>`` as id 0."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
+    return byte_level_bpe(texts, vocab_size)
 
 
 def byte_teacher() -> Tokenizer:
