@@ -4,10 +4,14 @@ Corpus: the standard library's own ``.py`` files, split train / held-out by file
 tokenizer is trained on the train split; three teachers of different shapes are trained briefly
 (one a *safety teacher* trained to give the tokens that start ``eval``, ``exec`` and
 ``os.system`` low probability); then the same public commands a user types —
-``mtkd tokenize → harvest (vLLM) → aggregate → train`` — and a report.
+``mtkd tokenize → harvest (vLLM) → aggregate → train`` — and a report. Then teachers that read
+the text with their own tokenizer (``cross_experiments``): a copy of ``t0-narrow`` with its own
+BPE, and the real SmolLM2-135M-Instruct (cached once by ``mtkd setup-teacher``; the only thing
+ever fetched); the headline figures, in bits per byte, end the output as ``name=value`` lines.
 
 Every stage is skipped when its output already exists, so an interrupted demo resumes.
-Results go to ``RUN_DIR/results.json``; ``mtkd report RUN_DIR`` renders them.
+Results go to ``RUN_DIR/results.json`` (with each stage's wall seconds, ``stage_seconds``);
+``mtkd report RUN_DIR`` renders them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from mtkd.recipes.cross_experiments import CROSS_HELDOUT, CROSS_TRAIN, run_cross_experiments
 from mtkd.recipes.experiments import run_experiments
+from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
 from mtkd.recipes.run import Run, is_complete, print_stage, train_model
 from mtkd.recipes.sizes import SIZES
@@ -79,11 +85,14 @@ def subset_jsonl(src: Path, dst: Path, tokens: int, tokenizer: Path) -> None:
             used += len(tok.encode(json.loads(line)["text"], add_special_tokens=False).ids)
 
 
-def train_tokenizer(run: Run) -> Path:
-    out = run.path("tokenizer")
+def train_tokenizer(run: Run, name: str = "tokenizer", vocab_size: int | None = None) -> Path:
+    """A byte-level BPE trained on the train split into ``RUN/<name>`` (default: the demo's,
+    of ``run.size.vocab_size``)."""
+    vocab_size = vocab_size or run.size.vocab_size
+    out = run.path(name)
     if (out / "tokenizer.json").exists():
         return out
-    print_stage(f"tokenizer: byte-level BPE, vocabulary {run.size.vocab_size}")
+    print_stage(f"{name}: byte-level BPE, vocabulary {vocab_size}")
     from mtkd.recipes.models import train_bpe_tokenizer
 
     def texts() -> Any:
@@ -91,7 +100,8 @@ def train_tokenizer(run: Run) -> Path:
             for line in f:
                 yield json.loads(line)["text"]
 
-    train_bpe_tokenizer(texts(), run.size.vocab_size, out)
+    with run.timed(name):
+        train_bpe_tokenizer(texts(), vocab_size, out)
     return out
 
 
@@ -117,15 +127,29 @@ def tokenize(run: Run, tokenizer: Path) -> None:
                      tokenizer)
         subset_jsonl(jsonl / "heldout.jsonl", jsonl / "heldout-eval.jsonl", size.heldout_tokens,
                      tokenizer)
-    for name, src in (("tokens-train", "train.jsonl"), ("tokens-student", "student.jsonl"),
-                      ("tokens-heldout", "heldout-eval.jsonl")):
+    tokenize_into(run, tokenizer, (("tokens-train", "train.jsonl"),
+                                   ("tokens-student", "student.jsonl"),
+                                   ("tokens-heldout", "heldout-eval.jsonl")))
+
+
+def tokenize_into(run: Run, tokenizer: Path, stores: tuple[tuple[str, str], ...]) -> None:
+    """``mtkd tokenize`` each corpus file into its tokens store (``(store, file)`` pairs)."""
+    for name, src in stores:
         if not is_complete(run.path("stores", name)):
-            run.mtkd("tokenize", jsonl / src, "--tokenizer", tokenizer, "--out",
-                     run.path("stores", name), "--max-len", str(size.seq_len), "--task-field",
-                     "task")
-    for name in ("tokens-train", "tokens-student", "tokens-heldout"):
+            run.mtkd("tokenize", run.path("corpus", src), "--tokenizer", tokenizer, "--out",
+                     run.path("stores", name), "--max-len", str(run.size.seq_len),
+                     "--task-field", "task")
+    for name, _ in stores:
         store = open_store(run.path("stores", name), verify="none")
         run.results.setdefault("tokens", {})[name] = store.num_rows
+
+
+def cross_tokens(run: Run) -> None:
+    """The cross teacher's own tokenizer (another vocabulary size, the same train split) and
+    the train and held-out documents in its tokens."""
+    tokenizer = train_tokenizer(run, "tokenizer-cross", run.size.cross_vocab_size)
+    tokenize_into(run, tokenizer, ((CROSS_TRAIN, "train.jsonl"),
+                                   (CROSS_HELDOUT, "heldout-eval.jsonl")))
 
 
 # --------------------------------------------------------------------------- teachers
@@ -178,6 +202,9 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     train_teachers(run, unsafe)
     harvest_teachers(run)
     run_experiments(run, experiments)
+    cross_tokens(run)
+    run_cross_experiments(run, experiments)
     run.results["seconds"] = run.results.get("seconds", 0.0) + time.perf_counter() - started
+    run.results["figures"] = headline_figures(run)
     run.save()
     return write_report(run.root)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.recipes.figures import FIGURE_GOALS, figure_lines
 from mtkd.store import StoreError, open_store
 
 GOAL_CE_GAIN = 0.05  # mixture student ≥ 5% below the CE-only student
@@ -79,7 +80,29 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"goal": "safety bound holds at every measured point",
                     "measured": f"{bad} violations in {checked} checks",
                     "met": safety["bound_holds"]})
-    return out
+    return out + figure_goals(results.get("figures", {}))
+
+
+FIGURE_GOAL_TEXT = {
+    "cross_tokenizer_recovery": "cross-tokenizer recovery: (CE-only − student of the cross "
+                                "teacher) ÷ (CE-only − student of the same-tokenizer teacher), "
+                                "bits/byte",
+    "real_teacher_gain_pct": "student distilled from SmolLM2 vs CE-only student, bits/byte",
+    "mixture_vs_best_single_pct": "student of the mixture with SmolLM2 vs the best "
+                                  "single-teacher student, bits/byte",
+    "demo_seconds": "mtkd demo's wall time",
+}
+
+
+def figure_goals(figures: dict[str, float]) -> list[dict[str, Any]]:
+    """Goal rows of the headline figures the run measured (``figures.FIGURE_GOALS``)."""
+    rows = []
+    for name, (target, met) in FIGURE_GOALS.items():
+        if name in figures:
+            rows.append({"goal": f"{FIGURE_GOAL_TEXT[name]} {target}",
+                         "measured": figure_lines({name: figures[name]})[0],
+                         "met": met(figures[name])})
+    return rows
 
 
 def _bpb(value: float | None) -> str:
@@ -290,6 +313,9 @@ def write_report(run_dir: str | Path) -> Path:
           "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     md += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**MISSED**'} |"
            for g in goal_rows]
+    figures_block = figure_lines(results.get("figures", {}))
+    if figures_block:
+        md += ["", "## Figures", "", "```", *figures_block, "```"]
     md += ["", "## Quality (held-out)", "", quality_table(results), ""]
     md += sparse_targets_table(results)
     md += own_tokens_table(results)

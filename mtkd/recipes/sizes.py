@@ -53,6 +53,8 @@ class DemoSize:
     student: ModelShape = ModelShape(2, 128, 4)
     k: int = 64
     lr: float = 2e-3
+    #: the cross teacher's own byte-level BPE (same corpus, another vocabulary size)
+    cross_vocab_size: int = 3072
 
 
 TEACHERS = (  # one cost, different shapes and data: each sees its own seeded 70% of the corpus
@@ -67,7 +69,7 @@ SIZES = {
                       student_batch=8, heldout_tokens=60_000, max_files=None, teachers=TEACHERS),
     "tiny": DemoSize(vocab_size=512, seq_len=128, heldout_every=10, teacher_steps=30,
                      teacher_batch=4, student_tokens=20_000, student_steps=30, student_batch=4,
-                     heldout_tokens=8_000, max_files=80, k=16,
+                     heldout_tokens=8_000, max_files=80, k=16, cross_vocab_size=768,
                      teachers=tuple(Teacher(t.name, ModelShape(1, 64, 2), t.data_fraction, t.seed,
                                             t.temperature, t.safety) for t in TEACHERS),
                      student=ModelShape(1, 64, 2)),

@@ -1,7 +1,9 @@
 """The demo end to end, reduced (``--size tiny``): the README's first command, in minutes.
 
 It runs the public CLI as a user would: tokenizer, three teachers (one a safety teacher),
-vLLM harvest, aggregation, students, experiments and the report. Quality numbers of the tiny
+vLLM harvest, aggregation, students, experiments, the cross-tokenizer stages (a teacher with its
+own BPE and the real SmolLM2, both harvested in their own tokens over ~20k student tokens) and
+the report. Quality numbers of the tiny
 run mean little (teachers train for seconds); what is checked is that every stage runs, the
 report is built from the run's own numbers, and a rerun resumes instead of redoing work.
 """
@@ -38,17 +40,36 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     commands = results["commands"]
     for stage in ("tokenize", "train", "harvest", "aggregate"):
         assert any(c.startswith(f"mtkd {stage} ") for c in commands), stage
-    assert sum(c.startswith("mtkd harvest ") for c in commands) == 3  # one vLLM run a teacher
+    real = "real_teacher_skipped" not in results  # SmolLM2 absent and not buildable here
+    harvests = [c for c in commands if c.startswith("mtkd harvest ")]
+    assert len(harvests) == 4 + real  # one vLLM run a teacher: 3 demo teachers, t0-cross, SmolLM2
+    assert sum("--tokenization own" in c for c in harvests) == 1 + real
     students = results["students"]
     best = results["best_teacher"]
-    assert {"ce-only", "mix-linear", f"single-{best}", f"single-{best}-full"} <= set(students)
+    assert {"ce-only", "mix-linear", f"single-{best}", f"single-{best}-full",
+            "single-t0-narrow", "single-t0-cross"} <= set(students)
+    assert {"single-smollm2", "mix-real"} <= set(students) or not real
     for name, metrics in students.items():
         assert math.isfinite(metrics["heldout_ce"]) and 0 < metrics["heldout_ce"] < 10, name
     quality = results["quality"]
     assert set(quality["teacher_ce"]) == {"t0-narrow", "t1-wide", "t2-safety"}
     assert results["safety"]["bound_holds"]
 
+    figures = results["figures"]  # the cross-tokenizer figures, in bits per byte
+    names = ["ce_only_bpb", "cross_tokenizer_recovery", "alignment_coverage_cross",
+             "demo_seconds"]
+    names += ["alignment_coverage_real", "real_teacher_gain_pct",
+              "mixture_vs_best_single_pct"] if real else []
+    for name in names:
+        assert math.isfinite(figures[name]), name
+    for name in ("alignment_coverage_cross", "alignment_coverage_real"):
+        assert 0 <= figures.get(name, 0) <= 1, name
+    for name, metrics in students.items():
+        assert 0 < metrics["heldout_bpb"] < 10, name
+
     report = (workdir / "report" / "report.md").read_text()
+    for name in names:  # printed at the end of `mtkd demo` as name=value lines
+        assert f"\n{name}=" in first.stdout, name
     for name, metrics in students.items():  # the table shows the run's numbers
         assert f"{metrics['heldout_ce']:.4f}" in report, name
     assert "safety bound holds" in report

