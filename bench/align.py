@@ -35,6 +35,7 @@ from mtkd.distill.aggregate.cross import projection
 from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.ingest.job import windows
 from mtkd.ingest.token_bytes import byte_bounds, token_bytes
+from mtkd.ingest.window_text import Spelling, document_bytes
 from mtkd.recipes.models import byte_level_bpe
 from mtkd.recipes.stdlib_corpus import stdlib_files
 
@@ -52,19 +53,19 @@ def student_windows(tok: Tokenizer, texts: list[str], window: int
                     ) -> tuple[TokenSpans, list[bytes]]:
     """Windows of ``window`` tokens of each text plus EOS, as tokenize cuts them: their spans
     (each from byte 0 of its window text) and texts."""
-    spelled, eos = token_bytes(tok), tok.token_to_id(EOS)
+    spelling, eos = Spelling.of(tok), tok.token_to_id(EOS)
     ids_out, bounds_out, window_texts = [], [], []
     for text in texts:
-        data = text.encode("utf-8")
-        ids = [*tok.encode(text, add_special_tokens=False).ids, eos]
-        bounds = byte_bounds(ids, spelled, data)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        doc = document_bytes(ids, 1, text, spelling)
+        ids = [*ids, eos]
         for start, stop in windows(len(ids), window, 0):
             if stop - start < 2:
                 continue
-            first = int(bounds[start])
+            _, ends, window_text = doc.window(start, stop)
             ids_out.append(ids[start:stop])
-            bounds_out.append(bounds[start:stop + 1] - first)
-            window_texts.append(data[first:int(bounds[stop])])
+            bounds_out.append(np.concatenate([[0], ends]))
+            window_texts.append(window_text)
     return TokenSpans.from_sequences(ids_out, bounds_out), window_texts
 
 

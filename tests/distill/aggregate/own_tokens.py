@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mtkd.ingest.job import windows
 from mtkd.ingest.token_bytes import byte_bounds, token_bytes
+from mtkd.ingest.window_text import Spelling, document_bytes
 from mtkd.recipes.models import byte_level_bpe
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import (
@@ -81,7 +82,7 @@ def write_tokens(root: Path, tok_dir: Path, docs: Sequence[str], *, max_len: int
     plus EOS, cut into windows of ``max_len``, documents dealt round robin to ``parts``
     (``offsets=False``: without ``byte_end``, as an older tokenize wrote it)."""
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    spelled = token_bytes(tok)
+    spelling = Spelling.of(tok)
     eos = tok.token_to_id(EOS)
     attrs = {"tokenizer": str(tok_dir.resolve()),
              "tokenizer_hash": vocab_fingerprint(tok.get_vocab(with_added_tokens=True)),
@@ -91,18 +92,18 @@ def write_tokens(root: Path, tok_dir: Path, docs: Sequence[str], *, max_len: int
     for p in range(parts):
         ids_rows, end_rows, meta = [], [], {"seq_id": [], "text": [], "byte_start": []}
         for doc in docs[p::parts]:
-            data = doc.encode("utf-8")
-            ids = [*tok.encode(doc, add_special_tokens=False).ids, eos]
-            bounds = byte_bounds(ids, spelled, data)
+            ids = tok.encode(doc, add_special_tokens=False).ids
+            doc_bytes = document_bytes(ids, 1, doc, spelling)
+            ids = [*ids, eos]
             for start, stop in windows(len(ids), max_len, 0):
                 if stop - start < 2:
                     continue
-                first = int(bounds[start])
+                byte_start, ends, text = doc_bytes.window(start, stop)
                 ids_rows.append(np.asarray(ids[start:stop], np.int32))
-                end_rows.append((bounds[start + 1:stop + 1] - first).astype(np.int32))
+                end_rows.append(ends)
                 meta["seq_id"].append((p << 32) | len(meta["seq_id"]))
-                meta["text"].append(data[first:int(bounds[stop])])
-                meta["byte_start"].append(first)
+                meta["text"].append(text)
+                meta["byte_start"].append(byte_start)
         lengths = np.array([len(r) for r in ids_rows], np.int64)
         table = pa.table({"seq_id": pa.array(meta["seq_id"], pa.int64()),
                           "text": pa.array(meta["text"], pa.binary()),
