@@ -19,10 +19,9 @@ Students are the demo's common student (size, budget, seed); figures are in bits
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from mtkd.recipes.experiments import aggregate, student, targets, unsafe_mass
-from mtkd.recipes.run import Run, is_complete, print_stage, train_model
+from mtkd.recipes.experiments import aggregate, student, targets, train_students, unsafe_mass
+from mtkd.recipes.run import Run, TrainJob, is_complete, print_stage, train_job
 from mtkd.recipes.sizes import Teacher
 
 #: The controlled pair: the demo teacher the cross teacher copies, and the cross teacher.
@@ -48,20 +47,16 @@ def paired_teacher(run: Run) -> tuple[int, Teacher]:
     return next((j, t) for j, t in enumerate(run.size.teachers) if t.name == PAIRED_TEACHER)
 
 
-def train_cross_teacher(run: Run) -> dict[str, Any]:
+def cross_teacher_job(run: Run) -> TrainJob:
     """``t0-cross``: the paired teacher's shape, seed, steps and data fraction, in its own
     tokens (its budget the same fraction of its own token count)."""
     _, paired = paired_teacher(run)
     total = run.results["tokens"][CROSS_TRAIN]
-    vocab = vocab_size(run, CROSS_TRAIN)
-    metrics = train_model(run, run.path("teachers", CROSS_TEACHER), tokens=CROSS_TRAIN,
-                          steps=run.size.teacher_steps, batch=run.size.teacher_batch,
-                          seed=paired.seed, shape=paired.shape,
-                          extra=["--max-tokens", str(int(total * paired.data_fraction))],
-                          evals=1, heldout=CROSS_HELDOUT, vocab_size=vocab)
-    run.results.setdefault("teachers", {})[CROSS_TEACHER] = metrics
-    run.save()
-    return metrics
+    return train_job(run, run.path("teachers", CROSS_TEACHER), tokens=CROSS_TRAIN,
+                     steps=run.size.teacher_steps, batch=run.size.teacher_batch,
+                     seed=paired.seed, shape=paired.shape,
+                     extra=["--max-tokens", str(int(total * paired.data_fraction))],
+                     evals=1, heldout=CROSS_HELDOUT, vocab_size=vocab_size(run, CROSS_TRAIN))
 
 
 def vocab_size(run: Run, tokens: str) -> int:
@@ -109,32 +104,31 @@ def run_cross_experiments(run: Run, which: str = "default") -> None:
     ``all`` for both weightings of the mixture); results go to ``run.results``."""
     teachers = run.size.teachers
     j, paired = paired_teacher(run)
-    train_cross_teacher(run)
     cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"))
     real_dir = real_teacher_dir(run)
     real = (harvest_own(run, REAL_TEACHER, real_dir, dtype=REAL_DTYPE, eager=REAL_EAGER)
             if real_dir is not None else None)
-    new = [f"single-{paired.name}", f"single-{CROSS_TEACHER}"]
-    student(run, new[0], targets(run, new[0], [j]))
-    student(run, new[1], aggregate(run, new[1], [cross], [paired.temperature]))
+    jobs = [student(run, f"single-{paired.name}", targets(run, f"single-{paired.name}", [j])),
+            student(run, f"single-{CROSS_TEACHER}",
+                    aggregate(run, f"single-{CROSS_TEACHER}", [cross], [paired.temperature]))]
     if real is not None:
-        new.append(f"single-{REAL_TEACHER}")
-        student(run, new[-1], aggregate(run, new[-1], [real], [1.0]))
+        jobs.append(student(run, f"single-{REAL_TEACHER}",
+                            aggregate(run, f"single-{REAL_TEACHER}", [real], [1.0])))
         stores = [f"{t.name}-student" for t in teachers] + [real]
         temperatures = [t.temperature for t in teachers] + [1.0]
         weightings = [MIX_REAL_WEIGHTS] + ([w for w in ("uniform", "fit")
                                             if w != MIX_REAL_WEIGHTS] if which == "all" else [])
         for weights in weightings:
             name = "mix-real" if weights == MIX_REAL_WEIGHTS else f"mix-real-{weights}"
-            new.append(name)
-            student(run, name, aggregate(run, name, stores, temperatures,
-                                         extra=mix_real_options(run, weights)))
+            jobs.append(student(run, name, aggregate(run, name, stores, temperatures,
+                                                     extra=mix_real_options(run, weights))))
+    train_students(run, jobs)
     run.results["own_tokens"] = {
         name: own_tokens_summary(run, name, f"single-{name}")
         for name in (CROSS_TEACHER, REAL_TEACHER)
         if is_complete(run.path("stores", f"single-{name}"))}
     masses = run.results.setdefault("student_unsafe_mass", {})
-    for name in new:
+    for name in (job.name for job in jobs):
         if name not in masses:
             masses[name] = unsafe_mass(run.path("students", name, "final"),
                                        run.path("stores", "tokens-heldout"),

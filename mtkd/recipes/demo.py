@@ -24,11 +24,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mtkd.recipes.cross_experiments import CROSS_HELDOUT, CROSS_TRAIN, run_cross_experiments
+from mtkd.recipes.cross_experiments import (
+    CROSS_HELDOUT,
+    CROSS_TRAIN,
+    cross_teacher_job,
+    run_cross_experiments,
+)
 from mtkd.recipes.experiments import run_experiments
 from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
-from mtkd.recipes.run import Run, is_complete, print_stage, train_model
+from mtkd.recipes.run import Run, is_complete, print_stage, train_job, train_models
 from mtkd.recipes.sizes import SIZES
 from mtkd.recipes.stdlib_corpus import stdlib_files, stdlib_root
 from mtkd.store import open_store
@@ -156,17 +161,21 @@ def cross_tokens(run: Run) -> None:
 
 
 def train_teachers(run: Run, unsafe: list[int]) -> None:
+    """The demo's teachers and the cross teacher (``cross_experiments``), side by side."""
     size = run.size
     total = run.results["tokens"]["tokens-train"]
+    jobs = []
     for t in size.teachers:
         extra = ["--max-tokens", str(int(total * t.data_fraction))]
         if t.safety:
             extra += ["--suppress-ids", ",".join(map(str, unsafe)), "--suppress-weight", "1.0"]
-        metrics = train_model(run, run.path("teachers", t.name), tokens="tokens-train",
+        jobs.append(train_job(run, run.path("teachers", t.name), tokens="tokens-train",
                               steps=size.teacher_steps, batch=size.teacher_batch, seed=t.seed,
-                              shape=t.shape, extra=extra, evals=1)
-        run.results.setdefault("teachers", {})[t.name] = metrics
-        run.save()
+                              shape=t.shape, extra=extra, evals=1))
+    jobs.append(cross_teacher_job(run))
+    for job, metrics in zip(jobs, train_models(run, jobs), strict=True):
+        run.results.setdefault("teachers", {})[job.name] = metrics
+    run.save()
 
 
 def harvest_teachers(run: Run) -> None:
@@ -198,11 +207,11 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     unsafe = unsafe_token_ids(tokenizer)
     run.results["unsafe_ids"] = unsafe
     tokenize(run, tokenizer)
+    cross_tokens(run)
     run.save()
     train_teachers(run, unsafe)
     harvest_teachers(run)
     run_experiments(run, experiments)
-    cross_tokens(run)
     run_cross_experiments(run, experiments)
     run.results["seconds"] = run.results.get("seconds", 0.0) + time.perf_counter() - started
     run.results["figures"] = headline_figures(run)

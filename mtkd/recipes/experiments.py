@@ -23,7 +23,7 @@ from mtkd.distill.aggregate.tempering import temper
 from mtkd.distill.aggregate.union import to_union
 from mtkd.distill.aggregate.weights import fit_mixture_weights
 from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends, label_bytes
-from mtkd.recipes.run import Run, is_complete, train_model
+from mtkd.recipes.run import Run, TrainJob, is_complete, train_job, train_models
 from mtkd.store import open_store
 from mtkd.store.schema import BYTE_END
 
@@ -82,8 +82,9 @@ def target_bytes_per_position(run: Run, name: str) -> float:
 
 
 def student(run: Run, name: str, target_store: str | None, *, objective: str = "mix",
-            loss: str = "fkl_tail", teacher: str | None = None) -> dict[str, Any]:
-    """Train one student of the common size and budget; record its final metrics.
+            loss: str = "fkl_tail", teacher: str | None = None) -> TrainJob:
+    """The training of one student of the common size and budget (run by
+    :func:`train_students`).
 
     Targets come from ``target_store``, or (``teacher``: a teacher's name) from that teacher
     run online over the full vocabulary; with neither the student is trained on CE only.
@@ -93,13 +94,18 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
     extra: tuple[str, ...] = ("--loss", loss) if distilled else ()
     if teacher is not None:
         extra += ("--teacher", str(run.path("teachers", teacher, "final")))
-    metrics = train_model(run, run.path("students", name), tokens="tokens-student",
-                          steps=size.student_steps, batch=size.student_batch, seed=0,
-                          shape=size.student, targets=target_store,
-                          objective=objective if distilled else "ce", extra=extra)
-    run.results.setdefault("students", {})[name] = metrics
+    return train_job(run, run.path("students", name), tokens="tokens-student",
+                     steps=size.student_steps, batch=size.student_batch, seed=0,
+                     shape=size.student, targets=target_store,
+                     objective=objective if distilled else "ce", extra=extra)
+
+
+def train_students(run: Run, jobs: list[TrainJob]) -> None:
+    """Train the students (side by side where the cores allow) and record their final
+    metrics under ``results["students"]``."""
+    for job, metrics in zip(jobs, train_models(run, jobs), strict=True):
+        run.results.setdefault("students", {})[job.name] = metrics
     run.save()
-    return metrics
 
 
 def run_experiments(run: Run, which: str = "default") -> None:
@@ -118,33 +124,35 @@ def run_experiments(run: Run, which: str = "default") -> None:
 
     mix = targets(run, "mix-linear", list(range(len(teachers))),
                   extra=("--safety", str(safety), "--teacher-blocks"))
-    student(run, "ce-only", None)
+    jobs = [student(run, "ce-only", None)]
     single_ids = range(len(teachers)) if which == "all" else [best]
-    for j in single_ids:
-        student(run, f"single-{teachers[j].name}",
-                targets(run, f"single-{teachers[j].name}", [j]))
-    student(run, "mix-linear", mix)
-    student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name)
+    jobs += [student(run, f"single-{teachers[j].name}",
+                     targets(run, f"single-{teachers[j].name}", [j])) for j in single_ids]
+    jobs += [student(run, "mix-linear", mix),
+             student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name)]
     if which == "all":
-        student(run, "mix-geometric", targets(run, "mix-geometric", list(range(len(teachers))),
-                                              extra=("--operator", "geometric")))
-        student(run, "mix-adaptive", targets(run, "mix-adaptive", list(range(len(teachers))),
-                                             extra=("--token", "entropy", "--safety",
-                                                    str(safety))))
-        student(run, "mix-fitted", targets(run, "mix-fitted", list(range(len(teachers))),
-                                           extra=("--weights", "fit")))
-        student(run, "mix-linear-renorm", mix, loss="fkl_renorm")
+        everyone = list(range(len(teachers)))
         one = f"single-{teachers[best].name}"
-        student(run, f"{one}-label", targets(run, f"{one}-label", [best],
-                                             extra=("--label-entry",)))
-        student(run, f"{one}-sampled", sampled_targets(run, best))
+        jobs += [
+            student(run, "mix-geometric", targets(run, "mix-geometric", everyone,
+                                                  extra=("--operator", "geometric"))),
+            student(run, "mix-adaptive", targets(run, "mix-adaptive", everyone,
+                                                 extra=("--token", "entropy", "--safety",
+                                                        str(safety)))),
+            student(run, "mix-fitted", targets(run, "mix-fitted", everyone,
+                                               extra=("--weights", "fit"))),
+            student(run, "mix-linear-renorm", mix, loss="fkl_renorm"),
+            student(run, f"{one}-label", targets(run, f"{one}-label", [best],
+                                                 extra=("--label-entry",))),
+            student(run, f"{one}-sampled", sampled_targets(run, best)),
+            *(student(run, f"objective-{objective}-{loss}", mix, objective=objective, loss=loss)
+              for loss in ("fkl_tail", "rkl_tail") for objective in ("mix", "multi")),
+        ]
         run.results["target_bytes_per_position"] = {
             name: target_bytes_per_position(run, name)
             for name in (one, f"{one}-label", f"{one}-sampled")
         }
-        for loss in ("fkl_tail", "rkl_tail"):
-            student(run, f"objective-mix-{loss}", mix, objective="mix", loss=loss)
-            student(run, f"objective-multi-{loss}", mix, objective="multi", loss=loss)
+    train_students(run, jobs)
 
     run.results["teacher_tail_mass"] = teacher_tail_mass(run)
     run.results["safety"] = safety_sweep(run, safety)

@@ -84,44 +84,131 @@ class Run:
 
     def mtkd(self, *args: str | os.PathLike[str]) -> None:
         """Run a public ``mtkd`` command exactly as a user would, and log it."""
+        argv = self._log(args)
+        print_stage(" ".join(["mtkd", *argv[:1]]))
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "mtkd", *argv], env=_command_env())
+        self._finish(argv, done.returncode, time.perf_counter() - started)
+
+    def mtkd_parallel(self, commands: Sequence[tuple[Sequence[str | os.PathLike[str]], Path]],
+                      workers: int) -> None:
+        """Run independent ``mtkd`` commands, ``workers`` at a time (each ``(args, log)``: its
+        output goes to ``log``, whose tail is printed if it fails). On 2 cores two small
+        trainings with a thread each finish sooner than one after the other with two."""
+        pending = [(self._log(args), log) for args, log in commands]
+        running: list[tuple[list[str], subprocess.Popen[bytes], float, Any]] = []
+        failed: list[str] = []
+        while pending or running:
+            while pending and len(running) < workers:
+                argv, log = pending.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                out = open(log, "wb")  # noqa: SIM115 (closed when the process ends)
+                print_stage(f"mtkd {argv[0]} {self.stage_name(argv).split(' ', 1)[-1]} "
+                            f"(in parallel; log: {log})")
+                proc = subprocess.Popen([sys.executable, "-m", "mtkd", *argv], env=_command_env(),
+                                        stdout=out, stderr=subprocess.STDOUT)
+                running.append((argv, proc, time.perf_counter(), out))
+            time.sleep(0.2)
+            for item in [r for r in running if r[1].poll() is not None]:
+                argv, proc, started, out = item
+                running.remove(item)
+                out.close()
+                try:
+                    self._finish(argv, proc.returncode, time.perf_counter() - started)
+                    print(_tail(Path(out.name), 2), flush=True)
+                except DemoError as e:
+                    print(_tail(Path(out.name), 20), flush=True)
+                    failed.append(str(e))
+        if failed:
+            raise DemoError("; ".join(failed))
+
+    def _log(self, args: Sequence[str | os.PathLike[str]]) -> list[str]:
         argv = [str(a) for a in args]
         self.commands.append("mtkd " + " ".join(argv))
-        print_stage(" ".join(["mtkd", *argv[:1]]))
-        # vLLM's CPU worker drops to one thread unless OMP_NUM_THREADS says otherwise
-        env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)} | os.environ
-        env["PYTHONUNBUFFERED"] = "1"
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "mtkd", *argv], env=env)
-        self.record_seconds(self.stage_name(argv), time.perf_counter() - started)
-        if done.returncode:
-            raise DemoError(f"`mtkd {argv[0]}` failed with exit code {done.returncode}; "
-                            "fix the cause and rerun the demo: finished stages are kept")
+        return argv
+
+    def _finish(self, argv: list[str], returncode: int, seconds: float) -> None:
+        self.record_seconds(self.stage_name(argv), seconds)
+        if returncode:
+            raise DemoError(f"`mtkd {' '.join(argv[:1])} {self.stage_name(argv)}` failed with "
+                            f"exit code {returncode}; fix the cause and rerun the demo: "
+                            "finished stages are kept")
 
 
-def train_model(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed: int,
-                shape: ModelShape | None = None, targets: str | None = None,
-                objective: str = "ce", extra: Sequence[str] = (),
-                evals: int = 5, heldout: str = "tokens-heldout",
-                vocab_size: int | None = None) -> dict[str, Any]:
-    """Train one model with ``mtkd train`` (``evals`` held-out evaluations on the ``heldout``
-    tokens store, the last at the end); returns its final metrics. ``vocab_size``: the model's
-    vocabulary when its tokenizer is not the demo's (default ``run.size.vocab_size``)."""
-    metrics_path = out / "final_metrics.json"
-    if not metrics_path.exists():
-        args: list[str | os.PathLike[str]] = [
-            "train", "--tokens", run.path("stores", tokens), "--out", out,
-            "--heldout", run.path("stores", heldout), "--objective", objective,
-            "--steps", str(steps), "--batch-size", str(batch), "--seq-len",
-            str(run.size.seq_len), "--lr", str(run.size.lr), "--seed", str(seed),
-            "--eval-every", str(max(steps // evals, 1)), *extra,
-        ]
-        if shape is not None:
-            config = out.parent / f"{out.name}.config.json"
+def _command_env() -> dict[str, str]:
+    # vLLM's CPU worker drops to one thread unless OMP_NUM_THREADS says otherwise
+    env = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)} | dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _tail(log: Path, lines: int) -> str:
+    """The last ``lines`` non-empty lines of a command's log (progress bars' redraws folded)."""
+    text = log.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``mtkd train`` of the demo: its name, output directory and arguments."""
+
+    name: str
+    out: Path
+    args: tuple[str, ...]
+
+    @property
+    def done(self) -> bool:
+        return (self.out / "final_metrics.json").exists()
+
+    def metrics(self) -> dict[str, Any]:
+        """Its final metrics (after it ran)."""
+        return json.loads((self.out / "final_metrics.json").read_text())
+
+
+def train_job(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed: int,
+              shape: ModelShape | None = None, targets: str | None = None,
+              objective: str = "ce", extra: Sequence[str] = (),
+              evals: int = 5, heldout: str = "tokens-heldout",
+              vocab_size: int | None = None) -> TrainJob:
+    """The ``mtkd train`` of one model (``evals`` held-out evaluations on the ``heldout``
+    tokens store, the last at the end). ``vocab_size``: the model's vocabulary when its
+    tokenizer is not the demo's (default ``run.size.vocab_size``)."""
+    args: list[str | os.PathLike[str]] = [
+        "train", "--tokens", run.path("stores", tokens), "--out", out,
+        "--heldout", run.path("stores", heldout), "--objective", objective,
+        "--steps", str(steps), "--batch-size", str(batch), "--seq-len",
+        str(run.size.seq_len), "--lr", str(run.size.lr), "--seed", str(seed),
+        "--eval-every", str(max(steps // evals, 1)), *extra,
+    ]
+    if shape is not None:
+        config = out.parent / f"{out.name}.config.json"
+        args += ["--student-config", config]
+        if not config.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(json.dumps(shape.config(vocab_size or run.size.vocab_size,
                                                       run.size.seq_len)))
-            args += ["--student-config", config]
-        if targets is not None:
-            args += ["--targets", run.path("stores", targets)]
-        run.mtkd(*args)
-    return json.loads(metrics_path.read_text())
+    if targets is not None:
+        args += ["--targets", run.path("stores", targets)]
+    return TrainJob(out.name, out, tuple(str(a) for a in args))
+
+
+def train_models(run: Run, jobs: Sequence[TrainJob]) -> list[dict[str, Any]]:
+    """Run the jobs not yet done — side by side, one per core, each with its share of the
+    threads (small models gain little from a second thread) — and return every job's metrics.
+    """
+    todo = [job for job in jobs if not job.done]
+    cores = os.cpu_count() or 1
+    if len(todo) == 1 or cores == 1:
+        for job in todo:
+            run.mtkd(*job.args)
+    elif todo:
+        workers = min(len(todo), cores)
+        threads = str(max(1, cores // workers))
+        run.mtkd_parallel([((*job.args, "--threads", threads), job.out.parent / f"{job.name}.log")
+                           for job in todo], workers)
+    return [job.metrics() for job in jobs]
+
+
+def train_model(run: Run, out: Path, **job: Any) -> dict[str, Any]:
+    """Train one model with ``mtkd train`` (see :func:`train_job`); return its final metrics."""
+    return train_models(run, [train_job(run, out, **job)])[0]
