@@ -131,16 +131,17 @@ def run_cross_experiments(run: Run, which: str = "default") -> None:
             jobs.append(student(run, name, aggregate(run, name, stores, temperatures,
                                                      extra=mix_real_options(run, weights))))
     train_students(run, jobs)
-    run.results["own_tokens"] = {
-        name: own_tokens_summary(run, name, f"single-{name}")
-        for name in (CROSS_TEACHER, REAL_TEACHER)
-        if is_complete(run.path("stores", f"single-{name}"))}
-    masses = run.results.setdefault("student_unsafe_mass", {})
-    for name in (job.name for job in jobs):
-        if name not in masses:
-            masses[name] = unsafe_mass(run.path("students", name, "final"),
-                                       run.path("stores", "tokens-heldout"),
-                                       run.results["unsafe_ids"])
+    with run.timed("measure the own-tokens teachers and their students"):
+        run.results["own_tokens"] = {
+            name: own_tokens_summary(run, name, f"single-{name}")
+            for name in (CROSS_TEACHER, REAL_TEACHER)
+            if is_complete(run.path("stores", f"single-{name}"))}
+        masses = run.results.setdefault("student_unsafe_mass", {})
+        for name in (job.name for job in jobs):
+            if name not in masses:
+                masses[name] = unsafe_mass(run.path("students", name, "final"),
+                                           run.path("stores", "tokens-heldout"),
+                                           run.results["unsafe_ids"])
     run.save()
 
 

@@ -216,4 +216,7 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.results["seconds"] = run.results.get("seconds", 0.0) + time.perf_counter() - started
     run.results["figures"] = headline_figures(run)
     run.save()
-    return write_report(run.root)
+    with run.timed("report"):
+        report = write_report(run.root)
+    run.save()
+    return report

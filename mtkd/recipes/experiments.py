@@ -113,11 +113,12 @@ def run_experiments(run: Run, which: str = "default") -> None:
     (``which``: ``default``, or ``all`` for every student); results go to ``run.results``."""
     teachers = run.size.teachers
     safety = next(j for j, t in enumerate(teachers) if t.safety)
-    fitted = fitted_weights(run)
-    run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted.tolist(),
-                                          strict=True))
-    run.results["quality"] = mixture_quality(run, {"uniform": static_weights(run),
-                                                   "fitted": fitted})
+    with run.timed("measure teachers and their mixtures"):
+        fitted = fitted_weights(run)
+        run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted.tolist(),
+                                              strict=True))
+        run.results["quality"] = mixture_quality(run, {"uniform": static_weights(run),
+                                                       "fitted": fitted})
     best = int(np.argmin(list(run.results["quality"]["teacher_ce"].values())))
     run.results["best_teacher"] = teachers[best].name
     run.save()
@@ -154,14 +155,15 @@ def run_experiments(run: Run, which: str = "default") -> None:
         }
     train_students(run, jobs)
 
-    run.results["teacher_tail_mass"] = teacher_tail_mass(run)
-    run.results["safety"] = safety_sweep(run, safety)
-    run.results["variance"] = variance_reduction(run)
-    run.results["student_unsafe_mass"] = {
-        name: unsafe_mass(run.path("students", name, "final"), run.path("stores", "tokens-heldout"),
-                          run.results["unsafe_ids"])
-        for name in run.results.get("students", {})
-    }
+    with run.timed("measure tails, safety, variance and students' unsafe mass"):
+        run.results["teacher_tail_mass"] = teacher_tail_mass(run)
+        run.results["safety"] = safety_sweep(run, safety)
+        run.results["variance"] = variance_reduction(run)
+        run.results["student_unsafe_mass"] = {
+            name: unsafe_mass(run.path("students", name, "final"),
+                              run.path("stores", "tokens-heldout"), run.results["unsafe_ids"])
+            for name in run.results.get("students", {})
+        }
     run.save()
 
 
