@@ -23,6 +23,7 @@ from pathlib import Path
 from mtkd.recipes.experiments import aggregate, student, targets, train_students, unsafe_mass
 from mtkd.recipes.run import Run, TrainJob, is_complete, print_stage, train_job
 from mtkd.recipes.sizes import Teacher
+from mtkd.recipes.temperature_sweep import temperature_sweep
 
 #: The controlled pair: the demo teacher the cross teacher copies, and the cross teacher.
 PAIRED_TEACHER = "t0-narrow"
@@ -132,6 +133,8 @@ def run_cross_experiments(run: Run, which: str = "default") -> None:
             jobs.append(student(run, name, aggregate(run, name, stores, temperatures,
                                                      extra=mix_real_options(run, weights))))
     train_students(run, jobs)
+    if real is not None and which == "all":
+        temperature_sweep(run, real, REAL_TEACHER)
     with run.timed("measure the own-tokens teachers and their students"):
         run.results["own_tokens"] = {
             name: own_tokens_summary(run, name, f"single-{name}")

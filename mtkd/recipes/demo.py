@@ -33,10 +33,16 @@ from mtkd.recipes.cross_experiments import (
 from mtkd.recipes.experiments import run_experiments
 from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
-from mtkd.recipes.run import Run, is_complete, print_stage, train_job, train_models
+from mtkd.recipes.run import (
+    Run,
+    is_complete,
+    print_stage,
+    tokenize_into,
+    train_job,
+    train_models,
+)
 from mtkd.recipes.sizes import SIZES
 from mtkd.recipes.stdlib_corpus import stdlib_files, stdlib_root
-from mtkd.store import open_store
 
 UNSAFE_WORDS = ("eval", "exec", "system")
 
@@ -135,18 +141,6 @@ def tokenize(run: Run, tokenizer: Path) -> None:
     tokenize_into(run, tokenizer, (("tokens-train", "train.jsonl"),
                                    ("tokens-student", "student.jsonl"),
                                    ("tokens-heldout", "heldout-eval.jsonl")))
-
-
-def tokenize_into(run: Run, tokenizer: Path, stores: tuple[tuple[str, str], ...]) -> None:
-    """``mtkd tokenize`` each corpus file into its tokens store (``(store, file)`` pairs)."""
-    for name, src in stores:
-        if not is_complete(run.path("stores", name)):
-            run.mtkd("tokenize", run.path("corpus", src), "--tokenizer", tokenizer, "--out",
-                     run.path("stores", name), "--max-len", str(run.size.seq_len),
-                     "--task-field", "task")
-    for name, _ in stores:
-        store = open_store(run.path("stores", name), verify="none")
-        run.results.setdefault("tokens", {})[name] = store.num_rows
 
 
 def cross_tokens(run: Run) -> None:

@@ -82,9 +82,10 @@ def target_bytes_per_position(run: Run, name: str) -> float:
 
 
 def student(run: Run, name: str, target_store: str | None, *, objective: str = "mix",
-            loss: str = "fkl_tail", teacher: str | None = None) -> TrainJob:
+            loss: str = "fkl_tail", teacher: str | None = None,
+            heldout: str = "tokens-heldout", folder: str = "students") -> TrainJob:
     """The training of one student of the common size and budget (run by
-    :func:`train_students`).
+    :func:`train_students`) into ``<folder>/<name>``, evaluated on ``heldout``.
 
     Targets come from ``target_store``, or (``teacher``: a teacher's name) from that teacher
     run online over the full vocabulary; with neither the student is trained on CE only.
@@ -94,9 +95,9 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
     extra: tuple[str, ...] = ("--loss", loss) if distilled else ()
     if teacher is not None:
         extra += ("--teacher", str(run.path("teachers", teacher, "final")))
-    return train_job(run, run.path("students", name), tokens="tokens-student",
+    return train_job(run, run.path(folder, name), tokens="tokens-student",
                      steps=size.student_steps, batch=size.student_batch, seed=0,
-                     shape=size.student, targets=target_store,
+                     shape=size.student, targets=target_store, heldout=heldout,
                      objective=objective if distilled else "ce", extra=extra)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mtkd.recipes.sizes import DemoSize, ModelShape
+from mtkd.store import open_store
 from mtkd.store.format import MANIFEST_FILE
 
 
@@ -146,6 +147,18 @@ def _tail(log: Path, lines: int) -> str:
     """The last ``lines`` non-empty lines of a command's log (progress bars' redraws folded)."""
     text = log.read_text(errors="replace").replace("\r", "\n")
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def tokenize_into(run: Run, tokenizer: Path, stores: tuple[tuple[str, str], ...]) -> None:
+    """``mtkd tokenize`` each corpus file into its tokens store (``(store, file)`` pairs)."""
+    for name, src in stores:
+        if not is_complete(run.path("stores", name)):
+            run.mtkd("tokenize", run.path("corpus", src), "--tokenizer", tokenizer, "--out",
+                     run.path("stores", name), "--max-len", str(run.size.seq_len),
+                     "--task-field", "task")
+    for name, _ in stores:
+        store = open_store(run.path("stores", name), verify="none")
+        run.results.setdefault("tokens", {})[name] = store.num_rows
 
 
 @dataclass(frozen=True)
