@@ -1,7 +1,8 @@
 """The demo's cross-tokenizer experiments: teachers that read the text with their own tokenizer.
 
-Run after the demo's other experiments (their numbers do not move), through the same public
-commands a user types, the student keeping the demo's tokenizer:
+Planned beside the demo's other experiments (their students train in the same pool; their
+numbers do not move), through the same public commands a user types, the student keeping the
+demo's tokenizer:
 
 1. A controlled pair. ``t0-cross`` is ``t0-narrow`` (same shape, seed, steps and share of the
    train split) trained on the same documents cut by its own byte-level BPE of another
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtkd.recipes.experiments import aggregate, student, targets, train_students, unsafe_mass
+from mtkd.recipes.experiments import aggregate, student, targets
 from mtkd.recipes.run import Run, TrainJob, is_complete, print_stage, train_job
 from mtkd.recipes.sizes import Teacher
 from mtkd.recipes.temperature_sweep import temperature_sweep
@@ -108,9 +109,10 @@ def mix_real_options(run: Run, weights: str) -> tuple[str, ...]:
     return ("--safety", str(safety), *(("--weights", "fit") if weights == "fit" else ()))
 
 
-def run_cross_experiments(run: Run, which: str = "default") -> None:
-    """The controlled pair, the real teacher and their mixture (``which``: ``default``, or
-    ``all`` for both weightings of the mixture); results go to ``run.results``."""
+def plan_cross_experiments(run: Run, which: str = "default") -> list[TrainJob]:
+    """Harvest the teachers with their own tokenizers and make the targets of the controlled
+    pair, the real teacher and their mixture (``which``: ``default``, or ``all`` for both
+    weightings of the mixture); return the students to train."""
     teachers = run.size.teachers
     j, paired = paired_teacher(run)
     cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"))
@@ -120,32 +122,32 @@ def run_cross_experiments(run: Run, which: str = "default") -> None:
     jobs = [student(run, f"single-{paired.name}", targets(run, f"single-{paired.name}", [j])),
             student(run, f"single-{CROSS_TEACHER}",
                     aggregate(run, f"single-{CROSS_TEACHER}", [cross], [paired.temperature]))]
-    if real is not None:
-        jobs.append(student(run, f"single-{REAL_TEACHER}",
-                            aggregate(run, f"single-{REAL_TEACHER}", [real],
-                                      [REAL_TEMPERATURE])))
-        stores = [f"{t.name}-student" for t in teachers] + [real]
-        temperatures = [t.temperature for t in teachers] + [REAL_TEMPERATURE]
-        weightings = [MIX_REAL_WEIGHTS] + ([w for w in ("uniform", "fit")
-                                            if w != MIX_REAL_WEIGHTS] if which == "all" else [])
-        for weights in weightings:
-            name = "mix-real" if weights == MIX_REAL_WEIGHTS else f"mix-real-{weights}"
-            jobs.append(student(run, name, aggregate(run, name, stores, temperatures,
-                                                     extra=mix_real_options(run, weights))))
-    train_students(run, jobs)
-    if real is not None and which == "all":
+    if real is None:
+        return jobs
+    jobs.append(student(run, f"single-{REAL_TEACHER}",
+                        aggregate(run, f"single-{REAL_TEACHER}", [real], [REAL_TEMPERATURE])))
+    stores = [f"{t.name}-student" for t in teachers] + [real]
+    temperatures = [t.temperature for t in teachers] + [REAL_TEMPERATURE]
+    weightings = [MIX_REAL_WEIGHTS] + ([w for w in ("uniform", "fit")
+                                        if w != MIX_REAL_WEIGHTS] if which == "all" else [])
+    for weights in weightings:
+        name = "mix-real" if weights == MIX_REAL_WEIGHTS else f"mix-real-{weights}"
+        jobs.append(student(run, name, aggregate(run, name, stores, temperatures,
+                                                 extra=mix_real_options(run, weights))))
+    return jobs
+
+
+def measure_cross_experiments(run: Run, which: str = "default") -> None:
+    """How the own-tokens teachers aligned, and (``all``) the real teacher's temperature on a
+    validation split (``temperature_sweep``)."""
+    real = f"{REAL_TEACHER}-student"
+    if which == "all" and is_complete(run.path("stores", real)):
         temperature_sweep(run, real, REAL_TEACHER)
-    with run.timed("measure the own-tokens teachers and their students"):
+    with run.timed("measure the own-tokens teachers"):
         run.results["own_tokens"] = {
             name: own_tokens_summary(run, name, f"single-{name}")
             for name in (CROSS_TEACHER, REAL_TEACHER)
             if is_complete(run.path("stores", f"single-{name}"))}
-        masses = run.results.setdefault("student_unsafe_mass", {})
-        for name in (job.name for job in jobs):
-            if name not in masses:
-                masses[name] = unsafe_mass(run.path("students", name, "final"),
-                                           run.path("stores", "tokens-heldout"),
-                                           run.results["unsafe_ids"])
     run.save()
 
 

@@ -28,9 +28,10 @@ from mtkd.recipes.cross_experiments import (
     CROSS_HELDOUT,
     CROSS_TRAIN,
     cross_teacher_job,
-    run_cross_experiments,
+    measure_cross_experiments,
+    plan_cross_experiments,
 )
-from mtkd.recipes.experiments import run_experiments
+from mtkd.recipes.experiments import measure_experiments, plan_experiments, train_students
 from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
 from mtkd.recipes.run import (
@@ -205,8 +206,10 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.save()
     train_teachers(run, unsafe)
     harvest_teachers(run)
-    run_experiments(run, experiments)
-    run_cross_experiments(run, experiments)
+    students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
+    train_students(run, students)
+    measure_experiments(run)
+    measure_cross_experiments(run, experiments)
     run.results["seconds"] = run.results.get("seconds", 0.0) + time.perf_counter() - started
     run.results["figures"] = headline_figures(run)
     run.save()

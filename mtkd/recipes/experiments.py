@@ -109,9 +109,10 @@ def train_students(run: Run, jobs: list[TrainJob]) -> None:
     run.save()
 
 
-def run_experiments(run: Run, which: str = "default") -> None:
-    """Measure the teachers, train and compare the students, then the papers' claims
-    (``which``: ``default``, or ``all`` for every student); results go to ``run.results``."""
+def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
+    """Measure the teachers and their mixtures and make the students' targets; return the
+    students to train (``which``: ``default``, or ``all`` for every student), the longest
+    (its teacher run online) first, so that side by side they finish together."""
     teachers = run.size.teachers
     safety = next(j for j, t in enumerate(teachers) if t.safety)
     with run.timed("measure teachers and their mixtures"):
@@ -126,12 +127,12 @@ def run_experiments(run: Run, which: str = "default") -> None:
 
     mix = targets(run, "mix-linear", list(range(len(teachers))),
                   extra=("--safety", str(safety), "--teacher-blocks"))
-    jobs = [student(run, "ce-only", None)]
+    jobs = [student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name),
+            student(run, "ce-only", None)]
     single_ids = range(len(teachers)) if which == "all" else [best]
     jobs += [student(run, f"single-{teachers[j].name}",
                      targets(run, f"single-{teachers[j].name}", [j])) for j in single_ids]
-    jobs += [student(run, "mix-linear", mix),
-             student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name)]
+    jobs.append(student(run, "mix-linear", mix))
     if which == "all":
         everyone = list(range(len(teachers)))
         one = f"single-{teachers[best].name}"
@@ -154,8 +155,13 @@ def run_experiments(run: Run, which: str = "default") -> None:
             name: target_bytes_per_position(run, name)
             for name in (one, f"{one}-label", f"{one}-sampled")
         }
-    train_students(run, jobs)
+    return jobs
 
+
+def measure_experiments(run: Run) -> None:
+    """The papers' claims on the trained students and the teachers' targets: tail mass, the
+    safety bound, variance reduction, and every student's unsafe-token mass."""
+    safety = next(j for j, t in enumerate(run.size.teachers) if t.safety)
     with run.timed("measure tails, safety, variance and students' unsafe mass"):
         run.results["teacher_tail_mass"] = teacher_tail_mass(run)
         run.results["safety"] = safety_sweep(run, safety)

@@ -209,7 +209,7 @@ def train_models(run: Run, jobs: Sequence[TrainJob]) -> list[dict[str, Any]]:
     """Run the jobs not yet done — side by side, one per core, each with its share of the
     threads (small models gain little from a second thread) — and return every job's metrics.
     """
-    todo = [job for job in jobs if not job.done]
+    todo = list({job.out: job for job in jobs if not job.done}.values())  # each once
     cores = os.cpu_count() or 1
     if len(todo) == 1 or cores == 1:
         for job in todo:
