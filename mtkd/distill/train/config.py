@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtkd.config import check_bounds, option
+from mtkd.distill.train.device import check_device_spec
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
 #: a loss kind is "<divergence>_<collapse>" (mtkd.distill.train.divergences)
@@ -90,7 +91,12 @@ class TrainConfig:
     threads: int | None = option(
         None, "Torch threads (default: the cores / local ranks under torchrun)."
     )
-    chunk_size: int = option(1024, "Rows per chunk of the chunked losses.", min=1)
+    chunk_size: int | None = option(
+        None,
+        "Rows per chunk of the chunked losses (default: 1024 on the CPU; on a GPU sized from "
+        "its free memory and the vocabulary).",
+        min=1,
+    )
     prefetch: int = option(4, "Batches prepared ahead by the loader thread.")
     open_rows: int = option(32, "Packing window: rows kept open for first-fit.", min=1)
     progress: bool = option(True, "Show a progress bar.")
@@ -109,6 +115,7 @@ class TrainConfig:
             raise ValueError("objective 'multi' needs a target store with per-teacher blocks")
         if self.objective == "mix" and self.targets is None and self.teacher is None:
             raise ValueError("objective 'mix' needs a target store (targets) or a teacher")
+        check_device_spec(self.device)
         if self.eval_targets is not None and self.eval_tokens is None:
             raise ValueError("eval_targets needs eval_tokens")
         check_bounds(self)

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from mtkd.distill.train.config import TrainConfig
+from mtkd.distill.train.device import resolve_device
 from mtkd.distill.train.objective import StudentLoss
 from mtkd.store import Store, StoreError, open_store
 
@@ -57,15 +58,13 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = resolve_device(cfg.device, local_rank, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads = cfg.threads
     if threads is None and world > 1:
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
     if threads:
         torch.set_num_threads(threads)
     owns = world > 1 and not dist.is_initialized()

@@ -42,6 +42,7 @@ from mtkd.distill.train.checkpoint import (
     training_state,
 )
 from mtkd.distill.train.config import TrainConfig
+from mtkd.distill.train.device import chunk_rows, free_device_bytes
 from mtkd.distill.train.distributed import (
     Dist,
     deferred_grad_sync,
@@ -219,7 +220,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if cfg.suppress_ids and objective != "ce":
         raise ValueError("suppress_ids applies to the ce objective (training a safety teacher)")
     # The objective, the wrapping for the ranks, the optimizer
-    net = distribute(StudentLoss(model, LossSpec.from_config(cfg)), d, cfg.fsdp)
+    chunk_size = cfg.chunk_size or chunk_rows(vocab, free_device_bytes(d.device))
+    net = distribute(StudentLoss(model, LossSpec.from_config(cfg, chunk_size)), d, cfg.fsdp)
     opt = make_optimizer(model, cfg)  # after distribute: FSDP replaces parameters by shards
     sched = make_scheduler(opt, cfg)
     meter = Meter(d.device)
@@ -274,7 +276,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
             if held is not None and (step == cfg.max_steps
                                      or (cfg.eval_every and step % cfg.eval_every == 0)):
                 last_eval = {"step": step, "split": "eval",
-                             **evaluate(net, held, d, cfg.eval_batches, cfg.chunk_size,
+                             **evaluate(net, held, d, cfg.eval_batches, chunk_size,
                                         cfg.bf16)}
                 if log is not None:
                     log.write(last_eval)

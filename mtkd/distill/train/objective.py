@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from mtkd.distill.train.config import TrainConfig
+from mtkd.distill.train.device import CPU_CHUNK_ROWS
 from mtkd.distill.train.loader import PackedBatch
 from mtkd.distill.train.losses import LossOutput, chunked_cross_entropy, sparse_kd_loss
 from mtkd.distill.train.targets import IGNORE_INDEX
@@ -46,10 +47,12 @@ class LossSpec:
     suppress_weight: float
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> LossSpec:
-        """The training objective of ``cfg``."""
+    def from_config(cls, cfg: TrainConfig, chunk_size: int | None = None) -> LossSpec:
+        """The training objective of ``cfg``; ``chunk_size`` (resolved for the device, see
+        :func:`~mtkd.distill.train.device.chunk_rows`) else ``cfg``'s, else the CPU's."""
+        chunk = chunk_size or cfg.chunk_size or CPU_CHUNK_ROWS
         return cls(cfg.resolved_objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta,
-                   cfg.chunk_size, cfg.suppress_ids, cfg.suppress_weight)
+                   chunk, cfg.suppress_ids, cfg.suppress_weight)
 
     @classmethod
     def held_out(cls, has_targets: bool, chunk_size: int) -> LossSpec:
