@@ -32,7 +32,15 @@ class HarvestConfig:
     temperatures: tuple[float, ...] = option(
         (), "Store exact tempered tail masses at this temperature (hf engine)."
     )
-    num_samples: int = option(0, "Random-sampling KD draws per position (hf engine).", min=0)
+    num_samples: int = option(
+        0,
+        "Random-sampling KD draws per position from the teacher's full softmax (both engines; "
+        "vllm: made in its worker, reproducible per (seed, sequence, position)).",
+        min=0,
+        max=65535,
+    )
+    sample_temperature: float = option(1.0, "Temperature of the distribution the draws follow.")
+    seed: int = option(0, "Seed of the draws.")
     logprob_dtype: str = option(
         Q64,
         "Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
@@ -74,11 +82,12 @@ class HarvestConfig:
         check_logprob_dtype(self.logprob_dtype)
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
-        if (self.temperatures or self.num_samples) and self.engine != "hf":
-            raise ValueError(
-                "exact tempered tails and sampled targets need --engine hf "
-                "(the reference engine sees the full vocabulary)"
-            )
+        if self.temperatures and self.engine != "hf":
+            raise ValueError("exact tempered tails need --engine hf (the reference engine "
+                             "returns the full vocabulary)")
+        if not np.isfinite(self.sample_temperature) or self.sample_temperature <= 0:
+            raise ValueError(f"sample_temperature must be positive and finite, got "
+                             f"{self.sample_temperature}")
         if (self.temperatures or self.num_samples) and self.vocab_map is not None:
             raise ValueError(
                 "exact tempered tails and sampled targets are not supported with "

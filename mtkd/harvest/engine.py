@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mtkd.harvest.draws import unique_counts
 from mtkd.harvest.threads import over_rows
 
 #: Rows per chunk of :func:`tail_logmass` (its float64 exponentials stay in cache).
@@ -102,6 +103,15 @@ def finish_rows(
         "target_rank": np.ascontiguousarray(target_rank, dtype=np.int32).reshape(-1),
         "tail_logmass": tail_logmass(topk_logprobs),
     }
+
+
+def sample_rows(draws: np.ndarray, logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``sample_*`` arrays from sorted draws ``[R, M]`` with their log-probs: unique ids
+    ascending with counts, then padding (see :func:`mtkd.harvest.draws.unique_counts`)."""
+    ids, counts, lps = unique_counts(torch.from_numpy(np.ascontiguousarray(draws, np.int64)),
+                                     torch.from_numpy(np.ascontiguousarray(logprobs)))
+    return {"sample_ids": ids.numpy(), "sample_counts": counts.numpy().astype(np.uint16),
+            "sample_logprobs": lps.numpy()}
 
 
 def rows_from_logprobs(

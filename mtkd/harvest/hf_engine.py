@@ -12,7 +12,6 @@ Besides the contract's top-k rows it can return, because it sees the whole vocab
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtkd.harvest.draws import sequence_key, unique_counts
 from mtkd.harvest.engine import check_k, check_sequences, concat_rows, rows_from_logprobs
 
 #: Rows post-processed at a time hold at most this many vocabulary entries (float64 temporaries
@@ -51,23 +51,7 @@ def sample_targets(
     probs = torch.softmax(logprobs.to(torch.float64) / temperature, dim=-1)
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = torch.sort(draws, dim=-1)
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = torch.cumsum(first, dim=-1) - 1
-    ids = torch.full_like(draws, -1).scatter_(-1, slot, draws)
-    counts = torch.zeros_like(draws).scatter_add_(-1, slot, torch.ones_like(draws))
-    lps = logprobs.gather(-1, ids.clamp_min(0)).to(torch.float32)
-    lps = lps.masked_fill(ids < 0, -torch.inf)
-    return ids.to(torch.int32), counts.to(torch.int32), lps
-
-
-def _sequence_seed(seed: int, seq: np.ndarray) -> int:
-    digest = hashlib.blake2b(
-        seq.astype(np.int64).tobytes(),
-        digest_size=8,
-        key=int(seed).to_bytes(8, "little", signed=True),
-    )
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+    return unique_counts(draws, logprobs.gather(-1, draws))
 
 
 class HfReferenceEngine:
@@ -140,7 +124,7 @@ class HfReferenceEngine:
             gen = None
             if self.num_samples:
                 gen = torch.Generator(device=logits.device)
-                gen.manual_seed(_sequence_seed(self.seed, seq))
+                gen.manual_seed(sequence_key(self.seed, seq))
             for a in range(0, len(targets), block):
                 chunks.append(self._rows(logits[a : a + block], targets[a : a + block], gen))
         return concat_rows(chunks)

@@ -171,8 +171,10 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
     if config.engine == "vllm":
         from mtkd.harvest.vllm_engine import VllmEngine
 
-        return VllmEngine(str(model_dir), k, dtype=config.dtype,
-                          fast_path=config.fast_path, **config.engine_args)
+        return VllmEngine(str(model_dir), k, dtype=config.dtype, fast_path=config.fast_path,
+                          num_samples=config.num_samples,
+                          sample_temperature=config.sample_temperature, seed=config.seed,
+                          **config.engine_args)
     if config.engine == "hf":
         import torch
 
@@ -180,7 +182,8 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
 
         return HfReferenceEngine(str(model_dir), k, dtype=getattr(torch, config.dtype),
                                  temperatures=config.temperatures,
-                                 num_samples=config.num_samples)
+                                 num_samples=config.num_samples,
+                                 sample_temperature=config.sample_temperature, seed=config.seed)
     raise ValueError(f"unknown engine {config.engine!r} (choose vllm or hf)")
 
 
@@ -241,6 +244,8 @@ def harvest(
         "engine": config.engine,
         "dtype": config.dtype,
     }
+    if config.num_samples:  # the draws follow softmax(logits / T); reproducible from the seed
+        attrs |= {"sample_temperature": config.sample_temperature, "sample_seed": config.seed}
     if vmap is not None:
         attrs["vocab_map"] = vmap.attrs(engine_k, teacher_hash)
     if teacher is not None:

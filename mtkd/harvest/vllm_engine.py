@@ -40,7 +40,7 @@ import torch
 
 from mtkd.harvest import vllm_plugin
 from mtkd.harvest.config import MAX_K  # vLLM's max_logprobs is set to k
-from mtkd.harvest.engine import check_k, check_sequences, finish_rows
+from mtkd.harvest.engine import check_k, check_sequences, finish_rows, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,20 @@ def _unscannable(module: Any) -> bool:
     return False
 
 
+def check_draws(num_samples: int, temperature: float, seed: int,
+                plugin: bool) -> vllm_plugin.DrawSpec | None:
+    """The draws a VllmEngine asks of its worker (None: none), after refusing bad values."""
+    if num_samples == 0:
+        return None
+    if not 0 < num_samples <= np.iinfo(np.uint16).max:
+        raise ValueError(f"num_samples must be in [0, 65535], got {num_samples}")
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"sample temperature must be positive and finite, got {temperature}")
+    if not plugin:
+        raise ValueError("draws are made by mtkd's vLLM plugin: leave fast_logprobs on")
+    return vllm_plugin.DrawSpec(int(num_samples), float(temperature), int(seed))
+
+
 class VllmEngine:
     """TeacherEngine on vLLM (see the module docstring for the two read-out paths)."""
 
@@ -225,9 +239,14 @@ class VllmEngine:
         fast_path: FastPath | bool = "auto",
         fast_logprobs: bool = True,
         in_process: bool | None = None,
+        num_samples: int = 0,
+        sample_temperature: float = 1.0,
+        seed: int = 0,
         **engine_kwargs: Any,
     ) -> None:
         self.k = check_k(k, MAX_K, "VllmEngine", "vLLM's max_logprobs is set to k")
+        self.draws = check_draws(num_samples, sample_temperature, seed, fast_logprobs)
+        self.num_samples = int(num_samples)  # draws per row of the next harvests (use_draws)
         import vllm
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -237,7 +256,7 @@ class VllmEngine:
         args: dict[str, Any] = {
             "model": str(Path(model_dir)),
             "dtype": dtype,
-            "max_logprobs": self.k,
+            "max_logprobs": self.k + self.num_samples,
             "enable_prefix_caching": False,
             "tensor_parallel_size": tensor_parallel_size,
             "trust_remote_code": False,
@@ -264,9 +283,14 @@ class VllmEngine:
         args.update(engine_kwargs)
 
         # mtkd's prompt log-prob kernel in vLLM's worker (a vLLM plugin; see vllm_plugin).
-        with _engine_core_in_process(in_process), \
-                vllm_plugin.activated(fast_logprobs, self.vllm_version) as self.fast_logprobs:
+        with _engine_core_in_process(in_process), vllm_plugin.activated(
+                fast_logprobs, self.vllm_version, draws=self.draws is not None) as active:
             self.llm = LLM(**args)
+        self.fast_logprobs = active
+        if self.draws is not None and not active:
+            self.close()
+            raise RuntimeError(f"draws need mtkd's vLLM plugin, which is not active on vLLM "
+                               f"{self.vllm_version} (checked on {vllm_plugin.VERSIONS})")
         self.in_process = in_process
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         check_k(self.k, self.vocab_size, "VllmEngine", "k must not exceed the vocabulary")
@@ -286,16 +310,26 @@ class VllmEngine:
         if fast and not getattr(self.llm.llm_engine.output_processor, "_mtkd_hooked", False):
             raise RuntimeError("this engine was built with the public path only")
         self.name = f"vllm-{path}"
+        extra = ({_KEEP_TENSORS: True} if fast else {}) | (
+            self.draws.to_args() if self.draws and self.num_samples else {})
         self._param_args = {
             "max_tokens": 1,
             "temperature": 0.0,
-            "prompt_logprobs": self.k,
+            "prompt_logprobs": self.k + self.num_samples,
             "detokenize": False,
             "flat_logprobs": True,
-            "extra_args": {_KEEP_TENSORS: True} if fast else None,
+            "extra_args": extra or None,
         }
         self._params = SamplingParams(**self._param_args)
         log.info("vLLM %s harvest path: %s", self.vllm_version, self.name)
+
+    def use_draws(self, on: bool) -> None:
+        """Harvest with or without the draws the engine was built for (same engine: the
+        bench compares the two)."""
+        if on and self.draws is None:
+            raise RuntimeError("this engine was built without draws (num_samples=0)")
+        self.num_samples = self.draws.num_samples if on and self.draws else 0
+        self.use_path("fast" if self.name == "vllm-fast" else "public")
 
     def prompt_logprobs_stats(self) -> list[dict[str, Any]] | None:
         """Per-worker state and counters of mtkd's prompt log-prob kernel (``active``,
@@ -345,14 +379,18 @@ class VllmEngine:
                              f"max_model_len of {limit}: raise --max-model-len (up to the "
                              "model's context) or tokenize with a smaller --max-len")
         full = [len(s) == limit for s in seqs]
+        if self.num_samples and any(full):
+            raise ValueError(f"draws need one token of room after each sequence: a sequence "
+                             f"fills max_model_len ({limit}); raise --max-model-len")
         outputs = self.generate(
             [s[:-1] if f else s for s, f in zip(seqs, full, strict=True)],
             [self._full_length_params(int(s[-1])) if f else self._params
              for s, f in zip(seqs, full, strict=True)] if any(full) else self._params)
         total = sum(len(s) - 1 for s in seqs)
         # each request's rows are copied once, straight into the contract's arrays
-        ids = np.empty((total, self.k), np.int32)
-        lps = np.empty((total, self.k), np.float32)
+        width = self.k + self.num_samples
+        ids = np.empty((total, width), np.int32)
+        lps = np.empty((total, width), np.float32)
         target_lp = np.empty(total, np.float32)
         ranks = np.empty(total, np.int32)
         start = 0
@@ -363,7 +401,7 @@ class VllmEngine:
             if isinstance(plp, TensorPromptLogprobs):
                 part = _rows_from_tensors(plp, n_prompt)
             elif plp is not None and hasattr(plp, "start_indices"):
-                part = _rows_from_flat(plp, n_prompt, self.k)
+                part = _rows_from_flat(plp, n_prompt, width)
             else:
                 raise RuntimeError(f"unexpected prompt log-probs from vLLM: {type(plp)}")
             if forced:  # the last row: the forced token's sample log-probs
@@ -374,4 +412,7 @@ class VllmEngine:
             ids[start:stop], lps[start:stop] = part[0][:, 1:], part[1][:, 1:]
             target_lp[start:stop], ranks[start:stop] = part[1][:, 0], part[2]
             start = stop
-        return finish_rows(ids, lps, target_lp, ranks)
+        rows = finish_rows(ids[:, : self.k], lps[:, : self.k], target_lp, ranks)
+        if self.num_samples:
+            rows |= sample_rows(ids[:, self.k :], lps[:, self.k :])
+        return rows

@@ -15,6 +15,11 @@ and output path are untouched, and so is the sampler: generated tokens and their
 never reach the replacement. Other vLLM versions or platforms, or a ``logprobs_mode`` other than
 log-probs: vLLM's own method runs (a warning says why where nothing is patched).
 
+It also makes random-sampling KD draws (:class:`DrawSpec`, :mod:`mtkd.harvest.draws`) from the
+logits the step already holds, on any platform: requests that ask for them get the draws as
+extra columns of their prompt rows, so no ``[n, V]`` tensor leaves the worker. On a GPU only
+steps holding such requests take the replacement (its top-k is then ``torch.topk``).
+
 The wrapper is applied when ``vllm.v1.worker.gpu_model_runner`` is imported (an import hook;
 the front-end never imports it unless the engine core runs in-process). Each process keeps
 counters, which :func:`worker_stats` returns (the workers expose it as the worker method
@@ -43,6 +48,8 @@ ENV_VAR = "MTKD_VLLM_FAST_PROMPT_LOGPROBS"
 VERSIONS = ("0.32.",)
 #: Worker method name for ``LLM.collective_rpc``.
 STATS_METHOD = "mtkd_prompt_logprobs_stats"
+#: SamplingParams.extra_args key of a request's :class:`DrawSpec`.
+DRAWS_KEY = "mtkd_draws"
 
 _RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 _PATCHED = "__mtkd_fast_prompt_logprobs__"
@@ -68,18 +75,13 @@ def install() -> bool:
     _STATE["installed"] = True
     try:
         import vllm
-        from vllm.platforms import current_platform
     except Exception as exc:  # vLLM unusable here: nothing to patch
         _STATE["reason"] = f"vLLM not importable: {exc}"
         log.warning("mtkd prompt log-prob plugin inactive: %s", _STATE["reason"])
         return False
     version = getattr(vllm, "__version__", "?")
-    if not version_supported(version):
-        _STATE["reason"] = f"vLLM {version} is not one of {VERSIONS}"
-    elif not current_platform.is_cpu():
-        _STATE["reason"] = "the kernel is for vLLM's CPU platform"
-    else:
-        _STATE["reason"] = ""
+    _STATE["reason"] = "" if version_supported(version) else (
+        f"vLLM {version} is not one of {VERSIONS}")
     if _STATE["reason"]:
         log.warning("mtkd prompt log-prob plugin inactive: %s", _STATE["reason"])
         return False
@@ -93,9 +95,10 @@ def install() -> bool:
 
 
 @contextlib.contextmanager
-def activated(enable: bool, version: str) -> Iterator[bool]:
+def activated(enable: bool, version: str, draws: bool = False) -> Iterator[bool]:
     """Set :data:`ENV_VAR` while vLLM builds an engine (its processes inherit it); yields
-    whether the plugin was activated (vLLM :data:`VERSIONS` on the CPU platform only).
+    whether the plugin was activated (vLLM :data:`VERSIONS`; on the CPU platform, or on any
+    platform when the engine will ask for ``draws``, which only the plugin makes).
 
     With the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the patch is
     installed here too, for the life of the process (vLLM may have loaded its plugins before
@@ -105,7 +108,7 @@ def activated(enable: bool, version: str) -> Iterator[bool]:
         return
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():  # GPU top-k is cheap: vLLM's own computation stays
+    if not current_platform.is_cpu() and not draws:  # GPU top-k is cheap: vLLM's stays
         log.info("mtkd's prompt log-prob kernel is for vLLM's CPU platform: not activated")
         yield False
         return
@@ -147,6 +150,27 @@ def worker_stats() -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class DrawSpec:
+    """Random-sampling KD draws asked of the worker for a request (``SamplingParams.extra_args``
+    under :data:`DRAWS_KEY`): ``num_samples`` draws per prompt row from
+    ``softmax(logits / temperature)``, seeded by ``seed`` (see :mod:`mtkd.harvest.draws`).
+    The request's ``prompt_logprobs`` is then ``k + num_samples``: columns ``1..k`` of its rows
+    are the top-k, columns ``k+1..k+num_samples`` the draws (ascending, with repeats)."""
+
+    num_samples: int
+    temperature: float
+    seed: int
+
+    def to_args(self) -> dict[str, Any]:
+        return {DRAWS_KEY: [self.num_samples, self.temperature, self.seed]}
+
+    @classmethod
+    def of(cls, params: Any) -> DrawSpec | None:
+        value = ((params.extra_args or {}) if params is not None else {}).get(DRAWS_KEY)
+        return None if value is None else cls(int(value[0]), float(value[1]), int(value[2]))
+
+
+@dataclass(frozen=True)
 class _Rows:
     """One request's prompt rows in this step: ``count`` rows from prompt row ``first``, at
     row ``offset`` of the step's hidden states, into ``buffer`` (None: the whole prompt, a
@@ -183,10 +207,11 @@ def prompt_logprobs_batched(
 
     pending: dict[str, int] = runner.num_prompt_logprobs
     done: dict[str, Any] = {}
-    by_k: dict[int, list[_Rows]] = {}
+    by_k: dict[tuple[int, DrawSpec | None], list[_Rows]] = {}
     for req_id, k in pending.items():
         scheduled = num_scheduled_tokens.get(req_id)
         request = runner.requests[req_id]
+        draws = DrawSpec.of(request.sampling_params)
         prompt = request.prompt_token_ids
         if scheduled is None or prompt is None:  # preempted in prefill; prompt embeddings
             continue
@@ -200,16 +225,23 @@ def prompt_logprobs_batched(
             request.in_progress_prompt_logprobs_cpu = buffer
         if count > 0:
             offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
-            by_k.setdefault(k, []).append(_Rows(req_id, prompt, first, count, offset, buffer))
+            by_k.setdefault((k, draws), []).append(
+                _Rows(req_id, prompt, first, count, offset, buffer))
         if last:
             done[req_id] = buffer  # a whole prompt's views are filled in below
-    for k, group in by_k.items():
+    for (k, draws), group in by_k.items():
         rows = np.concatenate([np.arange(r.offset, r.offset + r.count) for r in group])
         targets = np.concatenate(
             [np.asarray(r.prompt[r.first + 1 : r.first + 1 + r.count], np.int64) for r in group])
-        logits = runner.model.compute_logits(hidden_states[torch.from_numpy(rows)])
+        logits = runner.model.compute_logits(
+            hidden_states[torch.from_numpy(rows).to(hidden_states.device)])
         start = time.perf_counter()
-        ids, lps, ranks = prompt_logprobs_fast(logits, k, torch.from_numpy(targets), _STATS)
+        top_k = k - (draws.num_samples if draws else 0)
+        ids, lps, ranks = prompt_logprobs_fast(
+            logits, top_k, torch.from_numpy(targets).to(logits.device), _STATS)
+        if draws is not None:
+            ids, lps = _with_draws(logits, group, draws, ids, lps)
+        ids, lps, ranks = ids.cpu(), lps.cpu(), ranks.cpu()
         _STATS["seconds"] = _STATS.get("seconds", 0.0) + time.perf_counter() - start
         ranks = ranks.to(torch.int32)  # the dtype of vLLM's buffers
         a = 0
@@ -229,6 +261,23 @@ def prompt_logprobs_batched(
     return done
 
 
+def _with_draws(logits: Any, group: list[_Rows], spec: DrawSpec, ids: Any,
+                lps: Any) -> tuple[Any, Any]:
+    """The top-k columns followed by ``spec``'s draws for the group's rows (same device)."""
+    import numpy as np
+    import torch
+
+    from mtkd.harvest.draws import draw, sequence_key
+
+    keys = torch.cat([torch.full((r.count,), sequence_key(spec.seed, np.asarray(r.prompt)),
+                                 dtype=torch.int64) for r in group])
+    positions = torch.cat([torch.arange(r.first, r.first + r.count) for r in group])
+    drawn, drawn_lps = draw(logits, keys, positions, spec.num_samples, spec.temperature)
+    _STATS["draw_rows"] = _STATS.get("draw_rows", 0) + len(keys)
+    return (torch.cat([ids, drawn.to(ids.dtype)], dim=1),
+            torch.cat([lps, drawn_lps.to(lps.dtype)], dim=1))
+
+
 def _patch_runner(module: ModuleType) -> None:
     """Replace ``GPUModelRunner._get_prompt_logprobs_dict`` (once; the original stays the
     fallback)."""
@@ -244,10 +293,12 @@ def _patch_runner(module: ModuleType) -> None:
         return
 
     def _get_prompt_logprobs_dict(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = self.num_prompt_logprobs
         if (
-            not self.num_prompt_logprobs
-            or self.device.type != "cpu"
+            not pending
             or self.model_config.logprobs_mode not in ("raw_logprobs", "processed_logprobs")
+            or (self.device.type != "cpu"  # on a GPU only steps with draws take this path
+                and not any(DrawSpec.of(self.requests[r].sampling_params) for r in pending))
         ):
             return original(self, *args, **kwargs)
         return prompt_logprobs_batched(self, *args, **kwargs)

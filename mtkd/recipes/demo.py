@@ -174,13 +174,15 @@ def train_teachers(run: Run, unsafe: list[int]) -> None:
 
 
 def harvest_teachers(run: Run) -> None:
-    """Each teacher over the student's tokens, with vLLM."""
+    """Each teacher over the student's tokens, with vLLM: top-k rows and ``k`` random draws
+    per position (made in vLLM's worker) in one store."""
     for t in run.size.teachers:
         out = run.path("stores", f"{t.name}-student")
         if not is_complete(out):
             run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
                      run.path("teachers", t.name, "final"), "--out", out, "--k",
-                     str(run.size.k), "--dtype", "float32", "--enforce-eager")
+                     str(run.size.k), "--num-samples", str(run.size.k), "--dtype", "float32",
+                     "--enforce-eager")
 
 
 def run_demo(workdir: str | os.PathLike[str], size: str = "small",

@@ -60,17 +60,11 @@ def aggregate(run: Run, name: str, stores: list[str], temperatures: list[float],
 
 
 def sampled_targets(run: Run, teacher: int) -> str:
-    """Random-sampling targets of one teacher at (at most) the top-k targets' bytes:
-    ``k`` draws per position from the reference engine, fused as their empirical distribution
-    into a store of the same width ``k``."""
+    """Random-sampling targets of one teacher at (at most) the top-k targets' bytes: the ``k``
+    draws per position its vLLM harvest made, fused as their empirical distribution into a
+    store of the same width ``k``."""
     t = run.size.teachers[teacher]
-    draws = run.path("stores", f"{t.name}-student-sampled")
-    if not is_complete(draws):
-        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                 run.path("teachers", t.name, "final"), "--out", draws, "--engine", "hf",
-                 "--k", str(run.size.k), "--num-samples", str(run.size.k), "--dtype", "float32")
-    return targets(run, f"single-{t.name}-sampled", [teacher], suffix="student-sampled",
-                   extra=("--source", "samples"))
+    return targets(run, f"single-{t.name}-sampled", [teacher], extra=("--source", "samples"))
 
 
 def target_bytes_per_position(run: Run, name: str) -> float:
@@ -133,9 +127,10 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
     jobs += [student(run, f"single-{teachers[j].name}",
                      targets(run, f"single-{teachers[j].name}", [j])) for j in single_ids]
     jobs.append(student(run, "mix-linear", mix))
+    one = f"single-{teachers[best].name}"
+    jobs.append(student(run, f"{one}-sampled", sampled_targets(run, best)))
     if which == "all":
         everyone = list(range(len(teachers)))
-        one = f"single-{teachers[best].name}"
         jobs += [
             student(run, "mix-geometric", targets(run, "mix-geometric", everyone,
                                                   extra=("--operator", "geometric"))),
@@ -147,14 +142,13 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
             student(run, "mix-linear-renorm", mix, loss="fkl_renorm"),
             student(run, f"{one}-label", targets(run, f"{one}-label", [best],
                                                  extra=("--label-entry",))),
-            student(run, f"{one}-sampled", sampled_targets(run, best)),
             *(student(run, f"objective-{objective}-{loss}", mix, objective=objective, loss=loss)
               for loss in ("fkl_tail", "rkl_tail") for objective in ("mix", "multi")),
         ]
-        run.results["target_bytes_per_position"] = {
-            name: target_bytes_per_position(run, name)
-            for name in (one, f"{one}-label", f"{one}-sampled")
-        }
+    labelled = (f"{one}-label",) if which == "all" else ()
+    run.results["target_bytes_per_position"] = {
+        name: target_bytes_per_position(run, name) for name in (one, *labelled, f"{one}-sampled")
+    }
     return jobs
 
 

@@ -23,6 +23,7 @@ FIGURE_GOALS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "cross_tokenizer_recovery": ("≥ 0.9", lambda v: v >= 0.9),
     "real_teacher_gain_pct": ("≤ −5", lambda v: v <= -5),
     "mixture_vs_best_single_pct": ("< 0", lambda v: v < 0),
+    "sampled_vllm_vs_full_kd_pct": ("≤ 1.0", lambda v: v <= 1.0),
     "demo_seconds": ("≤ 600", lambda v: v <= 600),
 }
 #: students that are not a single teacher's offline top-k targets (other target kinds)
@@ -83,6 +84,10 @@ def headline_figures(run: Run) -> dict[str, float]:
     singles = single_teacher_students(bpb)
     if mix is not None and singles:
         figures["mixture_vs_best_single_pct"] = _pct(mix, min(singles.values()))
+    sampled, full = bpb.get(f"single-{best}-sampled"), bpb.get(f"single-{best}-full")
+    figures["best_single_sampled_bpb"] = sampled
+    if sampled is not None and full is not None:  # vLLM's draws against full-vocabulary KD
+        figures["sampled_vllm_vs_full_kd_pct"] = _pct(sampled, full)
     figures["demo_seconds"] = results.get("seconds")
     return {k.replace("-", "_"): float(v) for k, v in figures.items()
             if v is not None and math.isfinite(v)}

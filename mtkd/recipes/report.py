@@ -90,6 +90,8 @@ FIGURE_GOAL_TEXT = {
     "real_teacher_gain_pct": "student distilled from SmolLM2 vs CE-only student, bits/byte",
     "mixture_vs_best_single_pct": "student of the mixture with SmolLM2 vs the best "
                                   "single-teacher student, bits/byte",
+    "sampled_vllm_vs_full_kd_pct": "student of vLLM's random draws (k per position) vs the "
+                                   "full-vocabulary KD student of the same teacher, bits/byte",
     "demo_seconds": "mtkd demo's wall time",
 }
 

@@ -27,32 +27,10 @@ from mtkd.harvest.engine import (
 from mtkd.harvest.hf_engine import HfReferenceEngine
 from mtkd.harvest.vllm_engine import MAX_K, VllmEngine
 
+from .conftest import MAX_LEN, VOCAB
+
 K = 64
-VOCAB = 512
 SET_NUM_THREADS = torch.set_num_threads  # at collection, before any engine is built
-MAX_LEN = 1024
-
-
-@pytest.fixture(scope="session")
-def successor_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """Llama, hidden 128, 2 layers, 2 heads (head_dim 64): argmax after x is (x + 1) mod V."""
-    from transformers import AutoTokenizer
-
-    from mtkd.recipes.models import init_llama
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    out = tmp_path_factory.mktemp("successor")
-    return init_llama(
-        out,
-        VOCAB,
-        hidden=128,
-        layers=2,
-        heads=2,
-        max_position=MAX_LEN,
-        seed=1,
-        tokenizer=tokenizer,
-        successor=True,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,188 @@
+"""Random-sampling KD draws: the counter-based sampler, and the draws vLLM's worker makes.
+
+The sampler is checked by G-tests against exact probabilities, pooled over many rows; vLLM's
+draws (made in its worker by mtkd's plugin) against the float64 softmax of an independent
+transformers forward, against the reference engine's draws, and across request splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtkd.harvest.draws import draw, sequence_key, uniforms, unique_counts
+from mtkd.harvest.engine import sample_rows
+from mtkd.harvest.hf_engine import HfReferenceEngine
+from mtkd.harvest.vllm_engine import VllmEngine
+
+from .conftest import MAX_LEN, VOCAB
+from .gtest import g_statistic, g_test_p_value, two_sample_g
+from .test_engines import LOGPROB_ATOL
+
+M = 64
+T_SAMPLE = 1.5
+ALPHA = 1e-3  # a correct sampler fails one G-test in a thousand
+
+
+def test_uniforms_are_uniform_and_depend_only_on_key_position_and_index() -> None:
+    keys = torch.tensor([sequence_key(0, np.arange(5)), sequence_key(1, np.arange(5))] * 500)
+    pos = torch.arange(1000)
+    u = uniforms(keys, pos, 32)
+    assert u.dtype == torch.float64 and u.shape == (1000, 32)
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    counts = np.histogram(u.numpy(), bins=64, range=(0, 1))[0]
+    g, dof = g_statistic(np.arange(64)[None], counts[None], np.full((1, 64), 1 / 64))
+    assert g_test_p_value(g, dof) > ALPHA
+    # a row's uniforms are the same computed alone, in another order, with more draws
+    again = uniforms(keys[[7, 3]], pos[[7, 3]], 40)
+    np.testing.assert_array_equal(again[:, :32].numpy(), u[[7, 3]].numpy())
+    # neighbouring positions, keys and draw indices are not correlated
+    flat = u.numpy()
+    for a, b in ((flat[:-2, 0], flat[2:, 0]), (flat[:, 0], flat[:, 1]),
+                 (flat[0::2, 5], flat[1::2, 5])):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(len(a))
+
+
+def test_sequence_key_is_seeded_and_content_addressed() -> None:
+    seq = np.array([3, 1, 4, 1, 5])
+    assert sequence_key(0, seq) == sequence_key(0, seq.astype(np.int32))
+    assert sequence_key(0, seq) != sequence_key(1, seq)
+    assert sequence_key(0, seq) != sequence_key(0, seq[:-1])
+    assert 0 <= sequence_key(-5, seq) < 2**63
+
+
+def test_draws_follow_the_tempered_distribution() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 300, generator=gen, dtype=torch.float64) * 3
+    keys = torch.full((400,), 12345, dtype=torch.int64)
+    drawn, lps = draw(logits.float(), keys, torch.arange(400), 200, temperature=T_SAMPLE)
+    assert drawn.dtype == torch.int64 and torch.all(drawn[:, 1:] >= drawn[:, :-1])
+    exact = torch.log_softmax(logits, dim=-1)
+    np.testing.assert_allclose(lps.numpy(), exact.gather(-1, drawn).numpy(), atol=1e-5)
+    ids, counts, _ = unique_counts(drawn, lps)
+    probs = torch.softmax(logits / T_SAMPLE, dim=-1).numpy()
+    g, dof = g_statistic(ids.numpy(), counts.numpy(), probs)
+    assert dof > 2000
+    assert g_test_p_value(g, dof) > ALPHA
+    # the untempered distribution is rejected: the test has power
+    g1, dof1 = g_statistic(ids.numpy(), counts.numpy(), torch.softmax(logits, -1).numpy())
+    assert g_test_p_value(g1, dof1) < 1e-12
+
+
+def test_zero_probability_entries_are_never_drawn() -> None:
+    logits = torch.full((50, 40), -torch.inf)
+    logits[:, [0, 17, 39]] = torch.tensor([0.0, 1.0, -1.0])
+    drawn, _ = draw(logits, torch.arange(50), torch.zeros(50, dtype=torch.int64), 64)
+    assert set(drawn.unique().tolist()) <= {0, 17, 39}
+    assert set(drawn.unique().tolist()) == {0, 17, 39}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(0, 2**62))
+def test_unique_counts_layout(rows: int, m: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed % 2**31)
+    drawn = torch.sort(torch.randint(0, 9, (rows, m), generator=gen), dim=-1)[0]
+    lps = -drawn.double() / 3
+    out = sample_rows(drawn.numpy(), lps.float().numpy())
+    ids, counts = out["sample_ids"], out["sample_counts"]
+    assert counts.dtype == np.uint16 and ids.dtype == np.int32
+    np.testing.assert_array_equal(counts.sum(1), m)
+    for r in range(rows):
+        u, c = np.unique(drawn[r].numpy(), return_counts=True)
+        np.testing.assert_array_equal(ids[r, : len(u)], u)
+        np.testing.assert_array_equal(counts[r, : len(u)], c)
+        assert np.all(ids[r, len(u):] == -1) and np.all(counts[r, len(u):] == 0)
+        np.testing.assert_allclose(out["sample_logprobs"][r, : len(u)], -u / 3, rtol=1e-6)
+        assert np.all(out["sample_logprobs"][r, len(u):] == -np.inf)
+
+
+# --- vLLM's worker --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def draw_sequences() -> list[np.ndarray]:
+    """Random sequences (none fills max_model_len: draws need room for one generated token)."""
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, VOCAB, n) for n in (2, 9, 130, 300, 700, 420)]
+
+
+@pytest.fixture(scope="module")
+def sampling_engine(successor_dir: Path) -> Iterator[VllmEngine]:
+    engine = VllmEngine(successor_dir, 8, dtype="float32", fast_path="fast",
+                        max_model_len=MAX_LEN, max_num_batched_tokens=256, enforce_eager=True,
+                        num_samples=M, sample_temperature=T_SAMPLE, seed=3)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def exact_logprobs(successor_dir: Path, draw_sequences: list[np.ndarray]) -> np.ndarray:
+    ref = HfReferenceEngine(successor_dir, 8, batch_size=2)
+    return torch.log_softmax(torch.cat(list(ref.logits(draw_sequences))).double(), -1).numpy()
+
+
+@pytest.mark.engine
+def test_vllm_draws(sampling_engine: VllmEngine, draw_sequences: list[np.ndarray],
+                    exact_logprobs: np.ndarray, successor_dir: Path) -> None:
+    rows = sampling_engine.harvest(draw_sequences)
+    ids, counts, lps = rows["sample_ids"], rows["sample_counts"], rows["sample_logprobs"]
+    assert ids.shape == (len(exact_logprobs), M)
+    np.testing.assert_array_equal(counts.sum(1), M)
+    valid = ids >= 0
+    # their log-probs are the teacher's at temperature 1
+    exact = np.take_along_axis(exact_logprobs, np.maximum(ids, 0), 1)
+    np.testing.assert_allclose(lps[valid], exact[valid], atol=LOGPROB_ATOL)
+    # they follow softmax(logits / T): a G-test pooled over every position
+    tempered = torch.softmax(torch.from_numpy(exact_logprobs) / T_SAMPLE, -1).numpy()
+    g, dof = g_statistic(ids, counts.astype(np.int64), tempered)
+    assert dof > 1000
+    assert g_test_p_value(g, dof) > ALPHA, (g, dof)
+    untempered = np.exp(exact_logprobs)  # the test has power: the wrong temperature fails
+    assert g_test_p_value(*g_statistic(ids, counts.astype(np.int64), untempered)) < 1e-6
+    # and the reference engine's draws (torch.multinomial): one distribution, pooled over rows
+    ref = HfReferenceEngine(successor_dir, 8, num_samples=M, sample_temperature=T_SAMPLE)
+    other = ref.harvest(draw_sequences)
+    ours, theirs = np.zeros(VOCAB), np.zeros(VOCAB)
+    top = np.argsort(-tempered, axis=1)  # pool by the rank of the drawn id in its row
+    rank = np.empty_like(top)
+    np.put_along_axis(rank, top, np.arange(VOCAB)[None], 1)
+    for out, r in ((ours, rows), (theirs, other)):
+        v = r["sample_ids"] >= 0
+        rr = np.take_along_axis(rank, np.maximum(r["sample_ids"], 0), 1)[v]
+        np.add.at(out, rr, r["sample_counts"][v])
+    g2, dof2 = two_sample_g(ours, theirs)
+    assert g_test_p_value(g2, dof2) > ALPHA, (g2, dof2)
+    # the top-k columns are unchanged by the draws
+    top_ids = np.argsort(-exact_logprobs, axis=1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(np.sort(rows["topk_ids"], 1), np.sort(top_ids, 1))
+
+
+@pytest.mark.engine
+def test_vllm_draws_do_not_depend_on_the_split(
+        sampling_engine: VllmEngine, draw_sequences: list[np.ndarray]) -> None:
+    whole = sampling_engine.harvest(draw_sequences)
+    parts = [sampling_engine.harvest(draw_sequences[i:i + 2]) for i in (4, 2, 0)]
+    split = {key: np.concatenate([p[key] for p in parts[::-1]]) for key in whole}
+    for key in ("sample_ids", "sample_counts"):
+        np.testing.assert_array_equal(split[key], whole[key])
+    sampling_engine.use_path("public")  # vLLM's public read-out carries the same columns
+    try:
+        public = sampling_engine.harvest(draw_sequences)
+    finally:
+        sampling_engine.use_path("fast")
+    for key in whole:
+        np.testing.assert_array_equal(public[key], whole[key])
+
+
+@pytest.mark.engine
+def test_vllm_draws_refuse_a_full_length_sequence(sampling_engine: VllmEngine) -> None:
+    with pytest.raises(ValueError, match="raise --max-model-len"):
+        sampling_engine.harvest([np.arange(MAX_LEN) % VOCAB])
