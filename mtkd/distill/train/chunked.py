@@ -32,12 +32,14 @@ only in a small function on the ``[chunk, m+1]`` category tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mtkd.distill.train.divergences import DivergenceFn
+from mtkd.distill.train.fused import fused_chunk
 from mtkd.distill.train.logit_grad import GradTerms, TailGrad, write_grad
 
 _NEG_INF = float("-inf")
@@ -69,6 +71,7 @@ class Plan:
     beta: float
     eps: float
     chunk_size: int
+    fused: str = "off"  # off (the reference chunk body) | eager | compiled (mtkd...fused)
 
 
 @dataclass
@@ -228,7 +231,8 @@ def run_chunks(
         w_mm = weight.to(mm)
         b_mm = bias.to(mm) if bias is not None else None
         c = max(1, min(plan.chunk_size, n_rows))
-        zbuf = torch.empty(c, vocab, dtype=cdt, device=dev)
+        fused = plan.fused != "off"  # the fused body allocates what it needs per chunk
+        zbuf = torch.empty(0 if fused else c, vocab, dtype=cdt, device=dev)
         tbuf = torch.empty_like(zbuf)
         gbuf = torch.empty_like(zbuf) if any(need) else None
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -248,13 +252,17 @@ def run_chunks(
             z, tmp = zbuf[:n], tbuf[:n]
             g = gbuf[:n] if gbuf is not None else None
             hc = h_mm[sl]
-            if mm == cdt:
-                torch.matmul(hc, w_mm.t(), out=z)
+            if fused:
+                z = hc @ w_mm.t() if b_mm is None else torch.addmm(b_mm, hc, w_mm.t())
+                g = fused_chunk_losses(z, sl, plan, sums, any(need))
             else:
-                z.copy_(hc @ w_mm.t())
-            if b_mm is not None:
-                z.add_(b_mm)
-            _chunk_losses(z, tmp, g, sl, plan, sums)
+                if mm == cdt:
+                    torch.matmul(hc, w_mm.t(), out=z)
+                else:
+                    z.copy_(hc @ w_mm.t())
+                if b_mm is not None:
+                    z.add_(b_mm)
+                _chunk_losses(z, tmp, g, sl, plan, sums)
             if g is None:
                 continue
             g_mm = g.to(mm)
@@ -266,7 +274,7 @@ def run_chunks(
                 else:
                     grad_w += g_mm.t() @ hc
             if grad_b is not None:
-                grad_b += g.sum(0)
+                grad_b += g.sum(0, dtype=cdt)
         kd = sums.kd
         loss = (1.0 - plan.alpha) * kd
         if plan.alpha > 0:
@@ -332,6 +340,36 @@ def _chunk_losses(
             sums.monitor += weighted.sum()
     if g is not None and not write_grad(g, tmp, z, terms, tails, written):
         g.zero_()
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def fused_chunk_losses(z: Tensor, sl: slice, plan: Plan, sums: Sums, grad: bool) -> Tensor | None:
+    """:func:`~mtkd.distill.train.fused.fused_chunk` on one chunk (compiled once per process
+    when ``plan.fused`` is "compiled"); adds its losses to ``sums``, returns the gradient."""
+    body = fused_chunk
+    if plan.fused == "compiled":
+        body = _COMPILED.setdefault("fused_chunk", torch.compile(fused_chunk))
+    kd_rw = plan.kd_rw[sl]
+    blocks = plan.blocks
+    coefs = [_block_coef(b, sl, plan, kd_rw) if b.train else None for b in blocks]
+    ce_rw = plan.ce_rw[sl] if plan.ce_rw is not None and plan.labels is not None else None
+    per_block, weighted, ce, tail, g = body(
+        z, [b.ids[sl] for b in blocks], [b.probs[sl] for b in blocks],
+        [b.tail[sl] for b in blocks], coefs,
+        [b.weight[sl] if b.weight is not None else None for b in blocks], kd_rw,
+        plan.labels[sl] if ce_rw is not None else None, ce_rw,
+        divergence=plan.divergence, renorm=plan.renorm, alpha=plan.alpha,
+        temperature=plan.temperature, beta=plan.beta, eps=plan.eps, grad=grad)
+    train = torch.tensor([b.train for b in blocks], dtype=torch.bool, device=z.device)
+    sums.per_block += per_block
+    sums.kd += torch.where(train, weighted, 0.0).sum()
+    sums.monitor += torch.where(train, 0.0, weighted).sum()
+    sums.ce += ce
+    if blocks and blocks[0].train and not plan.renorm:
+        sums.tail += tail
+    return g
 
 
 class ChunkedLossFn(torch.autograd.Function):

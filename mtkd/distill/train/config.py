@@ -15,6 +15,8 @@ OBJECTIVES = ("auto", "ce", "mix", "multi")
 DIVERGENCES = ("fkl", "rkl", "jsd")
 COLLAPSES = ("tail", "renorm")
 KINDS = tuple(f"{d}_{c}" for d in DIVERGENCES for c in COLLAPSES)
+#: chunk bodies of the losses (mtkd.distill.train.losses.FusedMode)
+FUSED_MODES = ("auto", "off", "eager", "compiled")
 
 
 @dataclass
@@ -91,6 +93,11 @@ class TrainConfig:
     threads: int | None = option(
         None, "Torch threads (default: the cores / local ranks under torchrun)."
     )
+    fused_loss: str = option(
+        "auto",
+        "Chunk body of the losses: auto (the fused body compiled with torch.compile on a GPU, "
+        "the reference elsewhere) | compiled | eager | off (the reference).",
+    )
     chunk_size: int | None = option(
         None,
         "Rows per chunk of the chunked losses (default: 1024 on the CPU; on a GPU sized from "
@@ -116,6 +123,8 @@ class TrainConfig:
         if self.objective == "mix" and self.targets is None and self.teacher is None:
             raise ValueError("objective 'mix' needs a target store (targets) or a teacher")
         check_device_spec(self.device)
+        if self.fused_loss not in FUSED_MODES:
+            raise ValueError(f"fused_loss must be one of {FUSED_MODES}, got {self.fused_loss!r}")
         if self.eval_targets is not None and self.eval_tokens is None:
             raise ValueError("eval_targets needs eval_tokens")
         check_bounds(self)

@@ -7,8 +7,10 @@ rank, the GPUs and their free memory), so they are unit-tested without a GPU.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the config imports this module: it stays free of torch at import
+    import torch
 
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 #: bytes per logit row element held by a chunk: three float32 [chunk, V] buffers (softmax,
@@ -34,6 +36,8 @@ def resolve_device(spec: str, local_rank: int = 0, local_world: int = 1,
     for one process per node only (several local ranks on one GPU would share it and NCCL
     refuses that). ``cuda_count`` is the number of visible GPUs (default: ask torch).
     """
+    import torch
+
     check_device_spec(spec)
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -75,5 +79,7 @@ def free_device_bytes(device: torch.device) -> int | None:
     """Free memory of a GPU in bytes; None on the CPU."""
     if device.type != "cuda":
         return None
+    import torch
+
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)

@@ -121,7 +121,7 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader: PackedLoader, d: Dist, max_batches: int | None,
-             chunk_size: int, bf16: bool) -> dict[str, float]:
+             chunk_size: int, bf16: bool, fused: str = "auto") -> dict[str, float]:
     """Held-out CE (nats/token), bits per byte when the loader counts bytes, and, with
     targets, KL(q‖s) (+ L_multi with blocks).
 
@@ -129,7 +129,7 @@ def evaluate(net: nn.Module, loader: PackedLoader, d: Dist, max_batches: int | N
     its forward gathers the shards. Every rank runs the same number of batches (the loader
     pads ranks to equal counts).
     """
-    spec = LossSpec.held_out(loader.targets is not None, chunk_size)
+    spec = LossSpec.held_out(loader.targets is not None, chunk_size, fused)
     meter = Meter(d.device)
     nats_bytes = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ CE, Σ label bytes
     was_training = net.training
@@ -277,7 +277,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
                                      or (cfg.eval_every and step % cfg.eval_every == 0)):
                 last_eval = {"step": step, "split": "eval",
                              **evaluate(net, held, d, cfg.eval_batches, chunk_size,
-                                        cfg.bf16)}
+                                        cfg.bf16, cfg.fused_loss)}
                 if log is not None:
                     log.write(last_eval)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:

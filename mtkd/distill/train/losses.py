@@ -28,10 +28,15 @@ import torch
 from torch import Tensor
 
 from mtkd.distill.train.chunked import Block, ChunkedLossFn, Plan, Sums, matmul_dtypes, run_chunks
+from mtkd.distill.train.config import FUSED_MODES
 from mtkd.distill.train.divergences import parse_kind
 from mtkd.distill.train.targets import IGNORE_INDEX, SparseTargets
 
 Reduction = Literal["mean", "sum"]
+#: the chunk body: ``off`` the reference (the CPU's), ``compiled`` the fused functional body
+#: through ``torch.compile`` (a GPU's), ``eager`` that body uncompiled (tests); ``auto``:
+#: compiled on CUDA, the reference elsewhere
+FusedMode = Literal["auto", "off", "eager", "compiled"]
 
 
 @dataclass
@@ -109,6 +114,7 @@ def _chunked_loss(
     chunk_size: int,
     reduction: Reduction,
     rkl_eps: float,
+    fused: FusedMode,
 ) -> LossOutput:
     """Shared front end of every public loss: validity masks, reduction weights, autograd."""
     hdim = hidden.shape[-1]
@@ -125,6 +131,8 @@ def _chunked_loss(
         raise ValueError("chunk_size must be ≥ 1")
     if alpha > 0 and labels is None:
         raise ValueError("alpha > 0 needs labels")
+    if fused not in FUSED_MODES:
+        raise ValueError(f"fused must be one of {FUSED_MODES}, got {fused!r}")
     _, cdt = matmul_dtypes(h2, weight)
     dev = h2.device
     lab = labels.reshape(-1).long() if labels is not None else None
@@ -143,9 +151,10 @@ def _chunked_loss(
         if lab is not None
         else (None, torch.zeros((), dtype=torch.long, device=dev))
     )
-    plan = Plan(
-        blocks, divergence, renorm, lab, kd_rw, ce_rw, alpha, temperature, beta, rkl_eps, chunk_size
-    )
+    if fused == "auto":  # the compiled fused body where memory traffic is the cost
+        fused = "compiled" if dev.type == "cuda" else "off"
+    plan = Plan(blocks, divergence, renorm, lab, kd_rw, ce_rw, alpha, temperature, beta, rkl_eps,
+                chunk_size, fused)
     need = (h2.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and any(need):
         holder: dict[str, Sums] = {}
@@ -185,6 +194,7 @@ def sparse_kd_loss(
     monitor: SparseTargets | Sequence[SparseTargets] | None = None,
     monitor_weights: Tensor | None = None,
     validate: bool = False,
+    fused: FusedMode = "auto",
 ) -> LossOutput:
     """Chunked sparse KD loss (1−α)·KD + α·CE from hidden states and the lm_head weight.
 
@@ -195,7 +205,8 @@ def sparse_kd_loss(
     ``beta`` is the JSD mixing weight; ``rkl_eps`` floors target probabilities inside log q
     for reverse KL. ``monitor`` (+ ``monitor_weights``) evaluates the same objective against
     other targets in the same pass without gradient (e.g. L_multi while training on L_mix).
-    Peak extra memory is O(chunk_size·V), independent of N.
+    Peak extra memory is O(chunk_size·V), independent of N. ``fused`` picks the chunk body
+    (:data:`FusedMode`).
     """
     n_rows = hidden.reshape(-1, hidden.shape[-1]).shape[0]
     blocks = _as_blocks(targets, teacher_weights, n_rows, train=True)
@@ -217,6 +228,7 @@ def sparse_kd_loss(
         chunk_size=chunk_size,
         reduction=reduction,
         rkl_eps=rkl_eps,
+        fused=fused,
     )
 
 
@@ -228,6 +240,7 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     bias: Tensor | None = None,
     reduction: Reduction = "mean",
+    fused: FusedMode = "auto",
 ) -> LossOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` on ``labels`` with the KD loss's memory
     behaviour (same driver), so a CE-only baseline step and a KD step cost the same."""
@@ -244,4 +257,5 @@ def chunked_cross_entropy(
         chunk_size=chunk_size,
         reduction=reduction,
         rkl_eps=1e-8,
+        fused=fused,
     )

@@ -45,6 +45,7 @@ class LossSpec:
     chunk_size: int
     suppress_ids: tuple[int, ...]
     suppress_weight: float
+    fused: str = "auto"  # the losses' chunk body (mtkd.distill.train.losses.FusedMode)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, chunk_size: int | None = None) -> LossSpec:
@@ -52,13 +53,14 @@ class LossSpec:
         :func:`~mtkd.distill.train.device.chunk_rows`) else ``cfg``'s, else the CPU's."""
         chunk = chunk_size or cfg.chunk_size or CPU_CHUNK_ROWS
         return cls(cfg.resolved_objective, cfg.loss, cfg.alpha, cfg.temperature, cfg.beta,
-                   chunk, cfg.suppress_ids, cfg.suppress_weight)
+                   chunk, cfg.suppress_ids, cfg.suppress_weight, cfg.fused_loss)
 
     @classmethod
-    def held_out(cls, has_targets: bool, chunk_size: int) -> LossSpec:
+    def held_out(cls, has_targets: bool, chunk_size: int, fused: str = "auto") -> LossSpec:
         """What evaluation measures whatever the training objective: CE and, with targets,
         KL(q‖s) (``fkl_tail``, untempered, no unlikelihood term)."""
-        return cls("mix" if has_targets else "ce", "fkl_tail", 0.0, 1.0, 0.5, chunk_size, (), 0.0)
+        return cls("mix" if has_targets else "ce", "fkl_tail", 0.0, 1.0, 0.5, chunk_size, (), 0.0,
+                   fused)
 
 
 def suppression_penalty(hidden: Tensor, weight: Tensor, bias: Tensor | None,
@@ -92,7 +94,7 @@ def batch_loss(model: PreTrainedModel, batch: PackedBatch, spec: LossSpec) -> Lo
     weight, bias = head.weight, getattr(head, "bias", None)
     if spec.objective == "ce" and batch.targets is None:
         out = chunked_cross_entropy(hidden, weight, batch.labels, chunk_size=spec.chunk_size,
-                                    bias=bias, reduction="sum")
+                                    bias=bias, reduction="sum", fused=spec.fused)
         if spec.suppress_ids and spec.suppress_weight > 0:
             penalty = suppression_penalty(hidden, weight, bias, batch.labels, spec.suppress_ids,
                                           spec.chunk_size)
@@ -109,7 +111,7 @@ def batch_loss(model: PreTrainedModel, batch: PackedBatch, spec: LossSpec) -> Lo
         hidden, weight, train, batch.labels, kind=spec.kind,
         alpha=1.0 if spec.objective == "ce" else spec.alpha, temperature=spec.temperature,
         beta=spec.beta, teacher_weights=train_w, chunk_size=spec.chunk_size, bias=bias,
-        reduction="sum", monitor=mon, monitor_weights=mon_w,
+        reduction="sum", monitor=mon, monitor_weights=mon_w, fused=spec.fused,
     )
 
 
