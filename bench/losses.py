@@ -11,6 +11,7 @@ shared machine compare the CPU-time ratios, best with ``--threads 1``.
 
     python bench/losses.py                      # N=8*512, V=32000, H=512, top-64
     python bench/losses.py --n 1024 --v 8192    # quicker
+    python bench/losses.py --device cuda        # a GPU: bench/gpu_losses.py (its own options)
 """
 
 from __future__ import annotations
@@ -197,6 +198,11 @@ def _measure(method: str, mode: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    if "--device" in sys.argv:  # a GPU: the one-process bench with the fused-CE anchors
+        from pathlib import Path
+
+        gpu = Path(__file__).with_name("gpu_losses.py")
+        sys.exit(subprocess.run([sys.executable, str(gpu), *sys.argv[1:]], check=False).returncode)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8 * 512, help="rows (positions) per step")
     ap.add_argument("--v", type=int, default=32000, help="vocabulary size")

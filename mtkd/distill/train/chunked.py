@@ -236,7 +236,10 @@ def run_chunks(
         tbuf = torch.empty_like(zbuf)
         gbuf = torch.empty_like(zbuf) if any(need) else None
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(vocab, hdim, dtype=cdt, device=dev) if need_w else None
+        # the fused body keeps a low-precision lm_head's gradient in its own dtype (as Liger's
+        # fused CE does: each chunk's GEMM accumulates in float32, the sum over chunks rounds)
+        acc = weight.dtype if fused and weight.dtype in (torch.bfloat16, torch.float16) else cdt
+        grad_w = torch.zeros(vocab, hdim, dtype=acc, device=dev) if need_w else None
         grad_b = torch.zeros(vocab, dtype=cdt, device=dev) if need_b and bias is not None else None
         zero = torch.zeros((), dtype=cdt, device=dev)
         sums = Sums(
@@ -269,7 +272,7 @@ def run_chunks(
             if grad_h is not None:
                 grad_h[sl] = (g_mm @ w_mm).to(grad_h.dtype)
             if grad_w is not None:
-                if mm == cdt:
+                if mm == grad_w.dtype:
                     grad_w.addmm_(g_mm.t(), hc)
                 else:
                     grad_w += g_mm.t() @ hc

@@ -127,3 +127,20 @@ def test_unknown_fused_mode_refused() -> None:
     c = make_case()
     with pytest.raises(ValueError, match="fused must be one of"):
         sparse_kd_loss(c.hidden, c.weight, c.targets, fused="yes")  # type: ignore[arg-type]
+
+
+def test_fused_bf16_student_keeps_its_lm_head_gradient_in_bf16() -> None:
+    """bf16 parameters: the fused body accumulates the lm_head gradient in bf16 (Liger's
+    choice: one float32 GEMM per chunk, rounded as the chunks add up)."""
+    c = make_case(n=96, h=16, v=300, m=12, dtype=torch.float32, sharp=3.0)
+    hidden = c.hidden.detach().bfloat16().requires_grad_()
+    weight = c.weight.detach().bfloat16().requires_grad_()
+    outs = {}
+    for mode in ("off", "eager"):
+        out = sparse_kd_loss(hidden, weight, c.targets, c.labels, kind="fkl_tail", alpha=0.1,
+                             chunk_size=16, fused=mode)
+        outs[mode] = (out.loss.detach().float(),
+                      *(g.float() for g in grads(out.loss, (hidden, weight))))
+    assert outs["eager"][2].dtype == torch.float32  # compared in float32
+    for a, b in zip(outs["off"], outs["eager"], strict=True):
+        torch.testing.assert_close(b, a, rtol=3e-2, atol=1e-3)
