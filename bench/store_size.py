@@ -1,19 +1,25 @@
-"""Teacher-store size per position on a real harvest: float32, float16 and quantised top-k codings.
+"""Teacher-store size per position on a real harvest: float, q64 and q64v2 codings of the
+top-k columns, the random-sampling columns, and a 262,144-id teacher.
 
-Reads a teacher store (default ``/tmp/storesize-input``: the trained demo teacher t0-deep over
-the demo's student tokens, 104,045 positions, k=64, vocabulary 2048, float32 log-probs from
-``mtkd harvest --engine hf --dtype float32 --logprob-dtype float32``) and, for each candidate,
-re-encodes its rows, writes them with ``StoreWriter`` as a teacher store of the same parts and
-sequences in a temp dir, reads that back part by part and prints one line::
+Input (built by ``store_size_inputs``, nothing made by hand; cached under
+``~/.cache/mtkd/bench/``): the real teacher SmolLM2-135M (vocabulary 49,152) harvested over
+≈ 104k positions of the demo corpus (the standard library's sources, SmolLM2's tokenizer) with
+``mtkd harvest --engine vllm --dtype float32 --logprob-dtype float32 --k 64 --num-samples 64
+--enforce-eager``; ``--store PATH`` takes any teacher store instead. For each candidate the
+rows are re-encoded, written with ``StoreWriter`` as a teacher store of the same parts and
+sequences in a temp dir, read back part by part, and one line printed::
 
     <name>: bytes_per_position=… max_abs_logprob_err_p_ge_1e-3=… max_abs_logprob_err_all=…
-            max_abs_scalar_err=… read_positions_s=…
+            max_abs_scalar_err=… read_positions_s=… sampled_bytes_per_position=…
 
 * ``bytes_per_position``: every file of the written store (chunks, ``zarr.json``s, commit
-  records, header, manifest) ÷ positions;
+  records, header, manifest) but the random-sampling arrays ÷ positions;
+  ``sampled_bytes_per_position``: those arrays (``sample_ids``, ``sample_counts``,
+  ``sample_logprobs``; q64v2 codes them, the others keep them plain) ÷ positions;
 * ``max_abs_logprob_err_*``: |read back − input| of the top-k log-probs, matched by id (codings
   may reorder entries whose values tie), over the input's entries with p ≥ 1e-3 and over all
-  finite ones; ids must come back exactly and in descending log-prob order (checked);
+  finite ones; ids must come back exactly and in descending log-prob order (checked); sampled
+  ids and counts must come back exactly (checked), their log-probs within q64's bound;
 * ``max_abs_scalar_err``: the same for ``target_logprob`` and ``tail_logmass``;
 * ``read_positions_s``: a sequential read of every part including decoding (best of 3; the
   machine is shared, so this moves between runs).
@@ -22,21 +28,19 @@ Candidates (zstd unless said):
 
 * ``float32-raw``: int32 ids + float32 log-probs, uncompressed: the reference;
 * ``float32``: the same with zstd; ``float16``: float16 log-probs (the default before q64);
-* ``q64-rank``: q64's grid, rank order kept: ids in uint16 (int32 above 65536 ids), codes
-  delta-coded along the row (first one absolute) in uint16; ``q64-rank-planes``: the same as
-  byte planes;
-* ``q64-idorder``: q64's id order (delta-coded ids, codes) in plain uint16/uint32, no planes;
-* ``q64``: the chosen coding (``mtkd.store.topk_codec``), written and read through the store's
-  own path (``teacher_header(logprob_dtype="q64")``);
-* ``q64+f16-scalars``: q64 with ``target_logprob`` and ``tail_logmass`` in float16.
+* ``q64-rank-planes``: q64's grid, rank order kept: ids as byte planes (int32 above 65536
+  ids), codes delta-coded along the row (first one absolute) as byte planes;
+* ``q64``: ids in id order as deltas, codes as they are (``mtkd.store.topk_codec``);
+* ``q64v2``: the chosen coding: q64 with codes as distances to the row's floor, ids in as few
+  bytes as the vocabulary needs, the sampled columns coded too.
 
-The last lines give the chosen coding's bytes per position by array, then
-``max_abs_logprob_err=`` (entries with p ≥ 1e-3, against the input) and the headline
-``bytes_per_position=`` last. Goal: ≤ 128 bytes per
-position with an error ≤ 0.01 nats.
+Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
+q64v2. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
+(p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
+``sampled_bytes_per_position=`` and the headline ``teacher_bytes_per_position=`` last.
 
     .venv/bin/python bench/store_size.py
-    .venv/bin/python bench/store_size.py --store /path/to/teacher-store --only float16,q64
+    .venv/bin/python bench/store_size.py --store /path/to/teacher-store --only float16,q64v2
 """
 
 from __future__ import annotations
@@ -52,17 +56,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from store_size_inputs import real_teacher_store, zipf_teacher_store
 
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Codec, part_name
-from mtkd.store.schema import TAIL_LOGMASS, TARGET_LOGPROB, TEACHER, teacher_header
+from mtkd.store.schema import (
+    SAMPLE_COUNTS,
+    SAMPLE_IDS,
+    SAMPLE_LOGPROBS,
+    TAIL_LOGMASS,
+    TARGET_LOGPROB,
+    TEACHER,
+    teacher_header,
+)
 
-DEFAULT_STORE = Path("/tmp/storesize-input")
-CHOSEN = "q64"
-GOAL_BYTES, GOAL_ERR = 128.0, 0.01
+CHOSEN = tc.Q64V2
+ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2)
+GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
+SAMPLED = (SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS)
 
 TopK = tuple[np.ndarray, np.ndarray]  # ids [n, k], log-probs [n, k]
 
@@ -80,7 +94,7 @@ class Layout:
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    logprob_dtype: str = tc.Q64  # teacher_header's choice (a layout replaces its top-k arrays)
+    logprob_dtype: str = tc.Q64V2  # teacher_header's (a layout replaces its top-k arrays)
     codec: Codec = "zstd"
     layout: Layout | None = None
     scalar_dtype: str = "float32"
@@ -118,20 +132,24 @@ def _rank_layout(planes: bool) -> Layout:
     return Layout(specs, encode, decode)
 
 
-def _idorder_plain_layout() -> Layout:
-    """q64 without byte planes: the same values as plain uint16 / uint32 columns."""
+def _coarse_tail_layout(steps: int) -> Layout:
+    """q64v2 with the entries below the fine grid (p < 1e-3) rounded to ``steps`` coarse steps
+    (1/16 nat each): what a coarser tail would save, and cost in accuracy."""
 
     def specs(k: int, vocab: int | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {tc.IDS: (f"uint{8 * tc.id_width(vocab)}", (k,)), tc.LOGPROBS: ("uint16", (k,))}
+        return dict(tc.stored_arrays(k, vocab, tc.Q64V2))
 
     def encode(ids: np.ndarray, lp: np.ndarray, vocab: int | None) -> dict[str, np.ndarray]:
-        id_planes, code_planes = tc.encode(ids, lp, vocab_size=vocab)
-        return {tc.IDS: tc.from_planes(id_planes), tc.LOGPROBS: tc.from_planes(code_planes)}
+        codes = tc.quantise(lp).astype(np.int64)
+        tail = (codes > tc.FINE_MAX) & (codes < tc.NEG_INF)
+        coarse = tc.FINE_MAX + steps * np.rint((codes - tc.FINE_MAX) / steps)
+        codes = np.where(tail, np.minimum(coarse, tc.MAX_CODE), codes).astype(np.int64)
+        id_planes, code_planes = tc.encode(ids, tc.dequantise(codes), vocab_size=vocab,
+                                           coding=tc.Q64V2)
+        return {tc.IDS: id_planes, tc.LOGPROBS: code_planes}
 
     def decode(arrays: dict[str, np.ndarray]) -> TopK:
-        ids = arrays[tc.IDS]
-        return tc.decode(tc.to_planes(ids, ids.itemsize),
-                         tc.to_planes(arrays[tc.LOGPROBS], tc.CODE_WIDTH))
+        return tc.decode(arrays[tc.IDS], arrays[tc.LOGPROBS], tc.Q64V2)
 
     return Layout(specs, encode, decode)
 
@@ -140,11 +158,10 @@ CANDIDATES = (
     Candidate("float32-raw", "float32", codec="raw"),
     Candidate("float32", "float32"),
     Candidate("float16", "float16"),
-    Candidate("q64-rank", layout=_rank_layout(planes=False)),
     Candidate("q64-rank-planes", layout=_rank_layout(planes=True)),
-    Candidate("q64-idorder", layout=_idorder_plain_layout()),
-    Candidate(CHOSEN),
-    Candidate("q64+f16-scalars", scalar_dtype="float16"),
+    Candidate(tc.Q64, tc.Q64),
+    Candidate("q64v2-tail1/8nat", layout=_coarse_tail_layout(2)),
+    Candidate(tc.Q64V2),
 )
 
 
@@ -230,66 +247,124 @@ def bytes_by_array(store: Store) -> dict[str, float]:
             for name in store.array_names}
 
 
+def sampled_errors(ref: Batch, got: Batch) -> float:
+    """Max |error| of the sampled log-probs; asserts that ids and counts come back exactly."""
+    for name in (SAMPLE_IDS, SAMPLE_COUNTS):
+        assert got[name].dtype == ref[name].dtype, f"{name}: dtype {got[name].dtype}"
+        assert np.array_equal(got[name], ref[name]), f"{name} differ"
+    a, b = ref[SAMPLE_LOGPROBS].astype(np.float64), got[SAMPLE_LOGPROBS].astype(np.float64)
+    assert np.array_equal(np.isneginf(a), np.isneginf(b)), "sampled -inf entries differ"
+    finite = np.isfinite(a)
+    return float(np.abs(a[finite] - b[finite]).max(initial=0))
+
+
 def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], dict[str, float]]:
     """The candidate's figures (one line of output) and its bytes per position by array."""
     store = write_candidate(src, cand, out)
-    fine = coarse = scalars = 0.0
+    sampled = SAMPLE_IDS in src.array_names
+    fine = coarse = scalars = sampled_err = 0.0
     for part in range(src.num_parts):
         ref = src.read_part(part)
         got, topk = read_topk(store, part, cand)
         f, c = topk_errors((ref[tc.IDS], ref[tc.LOGPROBS]), topk)
         fine, coarse, scalars = max(fine, f), max(coarse, c), max(scalars, scalar_error(ref, got))
-    return {
-        "bytes_per_position": bytes_on_disk(out) / src.num_rows,
+        if sampled:
+            sampled_err = max(sampled_err, sampled_errors(ref, got))
+    by_array = bytes_by_array(store)
+    sampled_bytes = sum(by_array.get(name, 0.0) for name in SAMPLED)
+    figures = {
+        "bytes_per_position": bytes_on_disk(out) / src.num_rows - sampled_bytes,
         "max_abs_logprob_err_p_ge_1e-3": fine,
         "max_abs_logprob_err_all": coarse,
         "max_abs_scalar_err": scalars,
         "read_positions_s": read_speed(store, cand),
-    }, bytes_by_array(store)
+    }
+    if sampled:
+        figures |= {"sampled_bytes_per_position": sampled_bytes,
+                    "max_abs_sampled_logprob_err": sampled_err}
+    return figures, by_array
+
+
+def run_candidates(src: Store, names: list[str], root: Path
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Measure the candidates named, printing one line each; figures and bytes by array."""
+    results, by_array = {}, {}
+    for cand in CANDIDATES:
+        if cand.name not in names:
+            continue
+        out = root / cand.name.replace("/", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        results[cand.name], by_array[cand.name] = measure(src, cand, out)
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{cand.name}: " + " ".join(
+            f"{k}={v:.1f}" if "bytes" in k else f"{k}={v:.4g}"
+            for k, v in results[cand.name].items()), flush=True)
+    return results, by_array
+
+
+def describe(src: Store, what: str) -> None:
+    print(f"input: {what} positions={src.num_rows} parts={src.num_parts} k={src.attrs['k']} "
+          f"vocab_size={src.attrs.get('vocab_size')} "
+          f"num_samples={src.attrs.get('num_samples', 0)} "
+          f"topk_coding={src.attrs.get(tc.CODING_ATTR, 'plain')}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", type=Path, default=DEFAULT_STORE, help="a teacher store")
+    ap.add_argument("--store", type=Path, default=None,
+                    help="a teacher store (default: the SmolLM2 harvest, built once and cached)")
     ap.add_argument("--only", default="", help="comma-separated candidate names (default all)")
+    ap.add_argument("--zipf-positions", type=int, default=50_000,
+                    help="rows of the synthetic 262,144-id teacher (0: skip it)")
     ap.add_argument("--dir", type=Path, default=None,
-                    help="where to write the candidates' stores and keep them (default: temp)")
+                    help="where to write the candidates' stores (default: a temp dir)")
     args = ap.parse_args()
-
-    src = open_store(args.store, TEACHER, verify="full")
     wanted = [n for n in args.only.split(",") if n] or [c.name for c in CANDIDATES]
     unknown = set(wanted) - {c.name for c in CANDIDATES}
     if unknown:
         ap.error(f"unknown candidates {sorted(unknown)}")
-    print(f"input: store={args.store} positions={src.num_rows} parts={src.num_parts} "
-          f"k={src.attrs['k']} vocab_size={src.attrs.get('vocab_size')} "
-          f"topk_logprobs={src.read_part(0, [tc.LOGPROBS])[tc.LOGPROBS].dtype} "
-          f"topk_coding={src.attrs.get(tc.CODING_ATTR, 'plain')}")
-    root = args.dir or Path(tempfile.mkdtemp(prefix="mtkd-bench-size-"))
-    results, by_array = {}, {}
+
+    t = time.perf_counter()
+    path = args.store or real_teacher_store()
+    src = open_store(path, TEACHER, verify="full")
+    describe(src, f"store={path} (ready in {time.perf_counter() - t:.0f} s)")
+    root = Path(tempfile.mkdtemp(prefix="mtkd-bench-size-", dir=args.dir))
     try:
-        for cand in CANDIDATES:
-            if cand.name not in wanted:
-                continue
-            out = root / cand.name
-            shutil.rmtree(out, ignore_errors=True)
-            r, by_array[cand.name] = measure(src, cand, out)
-            results[cand.name] = r
-            print(f"{cand.name}: " + " ".join(
-                f"{k}={v:.4g}" if k != "bytes_per_position" else f"{k}={v:.1f}"
-                for k, v in r.items()), flush=True)
+        results, by_array = run_candidates(src, wanted, root)
+        zipf = {}
+        if args.zipf_positions:
+            zsrc = open_store(zipf_teacher_store(root / "zipf-input", args.zipf_positions),
+                              TEACHER)
+            describe(zsrc, "synthetic Zipf teacher")
+            zipf, _ = run_candidates(zsrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
     finally:
-        if args.dir is None:
-            shutil.rmtree(root, ignore_errors=True)
-    if CHOSEN in results:
-        best = results[CHOSEN]
-        met = (best["bytes_per_position"] <= GOAL_BYTES
-               and best["max_abs_logprob_err_p_ge_1e-3"] <= GOAL_ERR)
-        print(f"chosen={CHOSEN} goal_met={met} (<= {GOAL_BYTES:g} bytes, <= {GOAL_ERR} nats)")
-        print(f"{CHOSEN} bytes_per_position by array: "
-              + " ".join(f"{n}={v:.1f}" for n, v in by_array[CHOSEN].items()))
-        print(f"max_abs_logprob_err={best['max_abs_logprob_err_p_ge_1e-3']:.6g}")
-        print(f"bytes_per_position={best['bytes_per_position']:.1f}")
+        shutil.rmtree(root, ignore_errors=True)
+    if CHOSEN not in results:
+        return
+    best = results[CHOSEN]
+    print(f"{CHOSEN} bytes_per_position by array: "
+          + " ".join(f"{n}={v:.1f}" for n, v in by_array[CHOSEN].items()))
+    for name in (tc.Q64, "float32"):
+        if name in results:
+            print(f"{CHOSEN}_vs_{name}_bytes="
+                  f"{best['bytes_per_position'] / results[name]['bytes_per_position']:.3f}")
+    met = (best["bytes_per_position"] <= GOAL_BYTES
+           and best["max_abs_logprob_err_p_ge_1e-3"] <= GOAL_ERR)
+    print(f"chosen={CHOSEN} goal_met={met} (<= {GOAL_BYTES:g} bytes, <= {GOAL_ERR} nat)")
+    print(f"max_abs_logprob_err={best['max_abs_logprob_err_p_ge_1e-3']:.6g}")
+    print(f"read_positions_s={best['read_positions_s']:.4g}")
+    if CHOSEN in zipf:
+        zipf_bytes = zipf[CHOSEN]["bytes_per_position"]
+        print(f"zipf262k_goal_met={zipf_bytes <= GOAL_ZIPF_BYTES} (<= {GOAL_ZIPF_BYTES:g} bytes)")
+        print(f"zipf262k_bytes_per_position={zipf_bytes:.1f}")
+    if "sampled_bytes_per_position" in best:
+        if "float32" in results:
+            print("sampled_bytes_per_position_plain="
+                  f"{results['float32']['sampled_bytes_per_position']:.1f}")
+        sampled = best["sampled_bytes_per_position"]
+        print(f"sampled_goal_met={sampled <= GOAL_SAMPLED_BYTES} (<= {GOAL_SAMPLED_BYTES:g} bytes)")
+        print(f"sampled_bytes_per_position={sampled:.1f}")
+    print(f"teacher_bytes_per_position={best['bytes_per_position']:.1f}")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ TARGET_RANK = "target_rank"
 TAIL_LOGMASS = "tail_logmass"
 #: Exact tempered tail masses (reference engine, ``--temperature``).
 TEMPERED_TAIL_LOGMASS = "tempered_tail_logmass"
-#: Random-sampling targets (reference engine, ``--num-samples``).
-SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
+#: Random-sampling targets (``--num-samples``); q64v2 codes them too.
+SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = (
+    topk_codec.SAMPLE_IDS, topk_codec.SAMPLE_COUNTS, topk_codec.SAMPLE_LOGPROBS)
 #: What every teacher store holds per position (and every engine returns).
 TEACHER_ROWS = (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS)
 #: A teacher harvested in its own tokens (``attrs.tokenization == "own"``): where row i's context
@@ -68,7 +69,7 @@ def tokens_header(num_parts: int, attrs: Mapping[str, Any], *,
 
 
 def check_logprob_dtype(name: str) -> str:
-    """``name`` if it is a top-k coding (``q64``) or a float dtype, else ValueError."""
+    """``name`` if it is a top-k coding (``q64v2``, ``q64``) or a float dtype, else ValueError."""
     if name in topk_codec.CODINGS:
         return name
     try:
@@ -93,18 +94,20 @@ def teacher_header(
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
-    ``logprob_dtype``: ``q64`` codes the top-k columns compactly with a bounded error
-    (``topk_codec``; it needs ``attrs["vocab_size"]`` to store ids in 2 bytes, else 4), a float
-    dtype stores int32 ids and log-probs of that dtype. Readers see int32 ids and float
-    log-probs either way. ``temperatures`` adds exact tempered tail masses (reference engine);
+    ``logprob_dtype``: ``q64v2`` codes the top-k and sampled columns compactly with a bounded
+    error, ``q64`` (the default here) the top-k ones (``topk_codec``; both need
+    ``attrs["vocab_size"]`` to store ids in fewer than 4 bytes); a float dtype stores int32 ids
+    and log-probs of that dtype. Readers see int32 ids and float log-probs either way.
+    ``temperatures`` adds exact tempered tail masses (reference engine);
     ``num_samples`` adds random-sampling KD targets (unique ids, counts, log-probs) of width
     ``num_samples``. ``own_tokens``: rows are the teacher's own tokens of each window's text,
     with ``context_end`` and ``next_id`` (the caller sets ``attrs.tokenization``).
     """
     attrs = {n: v for n, v in attrs.items() if n != topk_codec.CODING_ATTR}
+    coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
-        coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"))
-        topk = [ArraySpec(name, dtype, shape, codec) for name, (dtype, shape) in coded.items()]
+        coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
+        topk = [ArraySpec(name, *coded[name], codec) for name in (TOPK_IDS, TOPK_LOGPROBS)]
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
     else:
         topk = [ArraySpec(TOPK_IDS, "int32", (k,), codec),
@@ -118,11 +121,9 @@ def teacher_header(
     if temperatures:
         arrays.append(ArraySpec(TEMPERED_TAIL_LOGMASS, "float32", (len(temperatures),), codec))
     if num_samples:
-        arrays += [
-            ArraySpec(SAMPLE_IDS, "int32", (num_samples,), codec),
-            ArraySpec(SAMPLE_COUNTS, "uint16", (num_samples,), codec),
-            ArraySpec(SAMPLE_LOGPROBS, "float32", (num_samples,), codec),
-        ]
+        plain = {SAMPLE_IDS: ("int32", (num_samples,)), SAMPLE_COUNTS: ("uint16", (num_samples,)),
+                 SAMPLE_LOGPROBS: ("float32", (num_samples,))}
+        arrays += [ArraySpec(name, *coded.get(name, spec), codec) for name, spec in plain.items()]
     if own_tokens:
         arrays += [ArraySpec(CONTEXT_END, "int32", (), codec),
                    ArraySpec(NEXT_ID, "int32", (), codec)]

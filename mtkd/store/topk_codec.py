@@ -1,27 +1,36 @@
-"""Compact, bounded-error coding ``q64`` of a teacher store's top-k columns (pure numpy).
+"""Compact, bounded-error codings of a teacher store's sparse columns (pure numpy).
 
-Why: stored plainly (int32 ids + float16 log-probs, zstd) a k=64 position costs ≈175–182 bytes;
-``q64`` brings it to ≈103 bytes on a real harvest (docs/FORMAT.md, "Top-k coding"), with a
-stated error bound instead of float16's relative one.
+Why: stored plainly (int32 ids + float16 log-probs, zstd) a k=64 position of a real 49k-vocabulary
+teacher costs ≈ 230 bytes; the codings below store the same rows with a stated error bound
+(docs/FORMAT.md, "Top-k coding", for the measured sizes).
 
-Per row of k entries:
+Both codings put log-probs on one grid, **q64**: uint16 codes of −log p in steps of 1/64 nat down
+to −443/64 ≈ −6.92 (every entry with p ≥ 1e-3), then 1/16 nat (``COARSE`` = 4 fine steps) down to
+``MIN_LOGPROB`` ≈ −4075; the code ``NEG_INF`` is −inf. Decoded values are multiples of 1/64
+(exact in float32), so |decoded − stored| ≤ 1/128 for log p ≥ −6.92, ≤ 1/32 down to
+``MIN_LOGPROB``; anything lower decodes as ``MIN_LOGPROB`` (exp of either is 0 in float64).
 
-* **Log-probs** become uint16 codes of −log p on a grid of 1/64 nat down to −443/64 ≈ −6.92
-  (every entry with p ≥ 1e-3), then 1/16 nat (``COARSE`` = 4 fine steps) down to
-  ``MIN_LOGPROB`` ≈ −4075; the code ``NEG_INF`` is −inf. Decoded values are multiples of 1/64
-  (exact in float32), so |decoded − stored| ≤ 1/128 for log p ≥ −6.92, ≤ 1/32 down to
-  ``MIN_LOGPROB``; anything lower decodes as ``MIN_LOGPROB`` (exp of either is 0 in float64).
-* **Ids** are kept in ascending order as deltas ``id_0 + 1, id_1 − id_0, …`` (small numbers:
-  the gaps between the row's ids); id −1 (padding) is delta 0 and sorts first. The log-prob
-  codes are stored in the same (id) order, and decoding restores the rank order by sorting on
-  them: exact up to entries whose codes tie, which come back in id order (each id keeps its
-  own value).
-* Both are stored as **byte planes**, ``uint8 [w, k]`` per row (the low bytes of the k values,
-  then the next bytes): the high planes are nearly constant and zstd shrinks them to little.
-  Codes use w = 2; ids w = 2 when ``vocab_size`` ≤ 65535, else 4 (any id < 2^31).
+Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
+
+* **Ids** are kept in ascending order as deltas ``id_0 + 1, id_1 − id_0, …`` (the gaps between
+  the row's ids); id −1 (padding) is delta 0 and sorts first. The log-prob codes are stored in
+  the same (id) order, and decoding restores the rank order by sorting on them: exact up to
+  entries whose codes tie, which come back in id order (each id keeps its own value).
+* ``q64``: the codes as they are. ``q64v2`` (``DEFAULT_CODING``): the row's floor F
+  (its largest code: the least likely entry) first, then F − code per entry. Most of a top-k
+  row sits just above its floor, so these are small numbers (≈ 12 bytes less per row of 64 on
+  a real teacher); ids may take 1 to 4 bytes (``delta_width``: any vocabulary; q64 stops at 2
+  bytes up to 65,535 ids, else 4).
+* Both as **byte planes**, ``uint8 [w, k]`` per row (the low bytes of the k values, then the
+  next bytes): the high planes are nearly constant and zstd shrinks them to little.
+
+``q64v2`` also codes the random-sampling columns (unique ids ascending, then padding −1 / 0 /
+−inf): ``sample_ids`` as deltas the same way (padding delta 0, last), ``sample_counts`` in one
+byte when ``num_samples`` ≤ 255, ``sample_logprobs`` as q64 codes in the same order.
 
 A store records the coding in ``attrs.topk_coding``; :func:`encode_rows` (called by the
-writer) and :func:`decode_rows` (called by every read) make it transparent to callers.
+writer) and :func:`decode_rows` (called by every read) make it transparent to callers: they see
+int32 ids, float32 log-probs in descending order and uint16 counts whatever the coding.
 """
 
 from __future__ import annotations
@@ -31,11 +40,16 @@ from typing import Any
 
 import numpy as np
 
-Q64 = "q64"
-CODINGS = (Q64,)
-#: Header attribute naming the coding of ``topk_ids`` / ``topk_logprobs`` (absent: plain).
+Q64, Q64V2 = "q64", "q64v2"
+CODINGS = (Q64, Q64V2)
+#: What new teacher stores should be written with (the harvest's ``--logprob-dtype`` default).
+DEFAULT_CODING = Q64V2
+#: Header attribute naming the coding of the sparse columns (absent: plain).
 CODING_ATTR = "topk_coding"
 IDS, LOGPROBS = "topk_ids", "topk_logprobs"
+SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
+#: The codings that also code the random-sampling columns.
+SAMPLE_CODINGS = (Q64V2,)
 
 FINE = 64  #: fine grid steps per nat
 FINE_MAX = 443  #: last fine code: ceil(64 · ln 1000), so every p ≥ 1e-3 is on the fine grid
@@ -46,11 +60,6 @@ MIN_LOGPROB = -(FINE_MAX + (MAX_CODE - FINE_MAX) * COARSE) / FINE  #: ≈ −407
 FINE_ERROR = 0.5 / FINE  #: bound on |error| for log p ≥ −FINE_MAX/64 (covers p ≥ 1e-3)
 COARSE_ERROR = 0.5 * COARSE / FINE  #: bound on |error| for MIN_LOGPROB ≤ log p < −FINE_MAX/64
 CODE_WIDTH = 2  #: bytes per log-prob code
-
-
-def id_width(vocab_size: int | None) -> int:
-    """Bytes per stored id delta: 2 when every ``id + 1`` fits a uint16, else 4."""
-    return 2 if vocab_size is not None and 0 < vocab_size <= 0xFFFF else 4
 
 
 def quantise(logprobs: np.ndarray) -> np.ndarray:
@@ -85,75 +94,184 @@ def dequantise(codes: np.ndarray) -> np.ndarray:
     return _TABLE[np.asarray(codes)]
 
 
+def _word(width: int) -> int:
+    """The unsigned integer size (1, 2, 4 or 8 bytes) that holds ``width`` bytes."""
+    return 1 << (width - 1).bit_length()
+
+
 def to_planes(values: np.ndarray, width: int) -> np.ndarray:
-    """``[n, k]`` unsigned values → ``uint8 [n, width, k]`` little-endian byte planes."""
-    le = np.ascontiguousarray(values, dtype=f"<u{width}")
-    return np.ascontiguousarray(le.view(np.uint8).reshape(*le.shape, width).swapaxes(-1, -2))
+    """``[n, k]`` unsigned values → ``uint8 [n, width, k]`` little-endian byte planes (the
+    values must fit ``width`` bytes: higher bytes are dropped)."""
+    word = _word(width)
+    le = np.ascontiguousarray(values, dtype=f"<u{word}")
+    planes = le.view(np.uint8).reshape(*le.shape, word)[..., :width]
+    return np.ascontiguousarray(planes.swapaxes(-1, -2))
 
 
 def from_planes(planes: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_planes`: ``uint8 [n, w, k]`` → native ``uint{8w} [n, k]``."""
-    width = planes.shape[-2]
-    joined = np.ascontiguousarray(np.asarray(planes, dtype=np.uint8).swapaxes(-1, -2))
-    return joined.view(f"<u{width}")[..., 0].astype(f"=u{width}", copy=False)
+    """Inverse of :func:`to_planes`: ``uint8 [n, w, k]`` → native unsigned ``[n, k]`` (of the
+    smallest numpy size holding w bytes)."""
+    planes = np.asarray(planes, dtype=np.uint8)
+    width, word = planes.shape[-2], _word(planes.shape[-2])
+    if width == word:
+        joined = np.ascontiguousarray(planes.swapaxes(-1, -2))
+    else:
+        joined = np.zeros((*planes.shape[:-2], planes.shape[-1], word), dtype=np.uint8)
+        joined[..., :width] = planes.swapaxes(-1, -2)
+    return joined.view(f"<u{word}")[..., 0].astype(f"=u{word}", copy=False)
 
 
-def encode(ids: np.ndarray, logprobs: np.ndarray, *, vocab_size: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def id_width(vocab_size: int | None) -> int:
+    """q64's bytes per stored id delta: 2 when every ``id + 1`` fits a uint16, else 4."""
+    return 2 if vocab_size is not None and 0 < vocab_size <= 0xFFFF else 4
+
+
+def delta_width(vocab_size: int | None, coding: str = Q64V2) -> int:
+    """Bytes per stored id delta: the fewest that hold ``vocab_size`` (every ``id + 1``) for
+    q64v2 (1 up to 255 ids, 3 up to 2^24 − 1), 4 when unknown (any id < 2^31); q64's
+    :func:`id_width` for q64."""
+    if coding == Q64:
+        return id_width(vocab_size)
+    if vocab_size is None or not 0 < vocab_size < 1 << 31:
+        return 4
+    return min(4, -(-int(vocab_size).bit_length() // 8))
+
+
+def _check_ids(ids: np.ndarray, width: int, vocab_size: int | None) -> None:
+    """Refuse ids a delta of ``width`` bytes cannot hold (−1 is padding)."""
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    top = min(2 ** (8 * width) - 2, 2**31 - 1)
+    if ids.size and (ids.min() < -1 or ids.max() > top):
+        raise ValueError(f"ids in [{ids.min()}, {ids.max()}] outside [-1, {top}] "
+                         f"(vocab_size {vocab_size})")
+
+
+def encode(ids: np.ndarray, logprobs: np.ndarray, *, vocab_size: int | None = None,
+           coding: str = Q64) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows ``ids [n, k]`` (−1 = padding) and ``logprobs [n, k]`` → the stored
     ``(topk_ids, topk_logprobs)`` byte planes; raises ValueError on values it cannot hold."""
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape != np.shape(logprobs):
         raise ValueError(f"ids {ids.shape} and logprobs {np.shape(logprobs)} must both be [n, k]")
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"ids must be integers, got {ids.dtype}")
-    width = id_width(vocab_size)
-    top = min(2 ** (8 * width) - 2, 2**31 - 1)
-    if ids.size and (ids.min() < -1 or ids.max() > top):
-        raise ValueError(f"ids in [{ids.min()}, {ids.max()}] outside [-1, {top}] "
-                         f"(vocab_size {vocab_size})")
+    width = delta_width(vocab_size, coding)
+    _check_ids(ids, width, vocab_size)
     # one sort of (id + 1, code) keys puts both columns in id order (faster than argsort)
     keys = np.sort((ids.astype(np.int64) + 1) << 16 | quantise(logprobs), axis=1)
     deltas = np.diff(keys >> 16, axis=1, prepend=0)
-    return to_planes(deltas, width), to_planes(keys & 0xFFFF, CODE_WIDTH)
+    codes = keys & 0xFFFF
+    if coding == Q64V2:  # the row's floor, then each code's distance to it
+        floor = codes.max(axis=1, initial=0, keepdims=True)
+        codes = np.concatenate([floor, floor - codes], axis=1)
+    return to_planes(deltas, width), to_planes(codes, CODE_WIDTH)
 
 
-def decode(id_planes: np.ndarray, code_planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _codes(code_planes: np.ndarray, coding: str) -> np.ndarray:
+    """The stored codes in id order, as int64 ``[n, k]``."""
+    codes = from_planes(code_planes).astype(np.int64)
+    return codes[:, :1] - codes[:, 1:] if coding == Q64V2 else codes
+
+
+def decode(id_planes: np.ndarray, code_planes: np.ndarray, coding: str = Q64
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Stored planes → ``ids int32 [n, k]`` and ``logprobs float32 [n, k]`` in rank order
     (descending log-prob; tied codes in ascending id order)."""
     shifted = np.cumsum(from_planes(id_planes), axis=1, dtype=np.uint32)  # id + 1 ≤ 2^31
     # one sort of (code, id + 1) keys: rank order, tied codes in id order
-    keys = np.sort(from_planes(code_planes).astype(np.int64) << 32 | shifted, axis=1)
+    keys = np.sort(_codes(code_planes, coding) << 32 | shifted, axis=1)
     return (((keys & 0xFFFFFFFF) - 1).astype(np.int32), dequantise(keys >> 32))
 
 
-def decode_logprobs(code_planes: np.ndarray) -> np.ndarray:
+def decode_logprobs(code_planes: np.ndarray, coding: str = Q64) -> np.ndarray:
     """The log-probs alone, in rank order (what :func:`decode` returns without the ids)."""
-    return dequantise(np.sort(from_planes(code_planes), axis=1))
+    return dequantise(np.sort(_codes(code_planes, coding), axis=1))
+
+
+# --------------------------------------------------------------------------- sampled rows
+
+
+def count_dtype(num_samples: int) -> str:
+    """Stored dtype of ``sample_counts`` under q64v2: one byte while every count fits."""
+    return "uint8" if num_samples <= 0xFF else "uint16"
+
+
+def encode_samples(ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, *,
+                   vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """Sampled rows ``[n, m]`` (unique ids ascending, then padding −1) → their q64v2 arrays:
+    id deltas (padding 0) and codes as byte planes, counts narrowed; ValueError if unfit."""
+    ids, counts = np.asarray(ids), np.asarray(counts)
+    if ids.ndim != 2 or not ids.shape == counts.shape == np.shape(logprobs):
+        raise ValueError(f"sample ids {ids.shape}, counts {counts.shape} and logprobs "
+                         f"{np.shape(logprobs)} must all be [n, m]")
+    width = delta_width(vocab_size)
+    _check_ids(ids, width, vocab_size)
+    real = ids >= 0
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("sample ids: padding (-1) must come after the ids")
+    deltas = np.where(real, np.diff(ids.astype(np.int64) + 1, axis=1, prepend=0), 0)
+    if (deltas[real] <= 0).any():
+        raise ValueError("sample ids must be unique and ascending in each row")
+    dtype = np.dtype(count_dtype(ids.shape[1]))
+    if counts.size and (counts.min() < 0 or counts.max() > np.iinfo(dtype).max):
+        raise ValueError(f"sample counts outside [0, {np.iinfo(dtype).max}]")
+    return {SAMPLE_IDS: to_planes(deltas, width),
+            SAMPLE_COUNTS: counts.astype(dtype),
+            SAMPLE_LOGPROBS: to_planes(quantise(logprobs), CODE_WIDTH)}
+
+
+def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The sampled arrays present in ``arrays`` as stored → ``sample_ids`` int32 (padding −1),
+    ``sample_counts`` uint16 and ``sample_logprobs`` float32; each decodes on its own."""
+    out = {}
+    if SAMPLE_IDS in arrays:
+        deltas = from_planes(arrays[SAMPLE_IDS])
+        shifted = np.cumsum(deltas, axis=1, dtype=np.int64)
+        out[SAMPLE_IDS] = np.where(deltas > 0, shifted - 1, -1).astype(np.int32)
+    if SAMPLE_COUNTS in arrays:
+        out[SAMPLE_COUNTS] = arrays[SAMPLE_COUNTS].astype(np.uint16)
+    if SAMPLE_LOGPROBS in arrays:
+        out[SAMPLE_LOGPROBS] = dequantise(from_planes(arrays[SAMPLE_LOGPROBS]))
+    return out
 
 
 # --------------------------------------------------------------------------- store rows
 
 
 def coding(attrs: Mapping[str, Any]) -> str | None:
-    """The top-k coding a store's attrs name (None: plain arrays); refuses unknown ones."""
+    """The coding a store's attrs name (None: plain arrays); refuses unknown ones."""
     name = attrs.get(CODING_ATTR)
     if name is not None and name not in CODINGS:
-        raise ValueError(f"unknown {CODING_ATTR} {name!r} (this mtkd reads {list(CODINGS)})")
+        raise ValueError(f"unknown {CODING_ATTR} {name!r} (this mtkd reads {list(CODINGS)}; "
+                         "a newer mtkd wrote it)")
     return name
 
 
-def stored_arrays(k: int, vocab_size: int | None) -> dict[str, tuple[str, tuple[int, int]]]:
-    """Stored dtype and row shape of the coded arrays (for a store's header)."""
-    return {IDS: ("uint8", (id_width(vocab_size), k)), LOGPROBS: ("uint8", (CODE_WIDTH, k))}
+def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: int = 0
+                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Stored dtype and row shape of the arrays coding ``name`` codes (for a store's header):
+    the top-k columns, and with q64v2 the ``num_samples`` sampled ones."""
+    width = delta_width(vocab_size, name)
+    floor = 1 if name == Q64V2 else 0
+    arrays = {IDS: ("uint8", (width, k)), LOGPROBS: ("uint8", (CODE_WIDTH, k + floor))}
+    if name in SAMPLE_CODINGS and num_samples:
+        arrays |= {SAMPLE_IDS: ("uint8", (width, num_samples)),
+                   SAMPLE_COUNTS: (count_dtype(num_samples), (num_samples,)),
+                   SAMPLE_LOGPROBS: ("uint8", (CODE_WIDTH, num_samples))}
+    return arrays
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``rows`` with the top-k columns coded as ``attrs`` say (unchanged for a plain store)."""
-    if coding(attrs) is None:
+    """``rows`` with the columns coded as ``attrs`` say (unchanged for a plain store)."""
+    name = coding(attrs)
+    if name is None:
         return rows
-    id_planes, code_planes = encode(rows[IDS], rows[LOGPROBS], vocab_size=attrs.get("vocab_size"))
-    return {**rows, IDS: id_planes, LOGPROBS: code_planes}
+    vocab = attrs.get("vocab_size")
+    id_planes, code_planes = encode(rows[IDS], rows[LOGPROBS], vocab_size=vocab, coding=name)
+    coded = {IDS: id_planes, LOGPROBS: code_planes}
+    if name in SAMPLE_CODINGS and SAMPLE_IDS in rows:
+        coded |= encode_samples(rows[SAMPLE_IDS], rows[SAMPLE_COUNTS], rows[SAMPLE_LOGPROBS],
+                                vocab_size=vocab)
+    return {**rows, **coded}
 
 
 def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
@@ -166,10 +284,16 @@ def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
 
 def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Arrays as read from a store → ``topk_ids`` int32 and ``topk_logprobs`` float32 in rank
-    order (unchanged for a plain store); every reader of a store goes through this."""
-    if coding(attrs) is None or LOGPROBS not in arrays:
+    order, sampled columns as written (unchanged for a plain store); every read goes through
+    this."""
+    name = coding(attrs)
+    if name is None:
         return arrays
+    out = dict(arrays)
     if IDS in arrays:
-        ids, logprobs = decode(arrays[IDS], arrays[LOGPROBS])
-        return {**arrays, IDS: ids, LOGPROBS: logprobs}
-    return {**arrays, LOGPROBS: decode_logprobs(arrays[LOGPROBS])}
+        out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
+    elif LOGPROBS in arrays:
+        out[LOGPROBS] = decode_logprobs(arrays[LOGPROBS], name)
+    if name in SAMPLE_CODINGS:
+        out |= decode_samples(arrays)
+    return out

@@ -1,0 +1,122 @@
+"""The inputs of ``bench/store_size.py``, built from nothing made by hand.
+
+* :func:`real_teacher_store`: the real teacher SmolLM2-135M (vocabulary 49,152; ``mtkd
+  setup-teacher``) harvested over a slice of the demo corpus (the standard library's own
+  sources) tokenised with SmolLM2's tokenizer, with float32 log-probs (the exact input a coding
+  re-encodes), k = 64 and 64 random-sampling draws, by the ``mtkd`` commands themselves. Cached
+  under ``~/.cache/mtkd/bench/`` (``$MTKD_CACHE``) in a directory named by a hash of what made
+  it; built in a temporary directory and renamed into place when complete.
+* :func:`zipf_teacher_store`: a synthetic teacher of 262,144 ids, rows generated in numpy
+  (ids drawn from a Zipf law, log-probs descending), for the id-width figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mtkd.recipes.real_teacher import cache_root, ensure_smollm2
+from mtkd.recipes.stdlib_corpus import stdlib_texts
+from mtkd.store import StoreWriter, open_store
+from mtkd.store.schema import TEACHER, teacher_header
+
+#: ≈ 104k SmolLM2 tokens of the standard library's top-level sources (≈ 1 min of harvest on
+#: 2 idle cores; more when the machine is shared).
+CORPUS_CHARS = 400_000
+MAX_LEN = 2048
+HARVEST_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
+                "--k", "64", "--num-samples", "64", "--enforce-eager")
+
+
+def _mtkd(*args: object) -> None:
+    """Run an ``mtkd`` command in a subprocess (vLLM's engine wants its own process)."""
+    cmd = [sys.executable, "-m", "mtkd", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def real_teacher_store(cache: Path | None = None) -> Path:
+    """The SmolLM2 teacher store over the demo corpus slice, built once (see module doc)."""
+    teacher = ensure_smollm2()
+    made_by = {"teacher": teacher.name, "corpus_chars": CORPUS_CHARS, "max_len": MAX_LEN,
+               "harvest": HARVEST_ARGS, "python": platform.python_version()}
+    key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
+    root = (cache or cache_root() / "bench") / f"store-size-smollm2-{key}"
+    if (root / "teacher" / "manifest.json").exists():
+        return root / "teacher"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        with open(tmp / "corpus.jsonl", "w") as f:
+            for text in stdlib_texts(max_files=None, max_chars=CORPUS_CHARS):
+                f.write(json.dumps({"text": text}) + "\n")
+        _mtkd("tokenize", tmp / "corpus.jsonl", "--tokenizer", teacher, "--out", tmp / "tokens",
+              "--max-len", MAX_LEN, "--no-byte-offsets")
+        _mtkd("harvest", tmp / "tokens", "--model", teacher, "--out", tmp / "teacher",
+              *HARVEST_ARGS)
+        (tmp / "made_by.json").write_text(json.dumps(made_by, indent=1))
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / "teacher"
+
+
+def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` teacher rows of a synthetic ``vocab``-id teacher, shaped like a real one.
+
+    Ids: k distinct draws of a Zipf law (exponent 1.1) over frequency ranks, in the order they
+    are first drawn (likelier tokens tend to rank higher), mapped to ids by a fixed noisy sort
+    (frequent tokens tend to have small ids, as in BPE vocabularies). Log-probs: the top one
+    −Exp(0.8); then the spacings of exponential order statistics, β·Exp(1)/i with β ~ U(1, 2.5)
+    per row (the gaps between the largest of many Gumbel logits), so a row spans ≈ 5–12 nats.
+    """
+    rng = np.random.default_rng(seed)
+    rank_to_id = np.argsort(np.log1p(np.arange(vocab)) + rng.normal(0, 1, vocab))
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** 1.1)
+    cdf /= cdf[-1]
+    ids = np.empty((n, k), np.int32)
+    for r in range(n):
+        draws = np.searchsorted(cdf, rng.random(8 * k))
+        _, first = np.unique(draws, return_index=True)
+        while len(first) < k:  # rare: too few distinct draws
+            draws = np.concatenate([draws, np.searchsorted(cdf, rng.random(8 * k))])
+            _, first = np.unique(draws, return_index=True)
+        ids[r] = rank_to_id[draws[np.sort(first)[:k]]]
+    beta = rng.uniform(1.0, 2.5, (n, 1))
+    top = -rng.exponential(0.8, (n, 1))
+    lp = np.concatenate([top, top - np.cumsum(beta * rng.exponential(1.0, (n, k - 1))
+                                              / np.arange(1, k), axis=1)], axis=1)
+    mass = np.exp(lp).sum(axis=1)
+    lp -= np.log(np.maximum(mass, 1.0))[:, None]  # a row's top-k never hold more than all mass
+    with np.errstate(divide="ignore"):  # all mass in the top-k: the tail is −inf
+        tail = np.log1p(-np.minimum(np.exp(lp).sum(axis=1), 1.0))
+    pick = rng.integers(0, k, n)  # the actual next token: one of the top-k
+    return {"topk_ids": ids, "topk_logprobs": lp.astype(np.float32),
+            "target_logprob": lp[np.arange(n), pick].astype(np.float32),
+            "target_rank": (pick + 1).astype(np.int32),
+            "tail_logmass": tail.astype(np.float32)}
+
+
+def zipf_teacher_store(out: Path, n: int = 50_000, k: int = 64, vocab: int = 1 << 18) -> Path:
+    """A one-part float32 teacher store of :func:`zipf_rows` (sequences of ``MAX_LEN`` rows)."""
+    rows = zipf_rows(n, k, vocab)
+    lengths = np.full(math.ceil(n / MAX_LEN), MAX_LEN)
+    lengths[-1] = n - MAX_LEN * (len(lengths) - 1)
+    header = teacher_header(1, k, {"vocab_size": vocab, "teacher": "zipf"},
+                            logprob_dtype="float32")
+    writer = StoreWriter(out, header)
+    with writer.open_part(0) as pw:
+        pw.append(rows, lengths, np.arange(len(lengths)))
+    assert writer.finalize()
+    open_store(out, TEACHER, verify="full")
+    return out
