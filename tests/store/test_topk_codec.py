@@ -40,10 +40,11 @@ logprob_values = st.one_of(
 
 
 @st.composite
-def topk_rows(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+def topk_rows(draw: st.DrawFn, vocabs: tuple[int, ...] = (1, 5, 300, 65535, 65536, 2**31)
+              ) -> tuple[np.ndarray, np.ndarray, int]:
     """``ids [n, k]`` (distinct per row, or −1 padding at the end), ``logprobs [n, k]``
-    descending as an engine returns them, and the vocabulary size."""
-    vocab = draw(st.sampled_from([1, 5, 300, 65535, 65536, 2**31]))
+    descending as an engine returns them, and a vocabulary size of ``vocabs``."""
+    vocab = draw(st.sampled_from(vocabs))
     k = draw(st.integers(1, min(vocab, 70)))
     n = draw(st.integers(0, 6))
     ids = np.empty((n, k), dtype=np.int64)
