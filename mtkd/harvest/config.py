@@ -40,6 +40,11 @@ class HarvestConfig:
         max=65535,
     )
     sample_temperature: float = option(1.0, "Temperature of the distribution the draws follow.")
+    sample_rest: bool = option(
+        False,
+        "Draw from outside each position's top-k only: the hybrid target (the exact top-k head "
+        "plus draws from the rest, weighted by the tail mass; unbiased, lower variance).",
+    )
     seed: int = option(0, "Seed of the draws.")
     logprob_dtype: str = option(
         Q64,
@@ -85,6 +90,11 @@ class HarvestConfig:
         if self.temperatures and self.engine != "hf":
             raise ValueError("exact tempered tails need --engine hf (the reference engine "
                              "returns the full vocabulary)")
+        if self.sample_rest and not self.num_samples:
+            raise ValueError("--sample-rest needs --num-samples N")
+        if self.sample_rest and self.sample_temperature != 1.0:
+            raise ValueError("--sample-rest draws the untempered rest (the head is exact at "
+                             "T = 1): leave --sample-temperature at 1")
         if not np.isfinite(self.sample_temperature) or self.sample_temperature <= 0:
             raise ValueError(f"sample_temperature must be positive and finite, got "
                              f"{self.sample_temperature}")

@@ -61,16 +61,20 @@ def uniforms(keys: Tensor, positions: Tensor, num_samples: int) -> Tensor:
 
 
 def draw(logits: Tensor, keys: Tensor, positions: Tensor, num_samples: int,
-         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+         temperature: float = 1.0, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``num_samples`` draws per row of ``softmax(logits / temperature)``, ascending, and their
     temperature-1 log-probs: int64 ``[R, M]`` and float32 ``[R, M]``.
 
-    Float64 inverse CDF: ``cumsum`` of the exponentials, ``searchsorted`` of ``u · total``
-    (right side, so an entry of probability 0 is never drawn).
+    ``exclude [R, h]``: ids never drawn (the draws follow the distribution renormalised over
+    the rest: the hybrid's "exact head + draws from the rest"). Float64 inverse CDF:
+    ``cumsum`` of the exponentials, ``searchsorted`` of ``u · total`` (right side, so an entry
+    of probability 0 is never drawn).
     """
     x = logits.to(torch.float64)
     top = x.amax(dim=-1, keepdim=True)
     weights = torch.exp((x - top) / temperature)
+    if exclude is not None:
+        weights.scatter_(1, exclude.to(torch.int64), 0.0)
     cdf = torch.cumsum(weights, dim=-1)
     del weights
     u = uniforms(keys.to(logits.device), positions.to(logits.device), num_samples)

@@ -41,7 +41,8 @@ def tempered_tail_logmass(
 
 
 def sample_targets(
-    logprobs: torch.Tensor, num_samples: int, temperature: float, generator: torch.Generator
+    logprobs: torch.Tensor, num_samples: int, temperature: float, generator: torch.Generator,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``num_samples`` ids per row from ``softmax(logprobs / temperature)``.
 
@@ -49,6 +50,8 @@ def sample_targets(
     ``[R, num_samples]``, ids ascending then padding (id −1, count 0, log-prob −inf).
     """
     probs = torch.softmax(logprobs.to(torch.float64) / temperature, dim=-1)
+    if exclude is not None:  # the hybrid: draws from outside the top-k (renormalised)
+        probs.scatter_(1, exclude.to(torch.int64), 0.0)
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     draws, _ = torch.sort(draws, dim=-1)
     return unique_counts(draws, logprobs.gather(-1, draws))
@@ -69,6 +72,7 @@ class HfReferenceEngine:
         temperatures: Sequence[float] = (),
         num_samples: int = 0,
         sample_temperature: float = 1.0,
+        sample_rest: bool = False,
         seed: int = 0,
         batch_size: int = 4,
     ) -> None:
@@ -88,6 +92,7 @@ class HfReferenceEngine:
         self.temperatures = tuple(float(t) for t in temperatures)
         self.num_samples = int(num_samples)
         self.sample_temperature = float(sample_temperature)
+        self.sample_rest = bool(sample_rest)  # draws from outside the top-k (the hybrid)
         self.seed = int(seed)
         self.batch_size = max(1, int(batch_size))
 
@@ -139,7 +144,9 @@ class HfReferenceEngine:
             tails = tempered_tail_logmass(logits, top, self.temperatures)
             rows["tempered_tail_logmass"] = tails.cpu().numpy()
         if gen is not None:
-            ids, counts, slp = sample_targets(lp, self.num_samples, self.sample_temperature, gen)
+            head = torch.from_numpy(rows["topk_ids"]).to(lp.device) if self.sample_rest else None
+            ids, counts, slp = sample_targets(lp, self.num_samples, self.sample_temperature, gen,
+                                              head)
             rows["sample_ids"] = ids.cpu().numpy()
             rows["sample_counts"] = counts.cpu().numpy().astype(np.uint16)
             rows["sample_logprobs"] = slp.cpu().numpy()

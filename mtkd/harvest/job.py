@@ -174,7 +174,7 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
         return VllmEngine(str(model_dir), k, dtype=config.dtype, fast_path=config.fast_path,
                           num_samples=config.num_samples,
                           sample_temperature=config.sample_temperature, seed=config.seed,
-                          **config.engine_args)
+                          sample_rest=config.sample_rest, **config.engine_args)
     if config.engine == "hf":
         import torch
 
@@ -183,7 +183,8 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
         return HfReferenceEngine(str(model_dir), k, dtype=getattr(torch, config.dtype),
                                  temperatures=config.temperatures,
                                  num_samples=config.num_samples,
-                                 sample_temperature=config.sample_temperature, seed=config.seed)
+                                 sample_temperature=config.sample_temperature, seed=config.seed,
+                                 sample_rest=config.sample_rest)
     raise ValueError(f"unknown engine {config.engine!r} (choose vllm or hf)")
 
 
@@ -245,7 +246,8 @@ def harvest(
         "dtype": config.dtype,
     }
     if config.num_samples:  # the draws follow softmax(logits / T); reproducible from the seed
-        attrs |= {"sample_temperature": config.sample_temperature, "sample_seed": config.seed}
+        attrs |= {"sample_temperature": config.sample_temperature, "sample_seed": config.seed,
+                  "sample_rest": config.sample_rest}
     if vmap is not None:
         attrs["vocab_map"] = vmap.attrs(engine_k, teacher_hash)
     if teacher is not None:

@@ -209,10 +209,13 @@ def _unscannable(module: Any) -> bool:
     return False
 
 
-def check_draws(num_samples: int, temperature: float, seed: int,
-                plugin: bool) -> vllm_plugin.DrawSpec | None:
-    """The draws a VllmEngine asks of its worker (None: none), after refusing bad values."""
+def check_draws(num_samples: int, temperature: float, seed: int, plugin: bool,
+                rest: bool = False) -> vllm_plugin.DrawSpec | None:
+    """The draws a VllmEngine asks of its worker (None: none), after refusing bad values;
+    ``rest``: from outside each row's top-k only (the hybrid)."""
     if num_samples == 0:
+        if rest:
+            raise ValueError("sample_rest needs num_samples > 0")
         return None
     if not 0 < num_samples <= np.iinfo(np.uint16).max:
         raise ValueError(f"num_samples must be in [0, 65535], got {num_samples}")
@@ -220,7 +223,7 @@ def check_draws(num_samples: int, temperature: float, seed: int,
         raise ValueError(f"sample temperature must be positive and finite, got {temperature}")
     if not plugin:
         raise ValueError("draws are made by mtkd's vLLM plugin: leave fast_logprobs on")
-    return vllm_plugin.DrawSpec(int(num_samples), float(temperature), int(seed))
+    return vllm_plugin.DrawSpec(int(num_samples), float(temperature), int(seed), bool(rest))
 
 
 class VllmEngine:
@@ -242,10 +245,12 @@ class VllmEngine:
         num_samples: int = 0,
         sample_temperature: float = 1.0,
         seed: int = 0,
+        sample_rest: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         self.k = check_k(k, MAX_K, "VllmEngine", "vLLM's max_logprobs is set to k")
-        self.draws = check_draws(num_samples, sample_temperature, seed, fast_logprobs)
+        self.draws = check_draws(num_samples, sample_temperature, seed, fast_logprobs,
+                                 sample_rest)
         self.num_samples = int(num_samples)  # draws per row of the next harvests (use_draws)
         import vllm
         from vllm import LLM

@@ -160,14 +160,17 @@ class DrawSpec:
     num_samples: int
     temperature: float
     seed: int
+    rest: bool = False  # draw from outside the row's top-k only (the hybrid)
 
     def to_args(self) -> dict[str, Any]:
-        return {DRAWS_KEY: [self.num_samples, self.temperature, self.seed]}
+        return {DRAWS_KEY: [self.num_samples, self.temperature, self.seed, self.rest]}
 
     @classmethod
     def of(cls, params: Any) -> DrawSpec | None:
         value = ((params.extra_args or {}) if params is not None else {}).get(DRAWS_KEY)
-        return None if value is None else cls(int(value[0]), float(value[1]), int(value[2]))
+        if value is None:
+            return None
+        return cls(int(value[0]), float(value[1]), int(value[2]), bool(value[3]))
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def _with_draws(logits: Any, group: list[_Rows], spec: DrawSpec, ids: Any,
     keys = torch.cat([torch.full((r.count,), sequence_key(spec.seed, np.asarray(r.prompt)),
                                  dtype=torch.int64) for r in group])
     positions = torch.cat([torch.arange(r.first, r.first + r.count) for r in group])
-    drawn, drawn_lps = draw(logits, keys, positions, spec.num_samples, spec.temperature)
+    exclude = ids[:, 1:].to(logits.device) if spec.rest else None  # column 0: the target
+    drawn, drawn_lps = draw(logits, keys, positions, spec.num_samples, spec.temperature, exclude)
     _STATS["draw_rows"] = _STATS.get("draw_rows", 0) + len(keys)
     return (torch.cat([ids, drawn.to(ids.dtype)], dim=1),
             torch.cat([lps, drawn_lps.to(lps.dtype)], dim=1))

@@ -186,3 +186,41 @@ def test_vllm_draws_do_not_depend_on_the_split(
 def test_vllm_draws_refuse_a_full_length_sequence(sampling_engine: VllmEngine) -> None:
     with pytest.raises(ValueError, match="raise --max-model-len"):
         sampling_engine.harvest([np.arange(MAX_LEN) % VOCAB])
+
+
+@pytest.mark.engine
+def test_vllm_hybrid_draws_come_from_outside_the_top_k(
+        successor_dir: Path, draw_sequences: list[np.ndarray], exact_logprobs: np.ndarray) -> None:
+    """--sample-rest: the draws follow the teacher renormalised outside each row's top-k."""
+    engine = VllmEngine(successor_dir, 8, dtype="float32", fast_path="fast",
+                        max_model_len=MAX_LEN, enforce_eager=True, num_samples=M, seed=5,
+                        sample_rest=True)
+    try:
+        rows = engine.harvest(draw_sequences)
+    finally:
+        engine.close()
+    ids, counts = rows["sample_ids"], rows["sample_counts"].astype(np.int64)
+    valid = ids >= 0
+    in_head = (ids[:, :, None] == rows["topk_ids"][:, None, :]).any(-1)
+    assert not np.any(in_head & valid)
+    rest = np.exp(exact_logprobs)
+    np.put_along_axis(rest, rows["topk_ids"].astype(np.int64), 0.0, 1)
+    rest /= rest.sum(1, keepdims=True)
+    # the rest is flat-ish: pool each row's ids into buckets of its rank outside the head
+    edges = np.array([0, 2, 4, 8, 16, 32, 64, 128, VOCAB])
+    rank = np.empty_like(rest, dtype=np.int64)
+    np.put_along_axis(rank, np.argsort(-rest, axis=1), np.arange(VOCAB)[None], 1)
+    bucket = np.searchsorted(edges, rank, side="right") - 1  # [R, V]
+    expected = np.zeros((len(rest), len(edges) - 1))
+    np.add.at(expected, (np.arange(len(rest))[:, None], bucket), rest)
+    observed = np.zeros_like(expected)
+    drawn_bucket = np.take_along_axis(bucket, np.maximum(ids, 0).astype(np.int64), 1)
+    np.add.at(observed, (np.nonzero(valid)[0], drawn_bucket[valid]), counts[valid])
+    buckets = np.broadcast_to(np.arange(len(edges) - 1), observed.shape)
+    g, dof = g_statistic(buckets, observed, expected)
+    assert dof > 1000 and g_test_p_value(g, dof) > ALPHA, (g, dof)
+    # the test has power: the whole distribution (head included) bucketed alike fails
+    rest_rank_probs = np.zeros_like(expected)
+    np.add.at(rest_rank_probs, (np.arange(len(rest))[:, None], bucket), np.exp(exact_logprobs))
+    g1, dof1 = g_statistic(buckets, observed, rest_rank_probs)
+    assert g_test_p_value(g1, dof1) < 1e-6

@@ -160,7 +160,7 @@ def aggregate(
     if config.source == "samples":
         for t in teachers:
             if SAMPLE_IDS not in t.array_names:
-                raise StoreError(f"{t.root} holds no sampled targets (harvest with --engine hf "
+                raise StoreError(f"{t.root} holds no sampled targets (harvest with "
                                  "--num-samples N)")
     elif config.tail_model == "exact":
         for t in teachers:
@@ -264,9 +264,15 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
 
 
 def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
-    """A teacher store part's random-sampling targets (ids of the draws and their counts)."""
+    """A teacher store part's random-sampling targets (ids of the draws and their counts;
+    for a hybrid store, ``attrs.sample_rest``, also its exact top-k head and tail mass)."""
+    if not attrs.get("sample_rest"):
+        return SampledRows(ids=batch[SAMPLE_IDS], counts=batch[SAMPLE_COUNTS],
+                           num_samples=int(attrs["num_samples"]))
     return SampledRows(ids=batch[SAMPLE_IDS], counts=batch[SAMPLE_COUNTS],
-                       num_samples=int(attrs["num_samples"]))
+                       num_samples=int(attrs["num_samples"]), head_ids=batch[TOPK_IDS],
+                       head_probs=np.exp(batch[TOPK_LOGPROBS].astype(np.float64)),
+                       rest_mass=np.exp(batch[TAIL_LOGMASS].astype(np.float64)))
 
 
 @dataclass
@@ -294,6 +300,8 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
     rows, ref, ref_root, own = [], None, None, {}
     for j, store in enumerate(teachers):
         names = list(SAMPLE_ARRAYS if config.source == "samples" else TEACHER_ARRAYS)
+        if config.source == "samples" and store.attrs.get("sample_rest"):
+            names += [TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS]  # the hybrid's exact head
         if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk" \
                 and not is_own(store):
             names.append(TEMPERED_TAIL_LOGMASS)

@@ -2,10 +2,12 @@
 
 A teacher harvested with ``--num-samples N`` stores, per position, the distinct ids of N draws
 from its distribution and their counts. The empirical distribution c/N is an unbiased estimate
-of the teacher's, so forward KL to it has the full-vocabulary loss's expected gradient, unlike
-a top-k cut (which drops the tail's shape). Fusing K sampled teachers with static weights w
-gives Σ_k w_k c_k/N, an unbiased estimate of their linear mixture; other operators of
-empirical distributions are biased, so only the linear one is offered.
+of the teacher's (so is the hybrid's head + rest·c/N, its draws taken outside the exact top-k
+head: lower variance, the head being exact), so forward KL to it has the full-vocabulary
+loss's expected gradient, unlike a top-k cut (which drops the tail's shape). Fusing K sampled
+teachers with static weights w gives Σ_k w_k c_k/N, an unbiased estimate of their linear
+mixture; other operators of empirical distributions are biased, so only the linear one is
+offered.
 
 The fused rows have the same fields as :func:`~.fuse.fuse` returns, so the target
 store and the trainer are the same for sampled and top-k targets. Their tail is empty unless
@@ -31,11 +33,19 @@ BLOCK_ELEMENTS = 1 << 23
 @dataclass(frozen=True)
 class SampledRows:
     """One teacher's draws for N positions: ``ids [N,S]`` distinct per row (−1 padded) and
-    ``counts [N,S]`` (0 on padding), each row's counts summing to ``num_samples``."""
+    ``counts [N,S]`` (0 on padding), each row's counts summing to ``num_samples``.
+
+    The hybrid (``harvest --sample-rest``) adds the exact head: ``head_ids [N,h]`` with
+    ``head_probs``, the draws then come from outside the head and carry its complement
+    ``rest_mass [N]``: the estimate is head + rest_mass · counts / num_samples.
+    """
 
     ids: np.ndarray
     counts: np.ndarray
     num_samples: int
+    head_ids: np.ndarray | None = None
+    head_probs: np.ndarray | None = None
+    rest_mass: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.ids.ndim != 2 or self.ids.shape != self.counts.shape:
@@ -43,6 +53,11 @@ class SampledRows:
                              "must both be [N,S]")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        head = (self.head_ids, self.head_probs, self.rest_mass)
+        if any(h is not None for h in head) and (
+                any(h is None for h in head) or self.head_ids.shape != self.head_probs.shape
+                or self.rest_mass.shape != (self.n,) or len(self.head_ids) != self.n):
+            raise ValueError("a hybrid's head needs ids and probs [N,h] and the rest mass [N]")
 
     @property
     def n(self) -> int:
@@ -93,6 +108,12 @@ def fuse_samples(
             counts = t.counts[start:stop]
             ids = np.where(counts > 0, t.ids[start:stop], vocab_size)  # padding → tail column
             dense[j][rows, ids] = counts / t.num_samples
+            if t.head_ids is not None:  # the hybrid: exact head + the rest's share of draws
+                dense[j] *= t.rest_mass[start:stop, None]
+                head = np.where(t.head_ids[start:stop] >= 0, t.head_ids[start:stop], vocab_size)
+                dense[j][rows, head] += t.head_probs[start:stop]
+                dense[j][:, vocab_size] = 0.0  # the stored head is coded: sum to 1 exactly
+                dense[j] /= np.maximum(dense[j].sum(axis=1, keepdims=True), 1e-300)
             dense[j][:, vocab_size] = 0.0
         wb = np.ascontiguousarray(w[start:stop])
         q = np.einsum("nk,knc->nc", wb, dense)

@@ -56,7 +56,7 @@ def make_tokens(root: Path, seed: int = 0, tokenizer_hash: str = "tok") -> Path:
 def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: float,
                  *, complete: bool = True, tokenizer_hash: str | None = None,
                  temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64",
-                 num_samples: int = 0) -> Path:
+                 num_samples: int = 0, sample_rest: bool = False) -> Path:
     """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept
     (float32 log-probs as engines return them, stored as ``logprob_dtype`` says), and with
     ``num_samples`` the reference engine's random-sampling targets."""
@@ -64,7 +64,7 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
     tokens = open_store(tokens_dir, TOKENS)
     attrs = {"tokenizer_hash": tokenizer_hash or tokens.attrs["tokenizer_hash"],
              "vocab_size": VOCAB, "tokens_fingerprint": tokens.manifest["checksum"],
-             "teacher": name}
+             "teacher": name} | ({"sample_rest": True} if sample_rest else {})
     out = root / name
     writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures,
                                              logprob_dtype=logprob_dtype,
@@ -96,8 +96,9 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
                 cols.append(np.log(np.where(rest, np.exp(lt), 0).sum(axis=1)))
             rows["tempered_tail_logmass"] = np.stack(cols, axis=1).astype(np.float32)
         if num_samples:
+            head = torch.from_numpy(order[:, :K]) if sample_rest else None
             ids, counts, slp = sample_targets(torch.from_numpy(logp), num_samples, 1.0,
-                                              generator)
+                                              generator, head)
             rows |= {"sample_ids": ids.numpy(), "sample_counts": counts.numpy().astype(np.uint16),
                      "sample_logprobs": slp.numpy()}
         with writer.open_part(p) as pw:
@@ -439,6 +440,29 @@ def test_sampled_targets_are_the_linear_mixture_of_the_draws(tmp_path):
     with pytest.raises(StoreError, match="no sampled targets"):
         aggregate(tokens, tmp_path / "x", config([make_teacher(tmp_path, tokens, "plain", 1, 1.0)],
                                                  source="samples"), progress=False)
+
+
+def test_hybrid_targets_are_the_exact_head_plus_the_rest_of_the_draws(tmp_path):
+    """A store harvested with --sample-rest: q = head + tail mass · c/N (its top-k exact as
+    stored, the draws from outside it), fused by --source samples like any sampled store."""
+    tokens = make_tokens(tmp_path)
+    draws = 16
+    teacher = make_teacher(tmp_path, tokens, "hybrid", seed=31, scale=2.0, num_samples=draws,
+                           sample_rest=True)
+    out = tmp_path / "hybrid-targets"
+    aggregate(tokens, out, config([teacher], k_out=K + draws, source="samples"),
+              progress=False)
+    for p, got in read_all(out).items():
+        part = open_store(teacher, TEACHER).read_part(p)
+        head = dense(part["topk_ids"], np.exp(part["topk_logprobs"].astype(np.float64)), 0.0)
+        rest = np.exp(part["tail_logmass"].astype(np.float64))[:, None]
+        drawn = dense(part["sample_ids"], part["sample_counts"] / draws, 0.0)
+        assert not np.any((head > 0) & (drawn > 0))  # the draws avoid the head
+        q = head + rest * drawn
+        np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=0.01)  # the head is q64-coded
+        q /= q.sum(axis=1, keepdims=True)
+        picked = np.take_along_axis(q, np.maximum(got["ids"], 0), axis=1)
+        np.testing.assert_allclose(np.where(got["ids"] >= 0, picked, 0), got["probs"], atol=1e-7)
 
 
 def test_label_entry_splits_the_actual_token_out_of_the_tail(stores, tmp_path):
