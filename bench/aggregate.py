@@ -1,13 +1,14 @@
 """Benchmark of ``mtkd aggregate`` against the I/O it cannot avoid.
 
-Builds a tokens store and K teacher stores (``StoreWriter`` + ``schema.teacher_header``, float16
-log-probs unless ``--logprob-dtype q64``, default zstd codec) with ≥ 1M positions over several
-parts. The teachers are
+Builds a tokens store and K teacher stores (``StoreWriter`` + ``schema.teacher_header``, the
+harvest's default top-k coding unless ``--logprob-dtype`` says otherwise, zstd codec) with
+≥ 1M positions over several parts. The teachers are
 realistic, not independent: each position has a Zipf-like base distribution over candidate ids
 (popular ids more often), every teacher sees it through its own log-normal noise, keeps its
 sorted top-k and stores its tail mass and its log-prob/rank of a sampled next token.
 
-Then, alternating, in one run (best wall time of ``--repeats`` each):
+Then, alternating, in one run (the median of ``--repeats`` runs each; ratios are taken
+within each repeat, then their median):
 
 * ``io``: the job with the computation left out — open the same stores, check and read the same
   arrays part by part (``Store.verify_part`` + ``Store.read_part``), write a target store of the
@@ -24,9 +25,9 @@ alone on part 0, in memory, wall). The lines of the first ``--processes`` value 
 last, ``aggregate_vs_io=`` last. Goal: ≤ 1.5 with processes=1. On a shared machine the wall
 ratios swing with the load; the CPU ratios are steadier.
 
-    .venv/bin/python bench/aggregate.py                          # 1M positions, processes 1 and 2
+    .venv/bin/python bench/aggregate.py                          # 1M positions, processes 1
     .venv/bin/python bench/aggregate.py --positions 262144 --processes 1 --repeats 3
-    .venv/bin/python bench/aggregate.py --logprob-dtype q64     # teacher stores coded q64
+    .venv/bin/python bench/aggregate.py --logprob-dtype float16 # plain float16 teacher stores
     MTKD_NUMBA=0 .venv/bin/python bench/aggregate.py             # the pure-numpy path
 """
 
@@ -58,6 +59,7 @@ from mtkd.distill.aggregate.job import (
 from mtkd.store import Header, StoreWriter, open_store
 from mtkd.store.executor import run_parts
 from mtkd.store.schema import TEACHER, TOKENS, target_header, teacher_header, tokens_header
+from mtkd.store.topk_codec import DEFAULT_CODING
 
 GOAL = 1.5
 TASKS = ("code", "prose", "math")
@@ -217,6 +219,17 @@ def fuse_alone(tokens_dir: Path, config: AggregateConfig, rows: int | None = Non
     return n / (time.perf_counter() - t0)
 
 
+def _median(times: dict[str, list[tuple[float, float]]], name: str, field: int) -> float:
+    """Median wall (field 0) or CPU (1) seconds of a run."""
+    return float(np.median([t[field] for t in times[name]]))
+
+
+def _median_ratio(times: dict[str, list[tuple[float, float]]], name: str, field: int) -> float:
+    """Median over the repeats of a run's time ÷ the io baseline's in the same repeat."""
+    return float(np.median([a[field] / b[field]
+                            for a, b in zip(times[name], times["io"], strict=True)]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--positions", type=int, default=1 << 20)
@@ -230,12 +243,14 @@ def main() -> None:
     ap.add_argument("--tail-model", default="lump")
     ap.add_argument("--temperatures", default="2,2,1", help="one per teacher")
     ap.add_argument("--token", default="entropy", help="token-level weights")
-    ap.add_argument("--processes", default="1,2", help="comma-separated values to measure")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each; best kept")
+    ap.add_argument("--processes", default="1", help="comma-separated values to measure")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of each (alternating); medians reported")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--logprob-dtype", default="float16",
-                    help="teacher stores' top-k coding: float16 (the figures in docs) or q64")
+    ap.add_argument("--logprob-dtype", default=DEFAULT_CODING,
+                    help=f"teacher stores' top-k coding: {DEFAULT_CODING} (harvest's default, "
+                         "decoded on every read), q64, or a float dtype (float16)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse complete input stores already in --dir (same arguments)")
     args = ap.parse_args()
@@ -275,7 +290,7 @@ def main() -> None:
         print(f"fuse_positions_per_s={fuse_alone(tokens_dir, config):.4g}")
         lines: dict[int, list[str]] = {}
         for procs in [int(p) for p in args.processes.split(",")]:
-            best: dict[str, tuple[float, float]] = {}
+            times: dict[str, list[tuple[float, float]]] = {}
             runs = {
                 "io": lambda out, p=procs: io_baseline(tokens_dir, out, config, p),
                 "aggregate": lambda out, p=procs: aggregate(tokens_dir, out, config,
@@ -283,20 +298,22 @@ def main() -> None:
                 "aggregate_seq": lambda out, p=procs: aggregate(
                     tokens_dir, out, config, processes=p, progress=False, pipeline=False),
             }
-            for _ in range(args.repeats):  # alternate, keep each one's best wall time
+            for _ in range(args.repeats):  # alternate: each repeat times all three
                 for name, run in runs.items():
                     out = root / f"out-{name}"
                     shutil.rmtree(out, ignore_errors=True)
-                    best[name] = min(best.get(name, (np.inf, 0.0)), timed(partial(run, out)))
-            io_wall, io_cpu = best["io"]
-            lines[procs] = [f"processes={procs}", f"io_wall_s={io_wall:.3f}",
-                            f"io_cpu_s={io_cpu:.3f}"]
+                    times.setdefault(name, []).append(timed(partial(run, out)))
+
+            median = partial(_median, times)
+            median_ratio = partial(_median_ratio, times)
+            lines[procs] = [f"processes={procs}", f"io_wall_s={median('io', 0):.3f}",
+                            f"io_cpu_s={median('io', 1):.3f}"]
             for name in ("aggregate_seq", "aggregate"):
-                wall, cpu = best[name]
-                lines[procs] += [f"{name}_wall_s={wall:.3f}", f"{name}_cpu_s={cpu:.3f}",
-                                 f"{name}_cpu_vs_io_cpu={cpu / io_cpu:.3f}",
-                                 f"{name}_vs_io={wall / io_wall:.3f}"]
-            lines[procs].insert(-4, f"positions_per_s={positions / best['aggregate'][0]:.4g}")
+                lines[procs] += [f"{name}_wall_s={median(name, 0):.3f}",
+                                 f"{name}_cpu_s={median(name, 1):.3f}",
+                                 f"{name}_cpu_vs_io_cpu={median_ratio(name, 1):.3f}",
+                                 f"{name}_vs_io={median_ratio(name, 0):.3f}"]
+            lines[procs].insert(-4, f"positions_per_s={positions / median('aggregate', 0):.4g}")
             for line in lines[procs]:
                 print(f"p{procs}.{line}")
         stores = [open_store(root / f"out-{n}", "target") for n in ("aggregate", "aggregate_seq")]
