@@ -61,6 +61,7 @@ from store_size_inputs import real_teacher_store, zipf_teacher_store
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Codec, part_name
+from mtkd.store.id_table import frequency_table
 from mtkd.store.schema import (
     SAMPLE_COUNTS,
     SAMPLE_IDS,
@@ -98,6 +99,7 @@ class Candidate:
     codec: Codec = "zstd"
     layout: Layout | None = None
     scalar_dtype: str = "float32"
+    id_table: tuple[int, ...] = ()  # q64v2's id table (teacher_header)
 
 
 def _rank_id_dtype(vocab: int | None) -> str:
@@ -154,6 +156,22 @@ def _coarse_tail_layout(steps: int) -> Layout:
     return Layout(specs, encode, decode)
 
 
+ID_TABLE_SIZE = 4096
+ID_TABLE = f"q64v2+id-table{ID_TABLE_SIZE}"  # a candidate of the default input only
+
+
+def id_table_candidate(teacher: Path) -> Candidate | None:
+    """The id-table candidate when the teacher's tokens store lies beside it (the default
+    input) and its vocabulary is known, else None."""
+    tokens = teacher.parent / "tokens"
+    if not (tokens / "manifest.json").exists():
+        return None
+    store = open_store(tokens, "tokens")
+    counts = np.bincount(np.concatenate([store.read_part(p, ["token_ids"])["token_ids"]
+                                         for p in range(store.num_parts)]))
+    return Candidate(ID_TABLE, id_table=tuple(frequency_table(counts, ID_TABLE_SIZE)))
+
+
 CANDIDATES = (
     Candidate("float32-raw", "float32", codec="raw"),
     Candidate("float32", "float32"),
@@ -172,7 +190,7 @@ def candidate_header(src: Store, cand: Candidate) -> Header:
     header = teacher_header(src.num_parts, k, attrs, temperatures=attrs.get("temperatures", ()),
                             num_samples=int(attrs.get("num_samples", 0)),
                             logprob_dtype=cand.logprob_dtype if cand.layout is None
-                            else "float32", codec=cand.codec)
+                            else "float32", codec=cand.codec, id_table=cand.id_table)
     specs = cand.layout.specs(k, vocab) if cand.layout else {}
     specs |= {name: (cand.scalar_dtype, ()) for name in SCALARS}
     arrays = tuple(ArraySpec(a.name, *specs[a.name], a.codec) if a.name in specs else a
@@ -285,11 +303,12 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
     return figures, by_array
 
 
-def run_candidates(src: Store, names: list[str], root: Path
+def run_candidates(src: Store, names: list[str], root: Path,
+                   candidates: tuple[Candidate, ...] = CANDIDATES,
                    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Measure the candidates named, printing one line each; figures and bytes by array."""
     results, by_array = {}, {}
-    for cand in CANDIDATES:
+    for cand in candidates:
         if cand.name not in names:
             continue
         out = root / cand.name.replace("/", "_")
@@ -319,8 +338,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None,
                     help="where to write the candidates' stores (default: a temp dir)")
     args = ap.parse_args()
-    wanted = [n for n in args.only.split(",") if n] or [c.name for c in CANDIDATES]
-    unknown = set(wanted) - {c.name for c in CANDIDATES}
+    wanted = [n for n in args.only.split(",") if n] or [c.name for c in CANDIDATES] + [ID_TABLE]
+    unknown = set(wanted) - {c.name for c in CANDIDATES} - {ID_TABLE}
     if unknown:
         ap.error(f"unknown candidates {sorted(unknown)}")
 
@@ -331,6 +350,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mtkd-bench-size-", dir=args.dir))
     try:
         results, by_array = run_candidates(src, wanted, root)
+        extra = id_table_candidate(path)
+        if extra is not None and extra.name in wanted:
+            run_candidates(src, [extra.name], root, (extra,))
         zipf = {}
         if args.zipf_positions:
             zsrc = open_store(zipf_teacher_store(root / "zipf-input", args.zipf_positions),

@@ -91,6 +91,7 @@ def teacher_header(
     logprob_dtype: str = topk_codec.Q64,
     codec: Codec = "zstd",
     own_tokens: bool = False,
+    id_table: Sequence[int] = (),
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -102,13 +103,21 @@ def teacher_header(
     ``num_samples`` adds random-sampling KD targets (unique ids, counts, log-probs) of width
     ``num_samples``. ``own_tokens``: rows are the teacher's own tokens of each window's text,
     with ``context_end`` and ``next_id`` (the caller sets ``attrs.tokenization``).
+    ``id_table`` (q64v2 only): the most frequent ids first, e.g. ``id_table.frequency_table``
+    of the tokens store's counts; top-k ids are renumbered through it (``attrs.topk_id_table``).
     """
-    attrs = {n: v for n, v in attrs.items() if n != topk_codec.CODING_ATTR}
+    attrs = {n: v for n, v in attrs.items()
+             if n not in (topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR)}
+    if id_table and logprob_dtype != topk_codec.Q64V2:
+        raise ValueError(f"an id table needs logprob dtype {topk_codec.Q64V2!r}")
     coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
         coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
         topk = [ArraySpec(name, *coded[name], codec) for name in (TOPK_IDS, TOPK_LOGPROBS)]
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
+        if id_table:
+            attrs[topk_codec.ID_TABLE_ATTR] = [int(i) for i in id_table]
+            topk_codec.coding(attrs)  # a set of ids below vocab_size, or ValueError
     else:
         topk = [ArraySpec(TOPK_IDS, "int32", (k,), codec),
                 ArraySpec(TOPK_LOGPROBS, logprob_dtype, (k,), codec)]

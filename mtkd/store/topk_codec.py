@@ -21,6 +21,8 @@ Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
   row sits just above its floor, so these are small numbers (≈ 12 bytes less per row of 64 on
   a real teacher); ids may take 1 to 4 bytes (``delta_width``: any vocabulary; q64 stops at 2
   bytes up to 65,535 ids, else 4).
+* q64v2 may renumber the ids first through the store's id table (``id_table``,
+  ``attrs.topk_id_table``): frequent tokens become small numbers, so the gaps shrink.
 * Both as **byte planes**, ``uint8 [w, k]`` per row (the low bytes of the k values, then the
   next bytes): the high planes are nearly constant and zstd shrinks them to little.
 
@@ -39,6 +41,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
 
 Q64, Q64V2 = "q64", "q64v2"
 CODINGS = (Q64, Q64V2)
@@ -238,11 +242,15 @@ def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def coding(attrs: Mapping[str, Any]) -> str | None:
-    """The coding a store's attrs name (None: plain arrays); refuses unknown ones."""
+    """The coding a store's attrs name (None: plain arrays); refuses unknown ones, and an id
+    table (``id_table``) that is not q64v2's or not a set of ids below ``vocab_size``."""
     name = attrs.get(CODING_ATTR)
     if name is not None and name not in CODINGS:
         raise ValueError(f"unknown {CODING_ATTR} {name!r} (this mtkd reads {list(CODINGS)}; "
                          "a newer mtkd wrote it)")
+    if attrs.get(ID_TABLE_ATTR) and name != Q64V2:
+        raise ValueError(f"{ID_TABLE_ATTR} needs {CODING_ATTR} {Q64V2!r}, not {name!r}")
+    lookups(attrs)
     return name
 
 
@@ -265,8 +273,9 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any]) -> Mapping[st
     name = coding(attrs)
     if name is None:
         return rows
-    vocab = attrs.get("vocab_size")
-    id_planes, code_planes = encode(rows[IDS], rows[LOGPROBS], vocab_size=vocab, coding=name)
+    vocab, table = attrs.get("vocab_size"), lookups(attrs)
+    ids = rows[IDS] if table is None else renumber(rows[IDS], table[0])
+    id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
     coded = {IDS: id_planes, LOGPROBS: code_planes}
     if name in SAMPLE_CODINGS and SAMPLE_IDS in rows:
         coded |= encode_samples(rows[SAMPLE_IDS], rows[SAMPLE_COUNTS], rows[SAMPLE_LOGPROBS],
@@ -292,6 +301,9 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any]) -> dict
     out = dict(arrays)
     if IDS in arrays:
         out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
+        table = lookups(attrs)
+        if table is not None:
+            out[IDS] = renumber(out[IDS], table[1]).astype(np.int32)
     elif LOGPROBS in arrays:
         out[LOGPROBS] = decode_logprobs(arrays[LOGPROBS], name)
     if name in SAMPLE_CODINGS:

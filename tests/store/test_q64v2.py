@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mtkd.store import StoreError, StoreWriter, open_store, verify_store
+from mtkd.store import StoreError, StoreWriter, id_table, open_store, verify_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, part_name
 from mtkd.store.schema import TEACHER, teacher_header
@@ -218,3 +218,50 @@ def test_a_damaged_coded_chunk_is_caught_by_reads(name: str, tmp_path: Path) -> 
     store.read_part(0)  # the undamaged part still reads
     with pytest.raises(StoreError, match=name):
         store.verify_part(1, full=True)
+
+
+# --------------------------------------------------------------------------- id table
+
+
+@given(rows=topk_rows(vocabs=(5, 300, 70_000)), seed=st.integers(0, 2**32 - 1))
+def test_id_table_renumbers_and_restores_every_id(rows, seed: int) -> None:
+    ids, lp, vocab = rows
+    rng = np.random.default_rng(seed)
+    table = rng.permutation(vocab)[: rng.integers(1, min(vocab, 50) + 1)].tolist()
+    attrs = {"vocab_size": vocab, "topk_coding": tc.Q64V2, "topk_id_table": table}
+    coded = tc.encode_rows({"topk_ids": ids, "topk_logprobs": lp}, attrs)
+    got = tc.decode_rows(dict(coded), attrs)
+    assert got["topk_ids"].dtype == np.int32
+    assert by_id(got["topk_ids"], got["topk_logprobs"]) == by_id(
+        ids, tc.dequantise(tc.quantise(lp)))
+    assert (got["topk_logprobs"][:, 1:] <= got["topk_logprobs"][:, :-1]).all()
+    # the table's ids are stored as 0, 1, 2, ...: in a row without padding, the first one's
+    # delta is 1
+    first = np.isin(ids, table[:1]).any(axis=1) & (ids >= 0).all(axis=1)
+    assert (tc.from_planes(coded["topk_ids"])[first, 0] == 1).all()
+
+
+def test_id_table_in_a_store_and_refused_tables(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    vocab, k = 200, 8
+    header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=tc.Q64V2,
+                            id_table=[7, 3, 150])
+    assert header.attrs["topk_id_table"] == [7, 3, 150]
+    rows = teacher_rows(rng, 9, k, vocab)
+    writer = StoreWriter(tmp_path / "t", header)
+    with writer.open_part(0) as pw:
+        pw.append(rows, [4, 5], [0, 1])
+    assert writer.finalize()
+    batch = open_store(tmp_path / "t", TEACHER).read_part(0)
+    assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
+        rows["topk_ids"], tc.dequantise(tc.quantise(rows["topk_logprobs"])))
+    for bad, why in (([3, 3], "distinct"), ([200], "distinct ids in"), ([-1], "distinct")):
+        with pytest.raises(ValueError, match=why):
+            teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=tc.Q64V2, id_table=bad)
+    with pytest.raises(ValueError, match="needs logprob dtype 'q64v2'"):
+        teacher_header(1, k, {"vocab_size": vocab}, id_table=[1])
+    with pytest.raises(ValueError, match=r"needs attrs\.vocab_size"):
+        teacher_header(1, k, {}, logprob_dtype=tc.Q64V2, id_table=[1])
+    with pytest.raises(ValueError, match="needs topk_coding 'q64v2'"):
+        tc.coding({"topk_coding": tc.Q64, "vocab_size": 9, "topk_id_table": [1]})
+    assert id_table.frequency_table(np.array([0, 5, 2, 5, 0]), size=2) == [1, 3]
