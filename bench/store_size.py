@@ -22,7 +22,8 @@ sequences in a temp dir, read back part by part, and one line printed::
   ids and counts must come back exactly (checked), their log-probs within q64's bound;
 * ``max_abs_scalar_err``: the same for ``target_logprob`` and ``tail_logmass``;
 * ``read_positions_s``: a sequential read of every part including decoding (best of 3; the
-  machine is shared, so this moves between runs).
+  machine is shared, so this moves between runs); ``read_topk_positions_s``: the same of the
+  top-k columns alone.
 
 Candidates (zstd unless said):
 
@@ -213,9 +214,11 @@ def write_candidate(src: Store, cand: Candidate, out: Path) -> Store:
     return open_store(out, TEACHER, verify="full")
 
 
-def read_topk(store: Store, part: int, cand: Candidate) -> tuple[Batch, TopK]:
-    """A part as a reader sees it: the store decodes its own coding, a bench layout here."""
-    batch = store.read_part(part)
+def read_topk(store: Store, part: int, cand: Candidate,
+              names: list[str] | None = None) -> tuple[Batch, TopK]:
+    """A part as a reader sees it (``names``: those arrays only): the store decodes its own
+    coding, a bench layout here."""
+    batch = store.read_part(part, names)
     if cand.layout is None:
         return batch, (batch[tc.IDS], batch[tc.LOGPROBS])
     return batch, cand.layout.decode(batch.arrays)
@@ -248,12 +251,14 @@ def scalar_error(ref: Batch, got: Batch) -> float:
     return worst
 
 
-def read_speed(store: Store, cand: Candidate, repeats: int = 3) -> float:
+def read_speed(store: Store, cand: Candidate, names: list[str] | None = None,
+               repeats: int = 3) -> float:
+    """Positions per second of a sequential read of every part (best of ``repeats``)."""
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
         for part in range(store.num_parts):
-            read_topk(store, part, cand)
+            read_topk(store, part, cand, names)
         best = min(best, time.perf_counter() - t)
     return store.num_rows / best
 
@@ -296,6 +301,7 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
         "max_abs_logprob_err_all": coarse,
         "max_abs_scalar_err": scalars,
         "read_positions_s": read_speed(store, cand),
+        "read_topk_positions_s": read_speed(store, cand, [tc.IDS, tc.LOGPROBS]),
     }
     if sampled:
         figures |= {"sampled_bytes_per_position": sampled_bytes,
@@ -375,6 +381,10 @@ def main() -> None:
     print(f"chosen={CHOSEN} goal_met={met} (<= {GOAL_BYTES:g} bytes, <= {GOAL_ERR} nat)")
     print(f"max_abs_logprob_err={best['max_abs_logprob_err_p_ge_1e-3']:.6g}")
     print(f"read_positions_s={best['read_positions_s']:.4g}")
+    print(f"read_topk_positions_s={best['read_topk_positions_s']:.4g}")
+    if tc.Q64 in results:
+        print(f"{CHOSEN}_vs_{tc.Q64}_read_topk_speed="
+              f"{best['read_topk_positions_s'] / results[tc.Q64]['read_topk_positions_s']:.3f}")
     if CHOSEN in zipf:
         zipf_bytes = zipf[CHOSEN]["bytes_per_position"]
         print(f"zipf262k_goal_met={zipf_bytes <= GOAL_ZIPF_BYTES} (<= {GOAL_ZIPF_BYTES:g} bytes)")
