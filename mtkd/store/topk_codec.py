@@ -172,8 +172,10 @@ def encode(ids: np.ndarray, logprobs: np.ndarray, *, vocab_size: int | None = No
 
 def _codes(code_planes: np.ndarray, coding: str) -> np.ndarray:
     """The stored codes in id order, as int64 ``[n, k]``."""
-    codes = from_planes(code_planes).astype(np.int64)
-    return codes[:, :1] - codes[:, 1:] if coding == Q64V2 else codes
+    codes = from_planes(code_planes)
+    if coding == Q64V2:
+        codes = codes[:, :1] - codes[:, 1:]  # the floor ≥ every distance: no wrap in uint16
+    return codes.astype(np.int64)
 
 
 def decode(id_planes: np.ndarray, code_planes: np.ndarray, coding: str = Q64
@@ -229,8 +231,10 @@ def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     if SAMPLE_IDS in arrays:
         deltas = from_planes(arrays[SAMPLE_IDS])
-        shifted = np.cumsum(deltas, axis=1, dtype=np.int64)
-        out[SAMPLE_IDS] = np.where(deltas > 0, shifted - 1, -1).astype(np.int32)
+        ids = np.cumsum(deltas, axis=1, dtype=np.int32)  # id + 1 < 2^31
+        ids -= 1
+        ids[deltas == 0] = -1  # padding
+        out[SAMPLE_IDS] = ids
     if SAMPLE_COUNTS in arrays:
         out[SAMPLE_COUNTS] = arrays[SAMPLE_COUNTS].astype(np.uint16)
     if SAMPLE_LOGPROBS in arrays:
