@@ -66,13 +66,9 @@ def by_id(ids: np.ndarray, values: np.ndarray) -> list[list[tuple[int, float]]]:
                                                                            strict=True)]
 
 
-@given(rows=topk_rows())
-def test_round_trip_ids_exact_values_bounded_rank_order(rows) -> None:
-    ids, lp, vocab = rows
-    id_planes, code_planes = tc.encode(ids, lp, vocab_size=vocab)
-    assert id_planes.shape == (len(ids), tc.id_width(vocab), ids.shape[1])
-    assert code_planes.shape == (len(ids), 2, ids.shape[1])
-    got_ids, got_lp = tc.decode(id_planes, code_planes)
+def assert_decoded(ids: np.ndarray, lp: np.ndarray, got_ids: np.ndarray,
+                   got_lp: np.ndarray) -> None:
+    """Decoded top-k rows: int32 ids exact, float32 values within the bound, rank order."""
     assert got_ids.dtype == np.int32 and got_lp.dtype == np.float32
     # each id keeps its own (quantised) value, padding included; nothing else changes
     assert by_id(got_ids, got_lp) == by_id(ids, tc.dequantise(tc.quantise(lp)))
@@ -86,6 +82,16 @@ def test_round_trip_ids_exact_values_bounded_rank_order(rows) -> None:
     assert (err[want >= LOG_1E_3] <= 0.01).all()
     assert np.array_equal(np.isneginf(got_lp), np.isneginf(want))
     assert (got_lp[(want < tc.MIN_LOGPROB) & np.isfinite(want)] == np.float32(tc.MIN_LOGPROB)).all()
+
+
+@given(rows=topk_rows())
+def test_round_trip_ids_exact_values_bounded_rank_order(rows) -> None:
+    ids, lp, vocab = rows
+    id_planes, code_planes = tc.encode(ids, lp, vocab_size=vocab)
+    assert id_planes.shape == (len(ids), tc.id_width(vocab), ids.shape[1])
+    assert code_planes.shape == (len(ids), 2, ids.shape[1])
+    got_ids, got_lp = tc.decode(id_planes, code_planes)
+    assert_decoded(ids, lp, got_ids, got_lp)
     # the logprobs alone decode the same
     np.testing.assert_array_equal(tc.decode_logprobs(code_planes), got_lp)
     # decoded rows encode to the same bytes (re-writing a store's rows changes nothing)
