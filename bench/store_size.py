@@ -33,7 +33,12 @@ Candidates (zstd unless said):
   ids), codes delta-coded along the row (first one absolute) as byte planes;
 * ``q64``: ids in id order as deltas, codes as they are (``mtkd.store.topk_codec``);
 * ``q64v2``: the chosen coding: q64 with codes as distances to the row's floor, ids in as few
-  bytes as the vocabulary needs, the sampled columns coded too.
+  bytes as the vocabulary needs, the sampled columns coded too;
+* ``q64v2-tail1/8nat``: q64v2 with entries below p = 1e-3 on a 1/8-nat grid (what a coarser
+  tail would save; not taken);
+* ``q64v2+id-table4096`` (the default input only): q64v2 with the id table of the tokens
+  store's 4096 most frequent ids in the header (``teacher_header(id_table=)``), what a harvest
+  could write.
 
 Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
 q64v2. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
