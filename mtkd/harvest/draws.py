@@ -5,11 +5,14 @@ of ``softmax(logits / T)`` at a uniform ``u = h(key, j, d) / 2^32``, where ``key
 sequence's 63-bit key (:func:`sequence_key`: a keyed BLAKE2b of the harvest seed and the
 sequence's tokens) and ``h`` a counter-based 32-bit hash (murmur3's finaliser, chained over the
 key's two halves, ``j`` and ``d``). So a draw depends on nothing but (seed, sequence, position,
-draw index): not on the batch, the worker split, the step's other requests or the device. Every
-operation is a torch op over whole ``[rows, V]`` blocks (no per-position Python), so the same
-code runs in vLLM's CUDA worker and on the CPU; 32-bit products are formed from 16-bit halves
-so that no int64 product overflows. The uniforms resolve 2^-32: a token with probability below
-≈ 2.3e-10 is never drawn (its share of 64 draws would be < 1.5e-8).
+draw index): not on the batch, the worker split or the step's other requests. On a GPU every
+operation is a torch op over whole ``[rows, V]`` blocks (:func:`draw_torch`, no per-position
+Python); on the CPU a numba kernel walks each row's CDF where its log-probs are in cache
+(:mod:`mtkd.harvest.draw_kernel`): the same draws but where a target falls within float64
+rounding, or the last bit of float32 ``exp`` (numpy's, torch's), of a CDF boundary. 32-bit
+products are formed from 16-bit halves so that no int64 product overflows. The uniforms
+resolve 2^-32: a token with probability below ≈ 2.3e-10 is never drawn (its share of 64 draws
+would be < 1.5e-8).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
+CHUNK_ELEMENTS = 1 << 18  #: log-probs per chunk of :func:`draw` on the CPU (in cache)
 _GOLDEN = 0x9E3779B9  # spreads the draw index before hashing
 
 
@@ -60,29 +64,89 @@ def uniforms(keys: Tensor, positions: Tensor, num_samples: int) -> Tensor:
     return h.to(torch.float64) * (1.0 / 4294967296.0)
 
 
+def weights(logprobs: Tensor, temperature: float) -> Tensor:
+    """The draws' unnormalised float32 weights exp(log p / T) from float32 log-probs."""
+    return torch.exp(logprobs if temperature == 1.0 else logprobs / temperature)
+
+
+class ChunkDraws:
+    """Draws made chunk by chunk, as a hook of
+    :func:`~mtkd.harvest.prompt_logprobs.prompt_logprobs_fast` (the CPU path: the weights come
+    from a chunk's log-probs while they are in cache) or over any log-probs (:func:`draw`).
+
+    ``targets [n, M]``: each row's uniforms, ascending; ``rest``: the hybrid (the top-k ids the
+    hook is given weigh nothing); ``exclude [n, h]``: ids of weight 0 given directly.
+    """
+
+    def __init__(self, targets: np.ndarray, temperature: float, rest: bool = False,
+                 exclude: np.ndarray | None = None) -> None:
+        self.targets, self.temperature = targets, temperature
+        self.rest, self.exclude = rest, exclude
+        self.ids = np.empty(targets.shape, np.int64)
+        self.logprobs = np.empty(targets.shape, np.float32)
+
+    def __call__(self, rows: slice | np.ndarray, logprobs: Tensor,
+                 top_ids: np.ndarray | None) -> None:
+        from mtkd.harvest.draw_kernel import walk_rows
+
+        lp = logprobs.numpy()
+        if self.exclude is not None:
+            excluded = self.exclude[rows]
+        elif self.rest and top_ids is not None:
+            excluded = top_ids[:, 1:]  # column 0: the target
+        else:
+            excluded = np.empty((len(lp), 0), np.int64)
+        excluded = np.sort(excluded.astype(np.int64), axis=1)
+        out = np.empty((len(lp), self.targets.shape[1]), np.int64)
+        # numpy's SIMD exp (several times torch's on a CPU here)
+        w = np.exp(lp if self.temperature == 1.0 else lp / np.float32(self.temperature))
+        walk_rows(w, np.ascontiguousarray(self.targets[rows]), excluded, out)
+        self.ids[rows] = out
+        self.logprobs[rows] = np.take_along_axis(lp, out, axis=1)
+
+
+def sorted_uniforms(keys: Tensor, positions: Tensor, num_samples: int) -> np.ndarray:
+    """:func:`uniforms` ascending per row, as numpy (the CPU walk's order)."""
+    return np.sort(uniforms(keys, positions, num_samples).numpy(), axis=1)
+
+
 def draw(logits: Tensor, keys: Tensor, positions: Tensor, num_samples: int,
          temperature: float = 1.0, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``num_samples`` draws per row of ``softmax(logits / temperature)``, ascending, and their
     temperature-1 log-probs: int64 ``[R, M]`` and float32 ``[R, M]``.
 
-    ``exclude [R, h]``: ids never drawn (the draws follow the distribution renormalised over
-    the rest: the hybrid's "exact head + draws from the rest"). Float64 inverse CDF:
-    ``cumsum`` of the exponentials, ``searchsorted`` of ``u · total`` (right side, so an entry
-    of probability 0 is never drawn).
+    The distribution is the weights exp(log p / T) of the float32 log-softmax, renormalised;
+    ``exclude [R, h]``: ids never drawn (the hybrid: the rest outside an exact head). Inverse
+    CDF in float64 at the uniforms of :func:`uniforms`: on the CPU by
+    :mod:`mtkd.harvest.draw_kernel`, elsewhere by :func:`draw_torch`.
     """
-    x = logits.to(torch.float64)
-    top = x.amax(dim=-1, keepdim=True)
-    weights = torch.exp((x - top) / temperature)
+    if logits.device.type != "cpu":
+        return draw_torch(logits, keys, positions, num_samples, temperature, exclude)
+    u = sorted_uniforms(keys, positions, num_samples)
+    hook = ChunkDraws(u, temperature, exclude=None if exclude is None else exclude.numpy())
+    step = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for a in range(0, len(logits), step):
+        rows = slice(a, min(a + step, len(logits)))
+        hook(rows, logits[rows].log_softmax(dim=-1, dtype=torch.float32), None)
+    return torch.from_numpy(hook.ids), torch.from_numpy(hook.logprobs)
+
+
+def draw_torch(logits: Tensor, keys: Tensor, positions: Tensor, num_samples: int,
+               temperature: float = 1.0, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`draw` in torch ops over whole ``[rows, V]`` blocks (a GPU's path): ``cumsum`` of
+    the weights in float64, ``searchsorted`` of ``u · total`` (right side, so an entry of
+    weight 0 is never drawn)."""
+    lp = logits.log_softmax(dim=-1, dtype=torch.float32)
+    w = weights(lp, temperature)
     if exclude is not None:
-        weights.scatter_(1, exclude.to(torch.int64), 0.0)
-    cdf = torch.cumsum(weights, dim=-1)
-    del weights
+        w.scatter_(1, exclude.to(torch.int64), 0.0)
+    cdf = torch.cumsum(w, dim=-1, dtype=torch.float64)
+    del w
     u = uniforms(keys.to(logits.device), positions.to(logits.device), num_samples)
-    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(x.shape[-1] - 1)
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(lp.shape[-1] - 1)
     del cdf
     draws, _ = torch.sort(draws, dim=-1)
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    return draws, (x.gather(-1, draws) - lse).to(torch.float32)
+    return draws, lp.gather(-1, draws)
 
 
 def unique_counts(draws: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:

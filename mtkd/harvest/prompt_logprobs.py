@@ -32,6 +32,7 @@ against ``V`` or the tensors are not on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -89,19 +90,31 @@ def fast_supported(logits: torch.Tensor, k: int) -> bool:
     )
 
 
+#: ``on_chunk(rows, log_probs, ids)``: rows (a slice or indices) of the call, their float32
+#: log-probs ``[r, V]`` and their finished ``[r, k+1]`` ids (target, then the top-k)
+ChunkHook = Callable[[slice | np.ndarray, torch.Tensor, np.ndarray], None]
+
+
 def prompt_logprobs_fast(
-    logits: torch.Tensor, k: int, targets: torch.Tensor, stats: dict[str, float] | None = None
+    logits: torch.Tensor, k: int, targets: torch.Tensor, stats: dict[str, float] | None = None,
+    on_chunk: ChunkHook | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows of :func:`prompt_logprobs_reference`, computed as the module docstring says.
 
     ``stats`` (optional) is incremented: ``calls``, ``rows``, ``reference_rows`` (rows the
     reference recomputed) and ``reference_calls`` (calls that ran the reference entirely).
+    ``on_chunk`` sees every row's log-probs once, while a chunk of them is in cache (the
+    draws are made there), from the thread that computed them.
     """
     n = logits.shape[0] if logits.dim() == 2 else 0
     if n == 0 or not fast_supported(logits, k):
         if stats is not None:
             _bump(stats, calls=1, rows=n, reference_calls=1, reference_rows=n)
-        return prompt_logprobs_reference(logits, k, targets)
+        out = prompt_logprobs_reference(logits, k, targets)
+        if on_chunk is not None and n:
+            on_chunk(slice(0, n), logits.log_softmax(dim=-1, dtype=torch.float32),
+                     out[0].numpy())
+        return out
     vocab = logits.shape[1]
     cap = capacity(k)
     groups = vocab // group_size(vocab, k)
@@ -119,12 +132,15 @@ def prompt_logprobs_fast(
         keys = np.empty((min(step, hi - lo), cap), dtype=np.int64)
         for a in range(lo, hi, step):
             b = min(a + step, hi)
-            lp = logits[a:b].log_softmax(dim=-1, dtype=torch.float32).numpy()
+            lp_t = logits[a:b].log_softmax(dim=-1, dtype=torch.float32)
+            lp = lp_t.numpy()
             kk = keys[: b - a]
             kern.select(lp, lp.view(np.int32), tgt_np[a:b], k, groups, kk, ranks[a:b],
                         tgt_lp[a:b])
             kk.sort(axis=1)
             kern.decode(kk, tgt_np[a:b], tgt_lp[a:b], ids[a:b], vals[a:b].view(np.int32))
+            if on_chunk is not None:
+                on_chunk(slice(a, b), lp_t, ids[a:b])
 
     over_rows(0, n, rows)
     ids_t, vals_t, ranks_t = torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(ranks)
@@ -133,6 +149,9 @@ def prompt_logprobs_fast(
         rows = torch.from_numpy(redo)
         r_ids, r_vals, r_ranks = prompt_logprobs_reference(logits[rows], k, targets64[rows])
         ids_t[rows], vals_t[rows], ranks_t[rows] = r_ids, r_vals, r_ranks
+        if on_chunk is not None:  # again, with the rows' right top-k
+            on_chunk(redo, logits[rows].log_softmax(dim=-1, dtype=torch.float32),
+                     r_ids.numpy())
     if stats is not None:
         _bump(stats, calls=1, rows=n, reference_rows=len(redo))
     return ids_t, vals_t, ranks_t

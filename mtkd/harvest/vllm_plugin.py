@@ -206,6 +206,7 @@ def prompt_logprobs_batched(
     import torch
     from vllm.v1.outputs import LogprobsTensors
 
+    from mtkd.harvest.draws import ChunkDraws, draw_torch, sorted_uniforms
     from mtkd.harvest.prompt_logprobs import prompt_logprobs_fast
 
     pending: dict[str, int] = runner.num_prompt_logprobs
@@ -240,10 +241,23 @@ def prompt_logprobs_batched(
             hidden_states[torch.from_numpy(rows).to(hidden_states.device)])
         start = time.perf_counter()
         top_k = k - (draws.num_samples if draws else 0)
+        keys, positions = _draw_counters(group, draws.seed) if draws else (None, None)
+        hook = None
+        if draws is not None and logits.device.type == "cpu":  # drawn where the top-k is
+            u = sorted_uniforms(keys, positions, draws.num_samples)
+            hook = ChunkDraws(u, draws.temperature, draws.rest)
         ids, lps, ranks = prompt_logprobs_fast(
-            logits, top_k, torch.from_numpy(targets).to(logits.device), _STATS)
+            logits, top_k, torch.from_numpy(targets).to(logits.device), _STATS, on_chunk=hook)
         if draws is not None:
-            ids, lps = _with_draws(logits, group, draws, ids, lps)
+            if hook is not None:
+                drawn, drawn_lps = torch.from_numpy(hook.ids), torch.from_numpy(hook.logprobs)
+            else:
+                exclude = ids[:, 1:].to(logits.device) if draws.rest else None
+                drawn, drawn_lps = draw_torch(logits, keys, positions, draws.num_samples,
+                                              draws.temperature, exclude)
+            _STATS["draw_rows"] = _STATS.get("draw_rows", 0) + len(drawn)
+            ids = torch.cat([ids, drawn.to(ids.device, ids.dtype)], dim=1)
+            lps = torch.cat([lps, drawn_lps.to(lps.device, lps.dtype)], dim=1)
         ids, lps, ranks = ids.cpu(), lps.cpu(), ranks.cpu()
         _STATS["seconds"] = _STATS.get("seconds", 0.0) + time.perf_counter() - start
         ranks = ranks.to(torch.int32)  # the dtype of vLLM's buffers
@@ -264,22 +278,17 @@ def prompt_logprobs_batched(
     return done
 
 
-def _with_draws(logits: Any, group: list[_Rows], spec: DrawSpec, ids: Any,
-                lps: Any) -> tuple[Any, Any]:
-    """The top-k columns followed by ``spec``'s draws for the group's rows (same device)."""
+def _draw_counters(group: list[_Rows], seed: int) -> tuple[Any, Any]:
+    """The draws' counters of a group's rows: each row's sequence key and position."""
     import numpy as np
     import torch
 
-    from mtkd.harvest.draws import draw, sequence_key
+    from mtkd.harvest.draws import sequence_key
 
-    keys = torch.cat([torch.full((r.count,), sequence_key(spec.seed, np.asarray(r.prompt)),
+    keys = torch.cat([torch.full((r.count,), sequence_key(seed, np.asarray(r.prompt)),
                                  dtype=torch.int64) for r in group])
     positions = torch.cat([torch.arange(r.first, r.first + r.count) for r in group])
-    exclude = ids[:, 1:].to(logits.device) if spec.rest else None  # column 0: the target
-    drawn, drawn_lps = draw(logits, keys, positions, spec.num_samples, spec.temperature, exclude)
-    _STATS["draw_rows"] = _STATS.get("draw_rows", 0) + len(keys)
-    return (torch.cat([ids, drawn.to(ids.dtype)], dim=1),
-            torch.cat([lps, drawn_lps.to(lps.dtype)], dim=1))
+    return keys, positions
 
 
 def _patch_runner(module: ModuleType) -> None:
