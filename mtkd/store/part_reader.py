@@ -17,6 +17,7 @@ import zarr
 
 from mtkd.store.errors import CorruptStoreError
 from mtkd.store.format import COMMIT_FILE, Header, read_json
+from mtkd.store.shard_reader import open_sharded
 
 
 class PartReader:
@@ -68,8 +69,9 @@ class PartReader:
         if len(shape) != 1 + len(row_shape) or tuple(shape[1:]) != row_shape:
             raise CorruptStoreError(f"{where}: shape {list(shape)}, "
                                     f"expected [N, *{list(row_shape)}]")
-        if codec != "raw":
-            return zarr.open_array(arr_dir, mode="r")
+        if codec != "raw":  # the shard files read directly where their layout is the store's
+            sharded = open_sharded(arr_dir, meta, dtype, row_shape)
+            return sharded if sharded is not None else zarr.open_array(arr_dir, mode="r")
         chunk_shape = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
         codecs = [c.get("name") for c in meta.get("codecs", [])]
         endian = (meta.get("codecs") or [{}])[0].get("configuration", {}).get("endian", "little")

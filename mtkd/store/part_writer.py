@@ -28,6 +28,7 @@ from zarr.codecs import ZstdCodec
 from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, tmp_part_dir, write_json_atomic
+from mtkd.store.target_codec import encode_rows as encode_target_rows
 from mtkd.store.topk_codec import encode_rows
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 SHARD_ROWS = 1 << 17
 CHUNK_ROWS = 1 << 13
+#: Header attribute setting a store's zstd chunk rows (default :data:`CHUNK_ROWS`)
+CHUNK_ROWS_ATTR = "chunk_rows"
 
 
 class PartWriter:
@@ -100,10 +103,11 @@ class PartWriter:
         mixed = self._meta if meta is None else (self._lengths and not self._meta)
         if mixed:
             raise StoreError("meta must be given with every append of a part or with none")
-        try:  # coded top-k columns (topk_codec): the checks below apply to what is stored
-            rows = encode_rows(rows, header.attrs)
+        try:  # coded sparse columns (topk_codec, target_codec): the checks below apply to
+            rows = encode_rows(rows, header.attrs)  # what is stored
+            rows = encode_target_rows(rows, header.attrs)
         except ValueError as e:
-            raise StoreError(f"top-k rows cannot be coded: {e}") from e
+            raise StoreError(f"sparse rows cannot be coded: {e}") from e
         checked = {}
         for spec in header.arrays:  # check everything before keeping anything
             arr = np.asarray(rows[spec.name])
@@ -152,8 +156,9 @@ class PartWriter:
         self.tmp.mkdir(parents=True)
         # "w-": mode "w" would delete and recreate the fresh dir, a window where it is gone
         group = zarr.open_group(self.tmp, mode="w-", zarr_format=3)
+        chunk_rows = int(header.attrs.get(CHUNK_ROWS_ATTR, CHUNK_ROWS))
         for name, (data, codec) in arrays.items():
-            _write_array(group, name, data, codec)
+            _write_array(group, name, data, codec, chunk_rows)
         if self._meta:
             pq.write_table(pa.concat_tables(self._meta), self.tmp / META_FILE)
         files = {}
@@ -227,14 +232,15 @@ def _concat(chunks: list[np.ndarray], dtype: Any, row_shape: tuple[int, ...]) ->
     return np.concatenate(chunks).astype(dtype, copy=False)
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, codec: Codec) -> None:
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, codec: Codec,
+                 chunk_rows: int = CHUNK_ROWS) -> None:
     rows = max(len(data), 1)
     if codec == "raw":
         chunks = (rows, *data.shape[1:])
         shards = None
         compressors: Any = None
     elif codec == "zstd":
-        chunk_rows = min(CHUNK_ROWS, rows)
+        chunk_rows = min(chunk_rows, rows)
         shard_rows = min(SHARD_ROWS, -(-rows // chunk_rows) * chunk_rows)
         chunks = (chunk_rows, *data.shape[1:])
         shards = (shard_rows, *data.shape[1:])

@@ -30,6 +30,8 @@ from mtkd.store.format import (
 )
 from mtkd.store.fs import file_sha256
 from mtkd.store.part_reader import PartReader, part_escapes
+from mtkd.store.target_codec import decode_rows as decode_target_rows
+from mtkd.store.target_codec import stored_names as target_names
 from mtkd.store.topk_codec import decode_rows, stored_names
 from mtkd.store.verify import verify_part, verify_store
 
@@ -189,7 +191,7 @@ class Store:
         part_of = self._seq_part[idx]
         starts = self._seq_start[idx]
         out = {}
-        for n in stored_names(names, self.attrs):
+        for n in target_names(stored_names(names, self.attrs), self.attrs):
             spec = self.header.spec(n)
             buf = np.empty((int(offsets[-1]), *spec.row_shape), dtype=spec.dtype)
             if spec.codec == "raw":
@@ -202,7 +204,7 @@ class Store:
     def _batch(self, names: list[str], stored: dict[str, np.ndarray], offsets: np.ndarray,
                seq_ids: np.ndarray) -> Batch:
         """The arrays asked for, as callers see them: coded top-k columns decoded."""
-        arrays = decode_rows(stored, self.attrs)
+        arrays = decode_target_rows(decode_rows(stored, self.attrs), self.attrs)
         return Batch({n: arrays[n] for n in names}, offsets, seq_ids)
 
     def _gather_raw(self, name: str, buf: np.ndarray, part_of: np.ndarray, starts: np.ndarray,
@@ -242,7 +244,8 @@ class Store:
         self._check_part(part)
         reader = self._parts[part]
         names = self._names(names)
-        stored = {n: reader.slice(n, 0, reader.num_rows) for n in stored_names(names, self.attrs)}
+        stored = {n: reader.slice(n, 0, reader.num_rows)
+                  for n in target_names(stored_names(names, self.attrs), self.attrs)}
         return self._batch(names, stored, reader.offsets.copy(), reader.seq_ids.copy())
 
     def part_stats(self, part: int) -> Mapping[str, Any]:

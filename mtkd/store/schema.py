@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import topk_codec
+from mtkd.store import target_codec, topk_codec
 from mtkd.store.errors import StoreError
 from mtkd.store.format import ArraySpec, Codec, Header
+from mtkd.store.part_writer import CHUNK_ROWS_ATTR
 from mtkd.store.reader import Store
 
 TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
@@ -153,17 +154,35 @@ def target_header(
     *,
     teacher_ks: Sequence[int] = (),
     codec: Codec = "raw",
+    coding: str | None = None,
 ) -> Header:
     """Fused targets on their support, plus diagnostics; ``teacher_ks`` adds L_multi blocks.
 
-    ``codec``: ``raw`` (the default) is memory-mapped, so the trainer's shuffled batch reads
-    cost no decoding; ``zstd`` about halves the bytes on disk (measured on the demo's targets:
-    528 → 268 bytes per position for one teacher at k_out = 64), paid in decoding whole
-    chunks on every read.
+    ``codec``: ``raw`` is memory-mapped, so the trainer's shuffled batch reads cost no
+    decoding; ``zstd`` compresses chunks that every read decodes whole. ``coding`` ``q64v2``
+    (:mod:`~mtkd.store.target_codec`; it needs ``attrs["vocab_size"]``) codes the sparse
+    columns with a bounded error in small zstd chunks: measured sizes in docs/FORMAT.md.
     """
+    attrs = dict(attrs)
+    sparse: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+    if coding is not None:
+        if coding not in target_codec.CODINGS:
+            raise StoreError(f"unknown target coding {coding!r}; choose one of "
+                             f"{list(target_codec.CODINGS)}")
+        codec = "zstd"
+        attrs |= {target_codec.CODING_ATTR: coding, CHUNK_ROWS_ATTR: target_codec.CHUNK_ROWS}
+        for k in {k_out, *teacher_ks}:
+            sparse[k] = target_codec.stored_arrays(k, attrs.get("vocab_size"))
+
+    def pair(ids: str, probs: str, k: int) -> list[ArraySpec]:
+        if coding is None:
+            return [ArraySpec(ids, "int32", (k,), codec), ArraySpec(probs, "float32", (k,), codec)]
+        (id_dtype, id_shape), (code_dtype, code_shape) = sparse[k]
+        return [ArraySpec(ids, id_dtype, id_shape, codec),
+                ArraySpec(probs, code_dtype, code_shape, codec)]
+
     arrays = [
-        ArraySpec("ids", "int32", (k_out,), codec),
-        ArraySpec("probs", "float32", (k_out,), codec),
+        *pair("ids", "probs", k_out),
         ArraySpec("tail_mass", "float32", (), codec),
         ArraySpec("weights", "float32", (num_teachers,), codec),
         ArraySpec("jensen_gap", "float32", (), codec),
@@ -171,13 +190,13 @@ def target_header(
     ]
     for j, k in enumerate(teacher_ks):
         arrays += [
-            ArraySpec(f"teacher{j}_ids", "int32", (k,), codec),
-            ArraySpec(f"teacher{j}_probs", "float32", (k,), codec),
+            *pair(f"teacher{j}_ids", f"teacher{j}_probs", k),
             ArraySpec(f"teacher{j}_tail_mass", "float32", (), codec),
         ]
-    full_attrs = dict(attrs) | {"k_out": k_out, "num_teachers": num_teachers,
-                                "teacher_blocks": bool(teacher_ks)}
-    return Header(TARGET, num_parts, tuple(arrays), full_attrs)
+    full_attrs = attrs | {"k_out": k_out, "num_teachers": num_teachers,
+                          "teacher_blocks": bool(teacher_ks)}
+    # version 2: coded columns, which a version-1 reader would take for plain ids and probs
+    return Header(TARGET, num_parts, tuple(arrays), full_attrs, 2 if coding else 1)
 
 
 def check_aligned(tokens: Store, other: Store) -> None:

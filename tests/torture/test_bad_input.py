@@ -240,7 +240,7 @@ def test_sampled_targets_need_sampled_stores(pipeline: Pipeline, tmp_path: Path)
     fuses them, and --label-entry is refused on them (it is for top-k targets)."""
     code, msg = mtkd("aggregate", *pipeline.teacher_stores, "--tokens", pipeline.tokens,
                      "--out", tmp_path / "t", "--source", "samples")
-    assert code == 1 and "holds no sampled targets (harvest with --engine hf" in msg, msg
+    assert code == 1 and "holds no sampled targets (harvest with --num-samples" in msg, msg
     assert not (tmp_path / "t").exists()
     code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out",
                      tmp_path / "draws", *HARVEST, "--num-samples", 16)

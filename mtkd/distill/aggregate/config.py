@@ -84,10 +84,11 @@ class AggregateConfig:
         "Give the actual next token its exact probability in one more column wherever "
         "the support lacks it (linear, T=1; the teacher stores hold p(label)).",
     )
-    codec: Literal["raw", "zstd"] = option(
+    codec: Literal["raw", "zstd", "q64v2"] = option(
         "raw",
-        "Target store arrays: raw (memory-mapped, fastest to train "
-        "from) | zstd (about half the bytes; whole chunks are decoded on every read).",
+        "Target store arrays: raw (memory-mapped, no decoding) | zstd (compressed chunks "
+        "decoded on every read) | q64v2 (sparse columns coded, |log q error| <= 1/128 where "
+        "q >= 1e-3, in small zstd chunks: a third of raw's bytes; docs/FORMAT.md).",
     )
 
     def __post_init__(self) -> None:
@@ -121,8 +122,8 @@ class AggregateConfig:
             raise ValueError("the label entry is for top-k targets fused by the linear operator "
                              "at temperature 1 (the stores hold each teacher's untempered "
                              "p(label))")
-        if self.codec not in ("raw", "zstd"):
-            raise ValueError(f"unknown codec {self.codec!r}; choose raw or zstd")
+        if self.codec not in ("raw", "zstd", "q64v2"):
+            raise ValueError(f"unknown codec {self.codec!r}; choose raw, zstd or q64v2")
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {list(SOURCES)}")
         if self.source == "samples":

@@ -70,6 +70,7 @@ from mtkd.store.schema import (
     check_aligned,
     target_header,
 )
+from mtkd.store.target_codec import Q64V2 as TARGET_CODING
 from mtkd.store.writer import pending_parts
 
 #: What fusing reads of each teacher store: its top-k rows, or its sampled targets.
@@ -171,15 +172,17 @@ def aggregate(
                 raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
                                  f"in {t.root} (harvest with --engine hf --temperature T)")
     width = config.k_out + config.label_entry  # the label entry is one more column
+    coded = config.codec == TARGET_CODING  # coded sparse columns in small zstd chunks
+    codec = "zstd" if coded else config.codec
     header = target_header(tokens.num_parts, width, len(teachers),
                            _attrs(tokens, teachers, config),
                            teacher_ks=[t.attrs["k"] for t in teachers]
-                           if config.teacher_blocks else (), codec=config.codec)
+                           if config.teacher_blocks else (), codec=codec,
+                           coding=TARGET_CODING if coded else None)
     if any(is_own(t) for t in teachers):
         check_own_parts(tokens, teachers,
                         pending_parts(out, tokens.num_parts, worker_index, num_workers))
-        header = replace(header, arrays=(*header.arrays,
-                                         ArraySpec(COVERAGE, "int32", (), config.codec)))
+        header = replace(header, arrays=(*header.arrays, ArraySpec(COVERAGE, "int32", (), codec)))
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     stats = run_parts(pending, AggregateParts(str(tokens_dir), str(out), config, header),

@@ -491,3 +491,28 @@ def test_label_entry_splits_the_actual_token_out_of_the_tail(stores, tmp_path):
         np.testing.assert_allclose(got["probs"].sum(axis=1) + got["tail_mass"], 1, atol=1e-5)
         added += int(outside.sum())
     assert added > 0
+
+
+def test_coded_target_store_holds_the_raw_targets_within_the_bound(stores, tmp_path):
+    """--codec q64v2: the same targets as raw, ids exact, log q within 1/128 nat where
+    q ≥ 1e-3, L_multi blocks too, in fewer bytes."""
+    from mtkd.store import bytes_on_disk
+
+    tokens, teachers = stores
+    outs = {}
+    for codec in ("raw", "q64v2"):
+        outs[codec] = tmp_path / codec
+        aggregate(tokens, outs[codec], config(teachers, codec=codec, teacher_blocks=True),
+                  progress=False)
+    raw, coded = read_all(outs["raw"]), read_all(outs["q64v2"])
+    for p in raw:
+        for name in ("ids", "teacher1_ids"):
+            probs = name.replace("ids", "probs")
+            a = dense(raw[p][name], raw[p][probs].astype(np.float64), 0.0)
+            b = dense(coded[p][name], coded[p][probs].astype(np.float64), 0.0)
+            assert np.array_equal(a > 0, b > 0)
+            big = a >= 1e-3
+            assert np.abs(np.log(b[big]) - np.log(a[big])).max() <= 1 / 128 + 1e-6
+        for name in ("tail_mass", "weights", "jensen_gap"):
+            np.testing.assert_array_equal(coded[p][name], raw[p][name])
+    assert bytes_on_disk(outs["q64v2"]) < bytes_on_disk(outs["raw"])  # tiny: overheads weigh
