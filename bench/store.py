@@ -11,8 +11,11 @@ of ``mtkd.store.schema``, once per codec, and prints ``name=value`` lines:
   (passes alternate; each mode's best of ``--repeats``; zstd's shuffled passes read 512
   random sequences, a quarter of the store, since they are slow).
 
-Lines are prefixed by the codec (``raw.write_mb_s=…``); the last lines repeat the recommended
-codec's figures unprefixed, ``shuffled_read_ratio=`` last.
+Lines are prefixed by the codec (``raw.write_mb_s=…``); then the recommended codec's figures
+unprefixed. Then target stores (k_out = 64) fused from the real teacher's harvest (SmolLM2,
+49,152 ids, over the demo corpus; built once and cached by ``bench/store_size_inputs.py``),
+raw and ``q64v2``: ``targets.<codec>.*`` and the coded store's ``target_bytes_per_position=``
+and, last, ``target_shuffled_read_ratio=`` (goals ≤ 200 and ≥ 0.5).
 
     .venv/bin/python bench/store.py                 # both codecs, ≈1M positions
     .venv/bin/python bench/store.py --codec raw --positions 4000000
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd.store import StoreWriter, bytes_on_disk, open_store
+from mtkd.store import Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store.schema import (
     TAIL_LOGMASS,
     TARGET_LOGPROB,
@@ -71,6 +74,55 @@ def synth_part(rng: np.random.Generator, num_seqs: int, seq_len: int, k: int,
     return rows, lengths
 
 
+def read_speeds(store: Store, name: str, batch: int, seed: int, repeats: int,
+                max_sequences: int | None = None) -> tuple[float, float]:
+    """(sequential, shuffled) positions/s reading every array: part by part, and batches of
+    ``batch`` random sequences. The two alternate and each keeps its best: both are warm, and
+    a busy machine's noise hits them alike."""
+
+    def sequential() -> float:
+        t = time.perf_counter()
+        n = sum(len(store.read_part(p)[name]) for p in range(store.num_parts))
+        return n / (time.perf_counter() - t)
+
+    def shuffled() -> float:
+        order = np.random.default_rng(seed).permutation(store.num_sequences)[:max_sequences]
+        t = time.perf_counter()
+        n = sum(len(store.read(order[i:i + batch])[name]) for i in range(0, len(order), batch))
+        return n / (time.perf_counter() - t)
+
+    seq, shuf = 0.0, 0.0
+    for _ in range(repeats):
+        seq = max(seq, sequential())
+        shuf = max(shuf, shuffled())
+    return seq, shuf
+
+
+def run_targets(root: Path, batch: int, seed: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Target stores of the real teacher (SmolLM2, 49,152 ids, harvested over the demo corpus by
+    ``bench/store_size_inputs.py``, cached) at k_out = 64, raw and coded: bytes per position
+    and read speeds."""
+    from store_size_inputs import real_teacher_store
+
+    from mtkd.distill.aggregate.job import AggregateConfig, aggregate
+
+    teacher = real_teacher_store()
+    tokens = teacher.parent / "tokens"
+    out = {}
+    for codec in ("raw", "q64v2"):
+        target = root / f"targets-{codec}"
+        shutil.rmtree(target, ignore_errors=True)
+        aggregate(tokens, target, AggregateConfig(teachers=(str(teacher),), k_out=64,
+                                                  codec=codec), progress=False)
+        store = open_store(target, "target", verify="size")
+        positions = store.num_rows
+        seq, shuf = read_speeds(store, "ids", batch, seed, repeats)
+        out[codec] = {"bytes_per_position": bytes_on_disk(target) / positions,
+                      "seq_positions_s": seq, "shuffled_positions_s": shuf,
+                      "shuffled_read_ratio": shuf / seq}
+    return out
+
+
 def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
               seed: int, repeats: int = 7,
               max_sequences: int | None = None) -> dict[str, float]:
@@ -96,27 +148,7 @@ def run_codec(codec: str, parts_data: list, k: int, root: Path, batch: int,
     for p in range(store.num_parts):  # warm the page cache (and the reader's mappings)
         store.read_part(p)
 
-    def sequential() -> float:
-        t = time.perf_counter()
-        n = 0
-        for p in range(store.num_parts):
-            n += len(store.read_part(p)[TOPK_IDS])
-        return n / (time.perf_counter() - t)
-
-    def shuffled() -> float:
-        order = np.random.default_rng(seed).permutation(store.num_sequences)[:max_sequences]
-        t = time.perf_counter()
-        n = 0
-        for i in range(0, len(order), batch):
-            n += len(store.read(order[i:i + batch])[TOPK_IDS])
-        return n / (time.perf_counter() - t)
-
-    # alternate the two and keep each one's best: both are warm, and a busy machine's noise
-    # (each pass takes tens of milliseconds) hits them alike
-    seq, shuf = 0.0, 0.0
-    for _ in range(repeats):
-        seq = max(seq, sequential())
-        shuf = max(shuf, shuffled())
+    seq, shuf = read_speeds(store, TOPK_IDS, batch, seed, repeats, max_sequences)
     # correctness spot check: a shuffled batch equals the same rows of a sequential read
     idx = np.random.default_rng(seed + 1).choice(store.num_sequences, size=8)
     got = store.read(idx)
@@ -150,6 +182,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=7, help="timed passes of each read mode")
+    ap.add_argument("--no-targets", dest="targets", action="store_false",
+                    help="skip the target stores of the real teacher (builds its harvest once)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
@@ -183,6 +217,15 @@ def main() -> None:
     print(f"recommended_codec_for_shuffled_reads={best}")
     for name in ("write_mb_s", "bytes_per_position", "shuffled_read_ratio"):
         print(f"{name}={results[best][name]:.4g}")
+    if args.targets:
+        with tempfile.TemporaryDirectory(prefix="mtkd-bench-targets-") as tmp:
+            targets = run_targets(Path(tmp), args.batch, args.seed, args.repeats)
+        for codec, figures in targets.items():
+            for name, value in figures.items():
+                print(f"targets.{codec}.{name}={value:.4g}")
+        coded = targets["q64v2"]
+        print(f"target_bytes_per_position={coded['bytes_per_position']:.4g}")
+        print(f"target_shuffled_read_ratio={coded['shuffled_read_ratio']:.4g}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ real stores on disk (top-64 fused targets). Prints, last line last:
   the second step, after AdamW's state exists), each in a fresh subprocess;
 * ``naive_vs_chunked_peak_mem``: peak RSS growth of a dense KD loss (forward + backward) that
   materialises the teacher's and the student's [N, V] distributions ÷ the chunked loss's;
-* ``loader_vs_step``: token positions/s the loader delivers (synchronously, from the stores)
-  ÷ positions/s a KD step consumes;
+* ``loader_vs_step``: token positions/s the loader delivers (synchronously, from the stores,
+  the target store coded ``q64v2``) ÷ positions/s a KD step consumes (``loader_vs_step_raw``:
+  from a raw target store);
 * ``kd_vs_ce_step``: median KD step time ÷ median CE step time, steps interleaved in one
   process so that load on the machine hits both alike.
 
@@ -56,8 +57,10 @@ CPU = Dist(0, 1, torch.device("cpu"), False)
 # Stores and batches
 
 
-def build_stores(root: Path, sequences: int = 320, seed: int = 0) -> tuple[Path, Path]:
-    """A tokens store of random sequences (64–1024 tokens) and a top-64 target store."""
+def build_stores(root: Path, sequences: int = 320, seed: int = 0,
+                 coding: str | None = None) -> tuple[Path, Path]:
+    """A tokens store of random sequences (64–1024 tokens) and a top-64 target store
+    (``coding``: the target store's sparse columns coded, see ``target_codec``)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(64, 1025, size=sequences)
     tokens_path, targets_path = root / "tokens", root / "targets"
@@ -70,7 +73,7 @@ def build_stores(root: Path, sequences: int = 320, seed: int = 0) -> tuple[Path,
     assert tw.finalize()
     tokens = open_store(tokens_path, "tokens")
     attrs = {"tokens_fingerprint": tokens.manifest["checksum"], "vocab_size": VOCAB}
-    gw = StoreWriter(targets_path, target_header(2, TOPK, 2, attrs))
+    gw = StoreWriter(targets_path, target_header(2, TOPK, 2, attrs, coding=coding))
     probs = 1.0 / np.arange(1, TOPK + 1)
     probs = (0.9 * probs / probs.sum()).astype(np.float32)
     for p, idx in enumerate(halves):
@@ -241,9 +244,13 @@ def main() -> None:
             print(f"step{k or '_wall'} seconds: ce {[round(x, 2) for x in times['ce' + k]]}, "
                   f"kd {[round(x, 2) for x in times['kd' + k]]}", flush=True)
         print(f"kd_vs_ce_step_cpu={med['kd_cpu'] / med['ce_cpu']:.3f} (process CPU time)")
-        load = loader_rate(stores)
+        load_raw = loader_rate(stores)
+        coded = build_stores(Path(tmp) / "coded", coding="q64v2")
+        load = loader_rate(coded)  # the compact target store (aggregate --codec q64v2)
         step_rate = BATCH * SEQ_LEN / kd_t
-        print(f"loader {load:,.0f} positions/s; KD step {step_rate:,.0f} positions/s")
+        print(f"loader {load:,.0f} positions/s from q64v2 targets, {load_raw:,.0f} from raw; "
+              f"KD step {step_rate:,.0f} positions/s")
+        print(f"loader_vs_step_raw={load_raw / step_rate:.1f}")
         print(f"kd_vs_ce_peak_mem={mem['kd'] / mem['ce']:.3f}")
         print(f"naive_vs_chunked_peak_mem={loss_mem['dense'] / loss_mem['chunked']:.2f}")
         print(f"loader_vs_step={load / step_rate:.1f}")

@@ -10,7 +10,7 @@ import numpy as np
 from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
-from mtkd.store.topk_codec import Q64
+from mtkd.store.topk_codec import DEFAULT_CODING
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.
@@ -47,9 +47,10 @@ class HarvestConfig:
     )
     seed: int = option(0, "Seed of the draws.")
     logprob_dtype: str = option(
-        Q64,
-        "Stored top-k coding: q64 (compact: |error| <= 1/128 nat where p >= 1e-3, "
-        "docs/FORMAT.md) or a float dtype (float16, float32) with int32 ids.",
+        DEFAULT_CODING,
+        "Stored top-k coding: q64v2 (compact: |error| <= 1/128 nat where p >= 1e-3; also "
+        "codes the sampled columns; docs/FORMAT.md), q64 (the previous default) or a float "
+        "dtype (float16, float32) with int32 ids.",
     )
     codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")
     batch_tokens: int = option(65536, "Tokens per engine call.", min=1)

@@ -209,7 +209,7 @@ def test_a_bos_teacher_starts_every_sequence_with_its_bos(setup: Setup, tmp_path
     assert summary.complete and summary.tokenization == "own"
     store = open_store(tmp_path / "bos")
     bos = store.attrs["bos_id"]
-    assert bos is not None and store.attrs["topk_coding"] == "q64"
+    assert bos is not None and store.attrs["topk_coding"] == "q64v2"
     ref = reference(setup.bos_teacher, tokens, MAX_POSITION)
     assert all(ids[0] == bos for ids in ref.ids if ids is not None)
     assert summary.unreadable == dict(ref.unreadable)

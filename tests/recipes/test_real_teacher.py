@@ -207,7 +207,7 @@ def test_vllm_harvest_matches_a_float32_transformers_forward(
 
     source, store = open_store(tokens), open_store(teacher, "teacher")
     assert store.attrs["k"] == K and store.attrs["engine"].startswith("vllm")
-    assert store.attrs["topk_coding"] == "q64"
+    assert store.attrs["topk_coding"] == "q64v2"
     ids = source.read(np.arange(source.num_sequences))
     rows = store.read(np.arange(store.num_sequences))
     np.testing.assert_array_equal(rows.seq_ids, ids.seq_ids)
