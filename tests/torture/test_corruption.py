@@ -52,8 +52,8 @@ def edit_manifest(path: Path) -> Path:
 
 #: (store, file to damage, damage, text the error names)
 CASES: dict[str, tuple[str, str, Callable[[Path], Path], str]] = {
-    "target-flipped-byte": ("targets", "parts/00001/probs/c/0/0", flip_byte, "checksum mismatch"),
-    "target-truncated-chunk": ("targets", "parts/00002/ids/c/0/0", truncate, "bytes, expected"),
+    "target-flipped-byte": ("targets", "parts/00001/probs/c/0/0/0", flip_byte, "checksum mismatch"),
+    "target-truncated-chunk": ("targets", "parts/00002/ids/c/0/0/0", truncate, "bytes, expected"),
     "target-missing-part": ("targets", "parts/00003", remove_part, "missing or uncommitted"),
     "target-manifest-edited": ("targets", "manifest.json", edit_manifest, "checksum mismatch"),
     "tokens-flipped-byte": ("tokens", "parts/00002/token_ids/c/0", flip_byte,

@@ -88,6 +88,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def config(teachers: list[Path], **kw: object) -> AggregateConfig:
+    kw.setdefault("codec", "raw")  # exact target values (the coded default: test_job.py)
     return AggregateConfig(teachers=tuple(str(t) for t in teachers), **kw)  # type: ignore[arg-type]
 
 

@@ -132,6 +132,9 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 def config(teachers: list[Path], **kw: object) -> AggregateConfig:
+    """The job's config; target stores raw unless said (the tests compare exact values; the
+    coded default is tested against raw below)."""
+    kw.setdefault("codec", "raw")
     return AggregateConfig(teachers=tuple(str(t) for t in teachers), **kw)  # type: ignore[arg-type]
 
 
