@@ -170,7 +170,10 @@ def _io_part(tokens_dir: str, out: str, config: AggregateConfig, header: Header,
     ref = batches[0]
     n = len(ref["topk_ids"])
     writer = StoreWriter(out, header)
-    rows = {a.name: np.full((n, *a.row_shape), 0.5, dtype=a.dtype) for a in header.arrays}
+    plain = target_header(1, config.k_out, len(teachers), {}).arrays  # rows as fuse returns
+    rows = {a.name: np.full((n, *a.row_shape), 0.5 / config.k_out, dtype=a.dtype)
+            for a in plain}
+    rows["ids"] = np.broadcast_to(np.arange(config.k_out, dtype=np.int32), (n, config.k_out))
     with writer.open_part(part) as pw:
         pw.stats = {"positions": n}
         pw.append(rows, np.diff(ref.offsets), ref.seq_ids)
@@ -181,8 +184,11 @@ def io_baseline(tokens_dir: Path, out: Path, config: AggregateConfig, processes:
     """The I/O of ``aggregate`` with no computation (same opening, reading, writing)."""
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
+    coded = config.codec == "q64v2"  # the job's target store format, coding included
     header = target_header(tokens.num_parts, config.k_out, len(teachers),
-                           _attrs(tokens, teachers, config))
+                           _attrs(tokens, teachers, config),
+                           codec="zstd" if coded else config.codec,
+                           coding="q64v2" if coded else None)
     writer = StoreWriter(out, header)
     work = partial(_io_part, str(tokens_dir), str(out), config, header)
     run_parts(writer.pending_parts(), work, processes=processes, progress=False)
