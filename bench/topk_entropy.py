@@ -1,0 +1,105 @@
+"""How small can a top-k teacher store get? Order-0 entropy bounds on the real teacher's rows.
+
+``bench/store_size.py`` measures what zstd makes of each coding; this measures what any coder
+that models each entry independently could reach, so a coding's gap to the goal can be split
+into what better entropy coding would win and what only dropping information would. Input: the
+same cached SmolLM2 harvest (``store_size_inputs.real_teacher_store``; ``--store`` takes any
+teacher store). Bounds, in bytes per position:
+
+* ``ids``: the top-k id *set* under a static unigram model of the ids that reach the top-k
+  (learned on the first half of the rows, charged on the second; add-½ smoothing): Σ −log₂ f(id)
+  − log₂ k! (a set's order is free);
+* ``codes``: q64's log-prob codes as distances to the row's floor (q64v2's symbols), their
+  empirical order-0 entropy; ``codes_coarse_tail``: the same with entries below p = 1e-3 on a
+  ``--tail-step``-nat grid (lossy there, still exact to 1/128 nat where p ≥ 1e-3);
+* ``scalars``: what q64v2 stores besides the top-k columns (measured by store_size.py: 8.0).
+
+Prints ``name=value`` lines, the headline ``entropy_bound_bytes_per_position=`` (ids + codes +
+scalars at the exact q64 grid) last.
+
+    .venv/bin/python bench/topk_entropy.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+from store_size_inputs import real_teacher_store
+
+from mtkd.store import open_store
+from mtkd.store import topk_codec as tc
+
+#: q64v2's bytes per position outside topk_ids / topk_logprobs on this input (store_size.py:
+#: target_logprob 3.7, tail_logmass 3.6, target_rank 0.7).
+SCALAR_BYTES = 8.0
+
+
+def entropy_bits(symbols: np.ndarray) -> float:
+    """Empirical order-0 entropy of non-negative integer symbols, bits per symbol."""
+    counts = np.bincount(symbols.ravel())
+    p = counts[counts > 0] / symbols.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def id_set_bits(ids: np.ndarray, vocab: int) -> float:
+    """Mean bits per row of each row's id set under a unigram model learned on the first
+    half of the rows, charged on the second."""
+    half = len(ids) // 2
+    freq = np.bincount(ids[:half].ravel(), minlength=vocab) + 0.5
+    logp = np.log2(freq / freq.sum())
+    k = ids.shape[1]
+    return float(-logp[ids[half:]].sum(1).mean() - math.lgamma(k + 1) / math.log(2))
+
+
+def floor_distances(codes: np.ndarray) -> np.ndarray:
+    """q64v2's symbols: each code's distance to its row's floor (largest code)."""
+    return codes.max(1, keepdims=True) - codes
+
+
+def coarse_tail(codes: np.ndarray, step_nats: float) -> np.ndarray:
+    """Codes with every entry below p = 1e-3 (code > FINE_MAX) moved to a coarser grid."""
+    fine = np.asarray(codes, dtype=np.int64)
+    units = np.where(fine <= tc.FINE_MAX, fine, tc.FINE_MAX + (fine - tc.FINE_MAX) * tc.COARSE)
+    step = max(1, round(step_nats * tc.FINE))
+    tail = tc.FINE_MAX + 1 + (units - tc.FINE_MAX - 1) // step
+    return np.where(fine <= tc.FINE_MAX, fine, tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", type=Path, default=None,
+                    help="a teacher store (default: the SmolLM2 harvest, built once and cached)")
+    ap.add_argument("--tail-step", type=float, default=0.25,
+                    help="grid step in nats of the coarse tail (entries with p < 1e-3)")
+    args = ap.parse_args()
+    store = open_store(args.store or real_teacher_store(), verify="none")
+    rows = store.read(np.arange(store.num_sequences), ["topk_ids", "topk_logprobs"])
+    ids = rows["topk_ids"].astype(np.int64)
+    lp = rows["topk_logprobs"].astype(np.float64)
+    ok = np.isfinite(lp).all(1)
+    ids, lp = ids[ok], lp[ok]
+    n, k = ids.shape
+    vocab = int(store.attrs.get("vocab_size") or ids.max() + 1)
+    codes = tc.quantise(lp).astype(np.int64)
+    head = float((codes <= tc.FINE_MAX).sum(1).mean())
+    id_bytes = id_set_bits(ids, vocab) / 8
+    code_bytes = entropy_bits(floor_distances(codes)) * k / 8
+    coarse_bytes = entropy_bits(floor_distances(coarse_tail(codes, args.tail_step))) * k / 8
+    print(f"input: positions={n} k={k} vocab_size={vocab} head_entries_p_ge_1e-3={head:.1f}")
+    print(f"ids_bits_per_id={id_set_bits(ids, vocab) / k:.3f}")
+    print(f"ids_bytes_per_position={id_bytes:.1f}")
+    print(f"codes_bits_per_entry={code_bytes * 8 / k:.3f}")
+    print(f"codes_bytes_per_position={code_bytes:.1f}")
+    print(f"codes_coarse_tail_bytes_per_position={coarse_bytes:.1f} "
+          f"(tail step {args.tail_step:g} nat, |error| <= {args.tail_step / 2:g} where p < 1e-3)")
+    print(f"scalars_bytes_per_position={SCALAR_BYTES:.1f}")
+    print("entropy_bound_coarse_tail_bytes_per_position="
+          f"{id_bytes + coarse_bytes + SCALAR_BYTES:.1f}")
+    print(f"entropy_bound_bytes_per_position={id_bytes + code_bytes + SCALAR_BYTES:.1f}")
+
+
+if __name__ == "__main__":
+    main()
