@@ -51,9 +51,9 @@ from mtkd.distill.aggregate.fuse import default_backend, fuse
 from mtkd.distill.aggregate.job import (
     TEACHER_ARRAYS,
     AggregateConfig,
-    _attrs,
     aggregate,
     open_teachers,
+    target_store_header,
     teacher_rows,
 )
 from mtkd.store import Header, StoreWriter, open_store
@@ -184,11 +184,7 @@ def io_baseline(tokens_dir: Path, out: Path, config: AggregateConfig, processes:
     """The I/O of ``aggregate`` with no computation (same opening, reading, writing)."""
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
-    coded = config.codec == "q64v2"  # the job's target store format, coding included
-    header = target_header(tokens.num_parts, config.k_out, len(teachers),
-                           _attrs(tokens, teachers, config),
-                           codec="zstd" if coded else config.codec,
-                           coding="q64v2" if coded else None)
+    header = target_store_header(tokens, teachers, config)  # the job's format, coding included
     writer = StoreWriter(out, header)
     work = partial(_io_part, str(tokens_dir), str(out), config, header)
     run_parts(writer.pending_parts(), work, processes=processes, progress=False)

@@ -171,18 +171,10 @@ def aggregate(
             if missing and not is_own(t):
                 raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
                                  f"in {t.root} (harvest with --engine hf --temperature T)")
-    width = config.k_out + config.label_entry  # the label entry is one more column
-    coded = config.codec == TARGET_CODING  # coded sparse columns in small zstd chunks
-    codec = "zstd" if coded else config.codec
-    header = target_header(tokens.num_parts, width, len(teachers),
-                           _attrs(tokens, teachers, config),
-                           teacher_ks=[t.attrs["k"] for t in teachers]
-                           if config.teacher_blocks else (), codec=codec,
-                           coding=TARGET_CODING if coded else None)
+    header = target_store_header(tokens, teachers, config)
     if any(is_own(t) for t in teachers):
         check_own_parts(tokens, teachers,
                         pending_parts(out, tokens.num_parts, worker_index, num_workers))
-        header = replace(header, arrays=(*header.arrays, ArraySpec(COVERAGE, "int32", (), codec)))
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     stats = run_parts(pending, AggregateParts(str(tokens_dir), str(out), config, header),
@@ -264,6 +256,24 @@ def teacher_rows(batch: Any, attrs: Mapping[str, Any]) -> TeacherRows:
         tempered_tail_logmass=None if tempered is None else tempered.astype(np.float64),
         temperatures=tuple(attrs.get("temperatures", ())) if tempered is not None else (),
     )
+
+
+def target_store_header(tokens: Store, teachers: Sequence[Store], config: AggregateConfig
+                        ) -> Header:
+    """The target store's header: ``config.codec`` (``q64v2``: coded sparse columns in small
+    zstd chunks), the label entry's extra column, teacher blocks, and the per-row coverage
+    flags when a teacher reads the text with its own tokenizer."""
+    width = config.k_out + config.label_entry  # the label entry is one more column
+    coded = config.codec == TARGET_CODING
+    codec = "zstd" if coded else config.codec
+    header = target_header(tokens.num_parts, width, len(teachers),
+                           _attrs(tokens, teachers, config),
+                           teacher_ks=[t.attrs["k"] for t in teachers]
+                           if config.teacher_blocks else (), codec=codec,
+                           coding=TARGET_CODING if coded else None)
+    if any(is_own(t) for t in teachers):
+        header = replace(header, arrays=(*header.arrays, ArraySpec(COVERAGE, "int32", (), codec)))
+    return header
 
 
 def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
