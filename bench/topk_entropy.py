@@ -12,6 +12,9 @@ teacher store). Bounds, in bytes per position:
 * ``codes``: q64's log-prob codes as distances to the row's floor (q64v2's symbols), their
   empirical order-0 entropy; ``codes_coarse_tail``: the same with entries below p = 1e-3 on a
   ``--tail-step``-nat grid (lossy there, still exact to 1/128 nat where p ≥ 1e-3);
+* ``ids_given_input``: the same id set under a model conditioned on the position's input token
+  x (the context a decoder has from the tokens store): each id seen with x in the first half
+  costs its membership bit under P(id in the top-k | x), any other id the unigram price;
 * ``scalars``: what q64v2 stores besides the top-k columns (measured by store_size.py: 8.0).
 
 Prints ``name=value`` lines, the headline ``entropy_bound_bytes_per_position=`` (ids + codes +
@@ -54,6 +57,41 @@ def id_set_bits(ids: np.ndarray, vocab: int) -> float:
     return float(-logp[ids[half:]].sum(1).mean() - math.lgamma(k + 1) / math.log(2))
 
 
+def id_set_bits_given_input(ids: np.ndarray, inputs: np.ndarray, vocab: int) -> float:
+    """Mean bits per row of each row's id set given its input token x: ids seen with x in the
+    first half of the rows cost −log₂ P(id | x) if present and −log₂(1 − P) if absent
+    (P = (count + 0.1) / (rows with x + 0.2)); others the unigram price of ``id_set_bits``,
+    less log₂ m! for their order, plus log₂(k + 1) for their number m."""
+    half, k = len(ids) // 2, ids.shape[1]
+    freq = np.bincount(ids[:half].ravel(), minlength=vocab) + 0.5
+    unigram = -np.log2(freq / freq.sum())
+    keys, counts = np.unique((inputs[:half, None] * vocab + ids[:half]).ravel(),
+                             return_counts=True)
+    context = keys // vocab
+    rows_with = np.bincount(inputs[:half], minlength=int(inputs.max()) + 1)
+    p = (counts + 0.1) / (rows_with[context] + 0.2)
+    absent = np.bincount(context, weights=-np.log2(1 - p), minlength=len(rows_with))
+    test = inputs[half:, None] * vocab + ids[half:]
+    at = np.minimum(np.searchsorted(keys, test), len(keys) - 1)
+    seen = keys[at] == test
+    present = np.where(seen, np.log2(1 - p[at]) - np.log2(p[at]), unigram[ids[half:]]).sum(1)
+    new = (~seen).sum(1)
+    order = np.array([math.lgamma(m + 1) / math.log(2) for m in range(k + 1)])[new]
+    return float((absent[inputs[half:]] + present - order).mean() + math.log2(k + 1))
+
+
+def row_inputs(store_root: Path, tokens_root: Path) -> np.ndarray | None:
+    """The input token of every row of a teacher store (row i of a sequence follows token i),
+    from the tokens store it was harvested over; None if that store is not there."""
+    if not (tokens_root / "store.json").exists():
+        return None
+    tokens = open_store(tokens_root, verify="none")
+    batch = tokens.read(np.arange(tokens.num_sequences), ["token_ids"])
+    t = batch["token_ids"].astype(np.int64)
+    return np.concatenate([t[a:b - 1] for a, b in zip(batch.offsets[:-1], batch.offsets[1:],
+                                                        strict=True)])
+
+
 def floor_distances(codes: np.ndarray) -> np.ndarray:
     """q64v2's symbols: each code's distance to its row's floor (largest code)."""
     return codes.max(1, keepdims=True) - codes
@@ -72,15 +110,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", type=Path, default=None,
                     help="a teacher store (default: the SmolLM2 harvest, built once and cached)")
+    ap.add_argument("--tokens", type=Path, default=None,
+                    help="the tokens store the teacher was harvested over (default: the "
+                         "store's sibling 'tokens'), for the bound given the input token")
     ap.add_argument("--tail-step", type=float, default=0.25,
                     help="grid step in nats of the coarse tail (entries with p < 1e-3)")
     args = ap.parse_args()
-    store = open_store(args.store or real_teacher_store(), verify="none")
+    root = args.store or real_teacher_store()
+    store = open_store(root, verify="none")
+    inputs = row_inputs(root, args.tokens or root.parent / "tokens")
     rows = store.read(np.arange(store.num_sequences), ["topk_ids", "topk_logprobs"])
     ids = rows["topk_ids"].astype(np.int64)
     lp = rows["topk_logprobs"].astype(np.float64)
     ok = np.isfinite(lp).all(1)
     ids, lp = ids[ok], lp[ok]
+    if inputs is not None:
+        inputs = inputs[ok] if len(inputs) == len(ok) else None
     n, k = ids.shape
     vocab = int(store.attrs.get("vocab_size") or ids.max() + 1)
     codes = tc.quantise(lp).astype(np.int64)
@@ -91,6 +136,11 @@ def main() -> None:
     print(f"input: positions={n} k={k} vocab_size={vocab} head_entries_p_ge_1e-3={head:.1f}")
     print(f"ids_bits_per_id={id_set_bits(ids, vocab) / k:.3f}")
     print(f"ids_bytes_per_position={id_bytes:.1f}")
+    if inputs is not None:
+        given = id_set_bits_given_input(ids, inputs, vocab) / 8
+        print(f"ids_given_input_bytes_per_position={given:.1f}")
+        print("entropy_bound_given_input_coarse_tail_bytes_per_position="
+              f"{given + coarse_bytes + SCALAR_BYTES:.1f}")
     print(f"codes_bits_per_entry={code_bytes * 8 / k:.3f}")
     print(f"codes_bytes_per_position={code_bytes:.1f}")
     print(f"codes_coarse_tail_bytes_per_position={coarse_bytes:.1f} "
