@@ -83,7 +83,8 @@ def impute_logs(
     take the teacher's next ranks k+1..k+m of a power-law tail ρ^{−s} (s = b/T from the Zipf fit
     of its top-k), each the mean of those ranks' share of t, capped at p_(k):
     v = min(t·share_m/m, p_(k)). Either way m·v ≤ t, and t' = t − m·v ≥ 0, computed as
-    log t + log1p(−min(m·v/t, 1)).
+    log t + log1p(−min(m·v/t, 1)). Where the union holds all V − k ids the teacher lacks,
+    v = t/(V − k) and t' = 0 exactly (the tail category is empty).
     """
     n_free = vocab_size - np.asarray(k)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -95,10 +96,14 @@ def impute_logs(
             share = log_rank_share(rank_exponent, k, m, vocab_size)
             log_v = np.minimum(log_t + share - np.log(m), log_pmin)
         log_v = np.where(n_free > 0, log_v, -np.inf)
+        # the union holds every id the teacher lacks: its tail has nowhere else to go, so
+        # they share it exactly (no cap, no rounding residue left in an empty tail category)
+        full = (np.asarray(missing) >= n_free) & (n_free > 0)
+        log_v = np.where(full, log_t - log_free, log_v)
     with np.errstate(invalid="ignore", over="ignore"):
         ratio = np.where(np.isfinite(log_t), missing * np.exp(log_v - log_t), 0.0)
     with np.errstate(divide="ignore"):
-        return log_v, log_t + np.log1p(-np.minimum(ratio, 1.0))
+        return log_v, np.where(full, -np.inf, log_t + np.log1p(-np.minimum(ratio, 1.0)))
 
 
 def impute(
