@@ -79,6 +79,12 @@ class AggregateConfig:
         "What to fuse: topk (the harvested top-k + tail) | samples (random-sampling "
         "targets from harvest --num-samples; linear, static weights).",
     )
+    sample_head: int = option(
+        0,
+        "With --source samples from a store of plain draws: keep the exact top-H of its "
+        "top-k and let the draws outside it share the rest's exact mass (the hybrid's "
+        "unbiased estimator without its harvest; 0: the draws alone).",
+    )
     label_entry: bool = option(
         False,
         "Give the actual next token its exact probability in one more column wherever "
@@ -127,6 +133,9 @@ class AggregateConfig:
             raise ValueError(f"unknown codec {self.codec!r}; choose raw, zstd or q64v2")
         if self.source not in SOURCES:
             raise ValueError(f"unknown source {self.source!r}; choose one of {list(SOURCES)}")
+        if self.sample_head < 0 or (self.sample_head and self.source != "samples"):
+            raise ValueError(f"sample_head must be >= 0 and is for --source samples, got "
+                             f"{self.sample_head} with source {self.source!r}")
         if self.source == "samples":
             unsupported = [name for name, bad in (
                 ("operator " + self.operator, self.operator != "linear"),

@@ -47,7 +47,7 @@ from mtkd.distill.aggregate.cross import (
 )
 from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.operators import get_operator
-from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples, head_and_draws
 from mtkd.distill.aggregate.targets import add_label_entry
 from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.distill.aggregate.weights import (
@@ -163,6 +163,12 @@ def aggregate(
             if SAMPLE_IDS not in t.array_names:
                 raise StoreError(f"{t.root} holds no sampled targets (harvest with "
                                  "--num-samples N)")
+            if config.sample_head and t.attrs.get("sample_rest"):
+                raise StoreError(f"{t.root} is a hybrid (harvest --sample-rest): its head is "
+                                 "stored already; drop --sample-head")
+            if config.sample_head > int(t.attrs.get("k") or 0):
+                raise StoreError(f"--sample-head {config.sample_head} is more than the top-k "
+                                 f"{t.root} holds (k = {t.attrs.get('k')})")
     elif config.tail_model == "exact":
         for t in teachers:
             # T = 1 needs nothing stored: its tail is the stored tail
@@ -276,9 +282,13 @@ def target_store_header(tokens: Store, teachers: Sequence[Store], config: Aggreg
     return header
 
 
-def sampled_rows(batch: Any, attrs: Mapping[str, Any]) -> SampledRows:
+def sampled_rows(batch: Any, attrs: Mapping[str, Any], head: int = 0) -> SampledRows:
     """A teacher store part's random-sampling targets (ids of the draws and their counts;
-    for a hybrid store, ``attrs.sample_rest``, also its exact top-k head and tail mass)."""
+    for a hybrid store, ``attrs.sample_rest``, also its exact top-k head and tail mass; with
+    ``head`` > 0, the hybrid's estimator from a plain store's top-k and draws)."""
+    if head and not attrs.get("sample_rest"):
+        return head_and_draws(batch[TOPK_IDS], batch[TOPK_LOGPROBS], batch[SAMPLE_IDS],
+                              batch[SAMPLE_COUNTS], int(attrs["num_samples"]), head)
     if not attrs.get("sample_rest"):
         return SampledRows(ids=batch[SAMPLE_IDS], counts=batch[SAMPLE_COUNTS],
                            num_samples=int(attrs["num_samples"]))
@@ -315,11 +325,14 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
         names = list(SAMPLE_ARRAYS if config.source == "samples" else TEACHER_ARRAYS)
         if config.source == "samples" and store.attrs.get("sample_rest"):
             names += [TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS]  # the hybrid's exact head
+        elif config.source == "samples" and config.sample_head:
+            names += [TOPK_IDS, TOPK_LOGPROBS]
         if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk" \
                 and not is_own(store):
             names.append(TEMPERED_TAIL_LOGMASS)
         batch = store.read_part(part, names)
-        rows.append(sampled_rows(batch, store.attrs) if config.source == "samples"
+        rows.append(sampled_rows(batch, store.attrs, config.sample_head)
+                    if config.source == "samples"
                     else teacher_rows(batch, store.attrs))
         if student is not None and is_own(store):
             own[j] = read_own_part(store, part, student, tokens.attrs, rows[-1])

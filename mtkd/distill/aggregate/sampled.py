@@ -9,6 +9,12 @@ teachers with static weights w gives Σ_k w_k c_k/N, an unbiased estimate of the
 mixture; other operators of empirical distributions are biased, so only the linear one is
 offered.
 
+From a plain store (draws from the whole distribution beside the exact top-k), the hybrid's
+estimator is had without its harvest (``head_and_draws``): the exact top-h head, and the draws
+that fell outside it, which given their number m ≥ 1 are m draws from the rest, scaled to the
+rest's exact mass: unbiased wherever some draw fell outside the head (when none did, the rest
+stays in the tail bucket).
+
 The fused rows have the same fields as :func:`~.fuse.fuse` returns, so the target
 store and the trainer are the same for sampled and top-k targets. Their tail is empty unless
 more than ``k_out`` distinct ids were drawn (the rest is lumped into ``tail_mass``).
@@ -35,9 +41,10 @@ class SampledRows:
     """One teacher's draws for N positions: ``ids [N,S]`` distinct per row (−1 padded) and
     ``counts [N,S]`` (0 on padding), each row's counts summing to ``num_samples``.
 
-    The hybrid (``harvest --sample-rest``) adds the exact head: ``head_ids [N,h]`` with
-    ``head_probs``, the draws then come from outside the head and carry its complement
-    ``rest_mass [N]``: the estimate is head + rest_mass · counts / num_samples.
+    The hybrid (``harvest --sample-rest``, or ``head_and_draws``) adds the exact head:
+    ``head_ids [N,h]`` with ``head_probs``, the draws then count outside the head and carry its
+    complement ``rest_mass [N]``: the estimate is head + rest_mass · counts / Σ counts (a
+    row's counts sum to at most ``num_samples``; with none, the rest is left to the tail).
     """
 
     ids: np.ndarray
@@ -73,9 +80,25 @@ def check_sampled(teachers: Sequence[SampledRows], vocab_size: int) -> None:
             raise ValueError(f"sampled teacher {j}: ids outside [0, {vocab_size}) or "
                              "negative counts")
         totals = t.counts.sum(axis=1, dtype=np.int64)
-        if np.any(totals != t.num_samples):
+        wrong = totals > t.num_samples if t.head_ids is not None else totals != t.num_samples
+        if np.any(wrong):
             raise ValueError(f"sampled teacher {j}: a row's counts do not sum to "
                              f"num_samples={t.num_samples}")
+
+
+def head_and_draws(topk_ids: np.ndarray, topk_logprobs: np.ndarray, sample_ids: np.ndarray,
+                   sample_counts: np.ndarray, num_samples: int, head: int) -> SampledRows:
+    """The hybrid's estimator from a plain store's rows: the exact top-``head`` of the top-k
+    (descending) and the draws that fell outside it, with the rest's exact mass."""
+    if not 1 <= head <= topk_ids.shape[1]:
+        raise ValueError(f"the head must be in [1, {topk_ids.shape[1]}] (the stored k), "
+                         f"got {head}")
+    head_ids = topk_ids[:, :head]
+    head_probs = np.exp(topk_logprobs[:, :head].astype(np.float64))
+    in_head = (sample_ids[:, :, None] == head_ids[:, None, :]).any(axis=2)
+    counts = np.where(in_head, 0, sample_counts)
+    rest = np.clip(1.0 - head_probs.sum(axis=1), 0.0, 1.0)
+    return SampledRows(sample_ids, counts, num_samples, head_ids, head_probs, rest)
 
 
 def fuse_samples(
@@ -107,13 +130,19 @@ def fuse_samples(
         for j, t in enumerate(teachers):
             counts = t.counts[start:stop]
             ids = np.where(counts > 0, t.ids[start:stop], vocab_size)  # padding → tail column
-            dense[j][rows, ids] = counts / t.num_samples
-            if t.head_ids is not None:  # the hybrid: exact head + the rest's share of draws
-                dense[j] *= t.rest_mass[start:stop, None]
+            if t.head_ids is None:
+                dense[j][rows, ids] = counts / t.num_samples
+            else:  # the hybrid: exact head + the rest's mass shared as the draws say
+                drawn = counts.sum(axis=1, keepdims=True)
+                dense[j][rows, ids] = counts / np.maximum(drawn, 1) * t.rest_mass[start:stop,
+                                                                                    None]
                 head = np.where(t.head_ids[start:stop] >= 0, t.head_ids[start:stop], vocab_size)
                 dense[j][rows, head] += t.head_probs[start:stop]
-                dense[j][:, vocab_size] = 0.0  # the stored head is coded: sum to 1 exactly
-                dense[j] /= np.maximum(dense[j].sum(axis=1, keepdims=True), 1e-300)
+                dense[j][:, vocab_size] = 0.0
+                # the stored head is coded: rows with draws sum to 1 exactly; a row without
+                # leaves the rest to the tail bucket
+                total = dense[j].sum(axis=1, keepdims=True)
+                dense[j] /= np.where(drawn > 0, np.maximum(total, 1e-300), 1.0)
             dense[j][:, vocab_size] = 0.0
         wb = np.ascontiguousarray(w[start:stop])
         q = np.einsum("nk,knc->nc", wb, dense)

@@ -468,6 +468,41 @@ def test_hybrid_targets_are_the_exact_head_plus_the_rest_of_the_draws(tmp_path):
         np.testing.assert_allclose(np.where(got["ids"] >= 0, picked, 0), got["probs"], atol=1e-7)
 
 
+def test_sample_head_makes_the_hybrid_from_a_plain_store(tmp_path):
+    """--sample-head h on a store of plain draws: q = its exact top-h + the rest's mass
+    shared by the draws outside that head (the rest in the tail where none fell outside);
+    refused on a hybrid store and above the stored k."""
+    tokens = make_tokens(tmp_path)
+    draws, h = 16, 3
+    teacher = make_teacher(tmp_path, tokens, "plain", seed=33, scale=2.0, num_samples=draws)
+    out = tmp_path / "head-targets"
+    aggregate(tokens, out, config([teacher], k_out=h + draws, source="samples",
+                                  sample_head=h), progress=False)
+    for p, got in read_all(out).items():
+        part = open_store(teacher, TEACHER).read_part(p)
+        head_lp = part["topk_logprobs"][:, :h].astype(np.float64)
+        head = dense(part["topk_ids"][:, :h], np.exp(head_lp), 0.0)
+        drawn = dense(part["sample_ids"], part["sample_counts"].astype(np.float64), 0.0)
+        drawn[head > 0] = 0.0
+        outside = drawn.sum(axis=1, keepdims=True)
+        rest = 1.0 - np.exp(head_lp).sum(axis=1, keepdims=True)
+        q = head + rest * drawn / np.maximum(outside, 1)
+        q = np.where(outside > 0, q / q.sum(axis=1, keepdims=True), q)
+        picked = np.take_along_axis(q, np.maximum(got["ids"], 0), axis=1)
+        np.testing.assert_allclose(np.where(got["ids"] >= 0, picked, 0), got["probs"], atol=1e-6)
+        np.testing.assert_allclose(got["tail_mass"], 1 - q.sum(axis=1), atol=1e-6)
+    hybrid = make_teacher(tmp_path, tokens, "hybrid", seed=31, scale=2.0, num_samples=draws,
+                          sample_rest=True)
+    with pytest.raises(StoreError, match="drop --sample-head"):
+        aggregate(tokens, tmp_path / "x", config([hybrid], source="samples", sample_head=h),
+                  progress=False)
+    with pytest.raises(StoreError, match="more than the top-k"):
+        aggregate(tokens, tmp_path / "y", config([teacher], source="samples",
+                                                 sample_head=K + 1), progress=False)
+    with pytest.raises(ValueError, match="for --source samples"):
+        config([teacher], sample_head=h)
+
+
 def test_label_entry_splits_the_actual_token_out_of_the_tail(stores, tmp_path):
     """--label-entry: the target is the same mixture on a finer partition: wherever the label
     is outside the fused support, one more column holds it with Σ_k w_k p_k(label) (exact from

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples, head_and_draws
 from mtkd.harvest.hf_engine import sample_targets
 
 VOCAB = 30
@@ -99,3 +99,52 @@ def test_the_hybrid_is_unbiased_and_beats_plain_draws_of_the_same_budget() -> No
     assert np.all(np.abs(hyb.mean(0) - truth) <= 5 * se + 1e-6)  # probs are float32
     # lower mean squared error than plain draws of the same number of stored ids
     assert ((hyb - truth) ** 2).sum(-1).mean() < 0.5 * ((plain - truth) ** 2).sum(-1).mean()
+
+
+def test_the_head_of_a_plain_store_with_its_draws_is_the_hybrid_estimator() -> None:
+    """``head_and_draws`` (aggregate --sample-head h on a plain store): the exact top-h, and
+    the rest's exact mass shared by the draws that fell outside it. Given m >= 1 such draws
+    they are m draws from the rest, so the mean over repetitions is p·(1 − P(m = 0)) off the
+    head (the rest stays in the tail when no draw left the head) and p on it; and on the same
+    draws its squared error is below the plain empirical distribution's."""
+    rng = np.random.default_rng(2)
+    logp = torch.log_softmax(torch.from_numpy(rng.standard_normal((6, VOCAB)) * 2.5), dim=-1)
+    truth = logp.exp().numpy()
+    reps, head, n = 600, 4, 8
+    top = logp.topk(VOCAB, dim=-1)
+    rest = 1.0 - np.take_along_axis(truth, top.indices[:, :head].numpy(), 1).sum(-1)
+
+    def dense(out: dict[str, np.ndarray]) -> np.ndarray:
+        d = np.zeros_like(truth)
+        rows = np.broadcast_to(np.arange(6)[:, None], out["ids"].shape)
+        real = out["ids"] >= 0
+        d[rows[real], out["ids"][real]] = out["probs"][real]
+        return d
+
+    hyb, plain, tails = [], [], []
+    for r in range(reps):
+        drawn = draws(logp, n, 20_000 + r)
+        rows = head_and_draws(top.indices.numpy(), top.values.numpy(), drawn.ids, drawn.counts,
+                              n, head)
+        out = fuse_samples([rows], [1.0], VOCAB, VOCAB)
+        hyb.append(dense(out))
+        tails.append(out["tail_mass"])
+        plain.append(dense(fuse_samples([drawn], [1.0], VOCAB, VOCAB)))
+    hyb, plain, tails = np.stack(hyb), np.stack(plain), np.stack(tails)
+    in_head = np.zeros_like(truth, bool)
+    np.put_along_axis(in_head, top.indices[:, :head].numpy(), True, 1)
+    none_out = (1 - rest) ** n  # P(every draw in the head)
+    want = np.where(in_head, truth, truth * (1 - none_out[:, None]))
+    np.testing.assert_allclose(hyb[:, in_head], np.broadcast_to(truth[in_head], (reps,
+                               in_head.sum())), atol=1e-6)  # the head is exact every time
+    # off the head an entry lies in [0, rest] with mean want: its variance is <= want·rest
+    se = np.sqrt(want * rest[:, None] / reps)
+    assert np.all(np.abs(hyb.mean(0) - want)[~in_head] <= 5 * se[~in_head] + 1e-7)
+    # the tail is rest with probability none_out, else 0
+    assert np.all(np.abs(tails.mean(0) - rest * none_out)
+                  <= 5 * rest * np.sqrt(none_out / reps) + 1e-6)
+    np.testing.assert_allclose(hyb.sum(-1) + tails, 1.0, atol=1e-6)
+    assert ((hyb - truth) ** 2).sum(-1).mean() < 0.5 * ((plain - truth) ** 2).sum(-1).mean()
+    with pytest.raises(ValueError, match="head must be in"):
+        head_and_draws(top.indices.numpy(), top.values.numpy(), drawn.ids, drawn.counts, n,
+                       VOCAB + 1)
