@@ -20,6 +20,7 @@ on GPU), or FSDP2 with ``fsdp``.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -193,6 +194,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         return _train(cfg, d, out)
     finally:
         if d.owns_group:
+            # free the run's cycles (model, optimizer, FSDP state) while the group and the
+            # interpreter are alive: collective work they still hold, freed at interpreter
+            # exit instead, can abort the process from gloo's threads (seen once in CI)
+            gc.collect()
             dist.destroy_process_group()
 
 
