@@ -17,6 +17,15 @@ def draws(logp: torch.Tensor, n: int, seed: int) -> SampledRows:
     return SampledRows(ids.numpy(), counts.numpy().astype(np.int64), n)
 
 
+def dense(out: dict[str, np.ndarray]) -> np.ndarray:
+    """Fused sparse rows as ``[N, VOCAB]`` probabilities (padding dropped)."""
+    d = np.zeros((len(out["ids"]), VOCAB))
+    rows = np.broadcast_to(np.arange(len(out["ids"]))[:, None], out["ids"].shape)
+    real = out["ids"] >= 0
+    d[rows[real], out["ids"][real]] = out["probs"][real]
+    return d
+
+
 def test_the_fused_draws_are_an_unbiased_estimate_of_the_linear_mixture() -> None:
     """Averaged over independent draws, Σ w_k c_k/N converges to Σ w_k p_k (here within 4
     standard errors per entry), with k_out = V so nothing is lumped."""
@@ -30,12 +39,8 @@ def test_the_fused_draws_are_an_unbiased_estimate_of_the_linear_mixture() -> Non
     for r in range(reps):
         out = fuse_samples([draws(lp, n, 1000 * r + j) for j, lp in enumerate(logps)], w,
                            VOCAB, VOCAB)
-        dense = np.zeros_like(truth)
-        rows = np.broadcast_to(np.arange(5)[:, None], out["ids"].shape)
-        real = out["ids"] >= 0
-        dense[rows[real], out["ids"][real]] = out["probs"][real]
         assert np.allclose(out["tail_mass"], 0, atol=1e-6)
-        total += dense
+        total += dense(out)
     mean = total / reps
     # Var of one fused entry ≤ Σ w_k² p_k(1−p_k)/N
     se = np.sqrt(sum(wk**2 * lp.exp().numpy() * (1 - lp.exp().numpy()) / n
@@ -74,13 +79,6 @@ def test_the_hybrid_is_unbiased_and_beats_plain_draws_of_the_same_budget() -> No
     truth = logp.exp().numpy()
     reps, head, n = 600, 4, 8
 
-    def dense(out: dict[str, np.ndarray]) -> np.ndarray:
-        d = np.zeros_like(truth)
-        rows = np.broadcast_to(np.arange(6)[:, None], out["ids"].shape)
-        real = out["ids"] >= 0
-        d[rows[real], out["ids"][real]] = out["probs"][real]
-        return d
-
     hyb = np.stack([dense(fuse_samples([hybrid(logp, head, n, r)], [1.0], VOCAB, VOCAB))
                     for r in range(reps)])
     plain = np.stack([dense(fuse_samples([draws(logp, head + n, 10_000 + r)], [1.0], VOCAB,
@@ -113,13 +111,6 @@ def test_the_head_of_a_plain_store_with_its_draws_is_the_hybrid_estimator() -> N
     reps, head, n = 600, 4, 8
     top = logp.topk(VOCAB, dim=-1)
     rest = 1.0 - np.take_along_axis(truth, top.indices[:, :head].numpy(), 1).sum(-1)
-
-    def dense(out: dict[str, np.ndarray]) -> np.ndarray:
-        d = np.zeros_like(truth)
-        rows = np.broadcast_to(np.arange(6)[:, None], out["ids"].shape)
-        real = out["ids"] >= 0
-        d[rows[real], out["ids"][real]] = out["probs"][real]
-        return d
 
     hyb, plain, tails = [], [], []
     for r in range(reps):
