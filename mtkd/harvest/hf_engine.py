@@ -102,6 +102,11 @@ class HfReferenceEngine:
         size = getattr(self.model.config, "max_position_embeddings", None)
         return int(size) if isinstance(size, int) else None
 
+    @property
+    def max_sequence_len(self) -> int | None:
+        """The longest sequence :meth:`harvest` takes: the model's positions."""
+        return self.max_model_len
+
     @torch.inference_mode()
     def logits(self, sequences: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
         """Float32 logits ``[L_i − 1, V]`` per sequence, batch by batch (right-padded; causal,

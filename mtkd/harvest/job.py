@@ -135,10 +135,10 @@ def choose_tokenization(tokens: Store, model_dir: str | os.PathLike[str],
 def prepare_own(tokens: Store, model_dir: str | os.PathLike[str],
                 config: HarvestConfig) -> TeacherTokenizer:
     """The teacher's tokenizer for an own-tokens harvest, after refusing what it cannot do."""
-    if config.temperatures or config.num_samples:
-        raise ValueError("exact tempered tails and sampled targets are not supported for a "
-                         "teacher harvested in its own tokens (the alignment to the student's "
-                         "positions carries top-k rows)")
+    if config.temperatures:
+        raise ValueError("exact tempered tails are not supported for a teacher harvested in "
+                         "its own tokens (they do not survive the alignment to the student's "
+                         "positions)")
     check_texts(tokens)
     return TeacherTokenizer.load(model_dir)
 
@@ -325,7 +325,7 @@ class HarvestParts:
     def read(self, part: int) -> PartInputs:
         if self.teacher is not None:
             seq_ids, texts, store_lengths = window_texts(self.tokens, part)
-            own = self.teacher.read(texts, getattr(self.engine, "max_model_len", None))
+            own = self.teacher.read(texts, getattr(self.engine, "max_sequence_len", None))
             return PartInputs(seq_ids, own.sequences, store_lengths,
                               {CONTEXT_END: own.context_end, NEXT_ID: own.next_id},
                               own.unreadable)

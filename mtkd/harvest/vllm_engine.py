@@ -355,6 +355,12 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
+    @property
+    def max_sequence_len(self) -> int:
+        """The longest sequence :meth:`harvest` takes: max_model_len, less the token of room
+        the draws need."""
+        return self.max_model_len - (1 if self.num_samples else 0)
+
     def _full_length_params(self, last_token: int) -> Any:
         """Parameters for a sequence of exactly max_model_len tokens, sent without its last
         token: vLLM needs room for one generated token, so the last token is forced as that

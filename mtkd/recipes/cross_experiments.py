@@ -7,8 +7,11 @@ demo's tokenizer:
 1. A controlled pair. ``t0-cross`` is ``t0-narrow`` (same shape, seed, steps and share of the
    train split) trained on the same documents cut by its own byte-level BPE of another
    vocabulary size (``DemoSize.cross_vocab_size``). Each is harvested over the student's tokens
-   (``t0-cross`` with ``--tokenization own``: it reads each window's text its own way) and
-   distilled alone into a student: how much of the same-tokenizer gain survives the alignment.
+   with ``k`` draws per position (``t0-cross`` with ``--tokenization own``: it reads each
+   window's text its own way) and distilled alone into a student from its random-sampling
+   targets (``--source samples``, the demo's best sparse target): how much of the
+   same-tokenizer gain survives the alignment. ``--experiments all`` adds the pair's students
+   of top-k targets.
 2. A real pretrained teacher of another family, SmolLM2-135M-Instruct (``mtkd setup-teacher``
    caches it), harvested in its own tokens and distilled alone.
 3. ``mix-real``: the demo's three teachers and SmolLM2 fused into one target.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtkd.recipes.experiments import aggregate, student, targets
+from mtkd.recipes.experiments import aggregate, sampled_targets, student, targets
 from mtkd.recipes.run import Run, TrainJob, is_complete, print_stage, train_job
 from mtkd.recipes.sizes import Teacher
 from mtkd.recipes.temperature_sweep import temperature_sweep
@@ -30,6 +33,8 @@ from mtkd.recipes.temperature_sweep import temperature_sweep
 PAIRED_TEACHER = "t0-narrow"
 CROSS_TEACHER = "t0-cross"
 REAL_TEACHER = "smollm2"
+#: The single-teacher target stores whose coverage the figures report.
+CROSS_TARGETS, REAL_TARGETS = f"single-{CROSS_TEACHER}-sampled", f"single-{REAL_TEACHER}"
 #: The cross teacher's tokens stores (its own tokenizer): training, and its own held-out eval.
 CROSS_TRAIN, CROSS_HELDOUT = "tokens-train-cross", "tokens-heldout-cross"
 #: The real teacher's harvest on CPU: eager and bfloat16, the fastest here. Measured over
@@ -77,12 +82,14 @@ def vocab_size(run: Run, tokens: str) -> int:
 
 
 def harvest_own(run: Run, name: str, model: Path, *, dtype: str = "float32",
-                eager: bool = True) -> str:
-    """A teacher with its own tokenizer over the student's tokens (``stores/<name>-student``)."""
+                eager: bool = True, draws: int = 0) -> str:
+    """A teacher with its own tokenizer over the student's tokens (``stores/<name>-student``),
+    with ``draws`` random draws per position beside its top-k."""
     out = run.path("stores", f"{name}-student")
     if not is_complete(out):
         run.mtkd("harvest", run.path("stores", "tokens-student"), "--model", model, "--out", out,
                  "--tokenization", "own", "--k", str(run.size.k), "--dtype", dtype,
+                 *(["--num-samples", str(draws)] if draws else []),
                  *(["--enforce-eager"] if eager else []))
     return f"{name}-student"
 
@@ -115,13 +122,21 @@ def plan_cross_experiments(run: Run, which: str = "default") -> list[TrainJob]:
     weightings of the mixture); return the students to train."""
     teachers = run.size.teachers
     j, paired = paired_teacher(run)
-    cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"))
+    cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"),
+                        draws=run.size.k)
     real_dir = real_teacher_dir(run)
     real = (harvest_own(run, REAL_TEACHER, real_dir, dtype=REAL_DTYPE, eager=REAL_EAGER)
             if real_dir is not None else None)
-    jobs = [student(run, f"single-{paired.name}", targets(run, f"single-{paired.name}", [j])),
-            student(run, f"single-{CROSS_TEACHER}",
-                    aggregate(run, f"single-{CROSS_TEACHER}", [cross], [paired.temperature]))]
+    jobs = [student(run, f"single-{paired.name}-sampled", sampled_targets(run, j)),
+            student(run, f"single-{CROSS_TEACHER}-sampled",
+                    aggregate(run, f"single-{CROSS_TEACHER}-sampled", [cross], [1.0],
+                              extra=("--source", "samples")))]
+    if which == "all":  # the pair's top-k targets, as the demo had them before
+        jobs += [student(run, f"single-{paired.name}",
+                         targets(run, f"single-{paired.name}", [j])),
+                 student(run, f"single-{CROSS_TEACHER}",
+                         aggregate(run, f"single-{CROSS_TEACHER}", [cross],
+                                   [paired.temperature]))]
     if real is None:
         return jobs
     jobs.append(student(run, f"single-{REAL_TEACHER}",
@@ -145,9 +160,9 @@ def measure_cross_experiments(run: Run, which: str = "default") -> None:
         temperature_sweep(run, real, REAL_TEACHER)
     with run.timed("measure the own-tokens teachers"):
         run.results["own_tokens"] = {
-            name: own_tokens_summary(run, name, f"single-{name}")
-            for name in (CROSS_TEACHER, REAL_TEACHER)
-            if is_complete(run.path("stores", f"single-{name}"))}
+            name: own_tokens_summary(run, name, store)
+            for name, store in ((CROSS_TEACHER, CROSS_TARGETS), (REAL_TEACHER, REAL_TARGETS))
+            if is_complete(run.path("stores", store))}
     run.save()
 
 

@@ -14,7 +14,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mtkd.recipes.cross_experiments import CROSS_TEACHER, PAIRED_TEACHER, REAL_TEACHER
+from mtkd.recipes.cross_experiments import (
+    CROSS_TARGETS,
+    CROSS_TEACHER,
+    PAIRED_TEACHER,
+    REAL_TARGETS,
+    REAL_TEACHER,
+)
 from mtkd.recipes.run import Run
 from mtkd.store import StoreError
 
@@ -71,14 +77,18 @@ def headline_figures(run: Run) -> dict[str, float]:
         f"teacher_{PAIRED_TEACHER}_bpb": teachers.get(PAIRED_TEACHER, {}).get("heldout_bpb"),
         f"teacher_{CROSS_TEACHER}_bpb": teachers.get(CROSS_TEACHER, {}).get("heldout_bpb"),
     }
-    same, cross = bpb.get(f"single-{PAIRED_TEACHER}"), bpb.get(f"single-{CROSS_TEACHER}")
+    for suffix, figure in (("-sampled", "cross_tokenizer_recovery"),
+                           ("", "cross_tokenizer_recovery_topk")):
+        same = bpb.get(f"single-{PAIRED_TEACHER}{suffix}")
+        cross = bpb.get(f"single-{CROSS_TEACHER}{suffix}")
+        figures |= {f"single-{PAIRED_TEACHER}{suffix}-bpb": same,
+                    f"single-{CROSS_TEACHER}{suffix}-bpb": cross}
+        if ce is not None and same is not None and cross is not None and ce != same:
+            figures[figure] = (ce - cross) / (ce - same)
     real, mix = bpb.get(f"single-{REAL_TEACHER}"), bpb.get("mix-real")
-    figures |= {f"single_{PAIRED_TEACHER}_bpb": same, f"single_{CROSS_TEACHER}_bpb": cross,
-                f"single_{REAL_TEACHER}_bpb": real, "mix_real_bpb": mix}
-    if ce is not None and same is not None and cross is not None and ce != same:
-        figures["cross_tokenizer_recovery"] = (ce - cross) / (ce - same)
-    figures["alignment_coverage_cross"] = coverage_fraction(run, f"single-{CROSS_TEACHER}")
-    figures["alignment_coverage_real"] = coverage_fraction(run, f"single-{REAL_TEACHER}")
+    figures |= {f"single_{REAL_TEACHER}_bpb": real, "mix_real_bpb": mix}
+    figures["alignment_coverage_cross"] = coverage_fraction(run, CROSS_TARGETS)
+    figures["alignment_coverage_real"] = coverage_fraction(run, REAL_TARGETS)
     if ce is not None and real is not None:
         figures["real_teacher_gain_pct"] = _pct(real, ce)
     singles = single_teacher_students(bpb)

@@ -86,7 +86,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 FIGURE_GOAL_TEXT = {
     "cross_tokenizer_recovery": "cross-tokenizer recovery: (CE-only − student of the cross "
                                 "teacher) ÷ (CE-only − student of the same-tokenizer teacher), "
-                                "bits/byte",
+                                "bits/byte, both from their random-sampling targets",
     "real_teacher_gain_pct": "student distilled from SmolLM2 vs CE-only student, bits/byte",
     "mixture_vs_best_single_pct": "student of the mixture with SmolLM2 vs the best "
                                   "single-teacher student, bits/byte",

@@ -302,14 +302,32 @@ def test_a_tokens_store_whose_texts_do_not_match_its_offsets_is_refused(
 def test_vllm_rows_equal_an_independent_forward(setup: Setup, tmp_path: Path,
                                                 mtkd_cli: Callable[..., str]) -> None:
     """The same teacher on vLLM (float32, eager): the same sequences, context ends and next ids
-    as the reference engine, log-probs within the engines' tolerance."""
+    as the reference engine, log-probs within the engines' tolerance; its draws at the
+    teacher's own positions: each row's log-probs those of the reference row, their mean the
+    reference's −entropy within 5 standard errors (a text of max_model_len tokens is left out
+    as too long: draws need a token of room after it)."""
     out = tmp_path / "vllm"
+    draws = 32
     stdout = mtkd_cli("harvest", setup.tokens, "--model", setup.teacher, "--out", out, *EXACT,
-                      "--engine", "vllm", "--enforce-eager", "--tokenization", "own")
+                      "--engine", "vllm", "--enforce-eager", "--tokenization", "own",
+                      "--num-samples", draws)
     assert "unreadable" in stdout
     tokens = open_store(setup.tokens)
-    check_against_reference(out, tokens, reference(setup.teacher, tokens, MAX_POSITION),
-                            atol=LOGPROB_ATOL)
+    ref = reference(setup.teacher, tokens, MAX_POSITION - 1)  # draws need a token of room
+    check_against_reference(out, tokens, ref, atol=LOGPROB_ATOL)
+    store = open_store(out)
+    rows = store.read(np.arange(store.num_sequences))
+    full = np.concatenate(ref.logprobs)
+    ids, counts = rows["sample_ids"].astype(np.int64), rows["sample_counts"].astype(np.int64)
+    assert (counts.sum(axis=1) == draws).all()
+    real = counts > 0
+    drawn_lp = np.take_along_axis(full, np.maximum(ids, 0), axis=1)
+    np.testing.assert_allclose(rows["sample_logprobs"][real], drawn_lp[real], atol=LOGPROB_ATOL)
+    per_row = (np.where(real, drawn_lp, 0.0) * counts).sum(axis=1) / draws
+    p = np.exp(full)
+    mean_lp, second = (p * full).sum(axis=1), (p * full**2).sum(axis=1)
+    se = np.sqrt(((second - mean_lp**2) / draws).sum()) / len(full)
+    assert abs(per_row.mean() - mean_lp.mean()) < 5 * se
     got, want = open_store(out), open_store(setup.hf_store)
     assert got.attrs["engine"] == "vllm" and got.attrs["teacher_tokenizer_hash"] == want.attrs[
         "teacher_tokenizer_hash"]

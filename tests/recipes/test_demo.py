@@ -47,7 +47,7 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     students = results["students"]
     best = results["best_teacher"]
     assert {"ce-only", "mix-linear", f"single-{best}", f"single-{best}-full",
-            "single-t0-narrow", "single-t0-cross"} <= set(students)
+            "single-t0-narrow-sampled", "single-t0-cross-sampled"} <= set(students)
     assert {"single-smollm2", "mix-real"} <= set(students) or not real
     for name, metrics in students.items():
         assert math.isfinite(metrics["heldout_ce"]) and 0 < metrics["heldout_ce"] < 10, name

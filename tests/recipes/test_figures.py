@@ -23,13 +23,16 @@ def run_with(tmp_path: Path, bpb: dict[str, float], **results: object) -> Run:
 
 
 def test_figures_follow_the_issue_formulas(tmp_path: Path) -> None:
-    bpb = {"ce-only": 2.0, "single-t0-narrow": 1.8, "single-t0-cross": 1.81,
+    bpb = {"ce-only": 2.0, "single-t0-narrow-sampled": 1.8, "single-t0-cross-sampled": 1.81,
+           "single-t0-narrow": 1.9, "single-t0-cross": 1.95,
            "single-t2-safety": 1.75, "single-smollm2": 1.7, "mix-real": 1.6,
            "single-t2-safety-full": 1.5, "single-t2-safety-sampled": 1.51, "mix-linear": 1.74}
     run = run_with(tmp_path, bpb, seconds=590.0,
                    teachers={"t0-narrow": {"heldout_bpb": 1.9}, "t0-cross": {"heldout_bpb": 1.8}})
     fig = headline_figures(run)
     assert fig["cross_tokenizer_recovery"] == pytest.approx((2.0 - 1.81) / (2.0 - 1.8))
+    assert fig["cross_tokenizer_recovery_topk"] == pytest.approx((2.0 - 1.95) / (2.0 - 1.9))
+    assert fig["single_t0_cross_sampled_bpb"] == 1.81 and fig["single_t0_cross_bpb"] == 1.95
     assert fig["real_teacher_gain_pct"] == pytest.approx(100 * (1.7 - 2.0) / 2.0)
     # the best single-teacher student of offline targets: not the full-vocabulary one
     assert fig["mixture_vs_best_single_pct"] == pytest.approx(100 * (1.6 - 1.7) / 1.7)
@@ -48,10 +51,11 @@ def test_figures_follow_the_issue_formulas(tmp_path: Path) -> None:
 
 
 def test_unmeasured_figures_are_left_out(tmp_path: Path) -> None:
-    run = run_with(tmp_path, {"ce-only": 2.0, "single-t0-narrow": 2.0,
-                              "single-t0-cross": math.nan})
+    run = run_with(tmp_path, {"ce-only": 2.0, "single-t0-narrow-sampled": 2.0,
+                              "single-t0-cross-sampled": math.nan})
     fig = headline_figures(run)
     assert "cross_tokenizer_recovery" not in fig  # no gain to recover: no ratio
-    assert "single_t0_cross_bpb" not in fig  # not finite
+    assert "cross_tokenizer_recovery_topk" not in fig  # not run
+    assert "single_t0_cross_sampled_bpb" not in fig  # not finite
     assert "real_teacher_gain_pct" not in fig and "mixture_vs_best_single_pct" not in fig
     assert figure_goals(fig) == []

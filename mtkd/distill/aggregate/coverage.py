@@ -144,21 +144,23 @@ class MaskedWeights:
         return self.weights
 
 
-def fuse_partial_rows(fused: dict[str, np.ndarray], rows: Sequence[TeacherRows],
-                   weights: np.ndarray, covered: np.ndarray,
-                   fuse_rows: Callable[[list[TeacherRows], np.ndarray, np.ndarray],
-                                       dict[str, np.ndarray]]) -> None:
+def fuse_partial_rows(fused: dict[str, np.ndarray], rows: Sequence[Any],
+                      weights: np.ndarray, covered: np.ndarray,
+                      fuse_rows: Callable[[list[Any], np.ndarray, np.ndarray],
+                                          dict[str, np.ndarray]],
+                      select: Callable[[Any, np.ndarray], Any] = select_rows) -> None:
     """Fuse again, from the covering teachers alone, every row that misses some teacher but
     not all (in place: ids, probs, tail, diagnostics; weights and n_eff are already right).
-    ``fuse_rows(teacher_rows, weights [n,C], teacher_columns)`` fuses a group of rows; one call
-    per coverage pattern. Blocks of the missing teachers (``teacher{j}_*``) are emptied."""
+    ``fuse_rows(teacher_rows, weights [n,C], teacher_columns)`` fuses a group of rows (taken
+    with ``select(rows, index)``: ``TeacherRows`` by default); one call per coverage pattern.
+    Blocks of the missing teachers (``teacher{j}_*``) are emptied."""
     gone = uncovered(weights, covered)
     partial = ~covered.all(axis=1) & ~gone
     bits = coverage_bits(covered)
     for pattern in np.unique(bits[partial]):
         idx = np.flatnonzero(partial & (bits == pattern))
         cols = np.flatnonzero(covered[idx[0]])
-        sub = fuse_rows([select_rows(rows[j], idx) for j in cols], weights[np.ix_(idx, cols)],
+        sub = fuse_rows([select(rows[j], idx) for j in cols], weights[np.ix_(idx, cols)],
                         cols)
         for name in ("ids", "probs", "tail_mass", "jensen_gap", "disagreement", "tail_bucket"):
             fused[name][idx] = sub[name]

@@ -47,6 +47,7 @@ from mtkd.distill.aggregate.cross import (
 )
 from mtkd.distill.aggregate.fuse import fuse
 from mtkd.distill.aggregate.operators import get_operator
+from mtkd.distill.aggregate.own_samples import estimated_rows, fuse_own_samples
 from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples, head_and_draws
 from mtkd.distill.aggregate.targets import add_label_entry
 from mtkd.distill.aggregate.tempering import TeacherRows
@@ -56,6 +57,7 @@ from mtkd.distill.aggregate.weights import (
 from mtkd.store import ArraySpec, Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.executor import run_parts
 from mtkd.store.schema import (
+    NEXT_ID,
     SAMPLE_COUNTS,
     SAMPLE_IDS,
     TAIL_LOGMASS,
@@ -103,15 +105,12 @@ def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]])
 
 
 def check_own_settings(teachers: Sequence[Store], config: AggregateConfig) -> None:
-    """Refuse what teachers of their own tokenizer cannot do: sampled targets and exact
-    tempered tails are in the teacher's ids (aligned rows carry neither), and a coverage
-    bitmask holds at most 31 teachers."""
+    """Refuse what teachers of their own tokenizer cannot do: exact tempered tails are in the
+    teacher's ids (aligned rows carry none), and a coverage bitmask holds at most 31
+    teachers."""
     own = [str(t.root) for t in teachers if is_own(t)]
     if not own:
         return
-    if config.source == "samples":
-        raise StoreError(f"{own[0]} has its own tokenizer: its sampled targets cannot be "
-                         "aligned; fuse its top-k (--source topk)")
     tempered = [str(t.root) for t, temp in zip(teachers, config.teacher_temperatures,
                                                strict=True) if is_own(t) and temp != 1.0]
     if config.tail_model == "exact" and tempered:
@@ -298,6 +297,14 @@ def sampled_rows(batch: Any, attrs: Mapping[str, Any], head: int = 0) -> Sampled
                        rest_mass=np.exp(batch[TAIL_LOGMASS].astype(np.float64)))
 
 
+def own_rows(rows: TeacherRows | SampledRows, batch: Any) -> TeacherRows:
+    """What is aligned of a teacher of its own tokenizer: its top-k rows, or its draws as
+    estimated rows (``own_samples.estimated_rows``)."""
+    if isinstance(rows, TeacherRows):
+        return rows
+    return estimated_rows(rows, batch[NEXT_ID], batch[TARGET_LOGPROB].astype(np.float64))
+
+
 @dataclass
 class _PartInputs:
     """One part's teacher rows, sequence boundaries and per-row task index; with teachers of
@@ -327,6 +334,8 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
             names += [TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS]  # the hybrid's exact head
         elif config.source == "samples" and config.sample_head:
             names += [TOPK_IDS, TOPK_LOGPROBS]
+        if config.source == "samples" and is_own(store):
+            names += [NEXT_ID, TARGET_LOGPROB]  # the actual token stays exact (own_samples)
         if TEMPERED_TAIL_LOGMASS in store.array_names and config.source == "topk" \
                 and not is_own(store):
             names.append(TEMPERED_TAIL_LOGMASS)
@@ -335,7 +344,10 @@ def _read_part(tokens_dir: str, config: AggregateConfig, part: int) -> _PartInpu
                     if config.source == "samples"
                     else teacher_rows(batch, store.attrs))
         if student is not None and is_own(store):
-            own[j] = read_own_part(store, part, student, tokens.attrs, rows[-1])
+            aligned = own_rows(rows[-1], batch)
+            own[j] = read_own_part(store, part, student, tokens.attrs, aligned)
+            if aligned is not rows[-1]:  # estimated rows: keep every entry (up to V) aligned
+                own[j] = replace(own[j], k=min(aligned.k, own[j].student_size))
         elif ref is None:
             ref, ref_root = batch, store.root
         elif not np.array_equal(batch.offsets, ref.offsets):
@@ -372,10 +384,14 @@ def _fuse_part(inputs: _PartInputs, config: AggregateConfig, vocab_size: int
     every teacher is in the student's tokens)."""
     weights = config.policy(inputs.task_index, inputs.offsets)
     rows = inputs.rows
+    aligned = _align(inputs)
+    if config.source == "samples" and aligned is not None:
+        assert inputs.labels is not None
+        return fuse_own_samples(rows, aligned, weights, config.k_out,  # type: ignore[arg-type]
+                                vocab_size, inputs.labels)
     if config.source == "samples":
         fused = fuse_samples(rows, weights, config.k_out, vocab_size)  # type: ignore[arg-type]
         return _label_entry(fused, rows, inputs.labels), {}
-    aligned = _align(inputs)
     if aligned is not None:
         return _fuse_covered(inputs, aligned, weights, config, vocab_size)
     fused = fuse(rows, weights, config.teacher_temperatures,

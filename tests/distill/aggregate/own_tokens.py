@@ -27,6 +27,9 @@ from mtkd.store import StoreWriter, open_store
 from mtkd.store.schema import (
     CONTEXT_END,
     NEXT_ID,
+    SAMPLE_COUNTS,
+    SAMPLE_IDS,
+    SAMPLE_LOGPROBS,
     TOKENS,
     teacher_header,
     tokens_header,
@@ -129,6 +132,22 @@ def sparse_rows(logp: np.ndarray, next_ids: np.ndarray, k: int) -> dict[str, np.
             "tail_logmass": tail.astype(np.float32)}
 
 
+def draw_columns(logp: np.ndarray, num_samples: int, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    """``num_samples`` draws per row of ``logp [R,V]`` as a store's sampled columns: distinct
+    ids ascending with their counts and log-probs, then padding (−1, 0, −inf)."""
+    ids = np.full((len(logp), num_samples), -1, np.int32)
+    counts = np.zeros((len(logp), num_samples), np.uint16)
+    lps = np.full((len(logp), num_samples), -np.inf, np.float32)
+    p = np.exp(logp)
+    for i in range(len(logp)):
+        c = rng.multinomial(num_samples, p[i] / p[i].sum())
+        drawn = np.flatnonzero(c)
+        ids[i, :len(drawn)], counts[i, :len(drawn)] = drawn, c[drawn]
+        lps[i, :len(drawn)] = logp[i, drawn]
+    return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts, SAMPLE_LOGPROBS: lps}
+
+
 def random_logp(rng: np.random.Generator, rows: int, vocab: int, scale: float = 2.0
                 ) -> np.ndarray:
     z = rng.standard_normal((rows, vocab)) * scale
@@ -174,11 +193,13 @@ def write_own_teacher(root: Path, tokens_dir: Path, name: str, tok_dir: Path, k:
                       logprob_dtype: str = "float32", bos_id: int | None = None,
                       unreadable: Sequence[tuple[int, int]] = (),
                       edit: Callable[[int, dict[str, np.ndarray]], None] | None = None,
-                      drop: Sequence[str] = (), attrs: dict[str, Any] | None = None) -> Path:
+                      drop: Sequence[str] = (), attrs: dict[str, Any] | None = None,
+                      num_samples: int = 0) -> Path:
     """A teacher store in the teacher's own tokens over ``tokens_dir`` (same parts and
     sequences). ``tokenise``: default the teacher's canonical tokenisation; ``rows``: default
     random dense rows; ``unreadable``: (part, sequence) pairs stored with no rows; ``edit``:
-    changes a part's arrays before they are written; ``drop``: arrays left out (bad stores)."""
+    changes a part's arrays before they are written; ``drop``: arrays left out (bad stores);
+    ``num_samples``: that many draws per row from the rows, beside the top-k."""
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tokenise = tokenise or canonical(tok, bos_id)
@@ -191,8 +212,8 @@ def write_own_teacher(root: Path, tokens_dir: Path, name: str, tok_dir: Path, k:
         "teacher": name, "tokenization": "own", "teacher_tokenizer": str(tok_dir.resolve()),
         "teacher_tokenizer_hash": vocab_fingerprint(tok.get_vocab(with_added_tokens=True)),
         "teacher_vocab_size": vocab, "bos_id": bos_id,
-        "unreadable_sequences": len(unreadable)} | (attrs or {}), logprob_dtype=logprob_dtype,
-        own_tokens=True)
+        "unreadable_sequences": len(unreadable)} | (attrs or {}),
+        logprob_dtype=logprob_dtype, own_tokens=True, num_samples=num_samples)
     header = replace(base, arrays=tuple(a for a in base.arrays if a.name not in drop))
     writer = StoreWriter(root / name, header)
     for p in range(tokens.num_parts):
@@ -206,8 +227,11 @@ def write_own_teacher(root: Path, tokens_dir: Path, name: str, tok_dir: Path, k:
             nxt += list(ids[1:])
             lengths.append(n)
         nxt_a = np.asarray(nxt, np.int64)
-        arrays = sparse_rows(rows(p, nxt_a), nxt_a, k) | {
+        logp = rows(p, nxt_a)
+        arrays = sparse_rows(logp, nxt_a, k) | {
             CONTEXT_END: np.asarray(ends, np.int32), NEXT_ID: nxt_a.astype(np.int32)}
+        if num_samples:
+            arrays |= draw_columns(logp, num_samples, np.random.default_rng(seed + 1000 + p))
         if edit is not None:
             edit(p, arrays)
         with writer.open_part(p) as pw:
@@ -218,19 +242,23 @@ def write_own_teacher(root: Path, tokens_dir: Path, name: str, tok_dir: Path, k:
 
 
 def write_store_teacher(root: Path, tokens_dir: Path, name: str, k: int, rows: Rows,
-                        logprob_dtype: str = "float32") -> Path:
-    """A teacher store in the student's tokens (as today): rows ``rows(part, next ids)``."""
+                        logprob_dtype: str = "float32", num_samples: int = 0) -> Path:
+    """A teacher store in the student's tokens (as today): rows ``rows(part, next ids)``,
+    with ``num_samples`` draws per row from them beside the top-k."""
     tokens = open_store(tokens_dir, TOKENS)
     header = teacher_header(tokens.num_parts, k, {
         "tokenizer_hash": tokens.attrs["tokenizer_hash"], "vocab_size": tokens.attrs["vocab_size"],
         "tokens_fingerprint": tokens.manifest["checksum"], "teacher": name},
-        logprob_dtype=logprob_dtype)
+        logprob_dtype=logprob_dtype, num_samples=num_samples)
     writer = StoreWriter(root / name, header)
     for p in range(tokens.num_parts):
         batch = tokens.read_part(p)
         nxt = np.delete(batch["token_ids"], batch.offsets[:-1]).astype(np.int64)
+        logp = rows(p, nxt)
+        arrays = sparse_rows(logp, nxt, k)
+        if num_samples:
+            arrays |= draw_columns(logp, num_samples, np.random.default_rng(2000 + p))
         with writer.open_part(p) as pw:
-            pw.append(sparse_rows(rows(p, nxt), nxt, k), np.diff(batch.offsets) - 1,
-                      batch.seq_ids)
+            pw.append(arrays, np.diff(batch.offsets) - 1, batch.seq_ids)
     assert writer.finalize()
     return root / name

@@ -7,7 +7,8 @@ student's ids; (b) a finer (byte- and character-level) teacher gives distributio
 computed by hand; (c) a same-tokenizer and a cross teacher mixed: rows the cross teacher does
 not cover are the other teacher's alone, rows no teacher covers are one-hot, and the coverage
 array and counts say so; ``--weights fit`` on the complete rows; (d) bad input refused before
-anything is written.
+anything is written; (e) random-sampling targets (``--source samples``) of a cross teacher: the
+permuted twin gives its own estimate back, a partial teacher mixes and falls back as in (c).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from mtkd.distill.aggregate.config import AggregateConfig
 from mtkd.distill.aggregate.coverage import COVERAGE
 from mtkd.distill.aggregate.cross import projection
 from mtkd.distill.aggregate.job import TEACHER_ARRAYS, aggregate, teacher_rows
+from mtkd.distill.aggregate.own_samples import as_head_rows, estimated_rows
+from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
 from mtkd.distill.aggregate.weights import fit_mixture_weights
 from mtkd.store import StoreError, open_store
 from mtkd.store.schema import CONTEXT_END, TARGET, TEACHER, TOKENS
@@ -41,6 +44,7 @@ from tests.distill.aggregate.own_tokens import (
 )
 
 K = 8
+DRAWS = 16  # random-sampling targets per row beside each teacher's top-k
 ARRAYS = ("ids", "probs", "tail_mass", "weights", "jensen_gap", "disagreement")
 
 
@@ -68,7 +72,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     def dense(part: int, n: int) -> np.ndarray:
         return random_logp(np.random.default_rng(100 + part), n, size)
 
-    same = write_store_teacher(root, tokens, "same", K, lambda p, nxt: dense(p, len(nxt)))
+    same = write_store_teacher(root, tokens, "same", K, lambda p, nxt: dense(p, len(nxt)),
+                               num_samples=DRAWS)
     store = open_store(tokens, TOKENS)
     parts = {p: store.read_part(p) for p in range(store.num_parts)}
 
@@ -79,12 +84,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     inverse = np.argsort(perm)
     twin = write_own_teacher(root, tokens, "twin", perm_dir, K, tokenise=tokenise,
-                             rows=lambda p, nxt: dense(p, len(nxt))[:, inverse])
+                             rows=lambda p, nxt: dense(p, len(nxt))[:, inverse],
+                             num_samples=DRAWS)
     byte_dir = save_tokenizer(byte_teacher(), root / "bytes", eos=None)
     byte = write_own_teacher(root, tokens, "byte", byte_dir, K, tokenise=bytewise(byte_teacher()),
-                             seed=7, unreadable=[(0, 1)])
+                             seed=7, unreadable=[(0, 1)], num_samples=DRAWS)
     return {"root": root, "tokens": tokens, "same": same, "twin": twin, "byte": byte,
-            "student": student_dir, "byte_dir": byte_dir}
+            "student": student_dir, "byte_dir": byte_dir, "perm": perm}
 
 
 def config(teachers: list[Path], **kw: object) -> AggregateConfig:
@@ -343,9 +349,63 @@ def test_refuses_a_changed_tokenizer_and_unsupported_settings(world, tmp_path):
                               tokenise=bytewise(byte_teacher()),
                               attrs={"teacher_tokenizer": str(world["student"].resolve())})
     refused(world, [moved], "not the one")
-    refused(world, [world["byte"]], "sampled targets", source="samples")
     refused(world, [world["byte"], world["same"]], "exact", tail_model="exact",
             temperatures=(2.0, 1.0))
+
+
+# ------------------------------------------------------------------- (e) sampled targets
+
+
+def dense_targets(got: dict[str, np.ndarray], vocab: int) -> np.ndarray:
+    """A target part's rows as dense ``[N, V+1]`` probabilities, the tail last."""
+    out = np.zeros((len(got["ids"]), vocab + 1))
+    rows = np.repeat(np.arange(len(got["ids"])), got["ids"].shape[1])
+    keep = got["ids"].reshape(-1) >= 0
+    np.add.at(out, (rows[keep], got["ids"].reshape(-1)[keep]),
+              got["probs"].reshape(-1)[keep].astype(np.float64))
+    out[:, -1] = got["tail_mass"]
+    return out
+
+
+def test_sampled_twin_gives_its_estimate_in_student_ids(world):
+    """--source samples with the permuted-ids twin alone (the alignment is the identity): each
+    row is the twin's estimate from its draws (the actual token exact, the rest shared by the
+    draws' counts) read in the student's ids, every row covered."""
+    out = run(world, "twin-s", ["twin"], source="samples", k_out=2 * DRAWS)
+    twin = open_store(world["twin"], TEACHER)
+    inverse = np.argsort(world["perm"])
+    vocab = int(open_store(world["tokens"], TOKENS).attrs["vocab_size"])
+    for p, got in enumerate(parts(out)):
+        b = twin.read_part(p, ["sample_ids", "sample_counts", "next_id", "target_logprob"])
+        drawn = np.where(b["sample_ids"] >= 0, inverse[np.maximum(b["sample_ids"], 0)], -1)
+        est = estimated_rows(SampledRows(drawn, b["sample_counts"], DRAWS),
+                             inverse[b["next_id"]], b["target_logprob"].astype(np.float64))
+        want = fuse_samples([as_head_rows(est, DRAWS)], np.ones(1), 2 * DRAWS, vocab)
+        np.testing.assert_allclose(dense_targets(got, vocab), dense_targets(want, vocab),
+                                   atol=2e-7)
+        assert (got[COVERAGE] == 1).all()
+        label = labels(world)[p]
+        np.testing.assert_allclose(got["probs"][got["ids"] == label[:, None]],
+                                   np.exp(b["target_logprob"]), rtol=1e-6)
+
+
+def test_sampled_mixture_with_a_partial_teacher(world):
+    """Sampled targets of a same-tokenizer teacher and the byte teacher at 0.4 / 0.6: rows the
+    byte teacher does not cover are the first teacher's sampled target alone, the others a
+    distribution of both; the byte teacher alone leaves them one-hot."""
+    mixed = parts(run(world, "mixed-s", ["same", "byte"], source="samples", weights=(0.4, 0.6)))
+    alone = parts(run(world, "alone-s", ["same"], source="samples"))
+    only = parts(run(world, "byte-s", ["byte"], source="samples"))
+    for got, one, byte, lab in zip(mixed, alone, only, labels(world), strict=True):
+        gap = got[COVERAGE] == 0b01
+        assert gap.any() and not gap.all() and set(np.unique(got[COVERAGE])) == {0b01, 0b11}
+        for key in ("ids", "probs", "tail_mass"):
+            np.testing.assert_array_equal(got[key][gap], one[key][gap], err_msg=key)
+        np.testing.assert_allclose(got["weights"][~gap], np.tile([0.4, 0.6], ((~gap).sum(), 1)))
+        np.testing.assert_allclose(got["probs"].sum(axis=1) + got["tail_mass"], 1.0, atol=2e-6)
+        none = byte[COVERAGE] == 0
+        assert (none == gap).all()
+        assert (byte["ids"][none, 0] == lab[none]).all() and (byte["probs"][none, 0] == 1).all()
 
 
 # ------------------------------------------------------------------- through the commands
