@@ -106,11 +106,17 @@ def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]])
 
 def check_own_settings(teachers: Sequence[Store], config: AggregateConfig) -> None:
     """Refuse what teachers of their own tokenizer cannot do: exact tempered tails are in the
-    teacher's ids (aligned rows carry none), and a coverage bitmask holds at most 31
-    teachers."""
+    teacher's ids (aligned rows carry none), draws at another temperature than the stored
+    log-probs' cannot be aligned, and a coverage bitmask holds at most 31 teachers."""
     own = [str(t.root) for t in teachers if is_own(t)]
     if not own:
         return
+    tempered_draws = [str(t.root) for t in teachers if is_own(t)
+                      and float(t.attrs.get("sample_temperature") or 1.0) != 1.0]
+    if config.source == "samples" and tempered_draws:
+        raise StoreError(f"{tempered_draws[0]} drew at a sampling temperature ≠ 1: the actual "
+                         "token's exact probability, which aligning its draws keeps, is known "
+                         "at T = 1 only (harvest its draws at --sample-temperature 1)")
     tempered = [str(t.root) for t, temp in zip(teachers, config.teacher_temperatures,
                                                strict=True) if is_own(t) and temp != 1.0]
     if config.tail_model == "exact" and tempered:

@@ -349,6 +349,10 @@ def test_refuses_a_changed_tokenizer_and_unsupported_settings(world, tmp_path):
                               tokenise=bytewise(byte_teacher()),
                               attrs={"teacher_tokenizer": str(world["student"].resolve())})
     refused(world, [moved], "not the one")
+    hot = write_own_teacher(tmp_path, world["tokens"], "hot", world["byte_dir"], K,
+                            tokenise=bytewise(byte_teacher()), num_samples=DRAWS,
+                            attrs={"sample_temperature": 1.5})
+    refused(world, [hot], "sampling temperature", source="samples")
     refused(world, [world["byte"], world["same"]], "exact", tail_model="exact",
             temperatures=(2.0, 1.0))
 
