@@ -30,9 +30,10 @@ import numpy as np
 from mtkd.distill.aggregate.diagnostics import disagreement, jensen_gap
 from mtkd.distill.aggregate.operators import Stack
 from mtkd.distill.aggregate.targets import check_same_rows, fused_rows, top_k
+from mtkd.distill.aggregate.union import union_support
 from mtkd.distill.aggregate.weights import validate_weights
 
-#: Dense scratch per block, in float64 elements (K teachers × rows × (V + 1)).
+#: Scratch per block, in float64 elements (K teachers × rows × union width).
 BLOCK_ELEMENTS = 1 << 23
 
 
@@ -101,6 +102,25 @@ def head_and_draws(topk_ids: np.ndarray, topk_logprobs: np.ndarray, sample_ids: 
     return SampledRows(sample_ids, counts, num_samples, head_ids, head_probs, rest)
 
 
+def estimate(t: SampledRows, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    """One teacher's estimate on ``rows``, sparse: ids (−1 where empty) and probabilities, the
+    hybrid's head columns first. Plain draws give c/N; the hybrid its exact head + the rest's
+    mass shared as the draws say, renormalised (the stored head is coded) where some draw fell
+    outside it; a row without draws leaves the rest to the tail."""
+    counts = t.counts[rows]
+    ids = np.where(counts > 0, t.ids[rows], -1)
+    if t.head_ids is None:
+        return ids, counts / t.num_samples
+    drawn = counts.sum(axis=1, keepdims=True)
+    head_ids = t.head_ids[rows]
+    ids = np.concatenate([head_ids, ids], axis=1)
+    probs = np.concatenate([np.where(head_ids >= 0, t.head_probs[rows], 0.0),
+                            counts / np.maximum(drawn, 1) * t.rest_mass[rows, None]], axis=1)
+    total = probs.sum(axis=1, keepdims=True)
+    probs /= np.where(drawn > 0, np.maximum(total, 1e-300), 1.0)
+    return ids, probs
+
+
 def fuse_samples(
     teachers: Sequence[SampledRows],
     weights: np.ndarray | Sequence[float],
@@ -112,6 +132,10 @@ def fuse_samples(
     ``weights``: static ``[K]`` or per-row ``[N,K]``. Returns what :func:`~.fuse.fuse`
     does (``ids``, ``probs``, ``tail_mass``, ``weights``, ``jensen_gap``, ``disagreement``,
     ``n_eff``, ``tail_bucket``), with the diagnostics of the empirical distributions.
+
+    Works on the union of the rows' drawn ids (at most Σ_k S_k columns, whatever the
+    vocabulary): ids outside it have zero mass in every teacher, so the mixture, its top
+    entries and the diagnostics are those of the dense rows.
     """
     check_sampled(teachers, vocab_size)
     if k_out < 1:
@@ -120,38 +144,30 @@ def fuse_samples(
     w = np.broadcast_to(validate_weights(np.asarray(weights, float), n_teachers, n_rows=n),
                         (n, n_teachers))
     out = fused_rows(w, k_out)  # the tail bucket stays 0: the draws' support is all there is
-    block = max(1, BLOCK_ELEMENTS // (n_teachers * (vocab_size + 1)))
-    vocab_ids = np.arange(vocab_size, dtype=np.int32)
+    width = sum(t.ids.shape[1] + (0 if t.head_ids is None else t.head_ids.shape[1])
+                for t in teachers)
+    block = max(1, BLOCK_ELEMENTS // (n_teachers * width))
     for start in range(0, n, block):
-        stop = min(start + block, n)
-        rows = np.arange(stop - start)[:, None]
-        # dense [K, rows, V + 1]: the empirical distributions and an empty tail category
-        dense = np.zeros((n_teachers, stop - start, vocab_size + 1))
-        for j, t in enumerate(teachers):
-            counts = t.counts[start:stop]
-            ids = np.where(counts > 0, t.ids[start:stop], vocab_size)  # padding → tail column
-            if t.head_ids is None:
-                dense[j][rows, ids] = counts / t.num_samples
-            else:  # the hybrid: exact head + the rest's mass shared as the draws say
-                drawn = counts.sum(axis=1, keepdims=True)
-                dense[j][rows, ids] = counts / np.maximum(drawn, 1) * t.rest_mass[start:stop,
-                                                                                    None]
-                head = np.where(t.head_ids[start:stop] >= 0, t.head_ids[start:stop], vocab_size)
-                dense[j][rows, head] += t.head_probs[start:stop]
-                dense[j][:, vocab_size] = 0.0
-                # the stored head is coded: rows with draws sum to 1 exactly; a row without
-                # leaves the rest to the tail bucket
-                total = dense[j].sum(axis=1, keepdims=True)
-                dense[j] /= np.where(drawn > 0, np.maximum(total, 1e-300), 1.0)
-            dense[j][:, vocab_size] = 0.0
-        wb = np.ascontiguousarray(w[start:stop])
+        rows = slice(start, min(start + block, n))
+        pieces = [estimate(t, rows) for t in teachers]
+        # empty entries become one id past the vocabulary: a union column of zero mass
+        ids = [np.where(i >= 0, i, vocab_size) for i, _ in pieces]
+        union, _, cols = union_support(ids, vocab_size + 1)
+        size = union.shape[1]
+        dense = np.zeros((n_teachers, union.shape[0], size))
+        flat_rows = np.arange(union.shape[0], dtype=np.intp)[:, None] * size
+        at = 0
+        for j, (i, p) in enumerate(pieces):
+            flat = (flat_rows + cols[:, at:at + i.shape[1]]).ravel()
+            np.add.at(dense[j].ravel(), flat, p.ravel())  # a hybrid's head may be drawn too
+            at += i.shape[1]
+        wb = np.ascontiguousarray(w[rows])
         q = np.einsum("nk,knc->nc", wb, dense)
-        ids_out, probs_out = top_k(q[:, :vocab_size], np.broadcast_to(vocab_ids, q[:, :-1].shape),
-                                   k_out)
-        out["ids"][start:stop] = ids_out
-        out["probs"][start:stop] = probs_out
-        out["tail_mass"][start:stop] = np.maximum(1.0 - probs_out.sum(axis=1), 0.0)
+        ids_out, probs_out = top_k(q, union, k_out)
+        out["ids"][rows] = ids_out
+        out["probs"][rows] = probs_out
+        out["tail_mass"][rows] = np.maximum(1.0 - probs_out.sum(axis=1), 0.0)
         stack = Stack(dense)
-        out["jensen_gap"][start:stop] = jensen_gap(stack, wb, q)
-        out["disagreement"][start:stop] = disagreement(stack)
+        out["jensen_gap"][rows] = jensen_gap(stack, wb, q)
+        out["disagreement"][rows] = disagreement(stack)
     return out

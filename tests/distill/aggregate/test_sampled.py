@@ -139,3 +139,36 @@ def test_the_head_of_a_plain_store_with_its_draws_is_the_hybrid_estimator() -> N
     with pytest.raises(ValueError, match="head must be in"):
         head_and_draws(top.indices.numpy(), top.values.numpy(), drawn.ids, drawn.counts, n,
                        VOCAB + 1)
+
+
+def test_the_union_fusion_equals_the_dense_mixture_on_a_large_vocabulary() -> None:
+    """Fused on the union of the drawn ids, the mixture of a plain and a hybrid teacher with
+    per-row weights equals the dense one over all 49,152 ids: its k_out largest entries (ties to
+    the smaller id), the lumped tail, Σ_k w_k KL(p_k‖q) and the teachers' total variation."""
+    vocab, n, k_out = 49_152, 40, 12
+    rng = np.random.default_rng(3)
+    logps = [torch.log_softmax(torch.from_numpy(rng.standard_normal((n, vocab)) * s), dim=-1)
+             for s in (3.0, 4.0)]
+    teachers = [draws(logps[0], 32, 7), hybrid(logps[1], 5, 24, 8)]
+    w = rng.dirichlet([1.0, 1.0], size=n)
+    out = fuse_samples(teachers, w, k_out, vocab)
+
+    p = np.zeros((2, n, vocab))
+    rows = np.arange(n)[:, None]
+    np.add.at(p[0], (rows, teachers[0].ids), teachers[0].counts / 32)
+    t = teachers[1]
+    np.add.at(p[1], (rows, t.ids), t.counts / t.counts.sum(1, keepdims=True) * t.rest_mass[:, None])
+    np.add.at(p[1], (rows, t.head_ids), t.head_probs)
+    p[1] /= p[1].sum(1, keepdims=True)
+    q = np.einsum("nk,knv->nv", w, p)
+    order = np.lexsort((np.arange(vocab)[None].repeat(n, 0), -q.astype(np.float32)), axis=1)
+    top = order[:, :k_out]
+    np.testing.assert_array_equal(out["ids"], np.where(np.take_along_axis(q, top, 1) > 0, top, -1))
+    np.testing.assert_allclose(out["probs"], np.take_along_axis(q, top, 1), rtol=1e-6)
+    np.testing.assert_allclose(out["tail_mass"], 1 - np.take_along_axis(q, top, 1).sum(1),
+                               atol=1e-6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * np.log(p / q), 0.0).sum(-1)
+    np.testing.assert_allclose(out["jensen_gap"], (w.T * kl).sum(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["disagreement"], 0.5 * np.abs(p[0] - p[1]).sum(-1),
+                               rtol=1e-5)
