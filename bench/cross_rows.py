@@ -30,33 +30,24 @@ from pathlib import Path
 
 import numpy as np
 
+from mtkd.distill.aggregate.align import INTERIOR
+from mtkd.distill.aggregate.cross import align_own_part, read_own_part, read_student_part
+from mtkd.distill.aggregate.job import sampled_rows, teacher_rows
 from mtkd.distill.aggregate.own_samples import as_head_rows, estimated_rows
-from mtkd.distill.aggregate.sampled import SampledRows, fuse_samples
+from mtkd.distill.aggregate.sampled import fuse_samples
 from mtkd.store import Batch, Store, StoreWriter, open_store
 
 NARROW, CROSS = "single-t0-narrow-sampled", "single-t0-cross-sampled"
 KINDS = ("chunk", "label_inside", "interior")
 
 
-def read(stores: Path, name: str) -> Batch:
-    return open_store(stores / name, verify="none").read_part(0)
-
-
-def row_kinds(tokens: Batch, cross: Batch) -> np.ndarray:
-    """Per student row: 0 chunk, 1 label_inside, 2 interior (see the module doc)."""
-    ends, cross_ends = tokens["byte_end"], cross["context_end"]
-    kinds = []
-    for s in range(len(tokens.offsets) - 1):
-        e = ends[tokens.offsets[s]:tokens.offsets[s + 1]]
-        bounds = set(cross_ends[cross.offsets[s]:cross.offsets[s + 1]].tolist()) | {int(e[-1])}
-        shared = np.array([int(x) in bounds for x in e])
-        kinds.append(np.where(~shared[:-1], 2, np.where(shared[1:], 0, 1)))
-    return np.concatenate(kinds)
-
-
-def labels_of(tokens: Batch) -> np.ndarray:
-    ids, off = tokens["token_ids"], tokens.offsets
-    return np.concatenate([ids[off[s] + 1:off[s + 1]] for s in range(len(off) - 1)])
+def row_kinds(tokens: Store, cross: Store) -> tuple[np.ndarray, np.ndarray]:
+    """Per student row of part 0, as the aggregate job aligns the cross teacher's top-k rows:
+    0 chunk, 1 label_inside (shared or fallback), 2 interior; and the rows' labels."""
+    student = read_student_part(tokens, 0)
+    rows = teacher_rows(cross.read_part(0), cross.attrs)
+    aligned = align_own_part(student, read_own_part(cross, 0, student, tokens.attrs, rows), 0)
+    return np.where(aligned.kind == INTERIOR, 2, np.where(aligned.chunk, 0, 1)), student.labels
 
 
 def label_prob_and_entropy(targets: Batch, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,38 +87,38 @@ def main() -> None:
     args = ap.parse_args()
     stores, out = args.demo / "stores", args.out or args.demo / "cross-rows"
     out.mkdir(parents=True, exist_ok=True)
-    tokens = read(stores, "tokens-student")
-    kinds = row_kinds(tokens, read(stores, "t0-cross-student"))
-    labels = labels_of(tokens)
-    narrow, cross = read(stores, NARROW), read(stores, CROSS)
-    stats = {name: label_prob_and_entropy(b, labels) for name, b in
-             (("narrow", narrow), ("cross", cross))}
+    kinds, labels = row_kinds(open_store(stores / "tokens-student", verify="none"),
+                              open_store(stores / "t0-cross-student", verify="none"))
+    targets = {name: open_store(stores / name, verify="none") for name in (NARROW, CROSS)}
+    batches = {name: store.read_part(0) for name, store in targets.items()}
+    stats = {short: label_prob_and_entropy(batches[name], labels)
+             for name, short in ((NARROW, "narrow"), (CROSS, "cross"))}
     for k, kind in enumerate(KINDS):
         rows = kinds == k
         print(f"{kind}.share={rows.mean():.4f}")
-        for name, (label_p, entropy) in stats.items():
-            print(f"{kind}.{name}_label_p={label_p[rows].mean():.4f}")
-            print(f"{kind}.{name}_entropy={entropy[rows].mean():.3f}")
+        for short, (label_p, entropy) in stats.items():
+            print(f"{kind}.{short}_label_p={label_p[rows].mean():.4f}")
+            print(f"{kind}.{short}_entropy={entropy[rows].mean():.3f}")
 
     interior = kinds == 2
     spliced = {}
-    for name, base, donor in (("cross_with_narrow_interior", CROSS, narrow),
-                              ("narrow_with_cross_interior", NARROW, cross)):
-        store = open_store(stores / base, verify="none")
-        batch = store.read_part(0)
+    for name, base, donor in (("cross_with_narrow_interior", CROSS, NARROW),
+                              ("narrow_with_cross_interior", NARROW, CROSS)):
+        store, batch = targets[base], batches[base]
         arrays = {a.name: np.array(batch[a.name]) for a in store.header.arrays}
         for field in ("ids", "probs", "tail_mass"):
-            arrays[field][interior] = donor[field][interior]
+            arrays[field][interior] = batches[donor][field][interior]
         spliced[name] = write_like(store, batch, arrays, out / name)
 
-    teacher = read(stores, "t0-narrow-student")
-    draws = SampledRows(teacher["sample_ids"], teacher["sample_counts"].astype(np.int64),
-                        int(teacher["sample_counts"][0].sum()))
-    estimate = estimated_rows(draws, labels, teacher["target_logprob"])
-    store = open_store(stores / NARROW, verify="none")
+    teacher = open_store(stores / "t0-narrow-student", verify="none")
+    batch = teacher.read_part(0)
+    draws = sampled_rows(batch, teacher.attrs)
+    estimate = estimated_rows(draws, labels, batch["target_logprob"])
+    store = targets[NARROW]
     fused = fuse_samples([as_head_rows(estimate, draws.num_samples)], np.ones(1),
-                         narrow["ids"].shape[1], int(store.attrs["vocab_size"]))
-    spliced["narrow_exact_label"] = write_like(store, narrow, fused, out / "narrow_exact_label")
+                         batches[NARROW]["ids"].shape[1], int(store.attrs["vocab_size"]))
+    spliced["narrow_exact_label"] = write_like(store, batches[NARROW], fused,
+                                               out / "narrow_exact_label")
 
     bpb = {name: train_bpb(args.demo, path, out / f"student-{name}")
            for name, path in spliced.items()}

@@ -111,10 +111,10 @@ def check_own_settings(teachers: Sequence[Store], config: AggregateConfig) -> No
     own = [str(t.root) for t in teachers if is_own(t)]
     if not own:
         return
-    tempered_draws = [str(t.root) for t in teachers if is_own(t)
-                      and float(t.attrs.get("sample_temperature") or 1.0) != 1.0]
-    if config.source == "samples" and tempered_draws:
-        raise StoreError(f"{tempered_draws[0]} drew at a sampling temperature ≠ 1: the actual "
+    hot = [str(t.root) for t in teachers if config.source == "samples" and is_own(t)
+           and float(t.attrs.get("sample_temperature") or 1.0) != 1.0]
+    if hot:
+        raise StoreError(f"{hot[0]} drew at a sampling temperature ≠ 1: the actual "
                          "token's exact probability, which aligning its draws keeps, is known "
                          "at T = 1 only (harvest its draws at --sample-temperature 1)")
     tempered = [str(t.root) for t, temp in zip(teachers, config.teacher_temperatures,
