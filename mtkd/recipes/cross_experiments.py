@@ -94,6 +94,22 @@ def harvest_own(run: Run, name: str, model: Path, *, dtype: str = "float32",
     return f"{name}-student"
 
 
+def harvest_cross_teacher(run: Run) -> str:
+    """The cross teacher over the student's tokens in its own (``k`` draws per position);
+    returns its store's name."""
+    return harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"),
+                       draws=run.size.k)
+
+
+def harvest_real_teacher(run: Run) -> str | None:
+    """The real teacher over the student's tokens in its own; returns its store's name, or
+    None where the teacher cannot be had here."""
+    real_dir = real_teacher_dir(run)
+    if real_dir is None:
+        return None
+    return harvest_own(run, REAL_TEACHER, real_dir, dtype=REAL_DTYPE, eager=REAL_EAGER)
+
+
 def real_teacher_dir(run: Run) -> Path | None:
     """SmolLM2's cached directory (built on first use), or None, said on stdout and in the
     results, where it cannot be had here (no cache and no package registry)."""
@@ -122,11 +138,8 @@ def plan_cross_experiments(run: Run, which: str = "default") -> list[TrainJob]:
     weightings of the mixture); return the students to train."""
     teachers = run.size.teachers
     j, paired = paired_teacher(run)
-    cross = harvest_own(run, CROSS_TEACHER, run.path("teachers", CROSS_TEACHER, "final"),
-                        draws=run.size.k)
-    real_dir = real_teacher_dir(run)
-    real = (harvest_own(run, REAL_TEACHER, real_dir, dtype=REAL_DTYPE, eager=REAL_EAGER)
-            if real_dir is not None else None)
+    cross = harvest_cross_teacher(run)
+    real = harvest_real_teacher(run)
     jobs = [student(run, f"single-{paired.name}-sampled", sampled_targets(run, j)),
             student(run, f"single-{CROSS_TEACHER}-sampled",
                     aggregate(run, f"single-{CROSS_TEACHER}-sampled", [cross], [1.0],

@@ -28,6 +28,8 @@ from mtkd.recipes.cross_experiments import (
     CROSS_HELDOUT,
     CROSS_TRAIN,
     cross_teacher_job,
+    harvest_cross_teacher,
+    harvest_real_teacher,
     measure_cross_experiments,
     plan_cross_experiments,
 )
@@ -175,14 +177,18 @@ def train_teachers(run: Run, unsafe: list[int]) -> None:
 
 def harvest_teachers(run: Run) -> None:
     """Each teacher over the student's tokens, with vLLM: top-k rows and ``k`` random draws
-    per position (made in vLLM's worker) in one store."""
-    for t in run.size.teachers:
-        out = run.path("stores", f"{t.name}-student")
-        if not is_complete(out):
-            run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                     run.path("teachers", t.name, "final"), "--out", out, "--k",
-                     str(run.size.k), "--num-samples", str(run.size.k), "--dtype", "float32",
-                     "--enforce-eager")
+    per position (made in vLLM's worker) in one store. The small teachers (the demo's and the
+    cross teacher) side by side with a core each; then the real teacher with every core."""
+    with run.side_by_side(threads=1):
+        for t in run.size.teachers:
+            out = run.path("stores", f"{t.name}-student")
+            if not is_complete(out):
+                run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                         run.path("teachers", t.name, "final"), "--out", out, "--k",
+                         str(run.size.k), "--num-samples", str(run.size.k), "--dtype",
+                         "float32", "--enforce-eager")
+        harvest_cross_teacher(run)
+    harvest_real_teacher(run)
 
 
 def run_demo(workdir: str | os.PathLike[str], size: str = "small",
@@ -208,7 +214,8 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.save()
     train_teachers(run, unsafe)
     harvest_teachers(run)
-    students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
+    with run.side_by_side():  # the targets: each aggregate on a core
+        students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
     train_students(run, students)
     measure_experiments(run)
     measure_cross_experiments(run, experiments)

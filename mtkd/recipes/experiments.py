@@ -145,10 +145,6 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
             *(student(run, f"objective-{objective}-{loss}", mix, objective=objective, loss=loss)
               for loss in ("fkl_tail", "rkl_tail") for objective in ("mix", "multi")),
         ]
-    labelled = (f"{one}-label",) if which == "all" else ()
-    run.results["target_bytes_per_position"] = {
-        name: target_bytes_per_position(run, name) for name in (one, *labelled, f"{one}-sampled")
-    }
     return jobs
 
 
@@ -156,6 +152,11 @@ def measure_experiments(run: Run) -> None:
     """The papers' claims on the trained students and the teachers' targets: tail mass, the
     safety bound, variance reduction, and every student's unsafe-token mass."""
     safety = next(j for j, t in enumerate(run.size.teachers) if t.safety)
+    one = f"single-{run.results['best_teacher']}"
+    labelled = (f"{one}-label",) if is_complete(run.path("stores", f"{one}-label")) else ()
+    run.results["target_bytes_per_position"] = {
+        name: target_bytes_per_position(run, name) for name in (one, *labelled, f"{one}-sampled")
+    }
     with run.timed("measure tails, safety, variance and students' unsafe mass"):
         run.results["teacher_tail_mass"] = teacher_tail_mass(run)
         run.results["safety"] = safety_sweep(run, safety)

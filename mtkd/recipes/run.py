@@ -54,6 +54,8 @@ class Run:
     size: DemoSize
     results: dict[str, Any] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
+    #: Commands queued by :meth:`side_by_side` (None: commands run at once).
+    queued: list[tuple[str | os.PathLike[str], ...]] | None = None
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -84,18 +86,55 @@ class Run:
         self.record_seconds(stage, time.perf_counter() - started)
 
     def mtkd(self, *args: str | os.PathLike[str]) -> None:
-        """Run a public ``mtkd`` command exactly as a user would, and log it."""
+        """Run a public ``mtkd`` command exactly as a user would (or queue it inside
+        :meth:`side_by_side`), and log it."""
+        if self.queued is not None:
+            self.queued.append(args)
+            return
         argv = self._log(args)
         print_stage(" ".join(["mtkd", *argv[:1]]))
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "mtkd", *argv], env=_command_env())
         self._finish(argv, done.returncode, time.perf_counter() - started)
 
+    @contextlib.contextmanager
+    def side_by_side(self, threads: int = 1) -> Iterator[None]:
+        """Queue the commands :meth:`mtkd` is given inside, and run them at the end, one per
+        ``threads`` cores at a time, each with ``threads`` OpenMP threads (one at a time, with
+        every core, where only one is queued or the machine has no spare core). The commands
+        must not need each other's outputs. Measured on 2 cores: the demo's small harvests take
+        21 s with one thread and 16 s with two, so two side by side save a quarter."""
+        if self.queued is not None:
+            raise RuntimeError("side_by_side does not nest")
+        self.queued = []
+        try:
+            yield
+            queued = self.queued
+        finally:
+            self.queued = None
+        workers = (os.cpu_count() or 1) // threads
+        if len(queued) == 1 or workers < 2:
+            for args in queued:
+                self.mtkd(*args)
+        elif queued:
+            self.mtkd_parallel([(args, self.log_path(args)) for args in queued], workers,
+                               threads=threads)
+
+    def log_path(self, args: Sequence[str | os.PathLike[str]]) -> Path:
+        """Where a command run in parallel logs: beside its ``--out`` (``<out>.log``)."""
+        argv = [str(a) for a in args]
+        if "--out" in argv[:-1]:
+            out = Path(argv[argv.index("--out") + 1])
+            return out.parent / f"{out.name}.log"
+        return self.path("logs", f"{argv[0]}.log")
+
     def mtkd_parallel(self, commands: Sequence[tuple[Sequence[str | os.PathLike[str]], Path]],
-                      workers: int) -> None:
+                      workers: int, threads: int | None = None) -> None:
         """Run independent ``mtkd`` commands, ``workers`` at a time (each ``(args, log)``: its
-        output goes to ``log``, whose tail is printed if it fails). On 2 cores two small
-        trainings with a thread each finish sooner than one after the other with two."""
+        output goes to ``log``, whose tail is printed if it fails), with ``threads`` OpenMP
+        threads each if given. On 2 cores two small trainings with a thread each finish sooner
+        than one after the other with two."""
+        env = _command_env() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
         pending = [(self._log(args), log) for args, log in commands]
         running: list[tuple[list[str], subprocess.Popen[bytes], float, Any]] = []
         failed: list[str] = []
@@ -106,7 +145,7 @@ class Run:
                 out = open(log, "wb")  # noqa: SIM115 (closed when the process ends)
                 print_stage(f"mtkd {argv[0]} {self.stage_name(argv).split(' ', 1)[-1]} "
                             f"(in parallel; log: {log})")
-                proc = subprocess.Popen([sys.executable, "-m", "mtkd", *argv], env=_command_env(),
+                proc = subprocess.Popen([sys.executable, "-m", "mtkd", *argv], env=env,
                                         stdout=out, stderr=subprocess.STDOUT)
                 running.append((argv, proc, time.perf_counter(), out))
             time.sleep(0.2)

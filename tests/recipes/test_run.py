@@ -1,0 +1,61 @@
+"""The demo's command runner: commands queued side by side run in parallel processes, each
+logged beside its output, and nothing runs when the block that queued them fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtkd.recipes import run as run_module
+from mtkd.recipes.models import train_bpe_tokenizer
+from mtkd.recipes.run import Run, is_complete
+from mtkd.recipes.sizes import SIZES
+from mtkd.store import open_store
+
+
+def _corpus(tmp_path: Path) -> tuple[Path, Path]:
+    docs = [{"text": f"def f{i}(x):\n    return x * {i}\n" * 8} for i in range(6)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    train_bpe_tokenizer((d["text"] for d in docs), 300, tmp_path / "tokenizer")
+    return corpus, tmp_path / "tokenizer"
+
+
+def _tokenize(run: Run, corpus: Path, tokenizer: Path, name: str) -> None:
+    run.mtkd("tokenize", corpus, "--tokenizer", tokenizer, "--out", run.path("stores", name),
+             "--max-len", "32")
+
+
+def test_side_by_side_runs_queued_commands_in_parallel_and_logs_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 2)
+    corpus, tokenizer = _corpus(tmp_path)
+    run = Run(tmp_path, SIZES["tiny"])
+    with run.side_by_side(threads=1):
+        for name in ("a", "b"):
+            _tokenize(run, corpus, tokenizer, name)
+        assert not (tmp_path / "stores").exists()  # queued, not run yet
+        with pytest.raises(RuntimeError, match="nest"), run.side_by_side():
+            pass
+    a, b = (open_store(tmp_path / "stores" / n, verify="full") for n in ("a", "b"))
+    assert a.num_rows == b.num_rows > 0
+    assert (tmp_path / "stores" / "a.log").read_text()  # each command's output, beside it
+    assert (tmp_path / "stores" / "b.log").read_text()
+    assert [c.split(" --out ")[1].split()[0] for c in run.commands] == [
+        str(tmp_path / "stores" / "a"), str(tmp_path / "stores" / "b")]
+    assert set(run.results["stage_seconds"]) == {"tokenize stores/a", "tokenize stores/b"}
+    assert run.queued is None
+
+
+def test_side_by_side_runs_nothing_when_its_block_fails(tmp_path: Path) -> None:
+    corpus, tokenizer = _corpus(tmp_path)
+    run = Run(tmp_path, SIZES["tiny"])
+    with pytest.raises(ValueError, match="planning failed"), run.side_by_side():
+        _tokenize(run, corpus, tokenizer, "a")
+        raise ValueError("planning failed")
+    assert not is_complete(tmp_path / "stores" / "a")
+    assert run.commands == [] and run.queued is None
+    _tokenize(run, corpus, tokenizer, "a")  # outside the block: at once
+    assert is_complete(tmp_path / "stores" / "a")
