@@ -117,7 +117,7 @@ class Run:
             for args in queued:
                 self.mtkd(*args)
         elif queued:
-            self.mtkd_parallel([(args, self.log_path(args)) for args in queued], workers,
+            self._parallel([(args, self.log_path(args)) for args in queued], workers,
                                threads=threads)
 
     def log_path(self, args: Sequence[str | os.PathLike[str]]) -> Path:
@@ -128,7 +128,7 @@ class Run:
             return out.parent / f"{out.name}.log"
         return self.path("logs", f"{argv[0]}.log")
 
-    def mtkd_parallel(self, commands: Sequence[tuple[Sequence[str | os.PathLike[str]], Path]],
+    def _parallel(self, commands: Sequence[tuple[Sequence[str | os.PathLike[str]], Path]],
                       workers: int, threads: int | None = None) -> None:
         """Run independent ``mtkd`` commands, ``workers`` at a time (each ``(args, log)``: its
         output goes to ``log``, whose tail is printed if it fails), with ``threads`` OpenMP
@@ -250,17 +250,8 @@ def train_models(run: Run, jobs: Sequence[TrainJob]) -> list[dict[str, Any]]:
     """
     todo = list({job.out: job for job in jobs if not job.done}.values())  # each once
     cores = os.cpu_count() or 1
-    if len(todo) == 1 or cores == 1:
+    threads = max(1, cores // max(1, min(len(todo), cores)))
+    with run.side_by_side(threads):
         for job in todo:
-            run.mtkd(*job.args)
-    elif todo:
-        workers = min(len(todo), cores)
-        threads = str(max(1, cores // workers))
-        run.mtkd_parallel([((*job.args, "--threads", threads), job.out.parent / f"{job.name}.log")
-                           for job in todo], workers)
+            run.mtkd(*job.args, *(("--threads", str(threads)) if len(todo) > 1 else ()))
     return [job.metrics() for job in jobs]
-
-
-def train_model(run: Run, out: Path, **job: Any) -> dict[str, Any]:
-    """Train one model with ``mtkd train`` (see :func:`train_job`); return its final metrics."""
-    return train_models(run, [train_job(run, out, **job)])[0]
