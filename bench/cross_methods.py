@@ -1,4 +1,4 @@
-"""Which cross-tokenizer target teaches best: three methods on the demo's controlled pair.
+"""Which cross-tokenizer target teaches best: the methods on the demo's controlled pair.
 
 Reads a finished ``mtkd demo`` workdir (``--demo``). For each method it builds the targets of
 both teachers of the pair (``t0-narrow``, the student's tokenizer; ``t0-cross``, its own),
@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from cross_rows import train_bpb
 
 from mtkd.distill.aggregate.cross import read_student_part
 from mtkd.ingest.token_bytes import token_bytes
@@ -103,20 +104,6 @@ def matched_only(matched: np.ndarray):
     """``rewrite``'s filter: entries on matched tokens, and the label."""
     return lambda ids, labels: ((matched[np.maximum(ids, 0)] & (ids >= 0))
                                 | (ids == labels[:, None]))
-
-
-def train_bpb(demo: Path, targets: Path, out: Path, alpha: float = 0.0) -> float:
-    """Held-out bits per byte of a student trained as the demo's pair students are (with
-    ``alpha`` of the loss on the label's cross-entropy)."""
-    config = json.loads((demo / "students" / f"single-{CROSS}-sampled" / "train_config.json")
-                        .read_text())
-    config |= {"targets": str(targets), "out": str(out), "progress": False, "alpha": alpha}
-    path = out.with_suffix(".json")
-    path.write_text(json.dumps(config))
-    if not (out / "final_metrics.json").exists():
-        subprocess.run([sys.executable, "-m", "mtkd.cli", "train", "--config", str(path)],
-                       check=True, stdout=subprocess.DEVNULL)
-    return float(json.loads((out / "final_metrics.json").read_text())["heldout_bpb"])
 
 
 def main() -> None:

@@ -68,10 +68,11 @@ def write_like(base: Store, batch: Batch, arrays: dict[str, np.ndarray], out: Pa
     return out
 
 
-def train_bpb(demo: Path, targets: Path, out: Path) -> float:
-    """Held-out bits per byte of a student trained as the demo's pair students are."""
+def train_bpb(demo: Path, targets: Path, out: Path, alpha: float = 0.0) -> float:
+    """Held-out bits per byte of a student trained as the demo's pair students are (with
+    ``alpha`` of its loss on the label's cross-entropy; the demo's is 0)."""
     config = json.loads((demo / "students" / CROSS / "train_config.json").read_text())
-    config |= {"targets": str(targets), "out": str(out), "progress": False}
+    config |= {"targets": str(targets), "out": str(out), "progress": False, "alpha": alpha}
     path = out.with_suffix(".json")
     path.write_text(json.dumps(config))
     if not (out / "final_metrics.json").exists():
