@@ -10,7 +10,7 @@ import pytest
 
 from mtkd.recipes import run as run_module
 from mtkd.recipes.models import train_bpe_tokenizer
-from mtkd.recipes.run import Run, is_complete
+from mtkd.recipes.run import DemoError, Run, is_complete
 from mtkd.recipes.sizes import SIZES
 from mtkd.store import open_store
 
@@ -59,3 +59,16 @@ def test_side_by_side_runs_nothing_when_its_block_fails(tmp_path: Path) -> None:
     assert run.commands == [] and run.queued is None
     _tokenize(run, corpus, tokenizer, "a")  # outside the block: at once
     assert is_complete(tmp_path / "stores" / "a")
+
+
+def test_side_by_side_finishes_the_others_and_names_the_command_that_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_module.os, "cpu_count", lambda: 2)
+    corpus, tokenizer = _corpus(tmp_path)
+    run = Run(tmp_path, SIZES["tiny"])
+    with pytest.raises(DemoError, match=r"tokenize stores/bad` failed"), run.side_by_side():
+        _tokenize(run, tmp_path / "missing.jsonl", tokenizer, "bad")
+        _tokenize(run, corpus, tokenizer, "good")
+    assert is_complete(tmp_path / "stores" / "good")
+    assert not is_complete(tmp_path / "stores" / "bad")
+    assert "missing.jsonl" in (tmp_path / "stores" / "bad.log").read_text()
