@@ -117,8 +117,7 @@ class Run:
             for args in queued:
                 self.mtkd(*args)
         elif queued:
-            self._parallel([(args, self.log_path(args)) for args in queued], workers,
-                               threads=threads)
+            self._parallel([(args, self.log_path(args)) for args in queued], workers, threads)
 
     def log_path(self, args: Sequence[str | os.PathLike[str]]) -> Path:
         """Where a command run in parallel logs: beside its ``--out`` (``<out>.log``)."""
@@ -129,12 +128,11 @@ class Run:
         return self.path("logs", f"{argv[0]}.log")
 
     def _parallel(self, commands: Sequence[tuple[Sequence[str | os.PathLike[str]], Path]],
-                      workers: int, threads: int | None = None) -> None:
-        """Run independent ``mtkd`` commands, ``workers`` at a time (each ``(args, log)``: its
-        output goes to ``log``, whose tail is printed if it fails), with ``threads`` OpenMP
-        threads each if given. On 2 cores two small trainings with a thread each finish sooner
-        than one after the other with two."""
-        env = _command_env() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+                  workers: int, threads: int) -> None:
+        """Run independent ``mtkd`` commands, ``workers`` at a time, each with ``threads``
+        OpenMP threads (each ``(args, log)``: its output goes to ``log``, whose tail is printed
+        if it fails); the others finish before the failures are raised together."""
+        env = _command_env() | {"OMP_NUM_THREADS": str(threads)}
         pending = [(self._log(args), log) for args, log in commands]
         running: list[tuple[list[str], subprocess.Popen[bytes], float, Any]] = []
         failed: list[str] = []
