@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from cross_rows import train_bpb
+from cross_rows import label_prob_and_entropy, train_bpb
 
 from mtkd.distill.aggregate.cross import read_student_part
 from mtkd.ingest.token_bytes import token_bytes
@@ -44,11 +44,6 @@ from mtkd.store import Store, StoreWriter, open_store
 
 NARROW, CROSS, REAL = "t0-narrow", "t0-cross", "smollm2"
 METHODS = ("projection", "chunk_likelihood", "chunk_likelihood_ce", "matched_vocabulary")
-
-
-def label_prob(ids: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each row's probability of its label (0 where the support lacks it)."""
-    return np.where(ids == labels[:, None], probs, 0.0).sum(axis=1)
 
 
 def keep_only(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray,
@@ -128,8 +123,8 @@ def main() -> None:
                                                        out / f"student-chunk-{teacher}")
         bpb[("chunk_likelihood_ce", teacher)] = train_bpb(
             demo, chunk, out / f"student-chunk-ce-{teacher}", alpha=0.5)
-        rows = full.read_part(0)
-        label_p = label_prob(rows["ids"], rows["probs"], read_student_part(tokens, 0).labels)
+        label_p, _ = label_prob_and_entropy(full.read_part(0),
+                                            read_student_part(tokens, 0).labels)
         print(f"{teacher}.label_prob_mean={label_p.mean():.4f}")
 
     matched = matched_student_ids(demo, f"{CROSS}-student")

@@ -133,13 +133,15 @@ def mix_real_options(run: Run, weights: str) -> tuple[str, ...]:
 
 
 def plan_cross_experiments(run: Run, which: str = "default") -> list[TrainJob]:
-    """Harvest the teachers with their own tokenizers and make the targets of the controlled
-    pair, the real teacher and their mixture (``which``: ``default``, or ``all`` for both
-    weightings of the mixture); return the students to train."""
+    """Make the targets of the controlled pair, the real teacher (where its harvest is there)
+    and their mixture from the own-tokens teachers' stores (``which``: ``default``, or ``all``
+    for both weightings of the mixture); return the students to train. Only ``mtkd aggregate``
+    runs here, so the demo can queue it side by side."""
     teachers = run.size.teachers
     j, paired = paired_teacher(run)
-    cross = harvest_cross_teacher(run)
-    real = harvest_real_teacher(run)
+    cross = f"{CROSS_TEACHER}-student"  # harvested before (``demo.harvest_teachers``)
+    real = (f"{REAL_TEACHER}-student"
+            if is_complete(run.path("stores", f"{REAL_TEACHER}-student")) else None)
     jobs = [student(run, f"single-{paired.name}-sampled", sampled_targets(run, j)),
             student(run, f"single-{CROSS_TEACHER}-sampled",
                     aggregate(run, f"single-{CROSS_TEACHER}-sampled", [cross], [1.0],
