@@ -204,6 +204,7 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
         run.commands = run.results.get("commands", [])
     run.results["size"] = size
     run.results["spec"] = asdict(spec)
+    run.results["bf16_training"] = run.bf16
     started = time.perf_counter()
     write_corpus(run)
     tokenizer = train_tokenizer(run)

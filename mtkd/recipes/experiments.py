@@ -92,7 +92,8 @@ def student(run: Run, name: str, target_store: str | None, *, objective: str = "
     return train_job(run, run.path(folder, name), tokens="tokens-student",
                      steps=size.student_steps, batch=size.student_batch, seed=0,
                      shape=size.student, targets=target_store, heldout=heldout,
-                     objective=objective if distilled else "ce", extra=extra)
+                     objective=objective if distilled else "ce", extra=extra,
+                     evals=size.student_evals)
 
 
 def train_students(run: Run, jobs: list[TrainJob]) -> None:

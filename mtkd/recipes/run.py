@@ -4,6 +4,7 @@ runs, each skipped when its output is already there (shared by the demo and its 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.distill.train.device import native_bf16
 from mtkd.recipes.sizes import DemoSize, ModelShape
 from mtkd.store import open_store
 from mtkd.store.format import MANIFEST_FILE
@@ -59,6 +61,12 @@ class Run:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
+
+    @functools.cached_property
+    def bf16(self) -> bool:
+        """Whether the demo's trainings run under bf16 autocast: its size asks for it and bf16
+        matmuls are native here."""
+        return self.size.bf16 and native_bf16()
 
     def save(self) -> None:
         self.results["commands"] = self.commands
@@ -218,7 +226,7 @@ class TrainJob:
 def train_job(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed: int,
               shape: ModelShape | None = None, targets: str | None = None,
               objective: str = "ce", extra: Sequence[str] = (),
-              evals: int = 5, heldout: str = "tokens-heldout",
+              evals: int = 1, heldout: str = "tokens-heldout",
               vocab_size: int | None = None) -> TrainJob:
     """The ``mtkd train`` of one model (``evals`` held-out evaluations on the ``heldout``
     tokens store, the last at the end). ``vocab_size``: the model's vocabulary when its
@@ -228,7 +236,8 @@ def train_job(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed:
         "--heldout", run.path("stores", heldout), "--objective", objective,
         "--steps", str(steps), "--batch-size", str(batch), "--seq-len",
         str(run.size.seq_len), "--lr", str(run.size.lr), "--seed", str(seed),
-        "--eval-every", str(max(steps // evals, 1)), *extra,
+        "--eval-every", str(max(steps // evals, 1)), *(["--bf16"] if run.bf16 else []),
+        *extra,
     ]
     if shape is not None:
         config = out.parent / f"{out.name}.config.json"

@@ -3,6 +3,7 @@ logged beside its output, and nothing runs when the block that queued them fails
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from mtkd.recipes import run as run_module
 from mtkd.recipes.models import train_bpe_tokenizer
-from mtkd.recipes.run import DemoError, Run, is_complete
+from mtkd.recipes.run import DemoError, Run, is_complete, train_job
 from mtkd.recipes.sizes import SIZES
 from mtkd.store import open_store
 
@@ -72,3 +73,13 @@ def test_side_by_side_finishes_the_others_and_names_the_command_that_failed(
     assert is_complete(tmp_path / "stores" / "good")
     assert not is_complete(tmp_path / "stores" / "bad")
     assert "missing.jsonl" in (tmp_path / "stores" / "bad.log").read_text()
+
+
+@pytest.mark.parametrize(("asked", "native"), [(True, True), (True, False), (False, True)])
+def test_trainings_use_bf16_only_where_asked_and_native(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: bool, native: bool) -> None:
+    monkeypatch.setattr(run_module, "native_bf16", lambda: native)
+    run = Run(tmp_path, dataclasses.replace(SIZES["tiny"], bf16=asked))
+    job = train_job(run, tmp_path / "students" / "s", tokens="tokens-student", steps=10,
+                    batch=2, seed=0)
+    assert ("--bf16" in job.args) == (asked and native)

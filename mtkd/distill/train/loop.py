@@ -254,8 +254,9 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     try:
         while step < cfg.max_steps:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            if teacher is not None:
-                micro = [with_teacher_targets(b.to(d.device), teacher) for b in micro]
+            if teacher is not None:  # the teacher's forward under the student's autocast
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    micro = [with_teacher_targets(b.to(d.device), teacher) for b in micro]
             norm = train_step(net, model, opt, micro, d, bf16=cfg.bf16,
                               grad_clip=cfg.grad_clip, meter=meter)
             sched.step()
