@@ -499,7 +499,7 @@ def info(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
-    size: Annotated[str, typer.Option(help="small (default, 9–12 min on 2 cores) or tiny (CI).")]
+    size: Annotated[str, typer.Option(help="small (default, ≈ 9.5 min on 2 cores) or tiny (CI).")]
     = "small",
     experiments: Annotated[str, typer.Option(help="default or all.")] = "default",
 ) -> None:
