@@ -36,9 +36,9 @@ Candidates (zstd unless said):
   bytes as the vocabulary needs, the sampled columns coded too;
 * ``q64v2-tail1/8nat``: q64v2 with entries below p = 1e-3 on a 1/8-nat grid (what a coarser
   tail would save; not taken);
-* ``q64v2+id-table4096`` (the default input only): q64v2 with the id table of the tokens
-  store's 4096 most frequent ids in the header (``teacher_header(id_table=)``), what a harvest
-  could write.
+* ``q64v2+id-table{1024,4096,16384}`` (the default input only): q64v2 with the id table of
+  the tokens store's N most frequent ids in the header, what ``mtkd harvest --id-table N``
+  writes.
 
 Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
 q64v2. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
@@ -64,10 +64,10 @@ from pathlib import Path
 import numpy as np
 from store_size_inputs import real_teacher_store, zipf_teacher_store
 
+from mtkd.harvest.job import read_id_table
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Codec, part_name
-from mtkd.store.id_table import frequency_table
 from mtkd.store.schema import (
     SAMPLE_COUNTS,
     SAMPLE_IDS,
@@ -162,20 +162,19 @@ def _coarse_tail_layout(steps: int) -> Layout:
     return Layout(specs, encode, decode)
 
 
-ID_TABLE_SIZE = 4096
-ID_TABLE = f"q64v2+id-table{ID_TABLE_SIZE}"  # a candidate of the default input only
+ID_TABLE_SIZES = (1024, 4096, 16384)  # candidates of the default input only
+ID_TABLES = tuple(f"q64v2+id-table{n}" for n in ID_TABLE_SIZES)
 
 
-def id_table_candidate(teacher: Path) -> Candidate | None:
-    """The id-table candidate when the teacher's tokens store lies beside it (the default
-    input) and its vocabulary is known, else None."""
+def id_table_candidates(teacher: Path, names: list[str]) -> list[Candidate]:
+    """The wanted id-table candidates when the teacher's tokens store lies beside it (the
+    default input), each table what ``mtkd harvest --id-table N`` writes; else none."""
     tokens = teacher.parent / "tokens"
     if not (tokens / "manifest.json").exists():
-        return None
+        return []
     store = open_store(tokens, "tokens")
-    counts = np.bincount(np.concatenate([store.read_part(p, ["token_ids"])["token_ids"]
-                                         for p in range(store.num_parts)]))
-    return Candidate(ID_TABLE, id_table=tuple(frequency_table(counts, ID_TABLE_SIZE)))
+    return [Candidate(name, id_table=tuple(read_id_table(store, None, size)))
+            for name, size in zip(ID_TABLES, ID_TABLE_SIZES, strict=True) if name in names]
 
 
 CANDIDATES = (
@@ -349,8 +348,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None,
                     help="where to write the candidates' stores (default: a temp dir)")
     args = ap.parse_args()
-    wanted = [n for n in args.only.split(",") if n] or [c.name for c in CANDIDATES] + [ID_TABLE]
-    unknown = set(wanted) - {c.name for c in CANDIDATES} - {ID_TABLE}
+    wanted = [n for n in args.only.split(",") if n] or [c.name for c in CANDIDATES] + [*ID_TABLES]
+    unknown = set(wanted) - {c.name for c in CANDIDATES} - set(ID_TABLES)
     if unknown:
         ap.error(f"unknown candidates {sorted(unknown)}")
 
@@ -361,9 +360,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mtkd-bench-size-", dir=args.dir))
     try:
         results, by_array = run_candidates(src, wanted, root)
-        extra = id_table_candidate(path)
-        if extra is not None and extra.name in wanted:
-            run_candidates(src, [extra.name], root, (extra,))
+        extra = id_table_candidates(path, wanted)
+        run_candidates(src, [c.name for c in extra], root, tuple(extra))
         zipf = {}
         if args.zipf_positions:
             zsrc = open_store(zipf_teacher_store(root / "zipf-input", args.zipf_positions),

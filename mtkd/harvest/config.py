@@ -52,6 +52,13 @@ class HarvestConfig:
         "codes the sampled columns; docs/FORMAT.md), q64 (the previous default) or a float "
         "dtype (float16, float32) with int32 ids.",
     )
+    id_table: int = option(
+        0,
+        "q64v2: renumber top-k ids through a table of the N ids the teacher reads most often "
+        "(counted over the first parts, at least 2^20 tokens), so that they store as smaller "
+        "gaps (0: no table; docs/FORMAT.md, \"Id table\").",
+        min=0,
+    )
     codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")
     batch_tokens: int = option(65536, "Tokens per engine call.", min=1)
     fast_path: str = option("auto", "auto | fast (keep vLLM's tensors) | public (the public API).")
@@ -86,6 +93,9 @@ class HarvestConfig:
             raise ValueError("--tokenization own and --vocab-map exclude each other: a "
                              "vocabulary map harvests the tokens store's ids")
         check_logprob_dtype(self.logprob_dtype)
+        if self.id_table and self.logprob_dtype != DEFAULT_CODING:
+            raise ValueError(f"--id-table needs --logprob-dtype {DEFAULT_CODING} (the coding "
+                             f"that renumbers ids), not {self.logprob_dtype!r}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if self.temperatures and self.engine != "hf":

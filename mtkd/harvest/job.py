@@ -42,6 +42,7 @@ from mtkd.ingest.tokenizer import (
 from mtkd.store import PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
 from mtkd.store.executor import run_parts
 from mtkd.store.format import HEADER_FILE, Header
+from mtkd.store.id_table import frequency_table
 from mtkd.store.schema import (
     CONTEXT_END,
     NEXT_ID,
@@ -141,6 +142,28 @@ def prepare_own(tokens: Store, model_dir: str | os.PathLike[str],
                          "positions)")
     check_texts(tokens)
     return TeacherTokenizer.load(model_dir)
+
+
+#: Tokens counted for a store's id table: the first parts' until at least this many.
+ID_TABLE_TOKENS = 1 << 20
+
+
+def read_id_table(tokens: Store, teacher: TeacherTokenizer | None, size: int) -> list[int]:
+    """The ``size`` ids the teacher reads most often, most frequent first (empty for 0): its
+    tokens of the first parts (the tokens store's, or its own of their texts) until
+    :data:`ID_TABLE_TOKENS`. Every worker counts the same parts, so their headers agree."""
+    if not size:
+        return []
+    read: list[np.ndarray] = []
+    for part in range(tokens.num_parts):
+        if teacher is None:
+            read.append(tokens.read_part(part, [TOKEN_IDS])[TOKEN_IDS])
+        else:
+            read.extend(teacher.read(window_texts(tokens, part)[1]).sequences)
+        if sum(map(len, read)) >= ID_TABLE_TOKENS:
+            break
+    counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *read]).astype(np.int64))
+    return frequency_table(counts, size)
 
 
 def check_mappable(tokens: Store, vmap: VocabMap) -> None:
@@ -255,7 +278,8 @@ def harvest(
         attrs |= own_attrs(teacher, size)
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
-                            codec=config.codec, own_tokens=teacher is not None)
+                            codec=config.codec, own_tokens=teacher is not None,
+                            id_table=read_id_table(tokens, teacher, config.id_table))
     start = time.perf_counter()
     engine = None
 

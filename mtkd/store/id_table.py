@@ -32,9 +32,18 @@ def _lookups(table: tuple[int, ...], vocab_size: int) -> tuple[np.ndarray, np.nd
     new_to_old = np.concatenate([t, np.setdiff1d(np.arange(vocab_size), t)])
     old_to_new = np.empty(vocab_size, dtype=np.int64)
     old_to_new[new_to_old] = np.arange(vocab_size)
-    for lookup in (old_to_new, new_to_old):
+    # entry i + 1 holds id i's image, entry 0 the padding's (−1): one gather renumbers a row
+    padded = tuple(np.concatenate([[-1], lookup]).astype(np.int32)
+                   for lookup in (old_to_new, new_to_old))
+    for lookup in padded:
         lookup.flags.writeable = False
-    return old_to_new, new_to_old
+    return padded
+
+
+#: The last tables looked up, by object: every read of a store asks again for the same header
+#: list, and checking and hashing its thousands of ids each time cost as much as the decode.
+#: Each entry holds its list, so the key cannot be reused while it is cached.
+_SEEN: dict[int, tuple[Sequence[int], int, tuple[np.ndarray, np.ndarray]]] = {}
 
 
 def lookups(attrs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -44,21 +53,29 @@ def lookups(attrs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     if not table:
         return None
     vocab = attrs.get("vocab_size")
+    seen = _SEEN.get(id(table))
+    if seen is not None and seen[0] is table and seen[1] == vocab:
+        return seen[2]
     if not isinstance(vocab, int) or vocab <= 0:
         raise ValueError(f"{ID_TABLE_ATTR} needs attrs.vocab_size")
     if not isinstance(table, Sequence) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in table):
         raise ValueError(f"{ID_TABLE_ATTR} must be a list of ids")
-    return _lookups(tuple(table), vocab)
+    found = _lookups(tuple(table), vocab)
+    if len(_SEEN) >= 8:
+        _SEEN.clear()
+    _SEEN[id(table)] = (table, vocab, found)
+    return found
 
 
 def renumber(ids: np.ndarray, lookup: np.ndarray) -> np.ndarray:
-    """``ids`` (−1 = padding, kept) through ``lookup``; ValueError for ids it does not cover."""
+    """int32 ``ids`` (−1 = padding, kept) through one of :func:`lookups`' arrays; ValueError
+    for ids it does not cover."""
     ids = np.asarray(ids)
-    if ids.size and (ids.min() < -1 or ids.max() >= len(lookup)):
-        raise ValueError(f"ids in [{ids.min()}, {ids.max()}] outside [-1, {len(lookup) - 1}] "
+    if ids.size and (ids.min() < -1 or ids.max() >= len(lookup) - 1):
+        raise ValueError(f"ids in [{ids.min()}, {ids.max()}] outside [-1, {len(lookup) - 2}] "
                          "(the id table's vocabulary)")
-    return np.where(ids >= 0, lookup[np.maximum(ids, 0)], -1)
+    return lookup[ids + 1]
 
 
 def frequency_table(counts: np.ndarray, size: int = 4096) -> list[int]:

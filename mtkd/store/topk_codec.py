@@ -307,7 +307,7 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any]) -> dict
         out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
         table = lookups(attrs)
         if table is not None:
-            out[IDS] = renumber(out[IDS], table[1]).astype(np.int32)
+            out[IDS] = renumber(out[IDS], table[1])
     elif LOGPROBS in arrays:
         out[LOGPROBS] = decode_logprobs(arrays[LOGPROBS], name)
     if name in SAMPLE_CODINGS:

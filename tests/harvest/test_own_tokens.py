@@ -219,6 +219,36 @@ def test_a_bos_teacher_starts_every_sequence_with_its_bos(setup: Setup, tmp_path
     assert (rows["context_end"][firsts] == 0).all()
 
 
+def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--id-table N``: the header holds the N ids of the teacher's own tokens of the texts
+    (counted by transformers here) most frequent first; rows read back as without a table."""
+    from mtkd.harvest import job
+    from mtkd.store.id_table import frequency_table
+
+    tokens = open_store(setup.tokens)
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "t",
+                     "--engine", "hf", "--k", K, "--dtype", "float32", "--id-table", 16)
+    assert code == 0, msg
+    store = open_store(tmp_path / "t")
+    read = [ids for ids in reference(setup.teacher, tokens, max_len=10**6).ids
+            if ids is not None]  # every window the teacher can read, too long for it or not
+    want = frequency_table(np.bincount(np.concatenate(read)), 16)
+    assert store.attrs["topk_id_table"] == want
+    ref = reference(setup.teacher, tokens, MAX_POSITION)
+    assert len(store.attrs["topk_id_table"]) == 16
+    check_against_reference(tmp_path / "t", tokens, ref, atol=1 / 64)
+    # a teacher of the store's tokens counts the store's ids, of the first parts only
+    for parts, limit in ((range(tokens.num_parts), 10**9), ([0], 1)):
+        monkeypatch.setattr(job, "ID_TABLE_TOKENS", limit)
+        ids = np.concatenate([tokens.read_part(p, ["token_ids"])["token_ids"] for p in parts])
+        assert job.read_id_table(tokens, None, 8) == frequency_table(np.bincount(ids), 8)
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "f",
+                     "--engine", "hf", *EXACT, "--id-table", 16)
+    assert code == 1 and "--id-table needs --logprob-dtype q64v2" in msg, msg
+    assert not (tmp_path / "f").exists()
+
+
 def test_a_model_given_by_hub_id_is_read_from_the_cache(setup: Setup, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """``--model owner/name`` offline: the cached snapshot, harvested as the directory is."""
