@@ -159,11 +159,12 @@ def read_id_table(tokens: Store, teacher: TeacherTokenizer | None, size: int) ->
         if teacher is None:
             read.append(tokens.read_part(part, [TOKEN_IDS])[TOKEN_IDS])
         else:
-            read.extend(teacher.read(window_texts(tokens, part)[1]).sequences)
+            read.append(np.concatenate([np.zeros(0, np.int64), *teacher.read(
+                window_texts(tokens, part)[1]).sequences]))
         if sum(map(len, read)) >= ID_TABLE_TOKENS:
             break
-    counts = np.bincount(np.concatenate([np.zeros(0, np.int64), *read]).astype(np.int64))
-    return frequency_table(counts, size)
+    return frequency_table(np.bincount(np.concatenate([np.zeros(0, np.int64), *read])
+                                       .astype(np.int64)), size)
 
 
 def check_mappable(tokens: Store, vmap: VocabMap) -> None:
