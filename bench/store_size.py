@@ -40,13 +40,17 @@ Candidates (zstd unless said):
   the tokens store's N most frequent ids in the header, what ``mtkd harvest --id-table N``
   writes.
 
-Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
+With ``--hybrid``, SmolLM2 harvested once more as the hybrid the demo adopts (``--k 8
+--num-samples 64 --sample-rest``: the exact top-8 and 64 draws from the rest) through q64v2:
+``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
+store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
 q64v2. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=`` and the headline ``teacher_bytes_per_position=`` last.
 
     .venv/bin/python bench/store_size.py
     .venv/bin/python bench/store_size.py --store /path/to/teacher-store --only float16,q64v2
+    .venv/bin/python bench/store_size.py --hybrid --only q64v2 --zipf-positions 0
 """
 
 from __future__ import annotations
@@ -345,6 +349,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated candidate names (default all)")
     ap.add_argument("--zipf-positions", type=int, default=50_000,
                     help="rows of the synthetic 262,144-id teacher (0: skip it)")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="also SmolLM2 harvested as the hybrid the demo adopts (exact top-8 + 64 "
+                         "draws from the rest; one more harvest, ≈ 4 min): its bytes in q64v2")
     ap.add_argument("--dir", type=Path, default=None,
                     help="where to write the candidates' stores (default: a temp dir)")
     args = ap.parse_args()
@@ -362,6 +369,11 @@ def main() -> None:
         results, by_array = run_candidates(src, wanted, root)
         extra = id_table_candidates(path, wanted)
         run_candidates(src, [c.name for c in extra], root, tuple(extra))
+        hybrid = {}
+        if args.hybrid:
+            hsrc = open_store(real_teacher_store(hybrid=True), TEACHER, verify="full")
+            describe(hsrc, "SmolLM2 harvested as the hybrid")
+            hybrid, _ = run_candidates(hsrc, [CHOSEN], root / "hybrid")
         zipf = {}
         if args.zipf_positions:
             zsrc = open_store(zipf_teacher_store(root / "zipf-input", args.zipf_positions),
@@ -399,6 +411,11 @@ def main() -> None:
         sampled = best["sampled_bytes_per_position"]
         print(f"sampled_goal_met={sampled <= GOAL_SAMPLED_BYTES} (<= {GOAL_SAMPLED_BYTES:g} bytes)")
         print(f"sampled_bytes_per_position={sampled:.1f}")
+    if CHOSEN in hybrid:  # the whole hybrid store: its top-8 columns and the rest's draws
+        h = hybrid[CHOSEN]
+        print(f"hybrid_sampled_bytes_per_position={h['sampled_bytes_per_position']:.1f}")
+        print("hybrid_bytes_per_position="
+              f"{h['bytes_per_position'] + h['sampled_bytes_per_position']:.1f}")
     print(f"teacher_bytes_per_position={best['bytes_per_position']:.1f}")
 
 

@@ -3,7 +3,8 @@
 * :func:`real_teacher_store`: the real teacher SmolLM2-135M (vocabulary 49,152; ``mtkd
   setup-teacher``) harvested over a slice of the demo corpus (the standard library's own
   sources) tokenised with SmolLM2's tokenizer, with float32 log-probs (the exact input a coding
-  re-encodes), k = 64 and 64 random-sampling draws, by the ``mtkd`` commands themselves. Cached
+  re-encodes), k = 64 and 64 random-sampling draws (or, ``hybrid``, the exact top-8 and 64
+  draws from the rest), by the ``mtkd`` commands themselves. Cached
   under ``~/.cache/mtkd/bench/`` (``$MTKD_CACHE``) in a directory named by a hash of what made
   it; built in a temporary directory and renamed into place when complete.
 * :func:`zipf_teacher_store`: a synthetic teacher of 262,144 ids, rows generated in numpy
@@ -35,6 +36,10 @@ CORPUS_CHARS = 400_000
 MAX_LEN = 2048
 HARVEST_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
                 "--k", "64", "--num-samples", "64", "--enforce-eager")
+#: The hybrid the demo distils its best teacher from: the exact top-8 and 64 draws from the
+#: rest of the softmax.
+HYBRID_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
+               "--k", "8", "--num-samples", "64", "--sample-rest", "--enforce-eager")
 
 
 def _mtkd(*args: object) -> None:
@@ -45,11 +50,13 @@ def _mtkd(*args: object) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
-def real_teacher_store(cache: Path | None = None) -> Path:
-    """The SmolLM2 teacher store over the demo corpus slice, built once (see module doc)."""
+def real_teacher_store(cache: Path | None = None, *, hybrid: bool = False) -> Path:
+    """The SmolLM2 teacher store over the demo corpus slice, built once (see module doc);
+    ``hybrid``: harvested as the hybrid (:data:`HYBRID_ARGS`) instead."""
     teacher = ensure_smollm2()
+    harvest = HYBRID_ARGS if hybrid else HARVEST_ARGS
     made_by = {"teacher": teacher.name, "corpus_chars": CORPUS_CHARS, "max_len": MAX_LEN,
-               "harvest": HARVEST_ARGS, "python": platform.python_version()}
+               "harvest": harvest, "python": platform.python_version()}
     key = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
     root = (cache or cache_root() / "bench") / f"store-size-smollm2-{key}"
     if (root / "teacher" / "manifest.json").exists():
@@ -62,8 +69,7 @@ def real_teacher_store(cache: Path | None = None) -> Path:
                 f.write(json.dumps({"text": text}) + "\n")
         _mtkd("tokenize", tmp / "corpus.jsonl", "--tokenizer", teacher, "--out", tmp / "tokens",
               "--max-len", MAX_LEN, "--no-byte-offsets")
-        _mtkd("harvest", tmp / "tokens", "--model", teacher, "--out", tmp / "teacher",
-              *HARVEST_ARGS)
+        _mtkd("harvest", tmp / "tokens", "--model", teacher, "--out", tmp / "teacher", *harvest)
         (tmp / "made_by.json").write_text(json.dumps(made_by, indent=1))
         tmp.rename(root)
     finally:

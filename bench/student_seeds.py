@@ -33,9 +33,9 @@ FIGURES = ("real_teacher_gain_pct", "mixture_vs_best_single_pct", "cross_tokeniz
 
 def students_behind(results: dict) -> list[str]:
     """The demo's students that the figures read: CE only, the best single teacher's (top-k,
-    draws, full vocabulary), the controlled pair's, SmolLM2's and the mixture with it."""
+    hybrid, full vocabulary), the controlled pair's, SmolLM2's and the mixture with it."""
     best = f"single-{results['best_teacher']}"
-    wanted = ["ce-only", best, f"{best}-sampled", f"{best}-full", "single-t0-narrow-sampled",
+    wanted = ["ce-only", best, f"{best}-hybrid", f"{best}-full", "single-t0-narrow-sampled",
               "single-t0-cross-sampled", "single-smollm2", "mix-real"]
     return [name for name in wanted if name in results["students"]]
 

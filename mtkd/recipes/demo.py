@@ -33,7 +33,13 @@ from mtkd.recipes.cross_experiments import (
     measure_cross_experiments,
     plan_cross_experiments,
 )
-from mtkd.recipes.experiments import measure_experiments, plan_experiments, train_students
+from mtkd.recipes.experiments import (
+    harvest_hybrid,
+    measure_experiments,
+    measure_teachers,
+    plan_experiments,
+    train_students,
+)
 from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
 from mtkd.recipes.run import (
@@ -215,6 +221,8 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.save()
     train_teachers(run, unsafe)
     harvest_teachers(run)
+    measure_teachers(run)
+    harvest_hybrid(run)
     with run.side_by_side():  # the targets: each aggregate on a core
         students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
     train_students(run, students)

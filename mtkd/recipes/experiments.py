@@ -31,6 +31,9 @@ SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
                        (0.8, 0.1, 0.1), (0.9, 0.05, 0.05), (1.0, 0.0, 0.0))
 SAMPLE_POSITIONS = 4096
+#: The hybrid target's exact head: the best teacher's top-8 plus ``k`` draws from the rest
+#: (measured in docs/RESULTS.md against plain draws and heads of 4, 16 and 32).
+HYBRID_HEAD = 8
 
 
 def static_weights(run: Run) -> np.ndarray:
@@ -65,6 +68,27 @@ def sampled_targets(run: Run, teacher: int) -> str:
     store of the same width ``k``."""
     t = run.size.teachers[teacher]
     return targets(run, f"single-{t.name}-sampled", [teacher], extra=("--source", "samples"))
+
+
+def harvest_hybrid(run: Run) -> None:
+    """The best teacher over the student's tokens once more, as the hybrid: its exact top-
+    :data:`HYBRID_HEAD` and ``k`` draws from the rest of its softmax (``--sample-rest``), so
+    that no draw lands in the head (run after :func:`measure_teachers`)."""
+    t = next(t for t in run.size.teachers if t.name == run.results["best_teacher"])
+    out = run.path("stores", f"{t.name}-hybrid")
+    if not is_complete(out):
+        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                 run.path("teachers", t.name, "final"), "--out", out, "--k", str(HYBRID_HEAD),
+                 "--num-samples", str(run.size.k), "--sample-rest", "--dtype", "float32",
+                 "--enforce-eager")
+
+
+def hybrid_targets(run: Run, teacher: int) -> str:
+    """The hybrid targets of one teacher (its exact head plus the draws from the rest, fused
+    by ``--source samples``) in a store of width ``k``."""
+    t = run.size.teachers[teacher]
+    return aggregate(run, f"single-{t.name}-hybrid", [f"{t.name}-hybrid"], [t.temperature],
+                     extra=("--source", "samples"))
 
 
 def target_bytes_per_position(run: Run, name: str) -> float:
@@ -104,12 +128,10 @@ def train_students(run: Run, jobs: list[TrainJob]) -> None:
     run.save()
 
 
-def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
-    """Measure the teachers and their mixtures and make the students' targets; return the
-    students to train (``which``: ``default``, or ``all`` for every student), the longest
-    (its teacher run online) first, so that side by side they finish together."""
+def measure_teachers(run: Run) -> None:
+    """The teachers and their mixtures on held-out tokens, the fitted mixture weights, and
+    the best teacher (``results["best_teacher"]``), whose targets the students compare."""
     teachers = run.size.teachers
-    safety = next(j for j, t in enumerate(teachers) if t.safety)
     with run.timed("measure teachers and their mixtures"):
         fitted = fitted_weights(run)
         run.results["mix_weights"] = dict(zip([t.name for t in teachers], fitted.tolist(),
@@ -120,6 +142,16 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
     run.results["best_teacher"] = teachers[best].name
     run.save()
 
+
+def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
+    """Make the students' targets (after :func:`measure_teachers` and
+    :func:`harvest_hybrid`); return the students to train (``which``: ``default``, or ``all``
+    for every student), the longest (its teacher run online) first, so that side by side
+    they finish together."""
+    teachers = run.size.teachers
+    safety = next(j for j, t in enumerate(teachers) if t.safety)
+    best = next(j for j, t in enumerate(teachers) if t.name == run.results["best_teacher"])
+
     mix = targets(run, "mix-linear", list(range(len(teachers))),
                   extra=("--safety", str(safety), "--teacher-blocks"))
     jobs = [student(run, f"single-{teachers[best].name}-full", None, teacher=teachers[best].name),
@@ -129,10 +161,11 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
                      targets(run, f"single-{teachers[j].name}", [j])) for j in single_ids]
     jobs.append(student(run, "mix-linear", mix))
     one = f"single-{teachers[best].name}"
-    jobs.append(student(run, f"{one}-sampled", sampled_targets(run, best)))
+    jobs.append(student(run, f"{one}-hybrid", hybrid_targets(run, best)))
     if which == "all":
         everyone = list(range(len(teachers)))
         jobs += [
+            student(run, f"{one}-sampled", sampled_targets(run, best)),
             student(run, "mix-geometric", targets(run, "mix-geometric", everyone,
                                                   extra=("--operator", "geometric"))),
             student(run, "mix-adaptive", targets(run, "mix-adaptive", everyone,
@@ -154,9 +187,10 @@ def measure_experiments(run: Run) -> None:
     safety bound, variance reduction, and every student's unsafe-token mass."""
     safety = next(j for j, t in enumerate(run.size.teachers) if t.safety)
     one = f"single-{run.results['best_teacher']}"
-    labelled = (f"{one}-label",) if is_complete(run.path("stores", f"{one}-label")) else ()
     run.results["target_bytes_per_position"] = {
-        name: target_bytes_per_position(run, name) for name in (one, *labelled, f"{one}-sampled")
+        name: target_bytes_per_position(run, name)
+        for name in (one, f"{one}-label", f"{one}-hybrid", f"{one}-sampled")
+        if is_complete(run.path("stores", name))
     }
     with run.timed("measure tails, safety, variance and students' unsafe mass"):
         run.results["teacher_tail_mass"] = teacher_tail_mass(run)

@@ -26,7 +26,7 @@ def test_figures_follow_the_issue_formulas(tmp_path: Path) -> None:
     bpb = {"ce-only": 2.0, "single-t0-narrow-sampled": 1.8, "single-t0-cross-sampled": 1.81,
            "single-t0-narrow": 1.9, "single-t0-cross": 1.95,
            "single-t2-safety": 1.75, "single-smollm2": 1.7, "mix-real": 1.6,
-           "single-t2-safety-full": 1.5, "single-t2-safety-sampled": 1.51, "mix-linear": 1.74}
+           "single-t2-safety-full": 1.5, "single-t2-safety-hybrid": 1.51, "mix-linear": 1.74}
     run = run_with(tmp_path, bpb, seconds=590.0,
                    teachers={"t0-narrow": {"heldout_bpb": 1.9}, "t0-cross": {"heldout_bpb": 1.8}})
     fig = headline_figures(run)
