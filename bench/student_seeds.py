@@ -40,11 +40,14 @@ def students_behind(results: dict) -> list[str]:
     return [name for name in wanted if name in results["students"]]
 
 
-def train(demo: Path, name: str, seed: int, out: Path) -> dict:
-    """The student ``name`` trained as the demo did, but with ``seed``; its final metrics."""
+def train(demo: Path, name: str, seed: int, out: Path, targets: Path | None = None) -> dict:
+    """The student ``name`` trained as the demo did, but with ``seed`` (and, given, from
+    ``targets`` instead of its own); its final metrics."""
     if not (out / "final_metrics.json").exists():
         config = json.loads((demo / "students" / name / "train_config.json").read_text())
         config |= {"seed": seed, "out": str(out), "progress": False}
+        if targets is not None:
+            config["targets"] = str(targets)
         path = out.with_suffix(".json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))
