@@ -224,7 +224,9 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     measure_teachers(run)
     harvest_hybrid(run)
     with run.side_by_side():  # the targets: each aggregate on a core
-        students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
+        planned = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
+    # one job per student (the best teacher's draws and the pair's are one when it is t0-narrow)
+    students = list({job.name: job for job in planned}.values())
     train_students(run, students)
     measure_experiments(run)
     measure_cross_experiments(run, experiments)

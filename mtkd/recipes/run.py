@@ -96,8 +96,9 @@ class Run:
     def mtkd(self, *args: str | os.PathLike[str]) -> None:
         """Run a public ``mtkd`` command exactly as a user would (or queue it inside
         :meth:`side_by_side`), and log it."""
-        if self.queued is not None:
-            self.queued.append(args)
+        if self.queued is not None:  # the same command queued twice runs once
+            if args not in self.queued:
+                self.queued.append(args)
             return
         argv = self._log(args)
         print_stage(" ".join(["mtkd", *argv[:1]]))

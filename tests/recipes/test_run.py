@@ -1,5 +1,6 @@
-"""The demo's command runner: commands queued side by side run in parallel processes, each
-logged beside its output, and nothing runs when the block that queued them fails."""
+"""The demo's command runner: commands queued side by side run in parallel processes (each
+once), each logged beside its output, and nothing runs when the block that queued them
+fails."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_side_by_side_runs_queued_commands_in_parallel_and_logs_each(
     corpus, tokenizer = _corpus(tmp_path)
     run = Run(tmp_path, SIZES["tiny"])
     with run.side_by_side(threads=1):
-        for name in ("a", "b"):
+        for name in ("a", "b", "a"):  # the same command twice runs once
             _tokenize(run, corpus, tokenizer, name)
         assert not (tmp_path / "stores").exists()  # queued, not run yet
         with pytest.raises(RuntimeError, match="nest"), run.side_by_side():
