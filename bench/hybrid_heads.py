@@ -6,12 +6,12 @@ Reads a finished ``mtkd demo`` workdir (``--demo``). For each ``H:D`` in ``--con
 teacher is harvested over the student's tokens with ``--k H --num-samples D --sample-rest`` and
 fused by ``mtkd aggregate --source samples`` into targets of the demo's width ``k``; H = 0 is
 plain draws (the demo's own store when D = k, else ``--k 1 --num-samples D``). Each target
-store's student, and the full-vocabulary one, are trained as the demo trains its hybrid student
-(its ``train_config.json``, only the targets and the seed changed), a core each side by side,
-into ``<out>/h<H>d<D>-s<seed>``. Prints each student's held-out bits per byte, its distance to
-full KD in percent and the targets' bytes per position; the headline, last, is
-``hybrid_vs_full_kd_pct_max=`` over the seeds at the demo's hybrid
-(``experiments.HYBRID_HEAD``, ``k`` draws; the issue's goal: ≤ 1.0).
+store's student, and the full-vocabulary one, are trained as the demo trains its student of
+plain draws (its ``train_config.json``, only the targets and the seed changed), a core each
+side by side, into ``<out>/h<H>d<D>-s<seed>``. Prints each student's held-out bits per byte,
+its distance to full KD in percent and the targets' bytes per position; the headline, last, is
+``hybrid_vs_full_kd_pct_max=`` over the seeds at the hybrid of ``mtkd demo --experiments all``
+(``experiments.HYBRID_HEAD``, ``k`` draws; the goal of the demo's draws: ≤ 1.0).
 
     .venv/bin/python bench/hybrid_heads.py --demo runs/demo \
         --configs 0:64,4:64,8:64,16:64,32:64,8:16,8:32 --seeds 0,1,2
@@ -78,7 +78,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     targets = {c: hybrid_targets(demo, teacher, k, *map(int, c[1:].split("d")), out)
                for c in configs}
-    student = f"single-{teacher}-hybrid"
+    student = f"single-{teacher}-sampled"  # the demo's student of plain draws: its settings
     jobs = [("full", s) for s in seeds] + [(c, s) for c in configs for s in seeds]
 
     def run(job: tuple[str, int]) -> float:

@@ -28,14 +28,16 @@ from mtkd.recipes.sizes import SIZES
 
 #: The figures compared across seeds (each the demo's, recomputed).
 FIGURES = ("real_teacher_gain_pct", "mixture_vs_best_single_pct", "cross_tokenizer_recovery",
-           "sampled_vllm_vs_full_kd_pct")
+           "sampled_vllm_vs_full_kd_pct", "hybrid_vllm_vs_full_kd_pct")
 
 
 def students_behind(results: dict) -> list[str]:
     """The demo's students that the figures read: CE only, the best single teacher's (top-k,
-    hybrid, full vocabulary), the controlled pair's, SmolLM2's and the mixture with it."""
+    draws, the hybrid where trained, full vocabulary), the controlled pair's, SmolLM2's and
+    the mixture with it."""
     best = f"single-{results['best_teacher']}"
-    wanted = ["ce-only", best, f"{best}-hybrid", f"{best}-full", "single-t0-narrow-sampled",
+    wanted = ["ce-only", best, f"{best}-sampled", f"{best}-hybrid", f"{best}-full",
+              "single-t0-narrow-sampled",
               "single-t0-cross-sampled", "single-smollm2", "mix-real"]
     return [name for name in wanted if name in results["students"]]
 

@@ -222,7 +222,8 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     train_teachers(run, unsafe)
     harvest_teachers(run)
     measure_teachers(run)
-    harvest_hybrid(run)
+    if experiments == "all":
+        harvest_hybrid(run)
     with run.side_by_side():  # the targets: each aggregate on a core
         planned = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
     # one job per student (the best teacher's draws and the pair's are one when it is t0-narrow)

@@ -31,8 +31,8 @@ SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),
                        (0.8, 0.1, 0.1), (0.9, 0.05, 0.05), (1.0, 0.0, 0.0))
 SAMPLE_POSITIONS = 4096
-#: The hybrid target's exact head: the best teacher's top-8 plus ``k`` draws from the rest
-#: (measured in docs/RESULTS.md against plain draws and heads of 4, 16 and 32).
+#: The hybrid target's exact head (``--experiments all``): the best teacher's top-8 plus ``k``
+#: draws from the rest (``bench/hybrid_heads.py``: heads 4, 16 and 32 and fewer draws did worse).
 HYBRID_HEAD = 8
 
 
@@ -144,7 +144,7 @@ def measure_teachers(run: Run) -> None:
 
 
 def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
-    """Make the students' targets (after :func:`measure_teachers` and
+    """Make the students' targets (after :func:`measure_teachers`, and with ``all`` after
     :func:`harvest_hybrid`); return the students to train (``which``: ``default``, or ``all``
     for every student), the longest (its teacher run online) first, so that side by side
     they finish together."""
@@ -161,11 +161,11 @@ def plan_experiments(run: Run, which: str = "default") -> list[TrainJob]:
                      targets(run, f"single-{teachers[j].name}", [j])) for j in single_ids]
     jobs.append(student(run, "mix-linear", mix))
     one = f"single-{teachers[best].name}"
-    jobs.append(student(run, f"{one}-hybrid", hybrid_targets(run, best)))
+    jobs.append(student(run, f"{one}-sampled", sampled_targets(run, best)))
     if which == "all":
         everyone = list(range(len(teachers)))
         jobs += [
-            student(run, f"{one}-sampled", sampled_targets(run, best)),
+            student(run, f"{one}-hybrid", hybrid_targets(run, best)),
             student(run, "mix-geometric", targets(run, "mix-geometric", everyone,
                                                   extra=("--operator", "geometric"))),
             student(run, "mix-adaptive", targets(run, "mix-adaptive", everyone,

@@ -94,10 +94,13 @@ def headline_figures(run: Run) -> dict[str, float]:
     singles = single_teacher_students(bpb)
     if mix is not None and singles:
         figures["mixture_vs_best_single_pct"] = _pct(mix, min(singles.values()))
-    hybrid, full = bpb.get(f"single-{best}-hybrid"), bpb.get(f"single-{best}-full")
-    figures["best_single_hybrid_bpb"] = hybrid
-    if hybrid is not None and full is not None:  # vLLM's head + draws against full KD
-        figures["sampled_vllm_vs_full_kd_pct"] = _pct(hybrid, full)
+    sampled, full = bpb.get(f"single-{best}-sampled"), bpb.get(f"single-{best}-full")
+    hybrid = bpb.get(f"single-{best}-hybrid")  # --experiments all
+    figures |= {"best_single_sampled_bpb": sampled, "best_single_hybrid_bpb": hybrid}
+    if sampled is not None and full is not None:  # vLLM's draws against full-vocabulary KD
+        figures["sampled_vllm_vs_full_kd_pct"] = _pct(sampled, full)
+    if hybrid is not None and full is not None:  # its exact top-8 + draws from the rest
+        figures["hybrid_vllm_vs_full_kd_pct"] = _pct(hybrid, full)
     figures["demo_seconds"] = results.get("seconds")
     return {k.replace("-", "_"): float(v) for k, v in figures.items()
             if v is not None and math.isfinite(v)}

@@ -26,7 +26,8 @@ def test_figures_follow_the_issue_formulas(tmp_path: Path) -> None:
     bpb = {"ce-only": 2.0, "single-t0-narrow-sampled": 1.8, "single-t0-cross-sampled": 1.81,
            "single-t0-narrow": 1.9, "single-t0-cross": 1.95,
            "single-t2-safety": 1.75, "single-smollm2": 1.7, "mix-real": 1.6,
-           "single-t2-safety-full": 1.5, "single-t2-safety-hybrid": 1.51, "mix-linear": 1.74}
+           "single-t2-safety-full": 1.5, "single-t2-safety-sampled": 1.51,
+           "single-t2-safety-hybrid": 1.503, "mix-linear": 1.74}
     run = run_with(tmp_path, bpb, seconds=590.0,
                    teachers={"t0-narrow": {"heldout_bpb": 1.9}, "t0-cross": {"heldout_bpb": 1.8}})
     fig = headline_figures(run)
@@ -37,6 +38,7 @@ def test_figures_follow_the_issue_formulas(tmp_path: Path) -> None:
     # the best single-teacher student of offline targets: not the full-vocabulary one
     assert fig["mixture_vs_best_single_pct"] == pytest.approx(100 * (1.6 - 1.7) / 1.7)
     assert fig["sampled_vllm_vs_full_kd_pct"] == pytest.approx(100 * (1.51 - 1.5) / 1.5)
+    assert fig["hybrid_vllm_vs_full_kd_pct"] == pytest.approx(100 * (1.503 - 1.5) / 1.5)
     assert fig["ce_only_bpb"] == 2.0 and fig["best_single_bpb"] == 1.75
     assert fig["teacher_t0_cross_bpb"] == 1.8 and fig["demo_seconds"] == 590.0
     assert "alignment_coverage_cross" not in fig  # no target store in this run: not measured
