@@ -22,22 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from store_size_inputs import run_mtkd
 from student_seeds import train
 
 from mtkd.recipes.experiments import HYBRID_HEAD
 from mtkd.recipes.run import is_complete
 from mtkd.store import bytes_on_disk, open_store
-
-
-def mtkd(*args: object) -> None:
-    """Run an ``mtkd`` command (vLLM's engine wants its own process), quietly."""
-    subprocess.run([sys.executable, "-m", "mtkd", *map(str, args)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def hybrid_targets(demo: Path, teacher: str, k: int, head: int, draws: int, out: Path) -> Path:
@@ -49,13 +42,13 @@ def hybrid_targets(demo: Path, teacher: str, k: int, head: int, draws: int, out:
         store = out / f"{teacher}-h{head}d{draws}"
         rest = ("--sample-rest",) if head else ()
         if not is_complete(store):
-            mtkd("harvest", tokens, "--model", demo / "teachers" / teacher / "final", "--out",
-                 store, "--k", head or 1, "--num-samples", draws, *rest, "--dtype", "float32",
-                 "--enforce-eager")
+            run_mtkd("harvest", tokens, "--model", demo / "teachers" / teacher / "final",
+                     "--out", store, "--k", head or 1, "--num-samples", draws, *rest,
+                     "--dtype", "float32", "--enforce-eager")
     targets = out / f"targets-h{head}d{draws}"
     if not is_complete(targets):
-        mtkd("aggregate", store, "--tokens", tokens, "--out", targets, "--temperatures", "1.0",
-             "--k-out", k, "--source", "samples")
+        run_mtkd("aggregate", store, "--tokens", tokens, "--out", targets,
+                 "--temperatures", "1.0", "--k-out", k, "--source", "samples")
     return targets
 
 

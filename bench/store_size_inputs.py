@@ -42,7 +42,7 @@ HYBRID_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "flo
                "--k", "8", "--num-samples", "64", "--sample-rest", "--enforce-eager")
 
 
-def _mtkd(*args: object) -> None:
+def run_mtkd(*args: object) -> None:
     """Run an ``mtkd`` command in a subprocess (vLLM's engine wants its own process)."""
     cmd = [sys.executable, "-m", "mtkd", *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -67,9 +67,9 @@ def real_teacher_store(cache: Path | None = None, *, hybrid: bool = False) -> Pa
         with open(tmp / "corpus.jsonl", "w") as f:
             for text in stdlib_texts(max_files=None, max_chars=CORPUS_CHARS):
                 f.write(json.dumps({"text": text}) + "\n")
-        _mtkd("tokenize", tmp / "corpus.jsonl", "--tokenizer", teacher, "--out", tmp / "tokens",
+        run_mtkd("tokenize", tmp / "corpus.jsonl", "--tokenizer", teacher, "--out", tmp / "tokens",
               "--max-len", MAX_LEN, "--no-byte-offsets")
-        _mtkd("harvest", tmp / "tokens", "--model", teacher, "--out", tmp / "teacher", *harvest)
+        run_mtkd("harvest", tmp / "tokens", "--model", teacher, "--out", tmp / "teacher", *harvest)
         (tmp / "made_by.json").write_text(json.dumps(made_by, indent=1))
         tmp.rename(root)
     finally:

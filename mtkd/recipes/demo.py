@@ -35,6 +35,7 @@ from mtkd.recipes.cross_experiments import (
 )
 from mtkd.recipes.experiments import (
     harvest_hybrid,
+    harvest_teacher,
     measure_experiments,
     measure_teachers,
     plan_experiments,
@@ -44,7 +45,6 @@ from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
 from mtkd.recipes.run import (
     Run,
-    is_complete,
     print_stage,
     tokenize_into,
     train_job,
@@ -187,12 +187,8 @@ def harvest_teachers(run: Run) -> None:
     cross teacher) side by side with a core each; then the real teacher with every core."""
     with run.side_by_side(threads=1):
         for t in run.size.teachers:
-            out = run.path("stores", f"{t.name}-student")
-            if not is_complete(out):
-                run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                         run.path("teachers", t.name, "final"), "--out", out, "--k",
-                         str(run.size.k), "--num-samples", str(run.size.k), "--dtype",
-                         "float32", "--enforce-eager")
+            harvest_teacher(run, t.name, f"{t.name}-student", "--k", str(run.size.k),
+                            "--num-samples", str(run.size.k))
         harvest_cross_teacher(run)
     harvest_real_teacher(run)
 
@@ -225,9 +221,7 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     if experiments == "all":
         harvest_hybrid(run)
     with run.side_by_side():  # the targets: each aggregate on a core
-        planned = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
-    # one job per student (the best teacher's draws and the pair's are one when it is t0-narrow)
-    students = list({job.name: job for job in planned}.values())
+        students = plan_experiments(run, experiments) + plan_cross_experiments(run, experiments)
     train_students(run, students)
     measure_experiments(run)
     measure_cross_experiments(run, experiments)

@@ -70,17 +70,23 @@ def sampled_targets(run: Run, teacher: int) -> str:
     return targets(run, f"single-{t.name}-sampled", [teacher], extra=("--source", "samples"))
 
 
+def harvest_teacher(run: Run, teacher: str, store: str, *options: str) -> None:
+    """``mtkd harvest`` of the demo teacher ``teacher`` over the student's tokens into
+    ``stores/<store>`` (float32, eager: small models), with ``options`` (skipped when done)."""
+    out = run.path("stores", store)
+    if not is_complete(out):
+        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
+                 run.path("teachers", teacher, "final"), "--out", out, *options,
+                 "--dtype", "float32", "--enforce-eager")
+
+
 def harvest_hybrid(run: Run) -> None:
     """The best teacher over the student's tokens once more, as the hybrid: its exact top-
     :data:`HYBRID_HEAD` and ``k`` draws from the rest of its softmax (``--sample-rest``), so
     that no draw lands in the head (run after :func:`measure_teachers`)."""
-    t = next(t for t in run.size.teachers if t.name == run.results["best_teacher"])
-    out = run.path("stores", f"{t.name}-hybrid")
-    if not is_complete(out):
-        run.mtkd("harvest", run.path("stores", "tokens-student"), "--model",
-                 run.path("teachers", t.name, "final"), "--out", out, "--k", str(HYBRID_HEAD),
-                 "--num-samples", str(run.size.k), "--sample-rest", "--dtype", "float32",
-                 "--enforce-eager")
+    best = run.results["best_teacher"]
+    harvest_teacher(run, best, f"{best}-hybrid", "--k", str(HYBRID_HEAD),
+                    "--num-samples", str(run.size.k), "--sample-rest")
 
 
 def hybrid_targets(run: Run, teacher: int) -> str:
