@@ -15,6 +15,12 @@ teacher store). Bounds, in bytes per position:
 * ``ids_given_input``: the same id set under a model conditioned on the position's input token
   x (the context a decoder has from the tokens store): each id seen with x in the first half
   costs its membership bit under P(id in the top-k | x), any other id the unigram price;
+* ``ids_given_reference``: the id set coded against a reference row, the latest earlier row of
+  the same ``--chunk`` rows whose top-1 id is this row's (a decoder reading the chunk in order
+  knows it once it has the top-1): the top-1 id (unigram of top-1s), which of the reference's
+  ids recur (one bit per reference rank, P(recur | rank)), the new ids as a set at the unigram
+  price plus log₂(k + 1) for their number. ``reference_rows_zstd`` is what zstd (level 3, byte
+  planes, ``--chunk``-row chunks) makes of the same layout, against q64v2's own layout;
 * ``scalars``: what q64v2 stores besides the top-k columns (measured by store_size.py: 8.0).
 
 Prints ``name=value`` lines, the headline ``entropy_bound_bytes_per_position=`` (ids + codes +
@@ -30,6 +36,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from numcodecs import Zstd
 from store_size_inputs import real_teacher_store
 
 from mtkd.store import open_store
@@ -80,6 +87,90 @@ def id_set_bits_given_input(ids: np.ndarray, inputs: np.ndarray, vocab: int) -> 
     return float((absent[inputs[half:]] + present - order).mean() + math.log2(k + 1))
 
 
+def reference_rows(rank_ids: np.ndarray, chunk: int) -> np.ndarray:
+    """Each row's reference: the latest earlier row of its ``chunk`` rows with the same top-1
+    id (rows in rank order, top-1 first); −1 where there is none."""
+    n = len(rank_ids)
+    top1 = rank_ids[:, 0]
+    key = (np.arange(n) // chunk) * (int(top1.max()) + 1) + top1
+    order = np.lexsort((np.arange(n), key))
+    same = key[order[1:]] == key[order[:-1]]
+    ref = np.full(n, -1)
+    ref[order[1:][same]] = order[:-1][same]
+    return ref
+
+
+def recur_masks(rank_ids: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """recur[i, r]: the reference's rank-r id is in row i too (False where i has none)."""
+    recur = np.zeros(rank_ids.shape, bool)
+    for i in np.flatnonzero(ref >= 0):
+        recur[i] = np.isin(rank_ids[ref[i]], rank_ids[i], assume_unique=True)
+    return recur
+
+
+def id_set_bits_given_reference(rank_ids: np.ndarray, vocab: int, chunk: int) -> dict[str, float]:
+    """Mean bits per row, by part, of each row's ids coded against its reference row (models
+    learned on the first half of the rows, charged on the second; add-½ smoothing)."""
+    n, k = rank_ids.shape
+    half = n // 2
+    ref = reference_rows(rank_ids, chunk)
+    recur = recur_masks(rank_ids, ref)
+    freq = np.bincount(rank_ids[:half].ravel(), minlength=vocab) + 0.5
+    unigram = -np.log2(freq / freq.sum())
+    top1 = np.bincount(rank_ids[:half, 0], minlength=vocab) + 0.5
+    has = ref >= 0
+    p_recur = (recur[:half][has[:half]].sum(0) + 0.5) / (has[:half].sum() + 1)
+    mask = np.where(recur, -np.log2(p_recur), -np.log2(1 - p_recur)).sum(1) * has
+    log_fact = np.array([math.lgamma(m + 1) / math.log(2) for m in range(k + 1)])
+    new = np.zeros(n)
+    for i in range(half, n):
+        fresh = rank_ids[i] if ref[i] < 0 else np.setdiff1d(
+            rank_ids[i], rank_ids[ref[i]][recur[i]], assume_unique=True)
+        count_bits = math.log2(k + 1) if ref[i] >= 0 else 0.0
+        new[i] = unigram[fresh].sum() - log_fact[len(fresh)] + count_bits
+    return {"top1": float(-np.log2(top1 / top1.sum())[rank_ids[half:, 0]].mean()),
+            "recur": float(mask[half:].mean()), "new": float(new[half:].mean())}
+
+
+def zstd_bytes(rows: np.ndarray, width: int, chunk: int) -> float:
+    """Bytes per row of non-negative integers as ``width`` byte planes, zstd level 3 per chunk."""
+    planes = tc.to_planes(rows, width)
+    codec = Zstd(level=3)
+    total = sum(len(codec.encode(np.ascontiguousarray(planes[s:s + chunk])))
+                for s in range(0, len(planes), chunk))
+    return total / len(rows)
+
+
+def reference_rows_zstd(rank_ids: np.ndarray, rank_codes: np.ndarray, vocab: int, chunk: int
+                        ) -> tuple[float, float]:
+    """Bytes per row, with zstd, of q64v2's layout (id deltas, floor-relative codes in id
+    order) and of the reference layout: the top-1 id, the recur mask (packed bits), the new
+    ids' deltas, and the codes (reference order then new ids, floor-relative)."""
+    n = len(rank_ids)
+    by_id = np.argsort(rank_ids, 1)
+    ids = np.take_along_axis(rank_ids, by_id, 1)
+    codes = np.take_along_axis(rank_codes, by_id, 1)
+    floor = codes.max(1, keepdims=True)
+    deltas = np.diff(ids, axis=1, prepend=-1)
+    width = tc.delta_width(vocab)
+    q64v2 = zstd_bytes(deltas, width, chunk) + zstd_bytes(
+        np.concatenate([floor, floor - codes], 1), tc.CODE_WIDTH, chunk)
+    ref = reference_rows(rank_ids, chunk)
+    recur = recur_masks(rank_ids, ref)
+    fresh_deltas = np.zeros_like(ids)
+    ordered_codes = np.zeros_like(codes)
+    for i in range(n):
+        kept = rank_ids[ref[i]][recur[i]] if ref[i] >= 0 else ids[i, :0]
+        fresh = np.setdiff1d(ids[i], kept, assume_unique=True)
+        fresh_deltas[i, :len(fresh)] = np.diff(fresh, prepend=-1)
+        ordered_codes[i] = codes[i, np.searchsorted(ids[i], np.concatenate([kept, fresh]))]
+    layout = (zstd_bytes(rank_ids[:, :1], width, chunk)
+              + len(Zstd(level=3).encode(np.packbits(recur, axis=1))) / n
+              + zstd_bytes(fresh_deltas, width, chunk)
+              + zstd_bytes(np.concatenate([floor, floor - ordered_codes], 1), tc.CODE_WIDTH, chunk))
+    return q64v2, layout
+
+
 def row_inputs(store_root: Path, tokens_root: Path) -> np.ndarray | None:
     """The input token of every row of a teacher store (row i of a sequence follows token i),
     from the tokens store it was harvested over; None if that store is not there."""
@@ -115,6 +206,8 @@ def main() -> None:
                          "store's sibling 'tokens'), for the bound given the input token")
     ap.add_argument("--tail-step", type=float, default=0.25,
                     help="grid step in nats of the coarse tail (entries with p < 1e-3)")
+    ap.add_argument("--chunk", type=int, default=8192,
+                    help="rows a reference may reach back over (a decodable unit)")
     args = ap.parse_args()
     root = args.store or real_teacher_store()
     store = open_store(root, verify="none")
@@ -145,7 +238,22 @@ def main() -> None:
     print(f"codes_bytes_per_position={code_bytes:.1f}")
     print(f"codes_coarse_tail_bytes_per_position={coarse_bytes:.1f} "
           f"(tail step {args.tail_step:g} nat, |error| <= {args.tail_step / 2:g} where p < 1e-3)")
+    rank = np.argsort(codes, 1, kind="stable")
+    rank_ids = np.take_along_axis(ids, rank, 1)
+    parts = id_set_bits_given_reference(rank_ids, vocab, args.chunk)
+    ref_bytes = sum(parts.values()) / 8
+    for name, bits in parts.items():
+        print(f"ids_given_reference_{name}_bytes_per_position={bits / 8:.1f}")
+    print(f"ids_given_reference_bytes_per_position={ref_bytes:.1f}")
+    plain, layout = reference_rows_zstd(rank_ids, np.take_along_axis(codes, rank, 1), vocab,
+                                        args.chunk)
+    print(f"q64v2_layout_zstd_topk_bytes_per_position={plain:.1f}")
+    print(f"reference_rows_zstd_topk_bytes_per_position={layout:.1f}")
     print(f"scalars_bytes_per_position={SCALAR_BYTES:.1f}")
+    print("entropy_bound_given_reference_bytes_per_position="
+          f"{ref_bytes + code_bytes + SCALAR_BYTES:.1f}")
+    print("entropy_bound_given_reference_coarse_tail_bytes_per_position="
+          f"{ref_bytes + coarse_bytes + SCALAR_BYTES:.1f}")
     print("entropy_bound_coarse_tail_bytes_per_position="
           f"{id_bytes + coarse_bytes + SCALAR_BYTES:.1f}")
     print(f"entropy_bound_bytes_per_position={id_bytes + code_bytes + SCALAR_BYTES:.1f}")
