@@ -36,15 +36,17 @@ Candidates (zstd unless said):
   bytes as the vocabulary needs, the sampled columns coded too;
 * ``q64v2-tail1/8nat``: q64v2 with entries below p = 1e-3 on a 1/8-nat grid (what a coarser
   tail would save; not taken);
-* ``q64v2+id-table{1024,4096,16384}`` (the default input only): q64v2 with the id table of
-  the tokens store's N most frequent ids in the header, what ``mtkd harvest --id-table N``
-  writes.
+* ``q64v3``: q64v2's values, each row's ids coded against the latest earlier row of its
+  sequence with the same top-1 id (``mtkd.store.reference_codec``; opt-in);
+* ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096`` (the default input only): the
+  coding with the id table of the tokens store's N most frequent ids in the header, what
+  ``mtkd harvest --id-table N`` writes.
 
 With ``--hybrid``, SmolLM2 harvested once more as the hybrid the demo adopts (``--k 8
 --num-samples 64 --sample-rest``: the exact top-8 and 64 draws from the rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
-store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64 and
-q64v2. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
+store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64,
+q64v2 and q64v3. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=`` and the headline ``teacher_bytes_per_position=`` last.
 
@@ -83,7 +85,7 @@ from mtkd.store.schema import (
 )
 
 CHOSEN = tc.Q64V2
-ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2)
+ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3)
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -166,8 +168,10 @@ def _coarse_tail_layout(steps: int) -> Layout:
     return Layout(specs, encode, decode)
 
 
-ID_TABLE_SIZES = (1024, 4096, 16384)  # candidates of the default input only
-ID_TABLES = tuple(f"q64v2+id-table{n}" for n in ID_TABLE_SIZES)
+#: id-table candidates (the default input only): name → (coding, table size)
+ID_TABLE_CANDIDATES = {f"{coding}+id-table{n}": (coding, n) for coding, n in (
+    (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096))}
+ID_TABLES = tuple(ID_TABLE_CANDIDATES)
 
 
 def id_table_candidates(teacher: Path, names: list[str]) -> list[Candidate]:
@@ -177,8 +181,8 @@ def id_table_candidates(teacher: Path, names: list[str]) -> list[Candidate]:
     if not (tokens / "manifest.json").exists():
         return []
     store = open_store(tokens, "tokens")
-    return [Candidate(name, id_table=tuple(read_id_table(store, None, size)))
-            for name, size in zip(ID_TABLES, ID_TABLE_SIZES, strict=True) if name in names]
+    return [Candidate(name, coding, id_table=tuple(read_id_table(store, None, size)))
+            for name, (coding, size) in ID_TABLE_CANDIDATES.items() if name in names]
 
 
 CANDIDATES = (
@@ -189,6 +193,7 @@ CANDIDATES = (
     Candidate(tc.Q64, tc.Q64),
     Candidate("q64v2-tail1/8nat", layout=_coarse_tail_layout(2)),
     Candidate(tc.Q64V2),
+    Candidate(tc.Q64V3, tc.Q64V3),
 )
 
 

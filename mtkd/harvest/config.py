@@ -10,7 +10,7 @@ import numpy as np
 from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
-from mtkd.store.topk_codec import DEFAULT_CODING
+from mtkd.store.topk_codec import DEFAULT_CODING, FLOOR_CODINGS
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.
@@ -49,12 +49,13 @@ class HarvestConfig:
     logprob_dtype: str = option(
         DEFAULT_CODING,
         "Stored top-k coding: q64v2 (compact: |error| <= 1/128 nat where p >= 1e-3; also "
-        "codes the sampled columns; docs/FORMAT.md), q64 (the previous default) or a float "
-        "dtype (float16, float32) with int32 ids.",
+        "codes the sampled columns; docs/FORMAT.md), q64v3 (q64v2's values, ids coded against "
+        "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64 "
+        "(the previous default) or a float dtype (float16, float32) with int32 ids.",
     )
     id_table: int = option(
         0,
-        "q64v2: renumber top-k ids through a table of the N ids the teacher reads most often "
+        "q64v2/q64v3: renumber top-k ids through a table of the N ids the teacher reads most often "
         "(counted over the first parts, at least 2^20 tokens), so that they store as smaller "
         "gaps (0: no table; docs/FORMAT.md, \"Id table\").",
         min=0,
@@ -93,9 +94,9 @@ class HarvestConfig:
             raise ValueError("--tokenization own and --vocab-map exclude each other: a "
                              "vocabulary map harvests the tokens store's ids")
         check_logprob_dtype(self.logprob_dtype)
-        if self.id_table and self.logprob_dtype != DEFAULT_CODING:
-            raise ValueError(f"--id-table needs --logprob-dtype {DEFAULT_CODING} (the coding "
-                             f"that renumbers ids), not {self.logprob_dtype!r}")
+        if self.id_table and self.logprob_dtype not in FLOOR_CODINGS:
+            raise ValueError(f"--id-table needs --logprob-dtype {' or '.join(FLOOR_CODINGS)} "
+                             f"(the codings that renumber ids), not {self.logprob_dtype!r}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if self.temperatures and self.engine != "hf":

@@ -29,7 +29,7 @@ from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, tmp_part_dir, write_json_atomic
 from mtkd.store.target_codec import encode_rows as encode_target_rows
-from mtkd.store.topk_codec import encode_rows
+from mtkd.store.topk_codec import added_arrays, encode_rows
 
 if TYPE_CHECKING:
     from mtkd.store.writer import StoreWriter
@@ -91,7 +91,7 @@ class PartWriter:
             raise StoreError("sequence lengths must be non-negative")
         n = int(lengths.sum())
         header = self.store.header
-        missing = {a.name for a in header.arrays} - set(rows)
+        missing = {a.name for a in header.arrays} - set(rows) - set(added_arrays(header.attrs))
         extra = set(rows) - {a.name for a in header.arrays}
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")
@@ -104,7 +104,7 @@ class PartWriter:
         if mixed:
             raise StoreError("meta must be given with every append of a part or with none")
         try:  # coded sparse columns (topk_codec, target_codec): the checks below apply to
-            rows = encode_rows(rows, header.attrs)  # what is stored
+            rows = encode_rows(rows, header.attrs, lengths)  # what is stored
             rows = encode_target_rows(rows, header.attrs)
         except ValueError as e:
             raise StoreError(f"sparse rows cannot be coded: {e}") from e

@@ -32,7 +32,7 @@ from mtkd.store.fs import file_sha256
 from mtkd.store.part_reader import PartReader, part_escapes
 from mtkd.store.target_codec import decode_rows as decode_target_rows
 from mtkd.store.target_codec import stored_names as target_names
-from mtkd.store.topk_codec import decode_rows, stored_names
+from mtkd.store.topk_codec import added_arrays, decode_rows, stored_names
 from mtkd.store.verify import verify_part, verify_store
 
 #: Environment variable choosing how much ``open_store`` checks when its caller does not say:
@@ -158,7 +158,10 @@ class Store:
 
     @property
     def array_names(self) -> list[str]:
-        return [a.name for a in self.header.arrays]
+        """The arrays a read returns (a coding's own arrays, q64v3's ``topk_recur``, are not
+        among them)."""
+        internal = added_arrays(self.attrs)
+        return [a.name for a in self.header.arrays if a.name not in internal]
 
     def part_sequences(self, part: int) -> range:
         """Store-order indices of the sequences held by ``part``."""
@@ -204,7 +207,7 @@ class Store:
     def _batch(self, names: list[str], stored: dict[str, np.ndarray], offsets: np.ndarray,
                seq_ids: np.ndarray) -> Batch:
         """The arrays asked for, as callers see them: coded top-k columns decoded."""
-        arrays = decode_target_rows(decode_rows(stored, self.attrs), self.attrs)
+        arrays = decode_target_rows(decode_rows(stored, self.attrs, offsets), self.attrs)
         return Batch({n: arrays[n] for n in names}, offsets, seq_ids)
 
     def _gather_raw(self, name: str, buf: np.ndarray, part_of: np.ndarray, starts: np.ndarray,

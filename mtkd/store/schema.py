@@ -109,12 +109,13 @@ def teacher_header(
     """
     attrs = {n: v for n, v in attrs.items()
              if n not in (topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR)}
-    if id_table and logprob_dtype != topk_codec.Q64V2:
-        raise ValueError(f"an id table needs logprob dtype {topk_codec.Q64V2!r}")
+    if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
+        raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
     coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
         coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
-        topk = [ArraySpec(name, *coded[name], codec) for name in (TOPK_IDS, TOPK_LOGPROBS)]
+        topk = [ArraySpec(name, *coded[name], codec)
+                for name in (TOPK_IDS, topk_codec.RECUR, TOPK_LOGPROBS) if name in coded]
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
         if id_table:
             attrs[topk_codec.ID_TABLE_ATTR] = [int(i) for i in id_table]

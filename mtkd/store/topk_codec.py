@@ -26,9 +26,14 @@ Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
 * Both as **byte planes**, ``uint8 [w, k]`` per row (the low bytes of the k values, then the
   next bytes): the high planes are nearly constant and zstd shrinks them to little.
 
-``q64v2`` also codes the random-sampling columns (unique ids ascending, then padding −1 / 0 /
-−inf): ``sample_ids`` as deltas the same way (padding delta 0, last), ``sample_counts`` in one
-byte when ``num_samples`` ≤ 255, ``sample_logprobs`` as q64 codes in the same order.
+``q64v3`` stores q64v2's floor-relative codes but codes each row's ids against a reference row
+of its sequence (the latest earlier one with the same top-1 id; ``reference_codec``): ≈ 13 bytes
+per row of 64 less on a real teacher, and reads decode whole sequences.
+
+``q64v2`` and ``q64v3`` also code the random-sampling columns (unique ids ascending, then
+padding −1 / 0 / −inf): ``sample_ids`` as deltas the same way (padding delta 0, last),
+``sample_counts`` in one byte when ``num_samples`` ≤ 255, ``sample_logprobs`` as q64 codes in
+the same order.
 
 A store records the coding in ``attrs.topk_coding``; :func:`encode_rows` (called by the
 writer) and :func:`decode_rows` (called by every read) make it transparent to callers: they see
@@ -42,18 +47,22 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.store import reference_codec
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
 
-Q64, Q64V2 = "q64", "q64v2"
-CODINGS = (Q64, Q64V2)
+Q64, Q64V2, Q64V3 = "q64", "q64v2", "q64v3"
+CODINGS = (Q64, Q64V2, Q64V3)
+#: The codings that store each row's codes as distances to its floor (and may use an id table).
+FLOOR_CODINGS = (Q64V2, Q64V3)
 #: What new teacher stores should be written with (the harvest's ``--logprob-dtype`` default).
 DEFAULT_CODING = Q64V2
 #: Header attribute naming the coding of the sparse columns (absent: plain).
 CODING_ATTR = "topk_coding"
 IDS, LOGPROBS = "topk_ids", "topk_logprobs"
+RECUR = "topk_recur"  #: q64v3: which of the reference row's ids recur (packed bits)
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
 #: The codings that also code the random-sampling columns.
-SAMPLE_CODINGS = (Q64V2,)
+SAMPLE_CODINGS = (Q64V2, Q64V3)
 
 FINE = 64  #: fine grid steps per nat
 FINE_MAX = 443  #: last fine code: ceil(64 · ln 1000), so every p ≥ 1e-3 is on the fine grid
@@ -135,7 +144,7 @@ def delta_width(vocab_size: int | None, coding: str = Q64V2) -> int:
     q64v2 (1 up to 255 ids, 3 up to 2^24 − 1), 4 when unknown (any id < 2^31); q64's
     :func:`id_width` for q64."""
     if coding == Q64:
-        return id_width(vocab_size)
+        return id_width(vocab_size)  # q64v2 and q64v3 share the rest
     if vocab_size is None or not 0 < vocab_size < 1 << 31:
         return 4
     return min(4, -(-int(vocab_size).bit_length() // 8))
@@ -171,9 +180,9 @@ def encode(ids: np.ndarray, logprobs: np.ndarray, *, vocab_size: int | None = No
 
 
 def _codes(code_planes: np.ndarray, coding: str) -> np.ndarray:
-    """The stored codes in id order, as int64 ``[n, k]``."""
+    """The stored codes in stored order (q64v3's, else id order), as int64 ``[n, k]``."""
     codes = from_planes(code_planes)
-    if coding == Q64V2:
+    if coding in FLOOR_CODINGS:
         codes = codes[:, :1] - codes[:, 1:]  # the floor ≥ every distance: no wrap in uint16
     return codes.astype(np.int64)
 
@@ -186,6 +195,32 @@ def decode(id_planes: np.ndarray, code_planes: np.ndarray, coding: str = Q64
     # one sort of (code, id + 1) keys: rank order, tied codes in id order
     keys = np.sort(_codes(code_planes, coding) << 32 | shifted, axis=1)
     return (((keys & 0xFFFFFFFF) - 1).astype(np.int32), dequantise(keys >> 32))
+
+
+def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, *,
+                      vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """Top-k rows of sequences of ``lengths`` rows → their q64v3 arrays (``reference_codec``):
+    ids, recurrence bits and floor-relative codes; raises ValueError on values it cannot hold."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape != np.shape(logprobs):
+        raise ValueError(f"ids {ids.shape} and logprobs {np.shape(logprobs)} must both be [n, k]")
+    if int(np.sum(lengths)) != len(ids):
+        raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
+    width = delta_width(vocab_size, Q64V3)
+    _check_ids(ids, width, vocab_size)
+    stored_ids, recur, codes = reference_codec.encode(ids, quantise(logprobs), lengths)
+    floor = codes.max(axis=1, initial=0, keepdims=True)
+    return {IDS: to_planes(stored_ids, width), RECUR: recur,
+            LOGPROBS: to_planes(np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)}
+
+
+def decode_referenced(arrays: Mapping[str, np.ndarray], offsets: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """q64v3 arrays of whole sequences (row ``offsets``) → ``ids int32`` and ``logprobs
+    float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
+    ids, codes = reference_codec.decode(from_planes(arrays[IDS]), arrays[RECUR],
+                                        _codes(arrays[LOGPROBS], Q64V3), offsets)
+    return ids.astype(np.int32), dequantise(codes)
 
 
 def decode_logprobs(code_planes: np.ndarray, coding: str = Q64) -> np.ndarray:
@@ -252,8 +287,9 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
     if name is not None and name not in CODINGS:
         raise ValueError(f"unknown {CODING_ATTR} {name!r} (this mtkd reads {list(CODINGS)}; "
                          "a newer mtkd wrote it)")
-    if attrs.get(ID_TABLE_ATTR) and name != Q64V2:
-        raise ValueError(f"{ID_TABLE_ATTR} needs {CODING_ATTR} {Q64V2!r}, not {name!r}")
+    if attrs.get(ID_TABLE_ATTR) and name not in FLOOR_CODINGS:
+        raise ValueError(f"{ID_TABLE_ATTR} needs {CODING_ATTR} in {list(FLOOR_CODINGS)}, "
+                         f"not {name!r}")
     lookups(attrs)
     return name
 
@@ -261,10 +297,13 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
 def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: int = 0
                   ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Stored dtype and row shape of the arrays coding ``name`` codes (for a store's header):
-    the top-k columns, and with q64v2 the ``num_samples`` sampled ones."""
+    the top-k columns, and with q64v2 / q64v3 the ``num_samples`` sampled ones."""
     width = delta_width(vocab_size, name)
-    floor = 1 if name == Q64V2 else 0
+    floor = 1 if name in FLOOR_CODINGS else 0
     arrays = {IDS: ("uint8", (width, k)), LOGPROBS: ("uint8", (CODE_WIDTH, k + floor))}
+    if name == Q64V3:  # the top-1 id first; which of the reference's ids recur
+        arrays = {IDS: ("uint8", (width, k + 1)),
+                  RECUR: ("uint8", (reference_codec.recur_bytes(k),)), LOGPROBS: arrays[LOGPROBS]}
     if name in SAMPLE_CODINGS and num_samples:
         arrays |= {SAMPLE_IDS: ("uint8", (width, num_samples)),
                    SAMPLE_COUNTS: (count_dtype(num_samples), (num_samples,)),
@@ -272,15 +311,27 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
     return arrays
 
 
-def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``rows`` with the columns coded as ``attrs`` say (unchanged for a plain store)."""
+def added_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+    """Stored arrays the coding makes itself (a writer's caller never gives them)."""
+    return (RECUR,) if coding(attrs) == Q64V3 else ()
+
+
+def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
+                lengths: np.ndarray | None = None) -> Mapping[str, Any]:
+    """``rows`` (of sequences of ``lengths`` rows: q64v3 needs them) with the columns coded
+    as ``attrs`` say (unchanged for a plain store)."""
     name = coding(attrs)
     if name is None:
         return rows
     vocab, table = attrs.get("vocab_size"), lookups(attrs)
     ids = rows[IDS] if table is None else renumber(rows[IDS], table[0])
-    id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
-    coded = {IDS: id_planes, LOGPROBS: code_planes}
+    if name == Q64V3:
+        if lengths is None:
+            raise ValueError("q64v3 codes whole sequences: their lengths are needed")
+        coded = encode_referenced(ids, rows[LOGPROBS], lengths, vocab_size=vocab)
+    else:
+        id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
+        coded = {IDS: id_planes, LOGPROBS: code_planes}
     if name in SAMPLE_CODINGS and SAMPLE_IDS in rows:
         coded |= encode_samples(rows[SAMPLE_IDS], rows[SAMPLE_COUNTS], rows[SAMPLE_LOGPROBS],
                                 vocab_size=vocab)
@@ -288,23 +339,34 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any]) -> Mapping[st
 
 
 def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
-    """The arrays to read for ``names``: decoding the ids needs the log-prob codes too."""
+    """The arrays to read for ``names``: decoding the ids needs the log-prob codes too (and
+    q64v3's recurrence bits)."""
     names = list(names)
-    if coding(attrs) is not None and IDS in names and LOGPROBS not in names:
+    name = coding(attrs)
+    if name is not None and IDS in names and LOGPROBS not in names:
         names.append(LOGPROBS)
+    if name == Q64V3 and IDS in names and RECUR not in names:
+        names.append(RECUR)
     return names
 
 
-def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Arrays as read from a store → ``topk_ids`` int32 and ``topk_logprobs`` float32 in rank
-    order, sampled columns as written (unchanged for a plain store); every read goes through
-    this."""
+def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
+                offsets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Arrays as read from a store (whole sequences at row ``offsets``: q64v3 needs them) →
+    ``topk_ids`` int32 and ``topk_logprobs`` float32 in rank order, sampled columns as written
+    (unchanged for a plain store); every read goes through this."""
     name = coding(attrs)
     if name is None:
         return arrays
     out = dict(arrays)
     if IDS in arrays:
-        out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
+        if name != Q64V3:
+            out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
+        elif offsets is None:
+            raise ValueError("q64v3 rows decode by whole sequences: their offsets are needed")
+        else:
+            out[IDS], out[LOGPROBS] = decode_referenced(arrays, offsets)
+            del out[RECUR]
         table = lookups(attrs)
         if table is not None:
             out[IDS] = renumber(out[IDS], table[1])

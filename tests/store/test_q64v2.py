@@ -258,10 +258,10 @@ def test_id_table_in_a_store_and_refused_tables(tmp_path: Path) -> None:
     for bad, why in (([3, 3], "distinct"), ([200], "distinct ids in"), ([-1], "distinct")):
         with pytest.raises(ValueError, match=why):
             teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=tc.Q64V2, id_table=bad)
-    with pytest.raises(ValueError, match="needs logprob dtype 'q64v2'"):
+    with pytest.raises(ValueError, match="needs logprob dtype in"):
         teacher_header(1, k, {"vocab_size": vocab}, id_table=[1])
     with pytest.raises(ValueError, match=r"needs attrs\.vocab_size"):
         teacher_header(1, k, {}, logprob_dtype=tc.Q64V2, id_table=[1])
-    with pytest.raises(ValueError, match="needs topk_coding 'q64v2'"):
+    with pytest.raises(ValueError, match=r"needs topk_coding in \['q64v2'"):
         tc.coding({"topk_coding": tc.Q64, "vocab_size": 9, "topk_id_table": [1]})
     assert id_table.frequency_table(np.array([0, 5, 2, 5, 0]), size=2) == [1, 3]
