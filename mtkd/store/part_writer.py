@@ -29,7 +29,7 @@ from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, tmp_part_dir, write_json_atomic
 from mtkd.store.target_codec import encode_rows as encode_target_rows
-from mtkd.store.topk_codec import added_arrays, encode_rows
+from mtkd.store.topk_codec import encode_rows, written_names
 
 if TYPE_CHECKING:
     from mtkd.store.writer import StoreWriter
@@ -91,7 +91,7 @@ class PartWriter:
             raise StoreError("sequence lengths must be non-negative")
         n = int(lengths.sum())
         header = self.store.header
-        missing = {a.name for a in header.arrays} - set(rows) - set(added_arrays(header.attrs))
+        missing = set(written_names((a.name for a in header.arrays), header.attrs)) - set(rows)
         extra = set(rows) - {a.name for a in header.arrays}
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")

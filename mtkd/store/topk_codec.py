@@ -311,9 +311,11 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
     return arrays
 
 
-def added_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
-    """Stored arrays the coding makes itself (a writer's caller never gives them)."""
-    return (RECUR,) if coding(attrs) == Q64V3 else ()
+def written_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
+    """``names`` (a store's arrays) less those its coding makes itself (q64v3's
+    ``topk_recur``): what a writer's caller gives and a reader returns."""
+    internal = (RECUR,) if coding(attrs) == Q64V3 else ()
+    return [n for n in names if n not in internal]
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
