@@ -66,7 +66,14 @@ def _encode_kernel(sorted_ids, sorted_codes, rank_ids, ref, stored_ids, recur, s
                 rid = rank_ids[j, r]
                 if rid < 0:
                     continue
-                at = np.searchsorted(sorted_ids[i], rid)
+                lo, hi = 0, k  # binary search of rid in the row's ascending ids
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if sorted_ids[i, mid] < rid:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                at = lo
                 if at < k and sorted_ids[i, at] == rid:
                     recur[i, r] = True
                     taken[at] = True
