@@ -280,7 +280,7 @@ def bytes_by_array(store: Store) -> dict[str, float]:
     """Bytes on disk per position of each array (its chunks and ``zarr.json`` in every part)."""
     return {name: sum(bytes_on_disk(store.root / PARTS_DIR / part_name(p) / name)
                       for p in range(store.num_parts)) / store.num_rows
-            for name in store.array_names}
+            for name in (a.name for a in store.header.arrays)}
 
 
 def sampled_errors(ref: Batch, got: Batch) -> float:

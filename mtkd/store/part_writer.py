@@ -91,8 +91,8 @@ class PartWriter:
             raise StoreError("sequence lengths must be non-negative")
         n = int(lengths.sum())
         header = self.store.header
-        missing = set(written_names((a.name for a in header.arrays), header.attrs)) - set(rows)
-        extra = set(rows) - {a.name for a in header.arrays}
+        written = set(written_names((a.name for a in header.arrays), header.attrs))
+        missing, extra = written - set(rows), set(rows) - written
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")
         if meta is not None and meta.num_rows != len(ids):

@@ -29,6 +29,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
+try:
+    from numba.extending import register_jitable
+except ImportError:  # without numba the kernels run as plain Python
+
+    def register_jitable(fn):  # type: ignore[no-untyped-def]
+        return fn
+
+
 _KERNELS: SimpleNamespace | None = None
 
 
@@ -49,6 +57,23 @@ def references(top1: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     ref = np.full(n, -1, dtype=np.int64)
     ref[order[1:][same]] = order[:-1][same]
     return ref
+
+
+@register_jitable
+def _sort_row(keys):
+    """Sort one row's keys in place: insertion sort for a usual k (the recurring ids come
+    nearly in rank order, so it beats quicksort there), numba's sort for a long row."""
+    k = len(keys)
+    if k > 128:
+        keys.sort()
+        return
+    for s in range(1, k):
+        key = keys[s]
+        t = s
+        while t > 0 and keys[t - 1] > key:
+            keys[t] = keys[t - 1]
+            t -= 1
+        keys[t] = key
 
 
 def _encode_kernel(sorted_ids, sorted_codes, rank_ids, ref, stored_ids, recur, stored_codes):
@@ -106,13 +131,9 @@ def _decode_kernel(stored_ids, recur, codes, ref, rank_ids, rank_codes):
         for s in range(k - m):
             prev += stored_ids[i, 1 + s]
             keys[m + s] = prev
-        for s in range(k):  # insertion sort: the recurring ids come nearly in rank order
-            key = codes[i, s] << 32 | (keys[s] + 1)
-            t = s
-            while t > 0 and keys[t - 1] > key:
-                keys[t] = keys[t - 1]
-                t -= 1
-            keys[t] = key
+        for s in range(k):
+            keys[s] = codes[i, s] << 32 | (keys[s] + 1)
+        _sort_row(keys)
         for s in range(k):
             rank_ids[i, s] = (keys[s] & 0xFFFFFFFF) - 1
             rank_codes[i, s] = keys[s] >> 32

@@ -4,7 +4,7 @@ Why: stored plainly (int32 ids + float16 log-probs, zstd) a k=64 position of a r
 teacher costs ≈ 230 bytes; the codings below store the same rows with a stated error bound
 (docs/FORMAT.md, "Top-k coding", for the measured sizes).
 
-Both codings put log-probs on one grid, **q64**: uint16 codes of −log p in steps of 1/64 nat down
+All codings put log-probs on one grid, **q64**: uint16 codes of −log p in steps of 1/64 nat down
 to −443/64 ≈ −6.92 (every entry with p ≥ 1e-3), then 1/16 nat (``COARSE`` = 4 fine steps) down to
 ``MIN_LOGPROB`` ≈ −4075; the code ``NEG_INF`` is −inf. Decoded values are multiples of 1/64
 (exact in float32), so |decoded − stored| ≤ 1/128 for log p ≥ −6.92, ≤ 1/32 down to
@@ -141,10 +141,10 @@ def id_width(vocab_size: int | None) -> int:
 
 def delta_width(vocab_size: int | None, coding: str = Q64V2) -> int:
     """Bytes per stored id delta: the fewest that hold ``vocab_size`` (every ``id + 1``) for
-    q64v2 (1 up to 255 ids, 3 up to 2^24 − 1), 4 when unknown (any id < 2^31); q64's
+    q64v2 and q64v3 (1 up to 255 ids, 3 up to 2^24 − 1), 4 when unknown (any id < 2^31); q64's
     :func:`id_width` for q64."""
     if coding == Q64:
-        return id_width(vocab_size)  # q64v2 and q64v3 share the rest
+        return id_width(vocab_size)
     if vocab_size is None or not 0 < vocab_size < 1 << 31:
         return 4
     return min(4, -(-int(vocab_size).bit_length() // 8))
@@ -208,6 +208,9 @@ def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray
         raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
     width = delta_width(vocab_size, Q64V3)
     _check_ids(ids, width, vocab_size)
+    by_id = np.sort(ids, axis=1)
+    if ((by_id[:, 1:] == by_id[:, :-1]) & (by_id[:, 1:] >= 0)).any():
+        raise ValueError("top-k ids must be distinct in each row (padding -1 apart)")
     stored_ids, recur, codes = reference_codec.encode(ids, quantise(logprobs), lengths)
     floor = codes.max(axis=1, initial=0, keepdims=True)
     return {IDS: to_planes(stored_ids, width), RECUR: recur,

@@ -43,6 +43,8 @@ def sequences(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
         ids[r, :real] = rng.choice(pool, real, replace=False)
         lp[r, :real] = -np.sort(-rng.choice(FEW_VALUES[:-1], real)) if rng.random() < 0.5 \
             else -np.sort(rng.exponential(2.0, real))
+        if rng.random() < 0.1:  # padding with finite log-probs: a top-1 id may be −1
+            lp[r] = -np.sort(rng.exponential(2.0, k))
     cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 4))))
     lengths = np.diff(np.concatenate([[0], cuts, [n]]))
     return ids, lp, lengths, vocab
@@ -79,6 +81,7 @@ def test_round_trip_is_q64v2s_rows(rows) -> None:
 
 @given(rows=topk_rows(vocabs=tuple(VOCABS)))
 def test_any_top_k_rows_round_trip_as_one_sequence(rows) -> None:
+    """Any rows, long ones (k up to 70) included, as one sequence."""
     ids, lp, vocab = rows
     _, got_ids, got_lp = round_trip(ids, lp, np.array([len(ids)]), vocab)
     assert_decoded(ids, lp, got_ids, got_lp)
@@ -118,6 +121,9 @@ def test_refused_input() -> None:
     ids, lp = np.array([[1, 2]]), np.array([[-0.1, -2.0]])
     with pytest.raises(ValueError, match="lengths sum to 2, not 1 rows"):
         tc.encode_referenced(ids, lp, np.array([2]), vocab_size=5)
+    with pytest.raises(ValueError, match="distinct in each row"):
+        tc.encode_referenced(np.array([[5, 5, 7], [5, 8, 9]]), np.log([[0.5, 0.3, 0.1]] * 2),
+                             np.array([2]), vocab_size=10)
     with pytest.raises(ValueError, match=r"outside \[-1, 254\]"):
         tc.encode_referenced(np.array([[1, 300]]), lp, np.array([1]), vocab_size=5)
     attrs = {"topk_coding": tc.Q64V3, "vocab_size": 5}
