@@ -421,6 +421,8 @@ def main() -> None:
         print(f"hybrid_sampled_bytes_per_position={h['sampled_bytes_per_position']:.1f}")
         print("hybrid_bytes_per_position="
               f"{h['bytes_per_position'] + h['sampled_bytes_per_position']:.1f}")
+    if tc.Q64V3 in results:  # the opt-in coding, beside the default's headline
+        print(f"q64v3_bytes_per_position={results[tc.Q64V3]['bytes_per_position']:.1f}")
     print(f"teacher_bytes_per_position={best['bytes_per_position']:.1f}")
 
 
