@@ -2,9 +2,9 @@
 
 Why: a top-k row shares few ids with the previous row (12 of 64 on SmolLM2), but about half with
 the latest earlier row of its sequence that has the **same top-1 id** (32 of 64): rows that
-predict the same token have similar candidate sets. ``bench/topk_entropy.py`` measures it: on a
-real 49k-vocabulary teacher this takes q64v2's top-k columns from 135.7 to ≈ 123 bytes per
-position with zstd, decoded values unchanged.
+predict the same token have similar candidate sets (``bench/topk_entropy.py``). On a real
+49k-vocabulary teacher this takes the top-k columns from q64v2's 135.7 to 124.1 bytes per
+position with zstd (``bench/store_size.py``), decoded values unchanged.
 
 Per row (log-prob codes on q64's grid, ``topk_codec``; rank order = entries sorted by (code,
 id), ties in ascending id order):
