@@ -55,7 +55,6 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
-from mtkd.store.topk_codec import written_names
 from mtkd.store.writer import pending_parts
 
 
@@ -366,7 +365,7 @@ class HarvestParts:
         engine, writer = self.engine, self.writer
         lengths = np.array([len(s) for s in inputs.sequences], dtype=np.int64)
         rows_per_seq = np.maximum(lengths - 1, 0)
-        names = written_names((a.name for a in writer.header.arrays), writer.header.attrs)
+        names = [a.name for a in writer.header.written_arrays]
         from_engine = [n for n in names if n not in inputs.extra]
         mapped = engine if isinstance(engine, MappedEngine) else None
         filled = mapped.filled_rows if mapped else 0
@@ -406,9 +405,7 @@ class HarvestParts:
 def empty_rows(header: Header) -> dict[str, np.ndarray]:
     """No rows of every array of ``header`` (a batch of sequences the teacher cannot read)."""
     k = int(header.attrs["k"])
-    names = written_names((a.name for a in header.arrays), header.attrs)
-    rows = {a.name: np.zeros((0, *a.row_shape), a.dtype) for a in header.arrays
-            if a.name in names}
+    rows = {a.name: np.zeros((0, *a.row_shape), a.dtype) for a in header.written_arrays}
     rows[TOPK_IDS] = np.zeros((0, k), np.int32)  # as engines return them (the writer codes them)
     rows[TOPK_LOGPROBS] = np.zeros((0, k), np.float32)
     return rows

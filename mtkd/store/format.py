@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mtkd.store.errors import CorruptStoreError, StoreError
-from mtkd.store.topk_codec import coding
+from mtkd.store.topk_codec import coding, internal_arrays
 
 FORMAT_NAME = "mtkd-store"
 #: The newest schema version this mtkd reads; a store is written with the oldest version that
@@ -124,6 +124,13 @@ class Header:
         except (StoreError, ValueError) as e:
             raise StoreError(f"{where / HEADER_FILE}: {e}") from e
         return cls(obj["kind"], int(obj["num_parts"]), arrays, attrs, version)
+
+    @property
+    def written_arrays(self) -> tuple[ArraySpec, ...]:
+        """The arrays a writer's caller gives and a read returns: all but those the top-k
+        coding makes itself (q64v3's ``topk_recur``)."""
+        internal = internal_arrays(self.attrs)
+        return tuple(a for a in self.arrays if a.name not in internal)
 
     def spec(self, name: str) -> ArraySpec:
         for a in self.arrays:

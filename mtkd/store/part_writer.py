@@ -29,7 +29,7 @@ from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, tmp_part_dir, write_json_atomic
 from mtkd.store.target_codec import encode_rows as encode_target_rows
-from mtkd.store.topk_codec import encode_rows, written_names
+from mtkd.store.topk_codec import encode_rows
 
 if TYPE_CHECKING:
     from mtkd.store.writer import StoreWriter
@@ -91,7 +91,7 @@ class PartWriter:
             raise StoreError("sequence lengths must be non-negative")
         n = int(lengths.sum())
         header = self.store.header
-        written = set(written_names((a.name for a in header.arrays), header.attrs))
+        written = {a.name for a in header.written_arrays}
         missing, extra = written - set(rows), set(rows) - written
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")

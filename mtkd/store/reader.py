@@ -32,7 +32,7 @@ from mtkd.store.fs import file_sha256
 from mtkd.store.part_reader import PartReader, part_escapes
 from mtkd.store.target_codec import decode_rows as decode_target_rows
 from mtkd.store.target_codec import stored_names as target_names
-from mtkd.store.topk_codec import decode_rows, stored_names, written_names
+from mtkd.store.topk_codec import decode_rows, stored_names
 from mtkd.store.verify import verify_part, verify_store
 
 #: Environment variable choosing how much ``open_store`` checks when its caller does not say:
@@ -160,7 +160,7 @@ class Store:
     def array_names(self) -> list[str]:
         """The arrays a read returns (a coding's own arrays, q64v3's ``topk_recur``, are not
         among them)."""
-        return written_names((a.name for a in self.header.arrays), self.attrs)
+        return [a.name for a in self.header.written_arrays]
 
     def part_sequences(self, part: int) -> range:
         """Store-order indices of the sequences held by ``part``."""

@@ -314,11 +314,10 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
     return arrays
 
 
-def written_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
-    """``names`` (a store's arrays) less those its coding makes itself (q64v3's
-    ``topk_recur``): what a writer's caller gives and a reader returns."""
-    internal = (RECUR,) if coding(attrs) == Q64V3 else ()
-    return [n for n in names if n not in internal]
+def internal_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stored arrays the coding makes itself (q64v3's ``topk_recur``): a writer's caller
+    never gives them and a read never returns them (``Header.written_arrays``)."""
+    return (RECUR,) if coding(attrs) == Q64V3 else ()
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
