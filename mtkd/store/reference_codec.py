@@ -153,11 +153,15 @@ def encode(ids: np.ndarray, codes: np.ndarray, lengths: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ``ids [n, k]`` (−1 padding) and their q64 ``codes`` in sequences of ``lengths``
     rows → stored ids ``[n, k + 1]``, packed recurrence bits ``[n, ⌈k/8⌉]`` and codes in stored
-    order ``[n, k]`` (int64; the caller takes the floor and writes byte planes)."""
+    order ``[n, k]`` (int64; the caller takes the floor and writes byte planes). ValueError if
+    a row repeats an id other than padding."""
     n, k = ids.shape
     shifted = ids.astype(np.int64) + 1
     codes = codes.astype(np.int64)
     by_id = np.sort(shifted << 16 | codes, axis=1)
+    sorted_ids = (by_id >> 16) - 1
+    if ((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)).any():
+        raise ValueError("top-k ids must be distinct in each row (padding -1 apart)")
     by_rank = np.sort(codes << 32 | shifted, axis=1)
     rank_ids = (by_rank & 0xFFFFFFFF) - 1
     ref = references(rank_ids[:, 0] if k else np.full(n, -1), np.asarray(lengths))
@@ -165,7 +169,7 @@ def encode(ids: np.ndarray, codes: np.ndarray, lengths: np.ndarray
     recur = np.zeros((n, k), dtype=np.bool_)
     stored_codes = np.empty((n, k), dtype=np.int64)
     if n and k:
-        _compiled().encode((by_id >> 16) - 1, by_id & 0xFFFF, rank_ids, ref, stored_ids, recur,
+        _compiled().encode(sorted_ids, by_id & 0xFFFF, rank_ids, ref, stored_ids, recur,
                            stored_codes)
     return stored_ids, np.packbits(recur, axis=1, bitorder="little"), stored_codes
 
@@ -182,5 +186,6 @@ def decode(stored_ids: np.ndarray, recur_bits: np.ndarray, codes: np.ndarray,
     stored_ids = stored_ids.astype(np.int64)
     ref = references(stored_ids[:, 0] - 1, np.diff(np.asarray(offsets, dtype=np.int64)))
     recur = np.unpackbits(recur_bits, axis=1, count=k, bitorder="little").astype(np.bool_)
-    _compiled().decode(stored_ids, recur, codes.astype(np.int64), ref, rank_ids, rank_codes)
+    _compiled().decode(stored_ids, recur, np.asarray(codes, dtype=np.int64), ref, rank_ids,
+                       rank_codes)
     return rank_ids, rank_codes

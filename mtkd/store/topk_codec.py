@@ -208,9 +208,6 @@ def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray
         raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
     width = delta_width(vocab_size, Q64V3)
     _check_ids(ids, width, vocab_size)
-    by_id = np.sort(ids, axis=1)
-    if ((by_id[:, 1:] == by_id[:, :-1]) & (by_id[:, 1:] >= 0)).any():
-        raise ValueError("top-k ids must be distinct in each row (padding -1 apart)")
     stored_ids, recur, codes = reference_codec.encode(ids, quantise(logprobs), lengths)
     floor = codes.max(axis=1, initial=0, keepdims=True)
     return {IDS: to_planes(stored_ids, width), RECUR: recur,
