@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 from store_size_inputs import real_teacher_store
-from topk_entropy import SCALAR_BYTES, coarse_tail
+from topk_entropy import SCALAR_BYTES, coarse_tail, reference_layout
 
 from mtkd.store import open_store
 from mtkd.store import topk_codec as tc
@@ -71,22 +71,6 @@ def new_id_bits(new_ids: np.ndarray, prev_ids: np.ndarray, left: np.ndarray, voc
     return float(-log_p.sum()), table_bytes(counts)
 
 
-def layout(arrays: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
-    """q64v3's stored arrays → top-1 ids, recurrence bits, new ids (with their predecessors),
-    codes in stored order and the number of recurring ids per row."""
-    stored = tc.from_planes(arrays[tc.IDS]).astype(np.int64)
-    recur = np.unpackbits(arrays[tc.RECUR], axis=1, count=k, bitorder="little").astype(bool)
-    m = recur.sum(axis=1)
-    slot = np.arange(k)[None, :]
-    is_new = slot < (k - m)[:, None]
-    ids = np.cumsum(stored[:, 1:], axis=1) - 1
-    prev = np.concatenate([np.full((len(ids), 1), -1), ids[:, :-1]], axis=1)
-    left = (k - m)[:, None] - slot  # new ids still to come, this one included
-    coded = tc.from_planes(arrays[tc.LOGPROBS]).astype(np.int64)
-    return {"top1": stored[:, 0], "recur": recur, "new": ids[is_new], "prev": prev[is_new],
-            "left": left[is_new], "codes": coded[:, :1] - coded[:, 1:], "m": m}
-
-
 def code_bits(codes: np.ndarray, m: np.ndarray) -> tuple[float, int]:
     """Bits of each row's floor and floor distances (contexts as the docstring says)."""
     floor = codes.max(axis=1, keepdims=True)
@@ -116,7 +100,7 @@ def main() -> None:
         ids, lp = batch[tc.IDS], batch[tc.LOGPROBS]
         vocab = vocab or int(ids.max()) + 1
         lengths = np.diff(batch.offsets)
-        rows = layout(tc.encode_referenced(ids, lp, lengths, vocab_size=vocab), k)
+        rows = reference_layout(tc.encode_referenced(ids, lp, lengths, vocab_size=vocab), k)
         top1, t1 = static_bits(rows["top1"] + 1)
         recur, tr = static_bits(rows["recur"].ravel().astype(np.int64),
                                 np.broadcast_to(np.arange(k), rows["recur"].shape).ravel())

@@ -15,12 +15,12 @@ teacher store). Bounds, in bytes per position:
 * ``ids_given_input``: the same id set under a model conditioned on the position's input token
   x (the context a decoder has from the tokens store): each id seen with x in the first half
   costs its membership bit under P(id in the top-k | x), any other id the unigram price;
-* ``ids_given_reference``: the id set coded against a reference row, the latest earlier row of
-  the same ``--chunk`` rows whose top-1 id is this row's (a decoder reading the chunk in order
-  knows it once it has the top-1): the top-1 id (unigram of top-1s), which of the reference's
+* ``ids_given_reference``: the id set coded against a reference row as q64v3 does (the latest
+  earlier row of the same ``--chunk`` rows whose top-1 id is this row's;
+  ``mtkd.store.reference_codec``): the top-1 id (unigram of top-1s), which of the reference's
   ids recur (one bit per reference rank, P(recur | rank)), the new ids as a set at the unigram
-  price plus log₂(k + 1) for their number. ``reference_rows_zstd`` is what zstd (level 3, byte
-  planes, ``--chunk``-row chunks) makes of the same layout, against q64v2's own layout;
+  price plus log₂(k + 1) for their number. ``q64v3_zstd_topk`` is what zstd (level 3,
+  ``--chunk``-row chunks) makes of q64v3's arrays, against ``q64v2_zstd_topk``;
 * ``scalars``: what q64v2 stores besides the top-k columns (measured by store_size.py: 8.0).
 
 Prints ``name=value`` lines, the headline ``entropy_bound_bytes_per_position=`` (ids + codes +
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -87,88 +88,60 @@ def id_set_bits_given_input(ids: np.ndarray, inputs: np.ndarray, vocab: int) -> 
     return float((absent[inputs[half:]] + present - order).mean() + math.log2(k + 1))
 
 
-def reference_rows(rank_ids: np.ndarray, chunk: int) -> np.ndarray:
-    """Each row's reference: the latest earlier row of its ``chunk`` rows with the same top-1
-    id (rows in rank order, top-1 first); −1 where there is none."""
-    n = len(rank_ids)
-    top1 = rank_ids[:, 0]
-    key = (np.arange(n) // chunk) * (int(top1.max()) + 1) + top1
-    order = np.lexsort((np.arange(n), key))
-    same = key[order[1:]] == key[order[:-1]]
-    ref = np.full(n, -1)
-    ref[order[1:][same]] = order[:-1][same]
-    return ref
+def chunk_lengths(n: int, chunk: int) -> np.ndarray:
+    """``n`` rows cut into units of ``chunk`` rows (the last one shorter)."""
+    return np.diff(np.append(np.arange(0, n, chunk), n))
 
 
-def recur_masks(rank_ids: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """recur[i, r]: the reference's rank-r id is in row i too (False where i has none)."""
-    recur = np.zeros(rank_ids.shape, bool)
-    for i in np.flatnonzero(ref >= 0):
-        recur[i] = np.isin(rank_ids[ref[i]], rank_ids[i], assume_unique=True)
-    return recur
+def reference_layout(arrays: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """q64v3's stored arrays (``topk_codec.encode_referenced``) → each row's top-1 id, its
+    recurrence bits, its new ids (flat, ascending within a row, with their ``row``, their
+    predecessor ``prev`` and the new ids ``left`` to come, this one included), its codes in
+    stored order and its number ``m`` of recurring ids."""
+    stored = tc.from_planes(arrays[tc.IDS]).astype(np.int64)
+    recur = np.unpackbits(arrays[tc.RECUR], axis=1, count=k, bitorder="little").astype(bool)
+    m = recur.sum(axis=1)
+    slot = np.arange(k)[None, :]
+    is_new = slot < (k - m)[:, None]
+    ids = np.cumsum(stored[:, 1:], axis=1) - 1
+    prev = np.concatenate([np.full((len(ids), 1), -1), ids[:, :-1]], axis=1)
+    left = (k - m)[:, None] - slot
+    coded = tc.from_planes(arrays[tc.LOGPROBS]).astype(np.int64)
+    return {"top1": stored[:, 0] - 1, "recur": recur, "new": ids[is_new],
+            "row": np.nonzero(is_new)[0], "prev": prev[is_new], "left": left[is_new],
+            "codes": coded[:, :1] - coded[:, 1:], "m": m}
 
 
-def id_set_bits_given_reference(rank_ids: np.ndarray, vocab: int, chunk: int) -> dict[str, float]:
-    """Mean bits per row, by part, of each row's ids coded against its reference row (models
-    learned on the first half of the rows, charged on the second; add-½ smoothing)."""
-    n, k = rank_ids.shape
+def id_set_bits_given_reference(ids: np.ndarray, rows: dict[str, np.ndarray], vocab: int
+                                ) -> dict[str, float]:
+    """Mean bits per row, by part, of each row's ids coded against its reference row
+    (``reference_layout``; models learned on the first half of the rows, charged on the
+    second; add-½ smoothing): the top-1 id, the recurrence bits by reference rank, the new ids
+    as a set at the unigram price of ``id_set_bits`` plus log₂(k + 1) for their number."""
+    n, k = ids.shape
     half = n // 2
-    ref = reference_rows(rank_ids, chunk)
-    recur = recur_masks(rank_ids, ref)
-    freq = np.bincount(rank_ids[:half].ravel(), minlength=vocab) + 0.5
+    freq = np.bincount(ids[:half].ravel(), minlength=vocab) + 0.5
     unigram = -np.log2(freq / freq.sum())
-    top1 = np.bincount(rank_ids[:half, 0], minlength=vocab) + 0.5
-    has = ref >= 0
+    top1 = np.bincount(rows["top1"][:half], minlength=vocab) + 0.5
+    recur = rows["recur"]
+    has = recur[:, 0]  # with a reference, its top-1 id (this row's) always recurs
     p_recur = (recur[:half][has[:half]].sum(0) + 0.5) / (has[:half].sum() + 1)
     mask = np.where(recur, -np.log2(p_recur), -np.log2(1 - p_recur)).sum(1) * has
     log_fact = np.array([math.lgamma(m + 1) / math.log(2) for m in range(k + 1)])
-    new = np.zeros(n)
-    for i in range(half, n):
-        fresh = rank_ids[i] if ref[i] < 0 else np.setdiff1d(
-            rank_ids[i], rank_ids[ref[i]][recur[i]], assume_unique=True)
-        count_bits = math.log2(k + 1) if ref[i] >= 0 else 0.0
-        new[i] = unigram[fresh].sum() - log_fact[len(fresh)] + count_bits
-    return {"top1": float(-np.log2(top1 / top1.sum())[rank_ids[half:, 0]].mean()),
+    new = (np.bincount(rows["row"], weights=unigram[rows["new"]], minlength=n)
+           - log_fact[k - rows["m"]] + has * math.log2(k + 1))
+    return {"top1": float(-np.log2(top1 / top1.sum())[rows["top1"][half:]].mean()),
             "recur": float(mask[half:].mean()), "new": float(new[half:].mean())}
 
 
-def zstd_bytes(rows: np.ndarray, width: int, chunk: int) -> float:
-    """Bytes per row of non-negative integers as ``width`` byte planes, zstd level 3 per chunk."""
-    planes = tc.to_planes(rows, width)
-    codec = Zstd(level=3)
-    total = sum(len(codec.encode(np.ascontiguousarray(planes[s:s + chunk])))
-                for s in range(0, len(planes), chunk))
-    return total / len(rows)
-
-
-def reference_rows_zstd(rank_ids: np.ndarray, rank_codes: np.ndarray, vocab: int, chunk: int
-                        ) -> tuple[float, float]:
-    """Bytes per row, with zstd, of q64v2's layout (id deltas, floor-relative codes in id
-    order) and of the reference layout: the top-1 id, the recur mask (packed bits), the new
-    ids' deltas, and the codes (reference order then new ids, floor-relative)."""
-    n = len(rank_ids)
-    by_id = np.argsort(rank_ids, 1)
-    ids = np.take_along_axis(rank_ids, by_id, 1)
-    codes = np.take_along_axis(rank_codes, by_id, 1)
-    floor = codes.max(1, keepdims=True)
-    deltas = np.diff(ids, axis=1, prepend=-1)
-    width = tc.delta_width(vocab)
-    q64v2 = zstd_bytes(deltas, width, chunk) + zstd_bytes(
-        np.concatenate([floor, floor - codes], 1), tc.CODE_WIDTH, chunk)
-    ref = reference_rows(rank_ids, chunk)
-    recur = recur_masks(rank_ids, ref)
-    fresh_deltas = np.zeros_like(ids)
-    ordered_codes = np.zeros_like(codes)
-    for i in range(n):
-        kept = rank_ids[ref[i]][recur[i]] if ref[i] >= 0 else ids[i, :0]
-        fresh = np.setdiff1d(ids[i], kept, assume_unique=True)
-        fresh_deltas[i, :len(fresh)] = np.diff(fresh, prepend=-1)
-        ordered_codes[i] = codes[i, np.searchsorted(ids[i], np.concatenate([kept, fresh]))]
-    layout = (zstd_bytes(rank_ids[:, :1], width, chunk)
-              + len(Zstd(level=3).encode(np.packbits(recur, axis=1))) / n
-              + zstd_bytes(fresh_deltas, width, chunk)
-              + zstd_bytes(np.concatenate([floor, floor - ordered_codes], 1), tc.CODE_WIDTH, chunk))
-    return q64v2, layout
+def zstd_bytes(arrays: Iterable[np.ndarray], chunk: int) -> float:
+    """Bytes per row of stored arrays (row-major, first axis rows), zstd level 3 per chunk."""
+    codec, total, n = Zstd(level=3), 0, 0
+    for a in arrays:
+        n = len(a)
+        total += sum(len(codec.encode(np.ascontiguousarray(a[s:s + chunk])))
+                     for s in range(0, n, chunk))
+    return total / n
 
 
 def row_inputs(store_root: Path, tokens_root: Path) -> np.ndarray | None:
@@ -238,17 +211,15 @@ def main() -> None:
     print(f"codes_bytes_per_position={code_bytes:.1f}")
     print(f"codes_coarse_tail_bytes_per_position={coarse_bytes:.1f} "
           f"(tail step {args.tail_step:g} nat, |error| <= {args.tail_step / 2:g} where p < 1e-3)")
-    rank = np.argsort(codes, 1, kind="stable")
-    rank_ids = np.take_along_axis(ids, rank, 1)
-    parts = id_set_bits_given_reference(rank_ids, vocab, args.chunk)
+    v3 = tc.encode_referenced(ids, lp, chunk_lengths(n, args.chunk), vocab_size=vocab)
+    parts = id_set_bits_given_reference(ids, reference_layout(v3, k), vocab)
     ref_bytes = sum(parts.values()) / 8
     for name, bits in parts.items():
         print(f"ids_given_reference_{name}_bytes_per_position={bits / 8:.1f}")
     print(f"ids_given_reference_bytes_per_position={ref_bytes:.1f}")
-    plain, layout = reference_rows_zstd(rank_ids, np.take_along_axis(codes, rank, 1), vocab,
-                                        args.chunk)
-    print(f"q64v2_layout_zstd_topk_bytes_per_position={plain:.1f}")
-    print(f"reference_rows_zstd_topk_bytes_per_position={layout:.1f}")
+    v2 = tc.encode(ids, lp, vocab_size=vocab, coding=tc.Q64V2)
+    print(f"q64v2_zstd_topk_bytes_per_position={zstd_bytes(v2, args.chunk):.1f}")
+    print(f"q64v3_zstd_topk_bytes_per_position={zstd_bytes(v3.values(), args.chunk):.1f}")
     print(f"scalars_bytes_per_position={SCALAR_BYTES:.1f}")
     print("entropy_bound_given_reference_bytes_per_position="
           f"{ref_bytes + code_bytes + SCALAR_BYTES:.1f}")
