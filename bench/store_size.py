@@ -42,8 +42,9 @@ Candidates (zstd unless said):
   coding with the id table of the tokens store's N most frequent ids in the header, what
   ``mtkd harvest --id-table N`` writes.
 
-With ``--hybrid``, SmolLM2 harvested once more as the hybrid the demo adopts (``--k 8
---num-samples 64 --sample-rest``: the exact top-8 and 64 draws from the rest) through q64v2:
+With ``--hybrid``, SmolLM2 harvested once more as the hybrid that ``mtkd demo --experiments
+all`` trains (``--k 8 --num-samples 64 --sample-rest``: the exact top-8 and 64 draws from the
+rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
 store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64,
 q64v2 and q64v3. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
@@ -355,7 +356,7 @@ def main() -> None:
     ap.add_argument("--zipf-positions", type=int, default=50_000,
                     help="rows of the synthetic 262,144-id teacher (0: skip it)")
     ap.add_argument("--hybrid", action="store_true",
-                    help="also SmolLM2 harvested as the hybrid the demo adopts (exact top-8 + 64 "
+                    help="also SmolLM2 harvested as the hybrid (exact top-8 + 64 "
                          "draws from the rest; one more harvest, ≈ 4 min): its bytes in q64v2")
     ap.add_argument("--dir", type=Path, default=None,
                     help="where to write the candidates' stores (default: a temp dir)")

@@ -36,8 +36,8 @@ CORPUS_CHARS = 400_000
 MAX_LEN = 2048
 HARVEST_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
                 "--k", "64", "--num-samples", "64", "--enforce-eager")
-#: The hybrid the demo distils its best teacher from: the exact top-8 and 64 draws from the
-#: rest of the softmax.
+#: The hybrid that ``mtkd demo --experiments all`` distils its best teacher from: the exact
+#: top-8 and 64 draws from the rest of the softmax.
 HYBRID_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
                "--k", "8", "--num-samples", "64", "--sample-rest", "--enforce-eager")
 
