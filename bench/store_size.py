@@ -47,7 +47,9 @@ all`` trains (``--k 8 --num-samples 64 --sample-rest``: the exact top-8 and 64 d
 rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
 store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64,
-q64v2 and q64v3. The last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
+q64v2 and q64v3. Each candidate's line holds its bytes, errors, read speeds and, for the
+store's codings, ``encode_topk_positions_s`` (the writer's coding of the top-k columns). The
+last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=`` and the headline ``teacher_bytes_per_position=`` last.
 
@@ -277,6 +279,19 @@ def read_speed(store: Store, cand: Candidate, names: list[str] | None = None,
     return store.num_rows / best
 
 
+def encode_speed(src: Store, store: Store, repeats: int = 3) -> float:
+    """Positions per second of the store's own coding of ``src``'s top-k columns, part 0
+    (``topk_codec.encode_rows``, what ``PartWriter.append`` runs; best of ``repeats``)."""
+    batch = src.read_part(0, [tc.IDS, tc.LOGPROBS])
+    rows, lengths = dict(batch.arrays), np.diff(batch.offsets)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tc.encode_rows(rows, store.attrs, lengths)
+        best = min(best, time.perf_counter() - t)
+    return len(rows[tc.IDS]) / best
+
+
 def bytes_by_array(store: Store) -> dict[str, float]:
     """Bytes on disk per position of each array (its chunks and ``zarr.json`` in every part)."""
     return {name: sum(bytes_on_disk(store.root / PARTS_DIR / part_name(p) / name)
@@ -317,6 +332,8 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
         "read_positions_s": read_speed(store, cand),
         "read_topk_positions_s": read_speed(store, cand, [tc.IDS, tc.LOGPROBS]),
     }
+    if cand.layout is None and tc.coding(store.attrs) is not None:
+        figures["encode_topk_positions_s"] = encode_speed(src, store)
     if sampled:
         figures |= {"sampled_bytes_per_position": sampled_bytes,
                     "max_abs_sampled_logprob_err": sampled_err}
