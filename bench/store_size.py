@@ -38,7 +38,11 @@ Candidates (zstd unless said):
   tail would save; not taken);
 * ``q64v3``: q64v2's values, each row's ids coded against the latest earlier row of its
   sequence with the same top-1 id (``mtkd.store.reference_codec``; opt-in);
-* ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096`` (the default input only): the
+* ``q64r``: q64v3's values range-coded, one stream per sequence (``mtkd.store.stream_codec``;
+  opt-in); ``q64r-tail1/8nat``, ``q64r-tail1/4nat``: with the tail (p < 1e-3) on that grid
+  (``mtkd harvest --logprob-dtype q64r --tail-nats 0.125 / 0.25``);
+* ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096``, ``q64r-tail1/4nat+id-table4096``
+  (the default input only): the
   coding with the id table of the tokens store's N most frequent ids in the header, what
   ``mtkd harvest --id-table N`` writes.
 
@@ -47,8 +51,9 @@ all`` trains (``--k 8 --num-samples 64 --sample-rest``: the exact top-8 and 64 d
 rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
 store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64,
-q64v2 and q64v3. Each candidate's line holds its bytes, errors, read speeds and, for the
-store's codings, ``encode_topk_positions_s`` (the writer's coding of the top-k columns). The
+q64v2, q64v3, q64r and q64r-tail1/4nat. Each candidate's line holds its bytes, errors, read
+speeds and, for the store's codings, ``encode_topk_positions_s`` (the writer's coding of the
+top-k columns). The
 last lines give the chosen coding's bytes by array, ``max_abs_logprob_err=``
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=`` and the headline ``teacher_bytes_per_position=`` last.
@@ -88,7 +93,7 @@ from mtkd.store.schema import (
 )
 
 CHOSEN = tc.Q64V2
-ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3)
+ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat")
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -115,6 +120,7 @@ class Candidate:
     layout: Layout | None = None
     scalar_dtype: str = "float32"
     id_table: tuple[int, ...] = ()  # q64v2's id table (teacher_header)
+    tail_step: int = 1  # q64r's tail grid (teacher_header)
 
 
 def _rank_id_dtype(vocab: int | None) -> str:
@@ -171,9 +177,12 @@ def _coarse_tail_layout(steps: int) -> Layout:
     return Layout(specs, encode, decode)
 
 
-#: id-table candidates (the default input only): name → (coding, table size)
-ID_TABLE_CANDIDATES = {f"{coding}+id-table{n}": (coding, n) for coding, n in (
-    (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096))}
+#: q64r with a coarser tail: name → tail step (``topk_codec.TAIL_STEPS``)
+TAIL_CANDIDATES = {"q64r-tail1/8nat": 2, "q64r-tail1/4nat": 4}
+#: id-table candidates (the default input only): name → (candidate, table size)
+ID_TABLE_CANDIDATES = {f"{name}+id-table{n}": (name, n) for name, n in (
+    (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096),
+    ("q64r-tail1/4nat", 4096))}
 ID_TABLES = tuple(ID_TABLE_CANDIDATES)
 
 
@@ -184,8 +193,10 @@ def id_table_candidates(teacher: Path, names: list[str]) -> list[Candidate]:
     if not (tokens / "manifest.json").exists():
         return []
     store = open_store(tokens, "tokens")
-    return [Candidate(name, coding, id_table=tuple(read_id_table(store, None, size)))
-            for name, (coding, size) in ID_TABLE_CANDIDATES.items() if name in names]
+    base = {c.name: c for c in CANDIDATES}
+    return [dataclasses.replace(base[of], name=name,
+                                id_table=tuple(read_id_table(store, None, size)))
+            for name, (of, size) in ID_TABLE_CANDIDATES.items() if name in names]
 
 
 CANDIDATES = (
@@ -197,6 +208,8 @@ CANDIDATES = (
     Candidate("q64v2-tail1/8nat", layout=_coarse_tail_layout(2)),
     Candidate(tc.Q64V2),
     Candidate(tc.Q64V3, tc.Q64V3),
+    Candidate(tc.Q64R, tc.Q64R),
+    *(Candidate(name, tc.Q64R, tail_step=step) for name, step in TAIL_CANDIDATES.items()),
 )
 
 
@@ -207,7 +220,8 @@ def candidate_header(src: Store, cand: Candidate) -> Header:
     header = teacher_header(src.num_parts, k, attrs, temperatures=attrs.get("temperatures", ()),
                             num_samples=int(attrs.get("num_samples", 0)),
                             logprob_dtype=cand.logprob_dtype if cand.layout is None
-                            else "float32", codec=cand.codec, id_table=cand.id_table)
+                            else "float32", codec=cand.codec, id_table=cand.id_table,
+                            tail_step=cand.tail_step)
     specs = cand.layout.specs(k, vocab) if cand.layout else {}
     specs |= {name: (cand.scalar_dtype, ()) for name in SCALARS}
     arrays = tuple(ArraySpec(a.name, *specs[a.name], a.codec) if a.name in specs else a
@@ -439,8 +453,15 @@ def main() -> None:
         print(f"hybrid_sampled_bytes_per_position={h['sampled_bytes_per_position']:.1f}")
         print("hybrid_bytes_per_position="
               f"{h['bytes_per_position'] + h['sampled_bytes_per_position']:.1f}")
-    if tc.Q64V3 in results:  # the opt-in coding, beside the default's headline
-        print(f"q64v3_bytes_per_position={results[tc.Q64V3]['bytes_per_position']:.1f}")
+    for name in (tc.Q64V3, tc.Q64R, *TAIL_CANDIDATES):  # opt-in codings, beside the default's
+        if name in results:
+            r = results[name]
+            print(f"{name}_bytes_per_position={r['bytes_per_position']:.1f} "
+                  f"(max_abs_logprob_err p >= 1e-3 {r['max_abs_logprob_err_p_ge_1e-3']:.6g}, "
+                  f"all {r['max_abs_logprob_err_all']:.6g}; "
+                  f"read_topk_positions_s={r['read_topk_positions_s']:.4g})")
+        if name in zipf:
+            print(f"{name}_zipf262k_bytes_per_position={zipf[name]['bytes_per_position']:.1f}")
     print(f"teacher_bytes_per_position={best['bytes_per_position']:.1f}")
 
 

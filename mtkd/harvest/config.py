@@ -10,7 +10,7 @@ import numpy as np
 from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
-from mtkd.store.topk_codec import DEFAULT_CODING, FLOOR_CODINGS
+from mtkd.store.topk_codec import COARSE, DEFAULT_CODING, FINE, FLOOR_CODINGS, Q64R, TAIL_STEPS
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.
@@ -18,6 +18,7 @@ MAX_K = 256
 _WHY_MAX_K = f"the vLLM engine serves at most {MAX_K} log-probs per position"
 AUTO = "auto"
 TOKENIZATIONS = (AUTO, STORE_TOKENS, OWN_TOKENS)
+TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) … 1 nat
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,21 @@ class HarvestConfig:
         DEFAULT_CODING,
         "Stored top-k coding: q64v2 (compact: |error| <= 1/128 nat where p >= 1e-3; also "
         "codes the sampled columns; docs/FORMAT.md), q64v3 (q64v2's values, ids coded against "
-        "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64 "
-        "(the previous default) or a float dtype (float16, float32) with int32 ids.",
+        "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64r "
+        "(q64v3's values range-coded, one stream per sequence: smaller still, slower to "
+        "read), q64 (the previous default) or a float dtype (float16, float32) with int32 ids.",
+    )
+    tail_nats: float = option(
+        TAIL_NATS[0],
+        "q64r: the grid of the tail (log-probs below log 1e-3) in nats, one of "
+        f"{', '.join(f'{t:g}' for t in TAIL_NATS)}: coarser is smaller (|error| <= half a "
+        "step there); the bound where p >= 1e-3 stays 1/128 nat.",
     )
     id_table: int = option(
         0,
-        "q64v2/q64v3: renumber top-k ids through a table of the N ids the teacher reads most often "
-        "(counted over the first parts, at least 2^20 tokens), so that they store as smaller "
-        "gaps (0: no table; docs/FORMAT.md, \"Id table\").",
+        "q64v2/q64v3/q64r: renumber top-k ids through a table of the N ids the teacher reads "
+        "most often (counted over the first parts, at least 2^20 tokens), so that they store "
+        "as smaller gaps (0: no table; docs/FORMAT.md, \"Id table\").",
         min=0,
     )
     codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")
@@ -85,6 +93,11 @@ class HarvestConfig:
         "teacher's vocabulary is the tokens store's or --vocab-map is given, else own.",
     )
 
+    @property
+    def tail_step(self) -> int:
+        """The tail grid in q64's coarse steps (``topk_codec.TAIL_STEPS``)."""
+        return TAIL_STEPS[TAIL_NATS.index(self.tail_nats)]
+
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.tokenization not in TOKENIZATIONS:
@@ -97,6 +110,11 @@ class HarvestConfig:
         if self.id_table and self.logprob_dtype not in FLOOR_CODINGS:
             raise ValueError(f"--id-table needs --logprob-dtype {' or '.join(FLOOR_CODINGS)} "
                              f"(the codings that renumber ids), not {self.logprob_dtype!r}")
+        if self.tail_nats not in TAIL_NATS:
+            raise ValueError(f"--tail-nats must be one of {', '.join(map(str, TAIL_NATS))}, "
+                             f"got {self.tail_nats}")
+        if self.tail_nats != TAIL_NATS[0] and self.logprob_dtype != Q64R:
+            raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if self.temperatures and self.engine != "hf":

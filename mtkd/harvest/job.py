@@ -280,7 +280,8 @@ def harvest(
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
-                            id_table=read_id_table(tokens, teacher, config.id_table))
+                            id_table=read_id_table(tokens, teacher, config.id_table),
+                            tail_step=config.tail_step)
     start = time.perf_counter()
     engine = None
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mtkd.store.errors import CorruptStoreError, StoreError
-from mtkd.store.topk_codec import coding, internal_arrays
+from mtkd.store.topk_codec import coding, internal_arrays, virtual_arrays
 
 FORMAT_NAME = "mtkd-store"
 #: The newest schema version this mtkd reads; a store is written with the oldest version that
@@ -128,9 +128,12 @@ class Header:
     @property
     def written_arrays(self) -> tuple[ArraySpec, ...]:
         """The arrays a writer's caller gives and a read returns: all but those the top-k
-        coding makes itself (q64v3's ``topk_recur``)."""
+        coding makes itself (q64v3's ``topk_recur``, q64r's ``topk_stream``), and those it
+        keeps inside them (q64r's top-k columns)."""
         internal = internal_arrays(self.attrs)
-        return tuple(a for a in self.arrays if a.name not in internal)
+        virtual = [ArraySpec(name, dtype, shape)
+                   for name, (dtype, shape) in virtual_arrays(self.attrs).items()]
+        return (*virtual, *(a for a in self.arrays if a.name not in internal))
 
     def spec(self, name: str) -> ArraySpec:
         for a in self.arrays:

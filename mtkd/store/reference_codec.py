@@ -60,7 +60,7 @@ def references(top1: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 @register_jitable
-def _sort_row(keys):
+def sort_row(keys):
     """Sort one row's keys in place: insertion sort for a usual k (the recurring ids come
     nearly in rank order, so it beats quicksort there), numba's sort for a long row."""
     k = len(keys)
@@ -133,7 +133,7 @@ def _decode_kernel(stored_ids, recur, codes, ref, rank_ids, rank_codes):
             keys[m + s] = prev
         for s in range(k):
             keys[s] = codes[i, s] << 32 | (keys[s] + 1)
-        _sort_row(keys)
+        sort_row(keys)
         for s in range(k):
             rank_ids[i, s] = (keys[s] & 0xFFFFFFFF) - 1
             rank_codes[i, s] = keys[s] >> 32

@@ -93,6 +93,7 @@ def teacher_header(
     codec: Codec = "zstd",
     own_tokens: bool = False,
     id_table: Sequence[int] = (),
+    tail_step: int = 1,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -106,17 +107,23 @@ def teacher_header(
     with ``context_end`` and ``next_id`` (the caller sets ``attrs.tokenization``).
     ``id_table`` (q64v2 only): the most frequent ids first, e.g. ``id_table.frequency_table``
     of the tokens store's counts; top-k ids are renumbered through it (``attrs.topk_id_table``).
+    ``tail_step`` (q64r only): the tail's grid in 1/16-nat steps (``attrs.topk_tail_step``).
     """
-    attrs = {n: v for n, v in attrs.items()
-             if n not in (topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR)}
+    attrs = {n: v for n, v in attrs.items() if n not in (
+        topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR)}
     if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
         raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
+    if tail_step != 1 and logprob_dtype != topk_codec.Q64R:
+        raise ValueError(f"a tail step needs logprob dtype {topk_codec.Q64R}")
     coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
         coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
-        topk = [ArraySpec(name, *coded[name], codec)
-                for name in (TOPK_IDS, topk_codec.RECUR, TOPK_LOGPROBS) if name in coded]
+        topk = [ArraySpec(name, *coded[name], "zstd" if name == topk_codec.STREAM else codec)
+                for name in (TOPK_IDS, topk_codec.RECUR, TOPK_LOGPROBS, topk_codec.STREAM)
+                if name in coded]  # q64r's stream: zstd, so each sequence's unused end is free
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
+        if tail_step != 1:
+            attrs[topk_codec.TAIL_STEP_ATTR] = tail_step
         if id_table:
             attrs[topk_codec.ID_TABLE_ATTR] = [int(i) for i in id_table]
             topk_codec.coding(attrs)  # a set of ids below vocab_size, or ValueError
@@ -140,6 +147,7 @@ def teacher_header(
                    ArraySpec(NEXT_ID, "int32", (), codec)]
     full_attrs = dict(attrs) | {"k": k, "temperatures": list(temperatures),
                                 "num_samples": num_samples}
+    topk_codec.coding(full_attrs)  # a coding it can write with these attrs, or ValueError
     # version 2: a version-1 reader would take the coded columns for plain ids and log-probs;
     # version 3: rows in the teacher's own tokens, which an older reader would take for rows of
     # the tokens store's positions

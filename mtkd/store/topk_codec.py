@@ -30,7 +30,13 @@ Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
 of its sequence (the latest earlier one with the same top-1 id; ``reference_codec``): ≈ 13 bytes
 per row of 64 less on a real teacher, and reads decode whole sequences.
 
-``q64v2`` and ``q64v3`` also code the random-sampling columns (unique ids ascending, then
+``q64r`` range-codes q64v3's values, one stream per sequence (``stream_codec``): ≈ 27 bytes per
+row of 64 less than q64v3 on a real teacher, decoded values unchanged. It alone may also put
+the tail (codes past ``FINE_MAX``: p < 1e-3) on a coarser grid (``attrs.topk_tail_step``
+coarse steps of 1/16 nat; 4 is 1/4 nat, |error| ≤ 1/8 nat there), which leaves the bound
+where p ≥ 1e-3 as it is.
+
+``q64v2``, ``q64v3`` and ``q64r`` also code the random-sampling columns (unique ids ascending, then
 padding −1 / 0 / −inf): ``sample_ids`` as deltas the same way (padding delta 0, last),
 ``sample_counts`` in one byte when ``num_samples`` ≤ 255, ``sample_logprobs`` as q64 codes in
 the same order.
@@ -47,22 +53,28 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import reference_codec
+from mtkd.store import reference_codec, stream_codec
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
 
-Q64, Q64V2, Q64V3 = "q64", "q64v2", "q64v3"
-CODINGS = (Q64, Q64V2, Q64V3)
+Q64, Q64V2, Q64V3, Q64R = "q64", "q64v2", "q64v3", "q64r"
+CODINGS = (Q64, Q64V2, Q64V3, Q64R)
 #: The codings that store each row's codes as distances to its floor (and may use an id table).
-FLOOR_CODINGS = (Q64V2, Q64V3)
+FLOOR_CODINGS = (Q64V2, Q64V3, Q64R)
+#: The codings that code each row's ids against its reference row (read by whole sequences).
+REFERENCE_CODINGS = (Q64V3, Q64R)
 #: What new teacher stores should be written with (the harvest's ``--logprob-dtype`` default).
 DEFAULT_CODING = Q64V2
 #: Header attribute naming the coding of the sparse columns (absent: plain).
 CODING_ATTR = "topk_coding"
 IDS, LOGPROBS = "topk_ids", "topk_logprobs"
 RECUR = "topk_recur"  #: q64v3: which of the reference row's ids recur (packed bits)
+STREAM = "topk_stream"  #: q64r: each sequence's top-k rows as one range-coded stream
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
 #: The codings that also code the random-sampling columns.
-SAMPLE_CODINGS = (Q64V2, Q64V3)
+SAMPLE_CODINGS = (Q64V2, Q64V3, Q64R)
+#: Header attribute: q64r's tail grid, in coarse steps (absent: 1, q64's own).
+TAIL_STEP_ATTR = "topk_tail_step"
+TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
 
 FINE = 64  #: fine grid steps per nat
 FINE_MAX = 443  #: last fine code: ceil(64 · ln 1000), so every p ≥ 1e-3 is on the fine grid
@@ -75,18 +87,37 @@ COARSE_ERROR = 0.5 * COARSE / FINE  #: bound on |error| for MIN_LOGPROB ≤ log 
 CODE_WIDTH = 2  #: bytes per log-prob code
 
 
-def quantise(logprobs: np.ndarray) -> np.ndarray:
-    """uint16 codes of natural log-probs (any float dtype, ≤ 1/128, no NaN; −inf allowed)."""
+def quantise(logprobs: np.ndarray, tail_step: int = 1) -> np.ndarray:
+    """uint16 codes of natural log-probs (any float dtype, ≤ 1/128, no NaN; −inf allowed);
+    ``tail_step``: the tail's grid in coarse steps (q64r; codes stay q64 codes)."""
     lp = np.asarray(logprobs, dtype=np.float64)
     if np.isnan(lp).any() or (lp > FINE_ERROR).any():
         raise ValueError("log-probs must not be NaN or above 1/128")
     with np.errstate(over="ignore"):
         units = -lp * FINE  # −log p in fine steps; +inf for −inf (and beyond −1e306)
     fine = np.rint(units)
-    coarse = FINE_MAX + np.rint((units - FINE_MAX) / COARSE)
-    codes = np.where(fine <= FINE_MAX, np.maximum(fine, 0), np.minimum(coarse, MAX_CODE))
+    coarse = FINE_MAX + np.rint((units - FINE_MAX) / (COARSE * tail_step)) * tail_step
+    last = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step
+    codes = np.where(fine <= FINE_MAX, np.maximum(fine, 0), np.minimum(coarse, last))
     codes[np.isneginf(lp)] = NEG_INF
     return codes.astype(np.uint16)
+
+
+def tail_levels(codes: np.ndarray, tail_step: int) -> np.ndarray:
+    """q64 codes on a ``tail_step`` tail grid → consecutive levels (int64, same order; −inf
+    the last): what q64r codes, so a coarse tail costs no bits for its unused codes."""
+    codes = np.asarray(codes, dtype=np.int64)
+    tail = FINE_MAX + (codes - FINE_MAX) // tail_step
+    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
+    return np.where(codes <= FINE_MAX, codes, np.where(codes == NEG_INF, top, tail))
+
+
+def level_codes(levels: np.ndarray, tail_step: int) -> np.ndarray:
+    """Inverse of :func:`tail_levels`."""
+    levels = np.asarray(levels, dtype=np.int64)
+    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
+    codes = FINE_MAX + (levels - FINE_MAX) * tail_step
+    return np.where(levels <= FINE_MAX, levels, np.where(levels >= top, NEG_INF, codes))
 
 
 def _decode_table() -> np.ndarray:
@@ -223,6 +254,48 @@ def decode_referenced(arrays: Mapping[str, np.ndarray], offsets: np.ndarray
     return ids.astype(np.int32), dequantise(codes)
 
 
+def encode_streamed(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, *,
+                    vocab_size: int, tail_step: int = 1) -> dict[str, np.ndarray]:
+    """Top-k rows of sequences of ``lengths`` rows → q64r's ``topk_stream``
+    (``stream_codec``: q64v3's values range-coded, the tail on a ``tail_step`` grid)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape != np.shape(logprobs):
+        raise ValueError(f"ids {ids.shape} and logprobs {np.shape(logprobs)} must both be [n, k]")
+    if int(np.sum(lengths)) != len(ids):
+        raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
+    width = delta_width(vocab_size, Q64R)
+    _check_ids(ids, width, vocab_size)
+    if ids.size and ids.max() >= vocab_size:
+        raise ValueError(f"ids up to {ids.max()} outside vocab_size {vocab_size}")
+    levels = tail_levels(quantise(logprobs, tail_step), tail_step)
+    stored_ids, recur, codes = reference_codec.encode(ids, levels, lengths)
+    floor = codes.max(axis=1, initial=0, keepdims=True)
+    raw = {IDS: to_planes(stored_ids, width), RECUR: recur,
+           LOGPROBS: to_planes(np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)}
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    k = ids.shape[1]
+    recur_bits = np.unpackbits(recur, axis=1, count=k, bitorder="little").astype(np.bool_)
+    return {STREAM: stream_codec.encode(raw, stored_ids, recur_bits, codes, offsets,
+                                        stream_codec.row_width(k, width), vocab_size)}
+
+
+def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_size: int,
+                    tail_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """q64r's ``topk_stream`` of whole sequences (row ``offsets``) → ``ids int32`` and
+    ``logprobs float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
+    raw_shapes = {name: v for name, v in stored_arrays(k, vocab_size, Q64V3).items()}
+    (stored_ids, recur, codes), raw, is_raw = stream_codec.decode(stream, offsets, k,
+                                                                  vocab_size, raw_shapes)
+    if is_raw.any():  # sequences stored as q64v3's bytes
+        stored_ids[is_raw] = from_planes(raw[IDS][is_raw])
+        recur[is_raw] = np.unpackbits(raw[RECUR][is_raw], axis=1, count=k, bitorder="little")
+        codes[is_raw] = _codes(raw[LOGPROBS][is_raw], Q64R)
+    ids, levels = reference_codec.decode(stored_ids, np.packbits(recur, axis=1,
+                                                                 bitorder="little"),
+                                         codes, offsets)
+    return ids.astype(np.int32), dequantise(level_codes(levels, tail_step))
+
+
 def decode_logprobs(code_planes: np.ndarray, coding: str = Q64) -> np.ndarray:
     """The log-probs alone, in rank order (what :func:`decode` returns without the ids)."""
     return dequantise(np.sort(_codes(code_planes, coding), axis=1))
@@ -290,8 +363,19 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
     if attrs.get(ID_TABLE_ATTR) and name not in FLOOR_CODINGS:
         raise ValueError(f"{ID_TABLE_ATTR} needs {CODING_ATTR} in {list(FLOOR_CODINGS)}, "
                          f"not {name!r}")
+    step = attrs.get(TAIL_STEP_ATTR, 1)
+    if step not in TAIL_STEPS or (step != 1 and name != Q64R):
+        raise ValueError(f"{TAIL_STEP_ATTR} {step!r}: one of {list(TAIL_STEPS)}, and other "
+                         f"than 1 only with {CODING_ATTR} {Q64R!r}")
+    if name == Q64R and not attrs.get("vocab_size"):
+        raise ValueError(f"{CODING_ATTR} {Q64R!r} needs attrs.vocab_size")
     lookups(attrs)
     return name
+
+
+def tail_step(attrs: Mapping[str, Any]) -> int:
+    """The tail grid of a store's codes, in coarse steps (1: q64's)."""
+    return int(attrs.get(TAIL_STEP_ATTR, 1))
 
 
 def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: int = 0
@@ -304,6 +388,8 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
     if name == Q64V3:  # the top-1 id first; which of the reference's ids recur
         arrays = {IDS: ("uint8", (width, k + 1)),
                   RECUR: ("uint8", (reference_codec.recur_bytes(k),)), LOGPROBS: arrays[LOGPROBS]}
+    if name == Q64R:  # one stream per sequence, spread over its rows
+        arrays = {STREAM: ("uint8", (stream_codec.row_width(k, width),))}
     if name in SAMPLE_CODINGS and num_samples:
         arrays |= {SAMPLE_IDS: ("uint8", (width, num_samples)),
                    SAMPLE_COUNTS: (count_dtype(num_samples), (num_samples,)),
@@ -312,9 +398,19 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
 
 
 def internal_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
-    """The stored arrays the coding makes itself (q64v3's ``topk_recur``): a writer's caller
-    never gives them and a read never returns them (``Header.written_arrays``)."""
-    return (RECUR,) if coding(attrs) == Q64V3 else ()
+    """The stored arrays the coding makes itself (q64v3's ``topk_recur``, q64r's
+    ``topk_stream``): a writer's caller never gives them and a read never returns them
+    (``Header.written_arrays``)."""
+    return {Q64V3: (RECUR,), Q64R: (STREAM,)}.get(coding(attrs) or "", ())
+
+
+def virtual_arrays(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The arrays a caller gives and reads that the coding does not store as such (q64r's
+    top-k columns, in its stream): their dtype and row shape."""
+    if coding(attrs) != Q64R:
+        return {}
+    k = int(attrs["k"])
+    return {IDS: ("int32", (k,)), LOGPROBS: ("float32", (k,))}
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
@@ -326,10 +422,13 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         return rows
     vocab, table = attrs.get("vocab_size"), lookups(attrs)
     ids = rows[IDS] if table is None else renumber(rows[IDS], table[0])
+    if name in REFERENCE_CODINGS and lengths is None:
+        raise ValueError(f"{name} codes whole sequences: their lengths are needed")
     if name == Q64V3:
-        if lengths is None:
-            raise ValueError("q64v3 codes whole sequences: their lengths are needed")
         coded = encode_referenced(ids, rows[LOGPROBS], lengths, vocab_size=vocab)
+    elif name == Q64R:
+        coded = encode_streamed(ids, rows[LOGPROBS], lengths, vocab_size=vocab,
+                                tail_step=tail_step(attrs))
     else:
         id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
         coded = {IDS: id_planes, LOGPROBS: code_planes}
@@ -341,9 +440,12 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
 
 def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
     """The arrays to read for ``names``: decoding the ids needs the log-prob codes too (and
-    q64v3's recurrence bits)."""
+    q64v3's recurrence bits); q64r's columns are read as its stream."""
     names = list(names)
     name = coding(attrs)
+    if name == Q64R:  # both columns live in the stream
+        top = [n for n in names if n in (IDS, LOGPROBS)]
+        return [n for n in names if n not in top] + ([STREAM] if top else [])
     if name is not None and IDS in names and LOGPROBS not in names:
         names.append(LOGPROBS)
     if name == Q64V3 and IDS in names and RECUR not in names:
@@ -360,7 +462,16 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
     if name is None:
         return arrays
     out = dict(arrays)
-    if IDS in arrays:
+    if STREAM in arrays:
+        if offsets is None:
+            raise ValueError("q64r rows decode by whole sequences: their offsets are needed")
+        out[IDS], out[LOGPROBS] = decode_streamed(
+            out.pop(STREAM), offsets, k=int(attrs["k"]), vocab_size=int(attrs["vocab_size"]),
+            tail_step=tail_step(attrs))
+        table = lookups(attrs)
+        if table is not None:
+            out[IDS] = renumber(out[IDS], table[1])
+    elif IDS in arrays:
         if name != Q64V3:
             out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
         elif offsets is None:

@@ -409,12 +409,13 @@ def test_q64_teacher_store_reaches_aggregate_within_its_error_bound(stores, tmp_
         np.testing.assert_allclose(got, want, rtol=np.expm1(tc.COARSE_ERROR), atol=1e-7)
 
 
-def test_q64v3_teacher_store_aggregates_as_its_q64v2_twin(stores, tmp_path):
-    """The same rows in a q64v2 and a q64v3 store (ids coded against reference rows, sampled
-    columns too): the same decoded rows, so bit-identical targets."""
+def test_q64v3_and_q64r_teacher_stores_aggregate_as_their_q64v2_twin(stores, tmp_path):
+    """The same rows in a q64v2, a q64v3 (ids coded against reference rows) and a q64r
+    (those range-coded) store, sampled columns too: the same decoded rows, so bit-identical
+    targets."""
     tokens, _ = stores
     targets = {}
-    for coding in (tc.Q64V2, tc.Q64V3):
+    for coding in (tc.Q64V2, tc.Q64V3, tc.Q64R):
         teacher = make_teacher(tmp_path, tokens, f"t-{coding}", seed=5, scale=3.0,
                                logprob_dtype=coding, num_samples=8)
         assert open_store(teacher, TEACHER).attrs["topk_coding"] == coding
@@ -422,11 +423,12 @@ def test_q64v3_teacher_store_aggregates_as_its_q64v2_twin(stores, tmp_path):
             out = tmp_path / f"out-{coding}-{source}"
             aggregate(tokens, out, config([teacher], source=source), progress=False)
             targets[coding, source] = read_all(out)
-    for source, p in ((s, p) for s in ("topk", "samples") for p in range(PARTS)):
-        a, b = targets[tc.Q64V2, source][p], targets[tc.Q64V3, source][p]
+    for source, p, coding in ((s, p, c) for s in ("topk", "samples") for p in range(PARTS)
+                              for c in (tc.Q64V3, tc.Q64R)):
+        a, b = targets[tc.Q64V2, source][p], targets[coding, source][p]
         assert a.keys() == b.keys()
         for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{coding} {name}")
 
 
 def entropy(p: np.ndarray) -> np.ndarray:

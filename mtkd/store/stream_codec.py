@@ -1,0 +1,451 @@
+"""q64v3's rows range-coded, one stream per sequence (coding ``q64r``; numba).
+
+Why: zstd over q64v3's byte planes leaves ≈ 25 bytes per position of 64 on the table that a
+model of the rows can take (``bench/topk_coder.py``). This codes the very same values —
+q64v3's top-1 ids, recurrence bits, new-id gaps and floor-relative codes (``reference_codec``)
+— with ``range_coder``'s adaptive binary models, so decoding gives q64v3's arrays back and then
+q64v3's rows exactly. Models start afresh in every sequence: each sequence decodes alone.
+
+Per row, in this order (the models' contexts in brackets):
+
+* the top-1 id: its index among the distinct top-1 ids of the sequence's earlier rows, most
+  recent first, plus one [top-1 index]; 0 when it is not among them, then top-1 id + 1
+  [top-1 id] (0: a row of padding). A row has a reference exactly when its top-1 recurs;
+* with a reference, its k recurrence bits [reference rank, the previous bit];
+* the padding entries among the new ids [padding], then the new ids as a set: numbered in the
+  sequence's own order (ids seen in its earlier rows by first sight, then the others by id:
+  number = number seen + id), the gaps − 1 between their numbers in ascending order [new ids
+  still to come, capped at 8 × bit length of the previous number]. The sequence's own order
+  puts the ids a teacher keeps proposing first: ≈ 10 bytes per row of 64 less than id order;
+* the floor F as a signed change from the previous row's [floor], then F − code in q64v3's
+  stored order for the recurring ids [their index, capped at 31], then for the new ones in the
+  order their numbers were coded [one context].
+
+Stored per sequence in its rows' share of ``topk_stream`` (``uint8 [W]`` per row, zstd, so the
+unused end costs nothing): a mode byte, the stream's length and CRC-32 (4 bytes each, little
+endian), the stream. Mode 0 holds q64v3's arrays as bytes instead, for a sequence whose stream
+would not fit (a very short one, whose models have had no time to learn): W is chosen so that
+they always fit.
+"""
+
+from __future__ import annotations
+
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+
+try:
+    from numba import prange
+except ImportError:  # without numba the kernels run as plain Python
+    prange = range
+
+from mtkd.store import range_coder as rc
+from mtkd.store.range_coder import register_jitable
+from mtkd.store.reference_codec import sort_row
+
+HEAD = 9  #: bytes before a sequence's stream: mode, length, CRC-32
+RAW, CODED = 0, 1
+CODE_CONTEXTS = 32  #: recurring-index contexts of the codes (then one for the new ids)
+LEFT_BUCKETS, PREV_BUCKETS = 8, 40
+# integer contexts (each rc.UINT_PROBS probabilities), then the recurrence bits' probabilities
+TOP1_INDEX, TOP1_ID, PADDING, FLOOR = range(4)
+GAPS = 4
+CODES = GAPS + LEFT_BUCKETS * PREV_BUCKETS
+NEW_CODES = CODES + CODE_CONTEXTS
+PROBS = (NEW_CODES + 1) * rc.UINT_PROBS
+
+_KERNELS: SimpleNamespace | None = None
+
+
+def row_width(k: int, id_bytes: int) -> int:
+    """Bytes per row of ``topk_stream``: enough for a mode-0 sequence of one row."""
+    return HEAD + raw_row_bytes(k, id_bytes)
+
+
+def raw_row_bytes(k: int, id_bytes: int) -> int:
+    """Bytes of one row of q64v3's arrays: id planes, recurrence bits, code planes."""
+    return (k + 1) * id_bytes + -(-k // 8) + 2 * (k + 1)
+
+
+@register_jitable
+def _bit_length(v):
+    e = 0
+    while v > 0:
+        v >>= 1
+        e += 1
+    return e
+
+
+@register_jitable
+def _zigzag(v):
+    return 2 * v if v >= 0 else -2 * v - 1
+
+
+@register_jitable
+def _unzigzag(z):
+    return z >> 1 if z % 2 == 0 else -((z + 1) >> 1)
+
+
+@register_jitable
+def _mtf_find(mtf, used, value):
+    """Index of ``value`` in the move-to-front list (−1: absent), moved to the front."""
+    at = -1
+    for i in range(used):
+        if mtf[i] == value:
+            at = i
+            break
+    if at >= 0:
+        for i in range(at, 0, -1):
+            mtf[i] = mtf[i - 1]
+        mtf[0] = value
+    return at
+
+
+@register_jitable
+def _mtf_push(mtf, used, value):
+    for i in range(used, 0, -1):
+        mtf[i] = mtf[i - 1]
+    mtf[0] = value
+    return used + 1
+
+
+@register_jitable
+def _gap_context(left, prev):
+    return GAPS + min(left, LEFT_BUCKETS) - 1 + LEFT_BUCKETS * min(_bit_length(prev + 1),
+                                                                      PREV_BUCKETS - 1)
+
+
+@register_jitable
+def _code_context(j, m):
+    """The context of a row's j-th code: a recurring id's index (capped), or the new ids'."""
+    return CODES + min(j, CODE_CONTEXTS - 1) if j < m else NEW_CODES
+
+
+@register_jitable
+def _recur_at(r, prev_bit):
+    return PROBS + 2 * r + prev_bit
+
+
+@register_jitable
+def _slot(table, token):
+    """The slot of ``token`` in the open-addressing ``table`` ([capacity, 2]: token, number;
+    token −1 is empty), or the empty slot where it would go."""
+    mask = len(table) - 1
+    at = (token * 2654435761) & mask  # token < 2^31: no overflow
+    while table[at, 0] != -1 and table[at, 0] != token:
+        at = (at + 1) & mask
+    return at
+
+
+@register_jitable
+def _number_of(table, token):
+    """``token``'s number in the sequence's order of first sight, −1 if not seen yet."""
+    at = _slot(table, token)
+    return table[at, 1] if table[at, 0] == token else -1
+
+
+@register_jitable
+def _see(table, seen, count, token):
+    """Number ``token`` (if not seen yet); returns the number of ids seen. ``seen[number]``
+    holds each seen id and its slot."""
+    at = _slot(table, token)
+    if table[at, 0] != token:
+        table[at, 0] = token
+        table[at, 1] = count
+        seen[count, 0] = token
+        seen[count, 1] = at
+        count += 1
+    return count
+
+
+@register_jitable
+def _forget(table, seen, count):
+    for j in range(count):
+        table[seen[j, 1], 0] = -1
+
+
+def table_capacity(offsets: np.ndarray, k: int, vocab_size: int) -> int:
+    """Slots of the seen-id table: a power of two ≥ twice the most ids a sequence can see."""
+    rows = int(np.diff(offsets).max(initial=0))
+    return 1 << max(4, (2 * min(vocab_size, rows * k)).bit_length())
+
+
+@register_jitable
+def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, probs, mtf,
+                     table, seen, keys):
+    """Range-code rows ``lo:hi`` (one sequence) into ``buf``; returns the stream's length."""
+    k = dist.shape[1]
+    rc.encoder_init(enc)
+    probs[:] = rc.PROB_INIT
+    used = 0
+    seen_count = 0
+    last_floor = 0
+    for i in range(lo, hi):
+        top = stored_ids[i, 0]
+        at = _mtf_find(mtf, used, top) if top > 0 else -1
+        rc.encode_uint(enc, buf, probs, TOP1_INDEX, at + 1)
+        if at < 0:
+            rc.encode_uint(enc, buf, probs, TOP1_ID, top)
+            if top > 0:
+                used = _mtf_push(mtf, used, top)
+        m = 0
+        if at >= 0:
+            prev_bit = 1
+            for r in range(k):
+                bit = 1 if recur[i, r] else 0
+                rc.encode_bit(enc, buf, probs, _recur_at(r, prev_bit), bit)
+                prev_bit = bit
+                m += bit
+        new = k - m
+        pad = 0
+        while pad < new and stored_ids[i, 1 + pad] == 0:
+            pad += 1
+        rc.encode_uint(enc, buf, probs, PADDING, pad)
+        count = new - pad
+        token = -1
+        for j in range(count):  # (number, code) of each new id, in number order
+            token += stored_ids[i, 1 + pad + j]
+            number = _number_of(table, token)
+            if number < 0:
+                number = seen_count + token
+            keys[j] = number << 16 | dist[i, m + pad + j]
+        sort_row(keys[:count])
+        prev = -1
+        for j in range(count):
+            number = keys[j] >> 16
+            rc.encode_uint(enc, buf, probs, _gap_context(count - j, prev), number - prev - 1)
+            prev = number
+        rc.encode_uint(enc, buf, probs, FLOOR, _zigzag(floor[i] - last_floor))
+        last_floor = floor[i]
+        for j in range(m + pad + count):
+            d = keys[j - m - pad] & 0xFFFF if j >= m + pad else dist[i, j]
+            rc.encode_uint(enc, buf, probs, _code_context(j, m), d)
+        token = -1
+        for j in range(count):
+            token += stored_ids[i, 1 + pad + j]
+            seen_count = _see(table, seen, seen_count, token)
+    _forget(table, seen, seen_count)
+    return rc.encoder_flush(enc, buf)
+
+
+@register_jitable
+def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec, probs, mtf,
+                     table, seen, keys, numbers):
+    """Inverse of :func:`_encode_sequence`; False if the stream decodes to values q64v3
+    cannot hold (a damaged stream)."""
+    rc.decoder_init(dec, buf, 0)
+    probs[:] = rc.PROB_INIT
+    used = 0
+    seen_count = 0
+    last_floor = 0
+    ok = True
+    for i in range(lo, hi):
+        at = rc.decode_uint(dec, buf, probs, TOP1_INDEX) - 1
+        if at >= used:
+            ok = False
+            break
+        if at >= 0:
+            top = mtf[at]
+            _mtf_find(mtf, used, top)
+        else:
+            top = rc.decode_uint(dec, buf, probs, TOP1_ID)
+            if top > vocab:
+                ok = False
+                break
+            if top > 0:
+                used = _mtf_push(mtf, used, top)
+        stored_ids[i, 0] = top
+        m = 0
+        if at >= 0:
+            prev_bit = 1
+            for r in range(k):
+                bit = rc.decode_bit(dec, buf, probs, _recur_at(r, prev_bit))
+                recur[i, r] = bit == 1
+                prev_bit = bit
+                m += bit
+        new = k - m
+        pad = rc.decode_uint(dec, buf, probs, PADDING)
+        if pad > new:
+            ok = False
+            break
+        count = new - pad
+        prev = -1
+        for j in range(count):
+            prev += rc.decode_uint(dec, buf, probs, _gap_context(count - j, prev)) + 1
+            numbers[j] = prev
+        f = last_floor + _unzigzag(rc.decode_uint(dec, buf, probs, FLOOR))
+        if f < 0 or f > 0xFFFF:
+            ok = False
+            break
+        floor[i] = f
+        last_floor = f
+        for j in range(m + pad + count):
+            d = rc.decode_uint(dec, buf, probs, _code_context(j, m))
+            if d > f:
+                ok = False
+                break
+            if j < m + pad:
+                dist[i, j] = d
+                continue
+            number = numbers[j - m - pad]
+            token = seen[number, 0] if number < seen_count else number - seen_count
+            if token >= vocab or (number >= seen_count and _number_of(table, token) >= 0):
+                ok = False
+                break
+            keys[j - m - pad] = token << 16 | d
+        if not ok:
+            break
+        sort_row(keys[:count])  # back to q64v3's order: ascending ids
+        token = -1
+        for j in range(count):
+            gap = (keys[j] >> 16) - token
+            token += gap
+            stored_ids[i, 1 + pad + j] = gap
+            dist[i, m + pad + j] = keys[j] & 0xFFFF
+            seen_count = _see(table, seen, seen_count, token)
+    _forget(table, seen, seen_count)
+    return ok
+
+
+def _encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, capacity,
+                   out, lengths):
+    """Each sequence range-coded into its share of ``out`` (after its head), groups of
+    sequences in parallel; its stream's length in ``lengths`` (> its share: did not fit)."""
+    k = dist.shape[1]
+    for g in prange(len(groups) - 1):
+        enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
+        probs = np.empty(PROBS + 2 * k, dtype=np.int32)
+        mtf = np.empty(offsets[-1] + 1, dtype=np.int64)
+        table = np.full((capacity, 2), -1, dtype=np.int64)
+        seen = np.empty((capacity, 2), dtype=np.int64)
+        keys = np.empty(k, dtype=np.int64)
+        for s in range(groups[g], groups[g + 1]):
+            lo, hi = offsets[s], offsets[s + 1]
+            lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
+                                          out[lo * width + HEAD:hi * width], enc, probs, mtf,
+                                          table, seen, keys)
+
+
+def _decode_kernel(streams, offsets, groups, width, k, vocab, capacity, stored_ids, recur,
+                   floor, dist, bad):
+    """Each range-coded (mode 1) sequence decoded, groups in parallel; ``bad[s]`` set for a
+    sequence whose stream decodes to values q64v3 cannot hold."""
+    for g in prange(len(groups) - 1):
+        dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
+        probs = np.empty(PROBS + 2 * k, dtype=np.int32)
+        mtf = np.empty(offsets[-1] + 1, dtype=np.int64)
+        table = np.full((capacity, 2), -1, dtype=np.int64)
+        seen = np.empty((capacity, 2), dtype=np.int64)
+        keys = np.empty(k, dtype=np.int64)
+        numbers = np.empty(k, dtype=np.int64)
+        for s in range(groups[g], groups[g + 1]):
+            lo, hi = offsets[s], offsets[s + 1]
+            if hi > lo and streams[lo * width] == CODED:
+                bad[s] = not _decode_sequence(streams[lo * width + HEAD:hi * width], lo, hi, k,
+                                              vocab, stored_ids, recur, floor, dist, dec, probs,
+                                              mtf, table, seen, keys, numbers)
+
+
+def _compiled() -> SimpleNamespace:
+    global _KERNELS
+    if _KERNELS is None:
+        import numba
+
+        jit = numba.njit(cache=True, nogil=True, parallel=True)
+        _KERNELS = SimpleNamespace(encode=jit(_encode_kernel), decode=jit(_decode_kernel))
+    return _KERNELS
+
+
+def groups_of(offsets: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Sequence boundaries splitting ``offsets``' sequences into about 4 groups per thread
+    of similar row counts (the kernels' unit of parallel work)."""
+    if threads is None:
+        import numba
+
+        threads = numba.get_num_threads()
+    n_seq = len(offsets) - 1
+    want = max(1, min(n_seq, 4 * threads))
+    cuts = np.searchsorted(offsets[:-1], np.linspace(0, offsets[-1], want + 1)[1:-1])
+    return np.unique(np.concatenate([[0], cuts, [n_seq]])).astype(np.int64)
+
+
+def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray,
+           codes: np.ndarray, offsets: np.ndarray, width: int, vocab_size: int) -> np.ndarray:
+    """Each sequence (rows at ``offsets``) range-coded into its share of ``uint8 [n, width]``,
+    mode 0 where it would not fit. ``stored_ids`` ``[n, k + 1]``, ``recur`` (bool ``[n, k]``)
+    and ``codes`` (stored order) are q64v3's values (``reference_codec.encode``) of ids below
+    ``vocab_size``; ``raw`` its stored arrays, for mode 0."""
+    n, k = codes.shape
+    offsets = np.asarray(offsets, dtype=np.int64)
+    out = np.zeros((n, width), dtype=np.uint8)
+    flat = out.reshape(-1)
+    floor = codes.max(axis=1, initial=0)
+    lengths = np.zeros(len(offsets) - 1, dtype=np.int64)
+    if n and k:
+        _compiled().encode(stored_ids.astype(np.int64), recur, floor, floor[:, None] - codes,
+                           offsets, groups_of(offsets), width, vocab_size,
+                           table_capacity(offsets, k, vocab_size), flat, lengths)
+    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        share = flat[lo * width:hi * width]
+        if hi == lo:
+            continue
+        if HEAD + lengths[s] <= len(share) and k:
+            _head(share, CODED, share[HEAD:HEAD + lengths[s]])
+        else:  # q64v3's bytes (a raw row fits a row's share, so a sequence fits its share)
+            share[:] = 0
+            body = np.concatenate([np.ascontiguousarray(a[lo:hi]).reshape(-1).view(np.uint8)
+                                   for a in raw.values()])
+            share[HEAD:HEAD + len(body)] = body
+            _head(share, RAW, body)
+    return out
+
+
+def _head(share: np.ndarray, mode: int, body: np.ndarray) -> None:
+    share[0] = mode
+    share[1:5] = np.frombuffer(np.uint32(len(body)).tobytes(), np.uint8)
+    share[5:9] = np.frombuffer(np.uint32(zlib.crc32(body)).tobytes(), np.uint8)
+
+
+def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
+           raw_shapes: dict[str, tuple]) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray],
+                                                  dict[str, np.ndarray], np.ndarray]:
+    """Inverse of :func:`encode` over whole sequences at row ``offsets``: the stored ids,
+    recurrence bits (bool) and codes in stored order of the range-coded rows; q64v3's stored
+    arrays of the mode-0 rows (``raw_shapes``: each array's dtype and row shape, in
+    :func:`encode`'s order); which rows are mode 0. ValueError names a damaged sequence."""
+    n, width = streams.shape
+    flat = np.ascontiguousarray(streams).reshape(-1)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    raw = {name: np.zeros((n, *shape), dtype) for name, (dtype, shape) in raw_shapes.items()}
+    is_raw = np.zeros(n, dtype=np.bool_)
+    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        if hi == lo:
+            continue
+        share = flat[lo * width:hi * width]
+        size = int(share[1:5].view(np.uint32)[0])
+        body = share[HEAD:HEAD + size]
+        if share[0] not in (RAW, CODED) or HEAD + size > len(share) \
+                or zlib.crc32(body) != int(share[5:9].view(np.uint32)[0]):
+            raise ValueError(f"topk_stream of sequence {s} of the read is damaged "
+                             "(its mode, length or CRC-32)")
+        if share[0] == RAW:
+            is_raw[lo:hi] = True
+            at = 0
+            for arr in raw.values():
+                size = (hi - lo) * arr[0].nbytes
+                arr[lo:hi] = body[at:at + size].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
+                at += size
+    stored_ids = np.zeros((n, k + 1), dtype=np.int64)
+    recur = np.zeros((n, k), dtype=np.bool_)
+    floor = np.zeros(n, dtype=np.int64)
+    dist = np.zeros((n, k), dtype=np.int64)
+    bad = np.zeros(len(offsets) - 1, dtype=np.bool_)
+    if n and k:
+        _compiled().decode(flat, offsets, groups_of(offsets), width, k, vocab_size,
+                           table_capacity(offsets, k, vocab_size), stored_ids, recur, floor,
+                           dist, bad)
+    if bad.any():
+        raise ValueError(f"topk_stream of sequence {int(np.argmax(bad))} of the read decodes "
+                         "to values q64v3 cannot hold")
+    return (stored_ids, recur, floor[:, None] - dist), raw, is_raw

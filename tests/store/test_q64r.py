@@ -1,0 +1,213 @@
+"""The q64r coding: q64v3's values range-coded, one stream per sequence. Round trips give
+q64v2's rows exactly whatever the rows, sequences and vocabulary; a coarser tail keeps the
+bound where p ≥ 1e-3 and its own below; the range coder decodes what it coded; stores read
+back through every read path; damaged streams are refused; and it is smaller than q64v3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtkd.store import StoreError, StoreWriter, open_store, verify_store
+from mtkd.store import range_coder as rc
+from mtkd.store import stream_codec as sc
+from mtkd.store import topk_codec as tc
+from mtkd.store.format import PARTS_DIR, part_name
+from mtkd.store.schema import TEACHER, teacher_header
+
+from .stores import flip_byte
+from .test_q64v2 import write_teacher
+from .test_q64v3 import sequences
+from .test_topk_codec import assert_decoded
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def streamed(ids: np.ndarray, lp: np.ndarray, lengths: np.ndarray, vocab: int,
+             tail_step: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stream = tc.encode_streamed(ids, lp, lengths, vocab_size=vocab, tail_step=tail_step)
+    got = tc.decode_streamed(stream[tc.STREAM], offsets_of(lengths), k=ids.shape[1],
+                             vocab_size=vocab, tail_step=tail_step)
+    return stream[tc.STREAM], *got
+
+
+@given(rows=sequences())
+def test_round_trip_is_q64v2s_rows(rows) -> None:
+    """Exactly what q64v2 decodes (ids, values, rank order, ties), whether a sequence is
+    range-coded or, too short for its stream to fit, stored as q64v3's bytes."""
+    ids, lp, lengths, vocab = rows
+    stream, got_ids, got_lp = streamed(ids, lp, lengths, vocab)
+    n, k = ids.shape
+    assert stream.shape == (n, sc.row_width(k, tc.delta_width(vocab)))
+    assert_decoded(ids, lp, got_ids, got_lp)
+    want_ids, want_lp = tc.decode(*tc.encode(ids, lp, vocab_size=vocab, coding=tc.Q64V2),
+                                  tc.Q64V2)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_lp, want_lp)
+
+
+@given(rows=sequences(), step=st.sampled_from(tc.TAIL_STEPS))
+def test_a_coarse_tail_keeps_the_bound_above_1e_3(rows, step: int) -> None:
+    """Each id keeps its value on the fine grid (p ≥ 1e-3: q64's |error| ≤ 1/128) and is
+    within step/32 nat of its log-prob below it (down to MIN_LOGPROB; −inf stays −inf)."""
+    ids, lp, lengths, vocab = rows
+    _, got_ids, got_lp = streamed(ids, lp, lengths, vocab, step)
+    for r in range(len(ids)):
+        real = ids[r] >= 0
+        want = dict(zip(ids[r][real].tolist(), np.asarray(lp[r][real]).tolist(), strict=True))
+        got = dict(zip(got_ids[r].tolist(), got_lp[r].tolist(), strict=True))
+        assert set(got) - {-1} == set(want)
+        for token, value in want.items():
+            if value >= -tc.FINE_MAX / tc.FINE:
+                assert abs(got[token] - value) <= tc.FINE_ERROR + 1e-9
+            elif np.isneginf(value):
+                assert np.isneginf(got[token])
+            else:
+                assert abs(got[token] - max(value, tc.MIN_LOGPROB)) <= step / 32 + 1e-6
+        assert (got_lp[r][:-1] >= got_lp[r][1:]).all()  # rank order
+
+
+@numba.njit(cache=True)
+def _code_all(bits, values, out, probs):
+    enc = np.zeros(rc.ENC_STATE, np.int64)
+    rc.encoder_init(enc)
+    for i in range(len(bits)):
+        rc.encode_bit(enc, out, probs, bits[i, 0], bits[i, 1])
+    for i in range(len(values)):
+        rc.encode_uint(enc, out, probs, values[i, 0], values[i, 1])
+    return rc.encoder_flush(enc, out)
+
+
+@numba.njit(cache=True)
+def _decode_all(buf, bits, values, probs):
+    dec = np.zeros(rc.DEC_STATE, np.int64)
+    rc.decoder_init(dec, buf, 0)
+    got_bits = np.empty(len(bits), np.int64)
+    got_values = np.empty(len(values), np.int64)
+    for i in range(len(bits)):
+        got_bits[i] = rc.decode_bit(dec, buf, probs, bits[i, 0])
+    for i in range(len(values)):
+        got_values[i] = rc.decode_uint(dec, buf, probs, values[i, 0])
+    return got_bits, got_values
+
+
+@given(bits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1)), max_size=300),
+       values=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2**39 - 1)), max_size=200))
+def test_the_range_coder_decodes_what_it_coded(bits, values) -> None:
+    """Adaptive bits and Elias-gamma integers in any mix of contexts, the carry included."""
+    b = np.array(bits, dtype=np.int64).reshape(-1, 2)
+    v = np.array(values, dtype=np.int64).reshape(-1, 2)
+    out = np.zeros(16 + 8 * len(v) + len(b), np.uint8)
+    size = _code_all(b, v, out, rc.new_probs(4))
+    assert size <= len(out)
+    got_bits, got_values = _decode_all(out[:size], b, v, rc.new_probs(4))
+    np.testing.assert_array_equal(got_bits, b[:, 1])
+    np.testing.assert_array_equal(got_values, v[:, 1])
+
+
+def test_a_long_sequence_is_range_coded_and_a_one_row_sequence_may_not_be() -> None:
+    """Rows that share candidates (as a teacher's do) cost far less than q64v3's raw bytes; a
+    one-row sequence of 64 ids scattered over 2^24 with log-probs spread to −4000 does not
+    fit its share, and is kept as q64v3's bytes."""
+    rng = np.random.default_rng(0)
+    vocab, k = 1 << 24, 64
+    contexts = [rng.choice(50_000, 96, replace=False) for _ in range(40)]
+    rows = [np.concatenate([c[:1], rng.choice(c[1:], k - 1, replace=False)])
+            for c in (contexts[rng.integers(40)] for _ in range(2048))]
+    ids = np.stack([*rows, rng.choice(vocab, k, replace=False)]).astype(np.int32)
+    lp = -np.sort(rng.exponential(3.0, ids.shape), axis=1)
+    lp[-1] = -np.sort(rng.uniform(0, 4000, k))
+    stream, got_ids, got_lp = streamed(ids, lp, np.array([2048, 1]), vocab)
+    assert_decoded(ids, lp, got_ids, got_lp)
+    assert stream[0, 0] == sc.CODED and stream[2048, 0] == sc.RAW
+    coded = int(stream[0, 1:5].view(np.uint32)[0])
+    assert coded < 0.6 * 2048 * sc.raw_row_bytes(k, 4), coded
+
+
+def test_a_damaged_stream_is_refused() -> None:
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.choice(1000, 16, replace=False) for _ in range(300)]).astype(np.int32)
+    lp = -np.sort(rng.exponential(1.0, ids.shape), axis=1)
+    stream = tc.encode_streamed(ids, lp, np.array([300]), vocab_size=1000)[tc.STREAM]
+    for at in (40, 0, 2):  # in the stream (its CRC-32), its mode, its length
+        bad = stream.copy()
+        bad.reshape(-1)[at] ^= 0x5A
+        with pytest.raises(ValueError, match="sequence 0 of the read is damaged"):
+            tc.decode_streamed(bad, np.array([0, 300]), k=16, vocab_size=1000)
+
+
+def test_refused_attrs() -> None:
+    with pytest.raises(ValueError, match=r"needs attrs\.vocab_size"):
+        teacher_header(1, 8, {}, logprob_dtype=tc.Q64R)
+    with pytest.raises(ValueError, match="a tail step needs logprob dtype q64r"):
+        teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, tail_step=4)
+    with pytest.raises(ValueError, match="topk_tail_step 3"):
+        teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, tail_step=3)
+    with pytest.raises(ValueError, match="outside vocab_size 10"):
+        tc.encode_streamed(np.array([[3, 12]]), np.array([[-0.1, -2.0]]), np.array([1]),
+                           vocab_size=10)
+
+
+def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path) -> None:
+    """The same rows written as q64v2 and q64r: every read path gives the same arrays, in any
+    sequence order, with repeats, and with the log-probs or ids read alone."""
+    v2 = write_teacher(tmp_path / "v2", tc.Q64V2)
+    vr = write_teacher(tmp_path / "r", tc.Q64R)
+    for a, b in zip(v2, vr, strict=True):
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+    arrays = json.loads((tmp_path / "r" / "store.json").read_text())["arrays"]
+    assert set(arrays) >= {"topk_stream", "sample_ids"}
+    assert "topk_ids" not in arrays and "topk_logprobs" not in arrays
+    assert arrays["topk_stream"]["codec"] == "zstd"
+    s2, sr = open_store(tmp_path / "v2", TEACHER), open_store(tmp_path / "r", TEACHER)
+    assert sorted(sr.array_names) == sorted(s2.array_names)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 0, 2, 2, 1]):
+        r2, r3 = s2.read(order), sr.read(order)
+        for name in r2.arrays:
+            np.testing.assert_array_equal(r3[name], r2[name], err_msg=name)
+    for names in (["topk_logprobs"], ["topk_ids"], ["sample_ids", "topk_ids"]):
+        got = sr.read([4, 1], names)
+        assert list(got.arrays) == names
+        for name in names:
+            np.testing.assert_array_equal(got[name], s2.read([4, 1], names)[name])
+
+
+def test_a_damaged_stream_chunk_is_caught(tmp_path: Path) -> None:
+    write_teacher(tmp_path / "t", tc.Q64R)
+    chunk = next(p for p in (tmp_path / "t" / PARTS_DIR / part_name(1) / tc.STREAM).rglob("*")
+                 if p.is_file() and p.name != "zarr.json")
+    flip_byte(chunk)
+    with pytest.raises(StoreError, match=tc.STREAM):
+        open_store(tmp_path / "t", TEACHER, verify="full")
+
+
+def test_smaller_than_q64v3_on_a_teacher_like_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vocab, k, n = 50_000, 64, 4096
+    contexts = [rng.choice(vocab, 96, replace=False) for _ in range(40)]
+    ids = np.empty((n, k), dtype=np.int32)
+    for r in range(n):
+        c = contexts[rng.integers(len(contexts))]
+        ids[r] = np.concatenate([c[:1], rng.choice(c[1:], k - 1, replace=False)])
+    lp = -np.sort(rng.exponential(1.5, (n, k)), axis=1).astype(np.float32)
+    sizes = {}
+    for coding in (tc.Q64V3, tc.Q64R):
+        header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=coding)
+        writer = StoreWriter(tmp_path / coding, header)
+        rows = {"topk_ids": ids, "topk_logprobs": lp, "target_logprob": lp[:, 0],
+                "target_rank": np.ones(n, np.int32),
+                "tail_logmass": np.full(n, -3.0, np.float32)}
+        with writer.open_part(0) as pw:
+            pw.append(rows, [2048, 2048], [0, 1])
+        assert writer.finalize() and verify_store(tmp_path / coding) == []
+        sizes[coding] = sum(f.stat().st_size for f in (tmp_path / coding).rglob("*")
+                            if f.is_file() and "topk" in str(f))
+    assert sizes[tc.Q64R] < 0.85 * sizes[tc.Q64V3], sizes
