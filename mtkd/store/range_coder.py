@@ -7,11 +7,12 @@ small adaptive model gives, so a row model (``stream_codec``) pays close to its 
 
 The coder is the classic carry-propagating one of LZMA (32-bit range, renormalised a byte at a
 time, a cached byte for the carry): probabilities are 12-bit counts of a 0, nudged 1/32 of the
-way towards each coded bit. Integers are coded Elias-gamma style: the bit length of v + 1 in
-unary, its top ``TREE_BITS`` bits below the leading one through a binary tree of adaptive
-probabilities, the rest as plain bits. Every function here is ``register_jitable``: numba
-inlines it into the kernels that call it (plain Python without numba). State lives in small
-int64 arrays so that the kernels stay free of classes:
+way towards each coded bit. Integers v are coded Elias-gamma style: e = (bit length of v + 1) −
+1 in unary (e ones and a zero, the zero left out at e = 39), the top ``TREE_BITS`` bits below
+the leading one through a binary tree of adaptive probabilities, the rest as plain bits.
+Every function here is ``register_jitable``: numba inlines it into the kernels that call it
+(plain Python without numba). State lives in small int64 arrays so that the kernels stay free
+of classes:
 
 * encoder ``enc``: [low, range, cache, cache_size, pos] and an output byte buffer;
 * decoder ``dec``: [range, code, pos] over an input byte buffer (reads past its end give 0, so
@@ -48,7 +49,7 @@ D_RANGE, D_CODE, D_POS = range(3)
 
 def new_probs(contexts: int) -> np.ndarray:
     """Fresh probabilities (every bit even) for ``contexts`` integer contexts."""
-    return np.full(contexts * UINT_PROBS, PROB_INIT, dtype=np.int64)
+    return np.full(contexts * UINT_PROBS, PROB_INIT, dtype=np.int32)
 
 
 @register_jitable
@@ -170,7 +171,7 @@ def decode_direct(dec, buf, bits):
 
 @register_jitable
 def encode_uint(enc, out, probs, ctx, value):
-    """Code ``value`` ≥ 0 (< 2^40) in the integer context ``ctx`` (see the module doc)."""
+    """Code ``0 ≤ value < 2^40 − 1`` in the integer context ``ctx`` (see the module doc)."""
     base = ctx * UINT_PROBS
     v = value + 1
     e = 0

@@ -1,10 +1,11 @@
 """q64v3's rows range-coded, one stream per sequence (coding ``q64r``; numba).
 
-Why: zstd over q64v3's byte planes leaves ≈ 25 bytes per position of 64 on the table that a
-model of the rows can take (``bench/topk_coder.py``). This codes the very same values —
-q64v3's top-1 ids, recurrence bits, new-id gaps and floor-relative codes (``reference_codec``)
-— with ``range_coder``'s adaptive binary models, so decoding gives q64v3's arrays back and then
-q64v3's rows exactly. Models start afresh in every sequence: each sequence decodes alone.
+Why: zstd over q64v3's byte planes leaves bytes on the table that a model of the rows can take:
+26 per position on SmolLM2 at k = 64 (132.1 → 105.9, ``bench/store_size.py``). This codes the
+very same values — q64v3's top-1 ids, recurrence bits, new-id gaps and floor-relative codes
+(``reference_codec``) — with ``range_coder``'s adaptive binary models, so decoding gives
+q64v3's arrays back and then q64v3's rows exactly. Models start afresh in every sequence:
+each sequence decodes alone.
 
 Per row, in this order (the models' contexts in brackets):
 
@@ -14,18 +15,20 @@ Per row, in this order (the models' contexts in brackets):
 * with a reference, its k recurrence bits [reference rank, the previous bit];
 * the padding entries among the new ids [padding], then the new ids as a set: numbered in the
   sequence's own order (ids seen in its earlier rows by first sight, then the others by id:
-  number = number seen + id), the gaps − 1 between their numbers in ascending order [new ids
-  still to come, capped at 8 × bit length of the previous number]. The sequence's own order
-  puts the ids a teacher keeps proposing first: ≈ 10 bytes per row of 64 less than id order;
+  number = number seen + id), the gaps − 1 between their numbers in ascending order [the new
+  ids still to come (capped at 8) × the previous number's bit length]. Every id of a row is
+  new in some earlier row or this one, so "seen" is "seen in the sequence". The sequence's own
+  order puts the ids a teacher keeps proposing first: ≈ 10 bytes per position less than id
+  order on SmolLM2 at k = 64;
 * the floor F as a signed change from the previous row's [floor], then F − code in q64v3's
-  stored order for the recurring ids [their index, capped at 31], then for the new ones in the
-  order their numbers were coded [one context].
+  stored order for the recurring ids [their index, capped at 31], then for the padding and
+  the new ids in the order their numbers were coded [one context].
 
 Stored per sequence in its rows' share of ``topk_stream`` (``uint8 [W]`` per row, zstd, so the
-unused end costs nothing): a mode byte, the stream's length and CRC-32 (4 bytes each, little
-endian), the stream. Mode 0 holds q64v3's arrays as bytes instead, for a sequence whose stream
-would not fit (a very short one, whose models have had no time to learn): W is chosen so that
-they always fit.
+unused end costs nothing): a mode byte, the stream's length and the CRC-32 of those and the
+stream (uint32 little endian each), the stream. Mode 0 holds q64v3's arrays as bytes instead
+(row-major, one after the other), for a sequence whose stream would be no shorter (a very short
+one, whose models have had no time to learn): W = 9 + their bytes per row, so both fit.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ TOP1_INDEX, TOP1_ID, PADDING, FLOOR = range(4)
 GAPS = 4
 CODES = GAPS + LEFT_BUCKETS * PREV_BUCKETS
 NEW_CODES = CODES + CODE_CONTEXTS
-PROBS = (NEW_CODES + 1) * rc.UINT_PROBS
+UINT_CONTEXTS = NEW_CODES + 1
+PROBS = UINT_CONTEXTS * rc.UINT_PROBS
 
 _KERNELS: SimpleNamespace | None = None
 
@@ -117,6 +121,16 @@ def _gap_context(left, prev):
 
 
 @register_jitable
+def _fresh(probs, ready, ctx):
+    """``ctx``, its probabilities reset if this sequence has not used it yet (a sequence uses
+    few of the contexts: resetting them all would dominate short sequences)."""
+    if not ready[ctx]:
+        probs[ctx * rc.UINT_PROBS:(ctx + 1) * rc.UINT_PROBS] = rc.PROB_INIT
+        ready[ctx] = True
+    return ctx
+
+
+@register_jitable
 def _code_context(j, m):
     """The context of a row's j-th code: a recurring id's index (capped), or the new ids'."""
     return CODES + min(j, CODE_CONTEXTS - 1) if j < m else NEW_CODES
@@ -132,7 +146,9 @@ def _slot(table, token):
     """The slot of ``token`` in the open-addressing ``table`` ([capacity, 2]: token, number;
     token −1 is empty), or the empty slot where it would go."""
     mask = len(table) - 1
-    at = (token * 2654435761) & mask  # token < 2^31: no overflow
+    # token < 2^31: no overflow. The product's low bits depend on the token's low bits only,
+    # so ids below the capacity never share a first slot; others probe on.
+    at = (token * 2654435761) & mask
     while table[at, 0] != -1 and table[at, 0] != token:
         at = (at + 1) & mask
     return at
@@ -165,28 +181,29 @@ def _forget(table, seen, count):
         table[seen[j, 1], 0] = -1
 
 
-def table_capacity(offsets: np.ndarray, k: int, vocab_size: int) -> int:
-    """Slots of the seen-id table: a power of two ≥ twice the most ids a sequence can see."""
-    rows = int(np.diff(offsets).max(initial=0))
-    return 1 << max(4, (2 * min(vocab_size, rows * k)).bit_length())
+def table_capacity(max_rows: int, k: int, vocab_size: int) -> int:
+    """Slots of the seen-id table: a power of two ≥ twice the most ids a sequence of
+    ``max_rows`` rows can see."""
+    return 1 << max(4, (2 * min(vocab_size, max_rows * k)).bit_length())
 
 
 @register_jitable
-def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, probs, mtf,
-                     table, seen, keys):
+def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, probs, ready,
+                     mtf, table, seen, keys):
     """Range-code rows ``lo:hi`` (one sequence) into ``buf``; returns the stream's length."""
     k = dist.shape[1]
     rc.encoder_init(enc)
-    probs[:] = rc.PROB_INIT
+    ready[:] = False  # each integer context is reset on first use (_fresh)
+    probs[PROBS:] = rc.PROB_INIT
     used = 0
     seen_count = 0
     last_floor = 0
     for i in range(lo, hi):
         top = stored_ids[i, 0]
         at = _mtf_find(mtf, used, top) if top > 0 else -1
-        rc.encode_uint(enc, buf, probs, TOP1_INDEX, at + 1)
+        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, TOP1_INDEX), at + 1)
         if at < 0:
-            rc.encode_uint(enc, buf, probs, TOP1_ID, top)
+            rc.encode_uint(enc, buf, probs, _fresh(probs, ready, TOP1_ID), top)
             if top > 0:
                 used = _mtf_push(mtf, used, top)
         m = 0
@@ -201,7 +218,7 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, pr
         pad = 0
         while pad < new and stored_ids[i, 1 + pad] == 0:
             pad += 1
-        rc.encode_uint(enc, buf, probs, PADDING, pad)
+        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, PADDING), pad)
         count = new - pad
         token = -1
         for j in range(count):  # (number, code) of each new id, in number order
@@ -214,13 +231,15 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, pr
         prev = -1
         for j in range(count):
             number = keys[j] >> 16
-            rc.encode_uint(enc, buf, probs, _gap_context(count - j, prev), number - prev - 1)
+            ctx = _fresh(probs, ready, _gap_context(count - j, prev))
+            rc.encode_uint(enc, buf, probs, ctx, number - prev - 1)
             prev = number
-        rc.encode_uint(enc, buf, probs, FLOOR, _zigzag(floor[i] - last_floor))
+        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, FLOOR),
+                       _zigzag(floor[i] - last_floor))
         last_floor = floor[i]
         for j in range(m + pad + count):
             d = keys[j - m - pad] & 0xFFFF if j >= m + pad else dist[i, j]
-            rc.encode_uint(enc, buf, probs, _code_context(j, m), d)
+            rc.encode_uint(enc, buf, probs, _fresh(probs, ready, _code_context(j, m)), d)
         token = -1
         for j in range(count):
             token += stored_ids[i, 1 + pad + j]
@@ -230,18 +249,19 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, pr
 
 
 @register_jitable
-def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec, probs, mtf,
-                     table, seen, keys, numbers):
+def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec, probs, ready,
+                     mtf, table, seen, keys, numbers):
     """Inverse of :func:`_encode_sequence`; False if the stream decodes to values q64v3
     cannot hold (a damaged stream)."""
     rc.decoder_init(dec, buf, 0)
-    probs[:] = rc.PROB_INIT
+    ready[:] = False  # each integer context is reset on first use (_fresh)
+    probs[PROBS:] = rc.PROB_INIT
     used = 0
     seen_count = 0
     last_floor = 0
     ok = True
     for i in range(lo, hi):
-        at = rc.decode_uint(dec, buf, probs, TOP1_INDEX) - 1
+        at = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, TOP1_INDEX)) - 1
         if at >= used:
             ok = False
             break
@@ -249,7 +269,7 @@ def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec,
             top = mtf[at]
             _mtf_find(mtf, used, top)
         else:
-            top = rc.decode_uint(dec, buf, probs, TOP1_ID)
+            top = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, TOP1_ID))
             if top > vocab:
                 ok = False
                 break
@@ -265,23 +285,24 @@ def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec,
                 prev_bit = bit
                 m += bit
         new = k - m
-        pad = rc.decode_uint(dec, buf, probs, PADDING)
+        pad = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, PADDING))
         if pad > new:
             ok = False
             break
         count = new - pad
         prev = -1
         for j in range(count):
-            prev += rc.decode_uint(dec, buf, probs, _gap_context(count - j, prev)) + 1
+            ctx = _fresh(probs, ready, _gap_context(count - j, prev))
+            prev += rc.decode_uint(dec, buf, probs, ctx) + 1
             numbers[j] = prev
-        f = last_floor + _unzigzag(rc.decode_uint(dec, buf, probs, FLOOR))
+        f = last_floor + _unzigzag(rc.decode_uint(dec, buf, probs, _fresh(probs, ready, FLOOR)))
         if f < 0 or f > 0xFFFF:
             ok = False
             break
         floor[i] = f
         last_floor = f
         for j in range(m + pad + count):
-            d = rc.decode_uint(dec, buf, probs, _code_context(j, m))
+            d = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, _code_context(j, m)))
             if d > f:
                 ok = False
                 break
@@ -308,43 +329,49 @@ def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec,
     return ok
 
 
-def _encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, capacity,
-                   out, lengths):
+def _encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, max_rows,
+                   capacity, out, lengths):
     """Each sequence range-coded into its share of ``out`` (after its head), groups of
     sequences in parallel; its stream's length in ``lengths`` (> its share: did not fit)."""
     k = dist.shape[1]
     for g in prange(len(groups) - 1):
         enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
         probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-        mtf = np.empty(offsets[-1] + 1, dtype=np.int64)
+        ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
+        mtf = np.empty(max_rows + 1, dtype=np.int64)
         table = np.full((capacity, 2), -1, dtype=np.int64)
         seen = np.empty((capacity, 2), dtype=np.int64)
         keys = np.empty(k, dtype=np.int64)
         for s in range(groups[g], groups[g + 1]):
             lo, hi = offsets[s], offsets[s + 1]
             lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
-                                          out[lo * width + HEAD:hi * width], enc, probs, mtf,
-                                          table, seen, keys)
+                                          out[lo * width + HEAD:hi * width], enc, probs,
+                                          ready, mtf, table, seen, keys)
 
 
-def _decode_kernel(streams, offsets, groups, width, k, vocab, capacity, stored_ids, recur,
-                   floor, dist, bad):
-    """Each range-coded (mode 1) sequence decoded, groups in parallel; ``bad[s]`` set for a
-    sequence whose stream decodes to values q64v3 cannot hold."""
+def _decode_kernel(streams, starts, sizes, offsets, groups, k, vocab, max_rows, capacity,
+                   stored_ids, recur, floor, dist, bad):
+    """Each range-coded sequence (``sizes[s]`` ≥ 0 bytes at ``starts[s]``) decoded, groups in
+    parallel; ``bad[s]`` set for a stream that decodes to values q64v3 cannot hold or does not
+    end where its length says."""
     for g in prange(len(groups) - 1):
         dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
         probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-        mtf = np.empty(offsets[-1] + 1, dtype=np.int64)
+        ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
+        mtf = np.empty(max_rows + 1, dtype=np.int64)
         table = np.full((capacity, 2), -1, dtype=np.int64)
         seen = np.empty((capacity, 2), dtype=np.int64)
         keys = np.empty(k, dtype=np.int64)
         numbers = np.empty(k, dtype=np.int64)
         for s in range(groups[g], groups[g + 1]):
-            lo, hi = offsets[s], offsets[s + 1]
-            if hi > lo and streams[lo * width] == CODED:
-                bad[s] = not _decode_sequence(streams[lo * width + HEAD:hi * width], lo, hi, k,
-                                              vocab, stored_ids, recur, floor, dist, dec, probs,
-                                              mtf, table, seen, keys, numbers)
+            if sizes[s] < 0:
+                continue
+            buf = streams[starts[s]:starts[s] + sizes[s]]
+            ok = _decode_sequence(buf, offsets[s], offsets[s + 1], k, vocab, stored_ids, recur,
+                                  floor, dist, dec, probs, ready, mtf, table, seen, keys,
+                                  numbers)
+            # the encoder's first byte is 0, and the decoder reads exactly what it wrote
+            bad[s] = not ok or len(buf) == 0 or buf[0] != 0 or dec[rc.D_POS] != sizes[s]
 
 
 def _compiled() -> SimpleNamespace:
@@ -373,26 +400,29 @@ def groups_of(offsets: np.ndarray, threads: int | None = None) -> np.ndarray:
 def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray,
            codes: np.ndarray, offsets: np.ndarray, width: int, vocab_size: int) -> np.ndarray:
     """Each sequence (rows at ``offsets``) range-coded into its share of ``uint8 [n, width]``,
-    mode 0 where it would not fit. ``stored_ids`` ``[n, k + 1]``, ``recur`` (bool ``[n, k]``)
-    and ``codes`` (stored order) are q64v3's values (``reference_codec.encode``) of ids below
-    ``vocab_size``; ``raw`` its stored arrays, for mode 0."""
+    mode 0 where the stream would be no shorter than q64v3's bytes. ``stored_ids``
+    ``[n, k + 1]``, ``recur`` (bool ``[n, k]``) and ``codes`` (stored order) are q64v3's values
+    (``reference_codec.encode``) of ids below ``vocab_size``; ``raw`` its stored arrays (in
+    :func:`decode`'s ``raw_shapes`` order), for mode 0."""
     n, k = codes.shape
     offsets = np.asarray(offsets, dtype=np.int64)
     out = np.zeros((n, width), dtype=np.uint8)
     flat = out.reshape(-1)
     floor = codes.max(axis=1, initial=0)
     lengths = np.zeros(len(offsets) - 1, dtype=np.int64)
+    max_rows = int(np.diff(offsets).max(initial=0))
     if n and k:
         _compiled().encode(stored_ids.astype(np.int64), recur, floor, floor[:, None] - codes,
-                           offsets, groups_of(offsets), width, vocab_size,
-                           table_capacity(offsets, k, vocab_size), flat, lengths)
+                           offsets, groups_of(offsets), width, vocab_size, max_rows,
+                           table_capacity(max_rows, k, vocab_size), flat, lengths)
+    row_bytes = sum(a[0].nbytes for a in raw.values()) if n else 0
     for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
         share = flat[lo * width:hi * width]
         if hi == lo:
             continue
-        if HEAD + lengths[s] <= len(share) and k:
+        if k and lengths[s] < (hi - lo) * row_bytes:  # (so it fits: W ≥ HEAD + row bytes)
             _head(share, CODED, share[HEAD:HEAD + lengths[s]])
-        else:  # q64v3's bytes (a raw row fits a row's share, so a sequence fits its share)
+        else:
             share[:] = 0
             body = np.concatenate([np.ascontiguousarray(a[lo:hi]).reshape(-1).view(np.uint8)
                                    for a in raw.values()])
@@ -402,9 +432,11 @@ def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray
 
 
 def _head(share: np.ndarray, mode: int, body: np.ndarray) -> None:
+    """Mode, length and the CRC-32 of both and the body (uint32 little endian)."""
     share[0] = mode
-    share[1:5] = np.frombuffer(np.uint32(len(body)).tobytes(), np.uint8)
-    share[5:9] = np.frombuffer(np.uint32(zlib.crc32(body)).tobytes(), np.uint8)
+    share[1:5] = np.array([len(body)], dtype="<u4").view(np.uint8)
+    crc = zlib.crc32(body, zlib.crc32(share[:5]))
+    share[5:9] = np.array([crc], dtype="<u4").view(np.uint8)
 
 
 def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
@@ -418,33 +450,40 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
     flat = np.ascontiguousarray(streams).reshape(-1)
     offsets = np.asarray(offsets, dtype=np.int64)
     raw = {name: np.zeros((n, *shape), dtype) for name, (dtype, shape) in raw_shapes.items()}
+    row_bytes = sum(a[0].nbytes for a in raw.values()) if n else 0
     is_raw = np.zeros(n, dtype=np.bool_)
+    starts = np.zeros(len(offsets) - 1, dtype=np.int64)
+    sizes = np.full(len(offsets) - 1, -1, dtype=np.int64)
     for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
         if hi == lo:
             continue
         share = flat[lo * width:hi * width]
-        size = int(share[1:5].view(np.uint32)[0])
-        body = share[HEAD:HEAD + size]
-        if share[0] not in (RAW, CODED) or HEAD + size > len(share) \
-                or zlib.crc32(body) != int(share[5:9].view(np.uint32)[0]):
+        mode, length = int(share[0]), int(share[1:5].view("<u4")[0])
+        body = share[HEAD:HEAD + length]
+        if mode not in (RAW, CODED) or HEAD + length > len(share) \
+                or (mode == RAW and length != (hi - lo) * row_bytes) \
+                or zlib.crc32(body, zlib.crc32(share[:5])) != int(share[5:9].view("<u4")[0]):
             raise ValueError(f"topk_stream of sequence {s} of the read is damaged "
                              "(its mode, length or CRC-32)")
-        if share[0] == RAW:
-            is_raw[lo:hi] = True
-            at = 0
-            for arr in raw.values():
-                size = (hi - lo) * arr[0].nbytes
-                arr[lo:hi] = body[at:at + size].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
-                at += size
+        if mode == CODED:
+            starts[s], sizes[s] = lo * width + HEAD, length
+            continue
+        is_raw[lo:hi] = True
+        at = 0
+        for arr in raw.values():
+            end = at + (hi - lo) * arr[0].nbytes
+            arr[lo:hi] = body[at:end].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
+            at = end
     stored_ids = np.zeros((n, k + 1), dtype=np.int64)
     recur = np.zeros((n, k), dtype=np.bool_)
     floor = np.zeros(n, dtype=np.int64)
     dist = np.zeros((n, k), dtype=np.int64)
     bad = np.zeros(len(offsets) - 1, dtype=np.bool_)
+    max_rows = int(np.diff(offsets).max(initial=0))
     if n and k:
-        _compiled().decode(flat, offsets, groups_of(offsets), width, k, vocab_size,
-                           table_capacity(offsets, k, vocab_size), stored_ids, recur, floor,
-                           dist, bad)
+        _compiled().decode(flat, starts, sizes, offsets, groups_of(offsets), k, vocab_size,
+                           max_rows, table_capacity(max_rows, k, vocab_size), stored_ids, recur,
+                           floor, dist, bad)
     if bad.any():
         raise ValueError(f"topk_stream of sequence {int(np.argmax(bad))} of the read decodes "
                          "to values q64v3 cannot hold")

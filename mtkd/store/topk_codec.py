@@ -75,6 +75,7 @@ SAMPLE_CODINGS = (Q64V2, Q64V3, Q64R)
 #: Header attribute: q64r's tail grid, in coarse steps (absent: 1, q64's own).
 TAIL_STEP_ATTR = "topk_tail_step"
 TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
+RAW_ORDER = (IDS, RECUR, LOGPROBS)  #: q64r's mode-0 sequences: q64v3's arrays in this order
 
 FINE = 64  #: fine grid steps per nat
 FINE_MAX = 443  #: last fine code: ceil(64 · ln 1000), so every p ≥ 1e-3 is on the fine grid
@@ -97,10 +98,16 @@ def quantise(logprobs: np.ndarray, tail_step: int = 1) -> np.ndarray:
         units = -lp * FINE  # −log p in fine steps; +inf for −inf (and beyond −1e306)
     fine = np.rint(units)
     coarse = FINE_MAX + np.rint((units - FINE_MAX) / (COARSE * tail_step)) * tail_step
-    last = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step
+    last = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step  # tail_floor's code
     codes = np.where(fine <= FINE_MAX, np.maximum(fine, 0), np.minimum(coarse, last))
     codes[np.isneginf(lp)] = NEG_INF
     return codes.astype(np.uint16)
+
+
+def tail_floor(tail_step: int) -> float:
+    """The most negative finite log-prob a ``tail_step`` grid decodes to (``MIN_LOGPROB`` at
+    1; lower ones decode as it): its bound of step/32 nat holds down to there."""
+    return float(dequantise(FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step))
 
 
 def tail_levels(codes: np.ndarray, tail_step: int) -> np.ndarray:
@@ -270,8 +277,8 @@ def encode_streamed(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, 
     levels = tail_levels(quantise(logprobs, tail_step), tail_step)
     stored_ids, recur, codes = reference_codec.encode(ids, levels, lengths)
     floor = codes.max(axis=1, initial=0, keepdims=True)
-    raw = {IDS: to_planes(stored_ids, width), RECUR: recur,
-           LOGPROBS: to_planes(np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)}
+    raw = dict(zip(RAW_ORDER, (to_planes(stored_ids, width), recur, to_planes(
+        np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)), strict=True))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     k = ids.shape[1]
     recur_bits = np.unpackbits(recur, axis=1, count=k, bitorder="little").astype(np.bool_)
@@ -283,7 +290,8 @@ def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_si
                     tail_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """q64r's ``topk_stream`` of whole sequences (row ``offsets``) → ``ids int32`` and
     ``logprobs float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
-    raw_shapes = {name: v for name, v in stored_arrays(k, vocab_size, Q64V3).items()}
+    shapes = stored_arrays(k, vocab_size, Q64V3)
+    raw_shapes = {name: shapes[name] for name in RAW_ORDER}
     (stored_ids, recur, codes), raw, is_raw = stream_codec.decode(stream, offsets, k,
                                                                   vocab_size, raw_shapes)
     if is_raw.any():  # sequences stored as q64v3's bytes

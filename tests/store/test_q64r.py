@@ -22,9 +22,9 @@ from mtkd.store.format import PARTS_DIR, part_name
 from mtkd.store.schema import TEACHER, teacher_header
 
 from .stores import flip_byte
-from .test_q64v2 import write_teacher
+from .test_q64v2 import VOCABS, write_teacher
 from .test_q64v3 import sequences
-from .test_topk_codec import assert_decoded
+from .test_topk_codec import assert_decoded, topk_rows
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
@@ -57,8 +57,10 @@ def test_round_trip_is_q64v2s_rows(rows) -> None:
 @given(rows=sequences(), step=st.sampled_from(tc.TAIL_STEPS))
 def test_a_coarse_tail_keeps_the_bound_above_1e_3(rows, step: int) -> None:
     """Each id keeps its value on the fine grid (p ≥ 1e-3: q64's |error| ≤ 1/128) and is
-    within step/32 nat of its log-prob below it (down to MIN_LOGPROB; −inf stays −inf)."""
+    within step/32 nat of its log-prob below it (down to the grid's last value, ≈ −4075; −inf
+    stays −inf)."""
     ids, lp, lengths, vocab = rows
+    lp = np.where(lp <= -20, lp * 135.84, lp)  # -30: -4075.2, past the last value
     _, got_ids, got_lp = streamed(ids, lp, lengths, vocab, step)
     for r in range(len(ids)):
         real = ids[r] >= 0
@@ -71,7 +73,7 @@ def test_a_coarse_tail_keeps_the_bound_above_1e_3(rows, step: int) -> None:
             elif np.isneginf(value):
                 assert np.isneginf(got[token])
             else:
-                assert abs(got[token] - max(value, tc.MIN_LOGPROB)) <= step / 32 + 1e-6
+                assert abs(got[token] - max(value, tc.tail_floor(step))) <= step / 32 + 1e-6
         assert (got_lp[r][:-1] >= got_lp[r][1:]).all()  # rank order
 
 
@@ -113,6 +115,25 @@ def test_the_range_coder_decodes_what_it_coded(bits, values) -> None:
     np.testing.assert_array_equal(got_values, v[:, 1])
 
 
+@given(rows=topk_rows(vocabs=tuple(VOCABS)))
+def test_any_top_k_rows_round_trip_as_one_sequence(rows) -> None:
+    """Any rows, long ones (k up to 70) included, as one sequence."""
+    ids, lp, vocab = rows
+    _, got_ids, got_lp = streamed(ids, lp, np.array([len(ids)]), vocab)
+    assert_decoded(ids, lp, got_ids, got_lp)
+
+
+@pytest.mark.parametrize(("vocab", "k", "lengths"), [(1, 1, [3, 0, 2]), (5, 0, [2, 1]),
+                                                     (7, 3, []), (7, 3, [0, 0])])
+def test_tiny_vocabularies_no_columns_and_no_rows(vocab: int, k: int, lengths: list) -> None:
+    rng = np.random.default_rng(vocab + k)
+    n = sum(lengths)
+    ids = np.stack([rng.permutation(vocab)[:k] for _ in range(n)] or [np.zeros(k, int)])[:n]
+    lp = -np.sort(rng.exponential(1.0, (n, k)), axis=1)
+    _, got_ids, got_lp = streamed(ids.astype(np.int32), lp, np.array(lengths, int), vocab)
+    assert_decoded(ids, lp, got_ids, got_lp)
+
+
 def test_a_long_sequence_is_range_coded_and_a_one_row_sequence_may_not_be() -> None:
     """Rows that share candidates (as a teacher's do) cost far less than q64v3's raw bytes; a
     one-row sequence of 64 ids scattered over 2^24 with log-probs spread to −4000 does not
@@ -137,9 +158,10 @@ def test_a_damaged_stream_is_refused() -> None:
     ids = np.stack([rng.choice(1000, 16, replace=False) for _ in range(300)]).astype(np.int32)
     lp = -np.sort(rng.exponential(1.0, ids.shape), axis=1)
     stream = tc.encode_streamed(ids, lp, np.array([300]), vocab_size=1000)[tc.STREAM]
-    for at in (40, 0, 2):  # in the stream (its CRC-32), its mode, its length
+    assert stream[0, 0] == sc.CODED
+    for at, flip in ((40, 0x5A), (0, 1), (0, 0x5A), (2, 0x5A)):  # stream, mode (1 → 0), length
         bad = stream.copy()
-        bad.reshape(-1)[at] ^= 0x5A
+        bad.reshape(-1)[at] ^= flip
         with pytest.raises(ValueError, match="sequence 0 of the read is damaged"):
             tc.decode_streamed(bad, np.array([0, 300]), k=16, vocab_size=1000)
 
