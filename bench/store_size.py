@@ -50,7 +50,10 @@ With ``--hybrid``, SmolLM2 harvested once more as the hybrid that ``mtkd demo --
 all`` trains (``--k 8 --num-samples 64 --sample-rest``: the exact top-8 and 64 draws from the
 rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
-store). Then the synthetic Zipf teacher of 262,144 ids (``--zipf-positions`` rows) through q64,
+store). With ``--spread``, the input's own rows with their ids spread over 262,144 ids (id i →
+the i-th of a sorted random subset; ``store_size_inputs.spread_teacher_store``) through the
+Zipf candidates: ``<coding>_spread262k_bytes_per_position=``. Then the synthetic Zipf teacher
+of 262,144 ids (``--zipf-positions`` rows) through q64,
 q64v2, q64v3, q64r and q64r-tail1/4nat. Each candidate's line holds its bytes, errors, read
 speeds and, for the store's codings, ``encode_topk_positions_s`` (the writer's coding of the
 top-k columns). The
@@ -80,7 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from store_size_inputs import real_teacher_store, zipf_teacher_store
+from store_size_inputs import real_teacher_store, spread_teacher_store, zipf_teacher_store
 
 from mtkd.harvest.job import read_id_table
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
@@ -410,6 +413,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated candidate names (default all)")
     ap.add_argument("--zipf-positions", type=int, default=50_000,
                     help="rows of the synthetic 262,144-id teacher (0: skip it)")
+    ap.add_argument("--spread", action="store_true",
+                    help="also the input's rows with their ids spread over 262,144 ids, "
+                         "order kept (a real teacher's rows at a large vocabulary's id width)")
     ap.add_argument("--hybrid", action="store_true",
                     help="also SmolLM2 harvested as the hybrid (exact top-8 + 64 "
                          "draws from the rest; one more harvest, ≈ 4 min): its bytes in q64v2")
@@ -441,6 +447,11 @@ def main() -> None:
                               TEACHER)
             describe(zsrc, "synthetic Zipf teacher")
             zipf, _ = run_candidates(zsrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
+        spread = {}
+        if args.spread:
+            ssrc = open_store(spread_teacher_store(path, root / "spread-input"), TEACHER)
+            describe(ssrc, "the same rows, ids spread over 262,144")
+            spread, _ = run_candidates(ssrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if CHOSEN not in results:
@@ -486,6 +497,8 @@ def main() -> None:
                   f"read_topk_positions_s={r['read_topk_positions_s']:.4g})")
         if name in zipf:
             print(f"{name}_zipf262k_bytes_per_position={zipf[name]['bytes_per_position']:.1f}")
+    for name, r in spread.items():
+        print(f"{name}_spread262k_bytes_per_position={r['bytes_per_position']:.1f}")
     # the headline: the smallest coding a harvest can write within the goal's error bound
     # (q64r with a 1/4-nat tail) where it was measured, else the default's
     head = results.get(COMPACT, best)

@@ -9,6 +9,9 @@
   it; built in a temporary directory and renamed into place when complete.
 * :func:`zipf_teacher_store`: a synthetic teacher of 262,144 ids, rows generated in numpy
   (ids drawn from a Zipf law, log-probs descending), for the id-width figure.
+* :func:`spread_teacher_store`: a teacher store's rows with their ids spread over a larger
+  vocabulary (id i → the i-th of a sorted random subset of 262,144 ids): a real teacher's rows,
+  with their structure, at a large vocabulary's id width.
 """
 
 from __future__ import annotations
@@ -125,4 +128,25 @@ def zipf_teacher_store(out: Path, n: int = 50_000, k: int = 64, vocab: int = 1 <
         pw.append(rows, lengths, np.arange(len(lengths)))
     assert writer.finalize()
     open_store(out, TEACHER, verify="full")
+    return out
+
+
+def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0) -> Path:
+    """``src``'s top-k rows and scalars (float32) with every id i sent to the i-th smallest of
+    a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider."""
+    store = open_store(src, TEACHER)
+    k, small = int(store.attrs["k"]), int(store.attrs["vocab_size"])
+    spread = np.sort(np.random.default_rng(seed).choice(vocab, small, replace=False))
+    lookup = np.concatenate([[-1], spread]).astype(np.int32)  # padding −1 stays −1
+    header = teacher_header(store.num_parts, k, {"vocab_size": vocab, "teacher": "spread"},
+                            logprob_dtype="float32")
+    writer = StoreWriter(out, header)
+    names = [a.name for a in header.written_arrays]
+    for part in range(store.num_parts):
+        batch = store.read_part(part, names)
+        rows = dict(batch.arrays)
+        rows["topk_ids"] = lookup[rows["topk_ids"] + 1]
+        with writer.open_part(part) as pw:
+            pw.append(rows, batch.lengths, batch.seq_ids)
+    assert writer.finalize()
     return out
