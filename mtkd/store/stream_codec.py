@@ -33,8 +33,11 @@ one, whose models have had no time to learn): W = 9 + their bytes per row, so bo
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -329,49 +332,60 @@ def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec,
     return ok
 
 
-def _encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, max_rows,
-                   capacity, out, lengths):
-    """Each sequence range-coded into its share of ``out`` (after its head), groups of
-    sequences in parallel; its stream's length in ``lengths`` (> its share: did not fit)."""
-    k = dist.shape[1]
-    for g in prange(len(groups) - 1):
-        enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
-        probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-        ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
-        mtf = np.empty(max_rows + 1, dtype=np.int64)
-        table = np.full((capacity, 2), -1, dtype=np.int64)
-        seen = np.empty((capacity, 2), dtype=np.int64)
-        keys = np.empty(k, dtype=np.int64)
-        for s in range(groups[g], groups[g + 1]):
-            lo, hi = offsets[s], offsets[s + 1]
-            lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
-                                          out[lo * width + HEAD:hi * width], enc, probs,
-                                          ready, mtf, table, seen, keys)
+def _kernels(deps: str) -> tuple[Any, Any]:
+    """The encode and decode kernels (plain Python), closures over ``deps``: numba checks a
+    cached kernel against this file only, not against the functions it inlines from
+    ``range_coder`` and ``reference_codec``, but keys its cache on closure values too, so a
+    digest of those files makes a stale cached kernel a miss."""
 
+    def encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, max_rows,
+                      capacity, out, lengths):
+        """Each sequence range-coded into its share of ``out`` (after its head), groups of
+        sequences in parallel; its stream's length in ``lengths`` (> its share: did not fit)."""
+        if len(deps) == 0:  # (never: binds the digest, which keys numba's cache)
+            return
+        k = dist.shape[1]
+        for g in prange(len(groups) - 1):
+            enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
+            probs = np.empty(PROBS + 2 * k, dtype=np.int32)
+            ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
+            mtf = np.empty(max_rows + 1, dtype=np.int64)
+            table = np.full((capacity, 2), -1, dtype=np.int64)
+            seen = np.empty((capacity, 2), dtype=np.int64)
+            keys = np.empty(k, dtype=np.int64)
+            for s in range(groups[g], groups[g + 1]):
+                lo, hi = offsets[s], offsets[s + 1]
+                lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
+                                              out[lo * width + HEAD:hi * width], enc, probs,
+                                              ready, mtf, table, seen, keys)
 
-def _decode_kernel(streams, starts, sizes, offsets, groups, k, vocab, max_rows, capacity,
-                   stored_ids, recur, floor, dist, bad):
-    """Each range-coded sequence (``sizes[s]`` ≥ 0 bytes at ``starts[s]``) decoded, groups in
-    parallel; ``bad[s]`` set for a stream that decodes to values q64v3 cannot hold or does not
-    end where its length says."""
-    for g in prange(len(groups) - 1):
-        dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
-        probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-        ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
-        mtf = np.empty(max_rows + 1, dtype=np.int64)
-        table = np.full((capacity, 2), -1, dtype=np.int64)
-        seen = np.empty((capacity, 2), dtype=np.int64)
-        keys = np.empty(k, dtype=np.int64)
-        numbers = np.empty(k, dtype=np.int64)
-        for s in range(groups[g], groups[g + 1]):
-            if sizes[s] < 0:
-                continue
-            buf = streams[starts[s]:starts[s] + sizes[s]]
-            ok = _decode_sequence(buf, offsets[s], offsets[s + 1], k, vocab, stored_ids, recur,
-                                  floor, dist, dec, probs, ready, mtf, table, seen, keys,
-                                  numbers)
-            # the encoder's first byte is 0, and the decoder reads exactly what it wrote
-            bad[s] = not ok or len(buf) == 0 or buf[0] != 0 or dec[rc.D_POS] != sizes[s]
+    def decode_kernel(streams, starts, sizes, offsets, groups, k, vocab, max_rows, capacity,
+                      stored_ids, recur, floor, dist, bad):
+        """Each range-coded sequence (``sizes[s]`` ≥ 0 bytes at ``starts[s]``) decoded, groups in
+        parallel; ``bad[s]`` set for a stream that decodes to values q64v3 cannot hold or does not
+        end where its length says."""
+        if len(deps) == 0:
+            return
+        for g in prange(len(groups) - 1):
+            dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
+            probs = np.empty(PROBS + 2 * k, dtype=np.int32)
+            ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
+            mtf = np.empty(max_rows + 1, dtype=np.int64)
+            table = np.full((capacity, 2), -1, dtype=np.int64)
+            seen = np.empty((capacity, 2), dtype=np.int64)
+            keys = np.empty(k, dtype=np.int64)
+            numbers = np.empty(k, dtype=np.int64)
+            for s in range(groups[g], groups[g + 1]):
+                if sizes[s] < 0:
+                    continue
+                buf = streams[starts[s]:starts[s] + sizes[s]]
+                ok = _decode_sequence(buf, offsets[s], offsets[s + 1], k, vocab, stored_ids, recur,
+                                      floor, dist, dec, probs, ready, mtf, table, seen, keys,
+                                      numbers)
+                # the encoder's first byte is 0, and the decoder reads exactly what it wrote
+                bad[s] = not ok or len(buf) == 0 or buf[0] != 0 or dec[rc.D_POS] != sizes[s]
+
+    return encode_kernel, decode_kernel
 
 
 def _compiled() -> SimpleNamespace:
@@ -379,8 +393,13 @@ def _compiled() -> SimpleNamespace:
     if _KERNELS is None:
         import numba
 
+        from mtkd.store import reference_codec
+
+        deps = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                       for m in (rc, reference_codec))).hexdigest()
         jit = numba.njit(cache=True, nogil=True, parallel=True)
-        _KERNELS = SimpleNamespace(encode=jit(_encode_kernel), decode=jit(_decode_kernel))
+        encode_kernel, decode_kernel = _kernels(deps)
+        _KERNELS = SimpleNamespace(encode=jit(encode_kernel), decode=jit(decode_kernel))
     return _KERNELS
 
 
