@@ -20,7 +20,7 @@ position:
 Prints ``name=value`` lines, the headline ``range_coded_bytes_per_position=`` (q64's grid) last.
 The coding built on this (``q64r``, ``mtkd.store.stream_codec``) uses adaptive models and numbers
 the new ids in each sequence's order of first sight instead; ``bench/store_size.py`` measures it
-(105.9 B at q64's grid, 97.9 with the 1/4-nat tail).
+(105.8 B at q64's grid, 97.9 with the 1/4-nat tail).
 
     .venv/bin/python bench/topk_coder.py   # 7 s on the cached harvest
 """

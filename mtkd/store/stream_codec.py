@@ -1,7 +1,7 @@
 """q64v3's rows range-coded, one stream per sequence (coding ``q64r``; numba).
 
 Why: zstd over q64v3's byte planes leaves bytes on the table that a model of the rows can take:
-26 per position on SmolLM2 at k = 64 (132.1 → 105.9, ``bench/store_size.py``). This codes the
+26 per position on SmolLM2 at k = 64 (132.1 → 105.8, ``bench/store_size.py``). This codes the
 very same values — q64v3's top-1 ids, recurrence bits, new-id gaps and floor-relative codes
 (``reference_codec``) — with ``range_coder``'s adaptive binary models, so decoding gives
 q64v3's arrays back and then q64v3's rows exactly. Models start afresh in every sequence:
