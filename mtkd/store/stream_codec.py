@@ -191,6 +191,16 @@ def table_capacity(max_rows: int, k: int, vocab_size: int) -> int:
 
 
 @register_jitable
+def _sequence_state(k, max_rows, capacity):
+    """One thread's working arrays, reused sequence after sequence: the probabilities, which
+    integer contexts are fresh, the top-1 move-to-front list, the seen-id table and its
+    numbering, a row's sort keys."""
+    return (np.empty(PROBS + 2 * k, dtype=np.int32), np.zeros(UINT_CONTEXTS, dtype=np.bool_),
+            np.empty(max_rows + 1, dtype=np.int64), np.full((capacity, 2), -1, dtype=np.int64),
+            np.empty((capacity, 2), dtype=np.int64), np.empty(k, dtype=np.int64))
+
+
+@register_jitable
 def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, probs, ready,
                      mtf, table, seen, keys):
     """Range-code rows ``lo:hi`` (one sequence) into ``buf``; returns the stream's length."""
@@ -347,12 +357,7 @@ def _kernels(deps: str) -> tuple[Any, Any]:
         k = dist.shape[1]
         for g in prange(len(groups) - 1):
             enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
-            probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-            ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
-            mtf = np.empty(max_rows + 1, dtype=np.int64)
-            table = np.full((capacity, 2), -1, dtype=np.int64)
-            seen = np.empty((capacity, 2), dtype=np.int64)
-            keys = np.empty(k, dtype=np.int64)
+            probs, ready, mtf, table, seen, keys = _sequence_state(k, max_rows, capacity)
             for s in range(groups[g], groups[g + 1]):
                 lo, hi = offsets[s], offsets[s + 1]
                 lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
@@ -368,12 +373,7 @@ def _kernels(deps: str) -> tuple[Any, Any]:
             return
         for g in prange(len(groups) - 1):
             dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
-            probs = np.empty(PROBS + 2 * k, dtype=np.int32)
-            ready = np.zeros(UINT_CONTEXTS, dtype=np.bool_)
-            mtf = np.empty(max_rows + 1, dtype=np.int64)
-            table = np.full((capacity, 2), -1, dtype=np.int64)
-            seen = np.empty((capacity, 2), dtype=np.int64)
-            keys = np.empty(k, dtype=np.int64)
+            probs, ready, mtf, table, seen, keys = _sequence_state(k, max_rows, capacity)
             numbers = np.empty(k, dtype=np.int64)
             for s in range(groups[g], groups[g + 1]):
                 if sizes[s] < 0:

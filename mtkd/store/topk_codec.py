@@ -235,10 +235,12 @@ def decode(id_planes: np.ndarray, code_planes: np.ndarray, coding: str = Q64
     return (((keys & 0xFFFFFFFF) - 1).astype(np.int32), dequantise(keys >> 32))
 
 
-def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, *,
-                      vocab_size: int | None = None) -> dict[str, np.ndarray]:
-    """Top-k rows of sequences of ``lengths`` rows → their q64v3 arrays (``reference_codec``):
-    ids, recurrence bits and floor-relative codes; raises ValueError on values it cannot hold."""
+def _referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray,
+                vocab_size: int | None, tail_step: int = 1
+                ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k rows of sequences of ``lengths`` rows, checked → q64v3's stored arrays (in
+    ``RAW_ORDER``) and the values they hold: stored ids, packed recurrence bits and codes in
+    stored order (``reference_codec``; on a ``tail_step`` grid, as levels)."""
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.shape != np.shape(logprobs):
         raise ValueError(f"ids {ids.shape} and logprobs {np.shape(logprobs)} must both be [n, k]")
@@ -246,10 +248,19 @@ def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray
         raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
     width = delta_width(vocab_size, Q64V3)
     _check_ids(ids, width, vocab_size)
-    stored_ids, recur, codes = reference_codec.encode(ids, quantise(logprobs), lengths)
+    levels = tail_levels(quantise(logprobs, tail_step), tail_step)
+    stored_ids, recur, codes = reference_codec.encode(ids, levels, lengths)
     floor = codes.max(axis=1, initial=0, keepdims=True)
-    return {IDS: to_planes(stored_ids, width), RECUR: recur,
-            LOGPROBS: to_planes(np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)}
+    arrays = dict(zip(RAW_ORDER, (to_planes(stored_ids, width), recur, to_planes(
+        np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)), strict=True))
+    return arrays, stored_ids, recur, codes
+
+
+def encode_referenced(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, *,
+                      vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """Top-k rows of sequences of ``lengths`` rows → their q64v3 arrays (``reference_codec``):
+    ids, recurrence bits and floor-relative codes; raises ValueError on values it cannot hold."""
+    return _referenced(ids, logprobs, lengths, vocab_size)[0]
 
 
 def decode_referenced(arrays: Mapping[str, np.ndarray], offsets: np.ndarray
@@ -266,24 +277,15 @@ def encode_streamed(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, 
     """Top-k rows of sequences of ``lengths`` rows → q64r's ``topk_stream``
     (``stream_codec``: q64v3's values range-coded, the tail on a ``tail_step`` grid)."""
     ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape != np.shape(logprobs):
-        raise ValueError(f"ids {ids.shape} and logprobs {np.shape(logprobs)} must both be [n, k]")
-    if int(np.sum(lengths)) != len(ids):
-        raise ValueError(f"sequence lengths sum to {int(np.sum(lengths))}, not {len(ids)} rows")
-    width = delta_width(vocab_size, Q64R)
-    _check_ids(ids, width, vocab_size)
     if ids.size and ids.max() >= vocab_size:
         raise ValueError(f"ids up to {ids.max()} outside vocab_size {vocab_size}")
-    levels = tail_levels(quantise(logprobs, tail_step), tail_step)
-    stored_ids, recur, codes = reference_codec.encode(ids, levels, lengths)
-    floor = codes.max(axis=1, initial=0, keepdims=True)
-    raw = dict(zip(RAW_ORDER, (to_planes(stored_ids, width), recur, to_planes(
-        np.concatenate([floor, floor - codes], axis=1), CODE_WIDTH)), strict=True))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    k = ids.shape[1]
+    raw, stored_ids, recur, codes = _referenced(ids, logprobs, lengths, vocab_size, tail_step)
+    k = codes.shape[1]
     recur_bits = np.unpackbits(recur, axis=1, count=k, bitorder="little").astype(np.bool_)
-    return {STREAM: stream_codec.encode(raw, stored_ids, recur_bits, codes, offsets,
-                                        stream_codec.row_width(k, width), vocab_size)}
+    return {STREAM: stream_codec.encode(raw, stored_ids, recur_bits, codes,
+                                        np.concatenate([[0], np.cumsum(lengths)]),
+                                        stream_codec.row_width(k, delta_width(vocab_size)),
+                                        vocab_size)}
 
 
 def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_size: int,

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtkd.store import StoreError, StoreWriter, open_store, verify_store
+from mtkd.store import StoreError, open_store
 from mtkd.store import range_coder as rc
 from mtkd.store import stream_codec as sc
 from mtkd.store import topk_codec as tc
@@ -23,7 +23,7 @@ from mtkd.store.schema import TEACHER, teacher_header
 
 from .stores import flip_byte
 from .test_q64v2 import VOCABS, write_teacher
-from .test_q64v3 import sequences
+from .test_q64v3 import sequences, teacher_like_sizes
 from .test_topk_codec import assert_decoded, topk_rows
 
 
@@ -215,24 +215,5 @@ def test_a_damaged_stream_chunk_is_caught(tmp_path: Path) -> None:
 
 
 def test_smaller_than_q64v3_on_a_teacher_like_store(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    vocab, k, n = 50_000, 64, 4096
-    contexts = [rng.choice(vocab, 96, replace=False) for _ in range(40)]
-    ids = np.empty((n, k), dtype=np.int32)
-    for r in range(n):
-        c = contexts[rng.integers(len(contexts))]
-        ids[r] = np.concatenate([c[:1], rng.choice(c[1:], k - 1, replace=False)])
-    lp = -np.sort(rng.exponential(1.5, (n, k)), axis=1).astype(np.float32)
-    sizes = {}
-    for coding in (tc.Q64V3, tc.Q64R):
-        header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=coding)
-        writer = StoreWriter(tmp_path / coding, header)
-        rows = {"topk_ids": ids, "topk_logprobs": lp, "target_logprob": lp[:, 0],
-                "target_rank": np.ones(n, np.int32),
-                "tail_logmass": np.full(n, -3.0, np.float32)}
-        with writer.open_part(0) as pw:
-            pw.append(rows, [2048, 2048], [0, 1])
-        assert writer.finalize() and verify_store(tmp_path / coding) == []
-        sizes[coding] = sum(f.stat().st_size for f in (tmp_path / coding).rglob("*")
-                            if f.is_file() and "topk" in str(f))
+    sizes = teacher_like_sizes(tmp_path, (tc.Q64V3, tc.Q64R))
     assert sizes[tc.Q64R] < 0.85 * sizes[tc.Q64V3], sizes

@@ -166,9 +166,10 @@ def test_a_damaged_recurrence_chunk_is_caught(tmp_path: Path) -> None:
         open_store(tmp_path / "t", TEACHER, verify="full")
 
 
-def test_smaller_than_q64v2_when_rows_share_candidates(tmp_path: Path) -> None:
+def teacher_like_sizes(root: Path, codings: tuple[str, ...]) -> dict[str, int]:
     """Rows drawn around a few 'contexts' (each its own top-1 and candidate set, as a real
-    teacher's rows are): q64v3 stores the top-k columns in fewer bytes than q64v2."""
+    teacher's rows are) written with each coding (checked, read back by id): the bytes of
+    each store's top-k arrays."""
     rng = np.random.default_rng(0)
     vocab, k, n = 50_000, 64, 4096
     contexts = [rng.choice(vocab, 96, replace=False) for _ in range(40)]
@@ -178,18 +179,24 @@ def test_smaller_than_q64v2_when_rows_share_candidates(tmp_path: Path) -> None:
         ids[r] = np.concatenate([c[:1], rng.choice(c[1:], k - 1, replace=False)])
     lp = -np.sort(rng.exponential(1.5, (n, k)), axis=1).astype(np.float32)
     sizes = {}
-    for coding in (tc.Q64V2, tc.Q64V3):
+    for coding in codings:
         header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=coding)
-        writer = StoreWriter(tmp_path / coding, header)
+        writer = StoreWriter(root / coding, header)
         rows = {"topk_ids": ids, "topk_logprobs": lp, "target_logprob": lp[:, 0],
                 "target_rank": np.ones(n, np.int32),
                 "tail_logmass": np.full(n, -3.0, np.float32)}
         with writer.open_part(0) as pw:
             pw.append(rows, [2048, 2048], [0, 1])
-        assert writer.finalize()
-        sizes[coding] = sum(f.stat().st_size for f in (tmp_path / coding).rglob("*")
+        assert writer.finalize() and verify_store(root / coding) == []
+        sizes[coding] = sum(f.stat().st_size for f in (root / coding).rglob("*")
                             if f.is_file() and "topk" in str(f))
-        batch = open_store(tmp_path / coding, TEACHER).read_part(0)
+        batch = open_store(root / coding, TEACHER).read_part(0)
         assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
             ids, tc.dequantise(tc.quantise(lp)))
+    return sizes
+
+
+def test_smaller_than_q64v2_when_rows_share_candidates(tmp_path: Path) -> None:
+    """On teacher-like rows q64v3 stores the top-k columns in fewer bytes than q64v2."""
+    sizes = teacher_like_sizes(tmp_path, (tc.Q64V2, tc.Q64V3))
     assert sizes[tc.Q64V3] < 0.9 * sizes[tc.Q64V2], sizes
