@@ -52,7 +52,9 @@ rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
 store). With ``--spread``, the input's own rows with their ids spread over 262,144 ids (id i →
 the i-th of a sorted random subset; ``store_size_inputs.spread_teacher_store``) through the
-Zipf candidates: ``<coding>_spread262k_bytes_per_position=``. Then the synthetic Zipf teacher
+Zipf candidates: ``<coding>_spread262k_bytes_per_position=``; with ``--sequence-rows 128,512``,
+the input's rows cut into sequences of that many rows through them:
+``<coding>_seq<rows>_bytes_per_position=``. Then the synthetic Zipf teacher
 of 262,144 ids (``--zipf-positions`` rows) through q64,
 q64v2, q64v3, q64r and q64r-tail1/4nat. Each candidate's line holds its bytes, errors, read
 speeds and, for the store's codings, ``encode_topk_positions_s`` (the writer's coding of the
@@ -61,7 +63,10 @@ last lines give the default coding's (q64v2's) bytes by array, ``max_abs_logprob
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=``, the opt-in codings' bytes, and the headline
 ``teacher_bytes_per_position=`` last: q64r with the 1/4-nat tail where it was measured (the
-smallest coding within the goal's bound), else q64v2. Each line also gives
+smallest coding within the goal's bound), else q64v2. Beside the headline's Zipf figure,
+``zipf262k_floor_bytes_per_position_<grid>=``: what no coding of those independent rows can
+beat at q64's grid and at the headline's tail, even one told the generator
+(``store_size_inputs.zipf_floor_bytes``). Each line also gives
 ``mean_kl_vs_written_nats``: the mean KL from each written row (top-k plus tail mass) to the
 read one.
 
@@ -83,7 +88,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from store_size_inputs import real_teacher_store, spread_teacher_store, zipf_teacher_store
+from store_size_inputs import (
+    real_teacher_store,
+    recut_teacher_store,
+    spread_teacher_store,
+    zipf_floor_bytes,
+    zipf_teacher_store,
+)
 
 from mtkd.harvest.job import read_id_table
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
@@ -416,6 +427,9 @@ def main() -> None:
     ap.add_argument("--spread", action="store_true",
                     help="also the input's rows with their ids spread over 262,144 ids, "
                          "order kept (a real teacher's rows at a large vocabulary's id width)")
+    ap.add_argument("--sequence-rows", default="",
+                    help="comma-separated lengths: also the input's rows cut into sequences of "
+                         "that many rows (shorter windows; q64r's models start afresh in each)")
     ap.add_argument("--hybrid", action="store_true",
                     help="also SmolLM2 harvested as the hybrid (exact top-8 + 64 "
                          "draws from the rest; one more harvest, ≈ 4 min): its bytes in q64v2")
@@ -452,6 +466,12 @@ def main() -> None:
             ssrc = open_store(spread_teacher_store(path, root / "spread-input"), TEACHER)
             describe(ssrc, "the same rows, ids spread over 262,144")
             spread, _ = run_candidates(ssrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
+        recut = {}
+        for rows in (int(r) for r in args.sequence_rows.split(",") if r):
+            rsrc = open_store(recut_teacher_store(path, root / f"recut{rows}", rows), TEACHER)
+            describe(rsrc, f"the same rows in sequences of {rows}")
+            recut[rows], _ = run_candidates(rsrc, [n for n in ZIPF_CANDIDATES if n in wanted],
+                                            root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if CHOSEN not in results:
@@ -499,6 +519,9 @@ def main() -> None:
             print(f"{name}_zipf262k_bytes_per_position={zipf[name]['bytes_per_position']:.1f}")
     for name, r in spread.items():
         print(f"{name}_spread262k_bytes_per_position={r['bytes_per_position']:.1f}")
+    for rows, by_name in recut.items():
+        for name, r in by_name.items():
+            print(f"{name}_seq{rows}_bytes_per_position={r['bytes_per_position']:.1f}")
     # the headline: the smallest coding a harvest can write within the goal's error bound
     # (q64r with a 1/4-nat tail) where it was measured, else the default's
     head = results.get(COMPACT, best)
@@ -507,6 +530,10 @@ def main() -> None:
     print(f"headline_coding={name} ({HOW.get(name, 'the default')})")
     if head_zipf is not None:
         print(f"headline_zipf262k_bytes_per_position={head_zipf['bytes_per_position']:.1f}")
+        # what no coding of those independent rows can beat: q64's grid, the headline's tail
+        for floor_name, step in (("q64", 1), (name, TAIL_CANDIDATES.get(name, 1))):
+            print(f"zipf262k_floor_bytes_per_position_{floor_name}="
+                  f"{zipf_floor_bytes(tail_step=step):.1f}")
     met = (head["bytes_per_position"] <= GOAL_BYTES
            and head["max_abs_logprob_err_p_ge_1e-3"] <= GOAL_ERR)
     print(f"headline_goal_met={met} (<= {GOAL_BYTES:g} bytes, <= {GOAL_ERR} nat where "

@@ -9,9 +9,12 @@
   it; built in a temporary directory and renamed into place when complete.
 * :func:`zipf_teacher_store`: a synthetic teacher of 262,144 ids, rows generated in numpy
   (ids drawn from a Zipf law, log-probs descending), for the id-width figure.
+* :func:`zipf_floor_bytes`: what any coding of those rows must store at least, for the figure's
+  honest reading.
 * :func:`spread_teacher_store`: a teacher store's rows with their ids spread over a larger
   vocabulary (id i → the i-th of a sorted random subset of 262,144 ids): a real teacher's rows,
   with their structure, at a large vocabulary's id width.
+* :func:`recut_teacher_store`: a teacher store's rows cut into shorter sequences.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from mtkd.recipes.real_teacher import cache_root, ensure_smollm2
 from mtkd.recipes.stdlib_corpus import stdlib_texts
 from mtkd.store import StoreWriter, open_store
+from mtkd.store import topk_codec as tc
 from mtkd.store.schema import TEACHER, teacher_header
 
 #: ≈ 104k SmolLM2 tokens of the standard library's top-level sources (≈ 1 min of harvest on
@@ -43,6 +47,9 @@ HARVEST_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "fl
 #: top-8 and 64 draws from the rest of the softmax.
 HYBRID_ARGS = ("--engine", "vllm", "--dtype", "float32", "--logprob-dtype", "float32",
                "--k", "8", "--num-samples", "64", "--sample-rest", "--enforce-eager")
+#: The synthetic teacher's law (:func:`zipf_rows`): Zipf exponent of the ids, mean of the top
+#: log-prob's exponential, range of the per-row spacing scale β.
+ZIPF_EXPONENT, TOP_MEAN, BETA_RANGE = 1.1, 0.8, (1.0, 2.5)
 
 
 def run_mtkd(*args: object) -> None:
@@ -83,16 +90,16 @@ def real_teacher_store(cache: Path | None = None, *, hybrid: bool = False) -> Pa
 def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` teacher rows of a synthetic ``vocab``-id teacher, shaped like a real one.
 
-    Ids: k distinct draws of a Zipf law (exponent 1.1) over frequency ranks, in the order they
-    are first drawn (likelier tokens tend to rank higher), mapped to ids by a fixed noisy sort
-    (frequent tokens tend to have small ids, as in BPE vocabularies). Log-probs: the top one
-    −Exp(0.8); then the spacings of exponential order statistics, β·Exp(1)/i with β ~ U(1, 2.5)
-    per row (the gaps between the largest of many Gumbel logits), so a row spans ≈ 5–12 nats.
+    Ids: k distinct draws of a Zipf law (exponent ``ZIPF_EXPONENT``, 1.1) over frequency ranks,
+    in the order they are first drawn (likelier tokens tend to rank higher), mapped to ids by a
+    fixed noisy sort (frequent tokens tend to have small ids, as in BPE vocabularies).
+    Log-probs: the top one −Exp(0.8); then the spacings of exponential order statistics,
+    β·Exp(1)/i with β ~ U(1, 2.5) per row (the gaps between the largest of many Gumbel
+    logits), so a row spans ≈ 5–12 nats.
     """
     rng = np.random.default_rng(seed)
     rank_to_id = np.argsort(np.log1p(np.arange(vocab)) + rng.normal(0, 1, vocab))
-    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** 1.1)
-    cdf /= cdf[-1]
+    cdf = np.cumsum(_zipf_law(vocab))
     ids = np.empty((n, k), np.int32)
     for r in range(n):
         draws = np.searchsorted(cdf, rng.random(8 * k))
@@ -101,8 +108,8 @@ def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray
             draws = np.concatenate([draws, np.searchsorted(cdf, rng.random(8 * k))])
             _, first = np.unique(draws, return_index=True)
         ids[r] = rank_to_id[draws[np.sort(first)[:k]]]
-    beta = rng.uniform(1.0, 2.5, (n, 1))
-    top = -rng.exponential(0.8, (n, 1))
+    beta = rng.uniform(*BETA_RANGE, (n, 1))
+    top = -rng.exponential(TOP_MEAN, (n, 1))
     lp = np.concatenate([top, top - np.cumsum(beta * rng.exponential(1.0, (n, k - 1))
                                               / np.arange(1, k), axis=1)], axis=1)
     mass = np.exp(lp).sum(axis=1)
@@ -114,6 +121,69 @@ def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray
             "target_logprob": lp[np.arange(n), pick].astype(np.float32),
             "target_rank": (pick + 1).astype(np.int32),
             "tail_logmass": tail.astype(np.float32)}
+
+
+def _zipf_law(vocab: int) -> np.ndarray:
+    p = 1.0 / np.arange(1, vocab + 1) ** ZIPF_EXPONENT
+    return p / p.sum()
+
+
+def _level_edges(tail_step: int, units: float) -> np.ndarray:
+    """Edges, in fine steps of −log p, of q64's levels up to ``units`` with a ``tail_step``
+    tail: fine levels up to ``FINE_MAX`` (whose level reaches half a coarse step further),
+    then levels ``COARSE · tail_step`` fine steps wide (``topk_codec.quantise``)."""
+    width = tc.COARSE * tail_step
+    fine = np.arange(-0.5, tc.FINE_MAX - 0.5 + 1e-9)
+    coarse = tc.FINE_MAX + width / 2 + width * np.arange(int((units - tc.FINE_MAX) / width) + 2)
+    return np.concatenate([fine, coarse])
+
+
+def _level_entropy(start: float, mean: float, edges: np.ndarray) -> float:
+    """Entropy (bits) of the level of ``start + mean · Exp(1)`` (fine steps)."""
+    above = edges[edges > start]
+    cdf = np.concatenate([[0.0], 1.0 - np.exp(-(above - start) / mean), [1.0]])
+    p = np.diff(cdf)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: int = 2000,
+                     seed: int = 7) -> float:
+    """The least bytes per row that *any* coding of :func:`zipf_rows` at q64's grid with a
+    ``tail_step`` tail can store, even one told the generator (its Zipf law, its id map, β),
+    estimated over ``n`` rows (± ≈ 0.1).
+
+    Ids: −log₂ of the ordered draws' probability, Π p(xⱼ) / (1 − Σ_{i<j} p(xᵢ)), less log₂ g!
+    for each group of g entries with equal codes (their order need not be kept). Log-probs:
+    H(codes) ≥ H(code₁) + Σᵢ H(codeᵢ | log-prob i−1, β), each an exponential's levels, exactly;
+    a row whose top-k mass would pass 1 is shifted down as :func:`zipf_rows` does, and its
+    exponentials start from the shifted values (the shift's pull on the gaps' law is neglected:
+    an estimate there, ≈ 0.5 B below the unshifted bound). The actual token's rank: log₂ k
+    bits. The other scalars are not counted."""
+    rng = np.random.default_rng(seed)
+    law = _zipf_law(vocab)
+    cdf = np.cumsum(law)
+    edges = _level_edges(tail_step, 80 * tc.FINE * BETA_RANGE[1])
+    width = tc.COARSE * tail_step
+    bits = 0.0
+    for _ in range(n):
+        beta = rng.uniform(*BETA_RANGE)
+        units = tc.FINE * np.cumsum(np.concatenate(
+            [[rng.exponential(TOP_MEAN)], beta * rng.exponential(1.0, k - 1) / np.arange(1, k)]))
+        shift = tc.FINE * math.log(max(np.exp(-units / tc.FINE).sum(), 1.0))
+        units += shift
+        bits += _level_entropy(shift, tc.FINE * TOP_MEAN, edges)
+        bits += sum(_level_entropy(units[i - 1], tc.FINE * beta / i, edges) for i in range(1, k))
+        codes = np.where(np.rint(units) <= tc.FINE_MAX, np.rint(units),
+                         tc.FINE_MAX + np.rint((units - tc.FINE_MAX) / width) * tail_step)
+        ties = np.unique(codes, return_counts=True)[1]
+        bits -= sum(math.lgamma(g + 1) for g in ties) / math.log(2)
+        draws = np.searchsorted(cdf, rng.random(8 * k))
+        _, first = np.unique(draws, return_index=True)
+        p = law[draws[np.sort(first)[:k]]]
+        bits -= np.log2(p / (1.0 - np.concatenate([[0.0], np.cumsum(p)[:-1]]))).sum()
+        bits += math.log2(k)
+    return bits / n / 8
 
 
 def zipf_teacher_store(out: Path, n: int = 50_000, k: int = 64, vocab: int = 1 << 18) -> Path:
@@ -131,22 +201,44 @@ def zipf_teacher_store(out: Path, n: int = 50_000, k: int = 64, vocab: int = 1 <
     return out
 
 
-def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0) -> Path:
-    """``src``'s top-k rows and scalars (float32) with every id i sent to the i-th smallest of
-    a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider."""
+def _rewrite_teacher_store(src: Path, out: Path, teacher: str, vocab: int | None = None,
+                           ids: np.ndarray | None = None, rows: int | None = None) -> Path:
+    """``src``'s top-k rows and scalars (float32) as a new store: ids sent through the lookup
+    ``ids`` (index id + 1, so padding −1 stays −1), each part re-cut into sequences of ``rows``
+    rows (the last one shorter)."""
     store = open_store(src, TEACHER)
-    k, small = int(store.attrs["k"]), int(store.attrs["vocab_size"])
-    spread = np.sort(np.random.default_rng(seed).choice(vocab, small, replace=False))
-    lookup = np.concatenate([[-1], spread]).astype(np.int32)  # padding −1 stays −1
-    header = teacher_header(store.num_parts, k, {"vocab_size": vocab, "teacher": "spread"},
-                            logprob_dtype="float32")
+    k = int(store.attrs["k"])
+    header = teacher_header(store.num_parts, k,
+                            {"vocab_size": vocab or int(store.attrs["vocab_size"]),
+                             "teacher": teacher}, logprob_dtype="float32")
     writer = StoreWriter(out, header)
     names = [a.name for a in header.written_arrays]
     for part in range(store.num_parts):
         batch = store.read_part(part, names)
-        rows = dict(batch.arrays)
-        rows["topk_ids"] = lookup[rows["topk_ids"] + 1]
+        arrays, lengths, seq_ids = dict(batch.arrays), batch.lengths, batch.seq_ids
+        if ids is not None:
+            arrays["topk_ids"] = ids[arrays["topk_ids"] + 1]
+        if rows is not None:
+            n = int(lengths.sum())
+            lengths = np.full(-(-n // rows), rows)
+            lengths[-1] = n - rows * (len(lengths) - 1)
+            seq_ids = part * n + np.arange(len(lengths))  # unique across parts (≤ n each)
         with writer.open_part(part) as pw:
-            pw.append(rows, batch.lengths, batch.seq_ids)
+            pw.append(arrays, lengths, seq_ids)
     assert writer.finalize()
     return out
+
+
+def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0) -> Path:
+    """``src``'s top-k rows and scalars (float32) with every id i sent to the i-th smallest of
+    a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider."""
+    small = int(open_store(src, TEACHER).attrs["vocab_size"])
+    spread = np.sort(np.random.default_rng(seed).choice(vocab, small, replace=False))
+    lookup = np.concatenate([[-1], spread]).astype(np.int32)
+    return _rewrite_teacher_store(src, out, "spread", vocab, ids=lookup)
+
+
+def recut_teacher_store(src: Path, out: Path, rows: int) -> Path:
+    """``src``'s rows cut into sequences of ``rows`` rows: what a harvest of shorter windows
+    (``mtkd tokenize --max-len``) gives a coding whose models start afresh in each sequence."""
+    return _rewrite_teacher_store(src, out, f"recut{rows}", rows=rows)
