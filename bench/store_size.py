@@ -112,8 +112,9 @@ from mtkd.store.schema import (
 
 CHOSEN = tc.Q64V2  #: the default coding: bytes by array, read speeds, the sampled columns
 COMPACT = "q64r-tail1/4nat"  #: the headline: the smallest coding within the goal's bound
-HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25"}
-ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat")
+HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0"}
+ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat",
+                   "q64r-tail1/4nat-streams2048")
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -141,6 +142,7 @@ class Candidate:
     scalar_dtype: str = "float32"
     id_table: tuple[int, ...] = ()  # q64v2's id table (teacher_header)
     tail_step: int = 1  # q64r's tail grid (teacher_header)
+    stream_rows: int = 0  # q64r's rows per stream (teacher_header; 0: one per sequence)
 
 
 def _rank_id_dtype(vocab: int | None) -> str:
@@ -230,6 +232,7 @@ CANDIDATES = (
     Candidate(tc.Q64V3, tc.Q64V3),
     Candidate(tc.Q64R, tc.Q64R),
     *(Candidate(name, tc.Q64R, tail_step=step) for name, step in TAIL_CANDIDATES.items()),
+    Candidate("q64r-tail1/4nat-streams2048", tc.Q64R, tail_step=4, stream_rows=2048),
 )
 
 
@@ -241,7 +244,7 @@ def candidate_header(src: Store, cand: Candidate) -> Header:
                             num_samples=int(attrs.get("num_samples", 0)),
                             logprob_dtype=cand.logprob_dtype if cand.layout is None
                             else "float32", codec=cand.codec, id_table=cand.id_table,
-                            tail_step=cand.tail_step)
+                            tail_step=cand.tail_step, stream_rows=cand.stream_rows)
     specs = cand.layout.specs(k, vocab) if cand.layout else {}
     specs |= {name: (cand.scalar_dtype, ()) for name in SCALARS}
     arrays = tuple(ArraySpec(a.name, *specs[a.name], a.codec) if a.name in specs else a

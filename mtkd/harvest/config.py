@@ -61,6 +61,13 @@ class HarvestConfig:
         f"{', '.join(f'{t:g}' for t in TAIL_NATS)}: coarser is smaller (|error| <= half a "
         "step there); the bound where p >= 1e-3 stays 1/128 nat.",
     )
+    stream_rows: int = option(
+        2048,
+        "q64r: code consecutive sequences as one stream until it holds N rows, so that short "
+        "windows share what the coder learns (a read decodes a whole stream; 0: a stream per "
+        "sequence).",
+        min=0,
+    )
     id_table: int = option(
         0,
         "q64v2/q64v3/q64r: renumber top-k ids through a table of the N ids the teacher reads "
@@ -92,6 +99,11 @@ class HarvestConfig:
         "with the byte where each row's context ends (docs/FORMAT.md); auto: store when the "
         "teacher's vocabulary is the tokens store's or --vocab-map is given, else own.",
     )
+
+    @property
+    def q64r_stream_rows(self) -> int:
+        """Rows per q64r stream as the store records it (0 for the other codings)."""
+        return self.stream_rows if self.logprob_dtype == Q64R else 0
 
     @property
     def tail_step(self) -> int:

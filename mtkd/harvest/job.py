@@ -281,7 +281,7 @@ def harvest(
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
                             id_table=read_id_table(tokens, teacher, config.id_table),
-                            tail_step=config.tail_step)
+                            tail_step=config.tail_step, stream_rows=config.q64r_stream_rows)
     start = time.perf_counter()
     engine = None
 

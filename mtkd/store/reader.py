@@ -32,7 +32,14 @@ from mtkd.store.fs import file_sha256
 from mtkd.store.part_reader import PartReader, part_escapes
 from mtkd.store.target_codec import decode_rows as decode_target_rows
 from mtkd.store.target_codec import stored_names as target_names
-from mtkd.store.topk_codec import decode_rows, stored_names
+from mtkd.store.topk_codec import (
+    STREAM,
+    STREAM_START,
+    decode_rows,
+    stored_names,
+    stream_offsets,
+    stream_rows,
+)
 from mtkd.store.verify import verify_part, verify_store
 
 #: Environment variable choosing how much ``open_store`` checks when its caller does not say:
@@ -98,6 +105,7 @@ class Store:
         # per sequence (store order): its part and its first row inside the part
         self._seq_part = np.repeat(np.arange(self.num_parts, dtype=np.int64), counts)
         self._seq_start = np.concatenate([p.offsets[:-1] for p in self._parts])
+        self._stream_bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def verify_part(self, part: int, *, full: bool | None = None) -> None:
         """Recheck one part's files against its commit record and the manifest's record of it
@@ -187,6 +195,40 @@ class Store:
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_sequences):
             raise IndexError(f"sequence index out of range [0, {self.num_sequences})")
         names = self._names(names)
+        if not stream_rows(self.attrs) or STREAM not in stored_names(names, self.attrs):
+            return self._read(idx, names)
+        # q64r streams over several sequences: read whole streams, keep the sequences asked for
+        whole, at = self._whole_streams(idx)
+        batch = self._read(whole, names)
+        rows = _ranges(batch.offsets[at], batch.offsets[at + 1])
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(self.seq_lengths[idx], out=offsets[1:])
+        return Batch({n: a[rows] for n, a in batch.arrays.items()}, offsets, self.seq_ids[idx])
+
+    def _whole_streams(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store-order indices of every sequence of the streams holding ``idx``'s (each stream
+        once, whole, in order), and where each of ``idx`` sits among them."""
+        if self._stream_bounds is None:
+            first, stop = [], []
+            for part, reader in enumerate(self._parts):
+                starts = stream_offsets(reader.slice(STREAM_START, 0, reader.num_rows))[:-1]
+                stream = np.searchsorted(starts, reader.offsets[:-1], side="right") - 1
+                base = self._part_start[part]
+                begins = np.searchsorted(stream, stream, side="left")
+                ends = np.searchsorted(stream, stream, side="right")
+                first.append(base + begins)
+                stop.append(base + ends)
+            self._stream_bounds = (np.concatenate(first), np.concatenate(stop))
+        first, stop = (b[idx] for b in self._stream_bounds)
+        uniq, inverse = np.unique(first, return_inverse=True)
+        ends = np.empty_like(uniq)
+        ends[inverse] = stop  # every sequence of a stream has its stop
+        sizes = ends - uniq
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return _ranges(uniq, ends), base[inverse] + (idx - first)
+
+    def _read(self, idx: np.ndarray, names: list[str]) -> Batch:
+        """Rows of the sequences at ``idx``, gathered in that order, then decoded."""
         lengths = self.seq_lengths[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])

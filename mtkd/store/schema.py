@@ -94,6 +94,7 @@ def teacher_header(
     own_tokens: bool = False,
     id_table: Sequence[int] = (),
     tail_step: int = 1,
+    stream_rows: int = 0,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -108,13 +109,18 @@ def teacher_header(
     ``id_table`` (q64v2 only): the most frequent ids first, e.g. ``id_table.frequency_table``
     of the tokens store's counts; top-k ids are renumbered through it (``attrs.topk_id_table``).
     ``tail_step`` (q64r only): the tail's grid in 1/16-nat steps (``attrs.topk_tail_step``).
+    ``stream_rows`` (q64r only): consecutive sequences share a stream until it holds that many
+    rows (``attrs.topk_stream_rows``; 0: a stream per sequence).
     """
     attrs = {n: v for n, v in attrs.items() if n not in (
-        topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR)}
+        topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR,
+        topk_codec.STREAM_ROWS_ATTR)}
     if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
         raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
     if tail_step != 1 and logprob_dtype != topk_codec.Q64R:
         raise ValueError(f"a tail step needs logprob dtype {topk_codec.Q64R}")
+    if stream_rows and logprob_dtype != topk_codec.Q64R:
+        raise ValueError(f"stream rows need logprob dtype {topk_codec.Q64R}")
     coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
         coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
@@ -124,6 +130,9 @@ def teacher_header(
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
         if tail_step != 1:
             attrs[topk_codec.TAIL_STEP_ATTR] = tail_step
+        if stream_rows:
+            attrs[topk_codec.STREAM_ROWS_ATTR] = stream_rows
+            topk.append(ArraySpec(topk_codec.STREAM_START, "uint8", (), "zstd"))
         if id_table:
             attrs[topk_codec.ID_TABLE_ATTR] = [int(i) for i in id_table]
             topk_codec.coding(attrs)  # a set of ids below vocab_size, or ValueError

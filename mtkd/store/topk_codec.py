@@ -75,6 +75,11 @@ SAMPLE_CODINGS = (Q64V2, Q64V3, Q64R)
 #: Header attribute: q64r's tail grid, in coarse steps (absent: 1, q64's own).
 TAIL_STEP_ATTR = "topk_tail_step"
 TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
+#: Header attribute: q64r codes consecutive sequences of an append as one stream until it holds
+#: this many rows (absent or 0: a stream per sequence), so short sequences share what their
+#: models learn; ``STREAM_START`` (uint8 per row) marks each stream's first row.
+STREAM_ROWS_ATTR = "topk_stream_rows"
+STREAM_START = "topk_stream_start"
 RAW_ORDER = (IDS, RECUR, LOGPROBS)  #: q64r's mode-0 sequences: q64v3's arrays in this order
 
 FINE = 64  #: fine grid steps per nat
@@ -377,10 +382,41 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
     if step not in TAIL_STEPS or (step != 1 and name != Q64R):
         raise ValueError(f"{TAIL_STEP_ATTR} {step!r}: one of {list(TAIL_STEPS)}, and other "
                          f"than 1 only with {CODING_ATTR} {Q64R!r}")
+    rows = attrs.get(STREAM_ROWS_ATTR, 0)
+    if not isinstance(rows, int) or rows < 0 or (rows and name != Q64R):
+        raise ValueError(f"{STREAM_ROWS_ATTR} {rows!r}: a non-negative int, and other than 0 "
+                         f"only with {CODING_ATTR} {Q64R!r}")
     if name == Q64R and not attrs.get("vocab_size"):
         raise ValueError(f"{CODING_ATTR} {Q64R!r} needs attrs.vocab_size")
     lookups(attrs)
     return name
+
+
+def stream_rows(attrs: Mapping[str, Any]) -> int:
+    """Rows q64r gathers into one stream (0: a stream per sequence)."""
+    return int(attrs.get(STREAM_ROWS_ATTR, 0))
+
+
+def stream_lengths(lengths: np.ndarray, rows: int) -> np.ndarray:
+    """Row counts of q64r's streams over sequences of ``lengths`` rows: consecutive sequences
+    until a stream holds ≥ ``rows`` rows (the last may hold fewer; no empty stream)."""
+    out, held = [], 0
+    for n in np.asarray(lengths, dtype=np.int64).tolist():
+        held += n
+        if held >= max(rows, 1):
+            out.append(held)
+            held = 0
+    if held:
+        out.append(held)
+    return np.asarray(out, dtype=np.int64)
+
+
+def stream_offsets(starts: np.ndarray) -> np.ndarray:
+    """Row offsets of the streams that ``STREAM_START`` flags (rows of whole streams)."""
+    first = np.flatnonzero(starts)
+    if len(starts) and (len(first) == 0 or first[0] != 0):
+        raise ValueError(f"{STREAM_START}: the rows read do not begin a stream (damaged)")
+    return np.concatenate([first, [len(starts)]]).astype(np.int64)
 
 
 def tail_step(attrs: Mapping[str, Any]) -> int:
@@ -411,7 +447,9 @@ def internal_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
     """The stored arrays the coding makes itself (q64v3's ``topk_recur``, q64r's
     ``topk_stream``): a writer's caller never gives them and a read never returns them
     (``Header.written_arrays``)."""
-    return {Q64V3: (RECUR,), Q64R: (STREAM,)}.get(coding(attrs) or "", ())
+    if coding(attrs) == Q64R:
+        return (STREAM, STREAM_START) if stream_rows(attrs) else (STREAM,)
+    return (RECUR,) if coding(attrs) == Q64V3 else ()
 
 
 def virtual_arrays(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -436,6 +474,12 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         raise ValueError(f"{name} codes whole sequences: their lengths are needed")
     if name == Q64V3:
         coded = encode_referenced(ids, rows[LOGPROBS], lengths, vocab_size=vocab)
+    elif name == Q64R and stream_rows(attrs):
+        streams = stream_lengths(lengths, stream_rows(attrs))
+        coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
+                                tail_step=tail_step(attrs))
+        coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
+        coded[STREAM_START][np.cumsum(streams) - streams] = 1
     elif name == Q64R:
         coded = encode_streamed(ids, rows[LOGPROBS], lengths, vocab_size=vocab,
                                 tail_step=tail_step(attrs))
@@ -455,7 +499,8 @@ def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
     name = coding(attrs)
     if name == Q64R:  # both columns live in the stream
         top = [n for n in names if n in (IDS, LOGPROBS)]
-        return [n for n in names if n not in top] + ([STREAM] if top else [])
+        stream = [STREAM, STREAM_START] if stream_rows(attrs) else [STREAM]
+        return [n for n in names if n not in top] + (stream if top else [])
     if name is not None and IDS in names and LOGPROBS not in names:
         names.append(LOGPROBS)
     if name == Q64V3 and IDS in names and RECUR not in names:
@@ -475,6 +520,8 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
     if STREAM in arrays:
         if offsets is None:
             raise ValueError("q64r rows decode by whole sequences: their offsets are needed")
+        if STREAM_START in out:  # whole streams of several sequences each
+            offsets = stream_offsets(out.pop(STREAM_START))
         out[IDS], out[LOGPROBS] = decode_streamed(
             out.pop(STREAM), offsets, k=int(attrs["k"]), vocab_size=int(attrs["vocab_size"]),
             tail_step=tail_step(attrs))

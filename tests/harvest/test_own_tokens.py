@@ -250,17 +250,18 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
     code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "f",
                      "--engine", "hf", "--tail-nats", 0.25)
     assert code == 1 and "--tail-nats needs --logprob-dtype q64r" in msg, msg
-    # q64r (range-coded, with the table): the same rows as q64v2's
+    # q64r (range-coded, with the table, streams of ≥ 4 rows): the same rows as q64v2's
     monkeypatch.undo()
     code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "r",
                      "--engine", "hf", "--k", K, "--dtype", "float32", "--id-table", 16,
-                     "--logprob-dtype", "q64r")
+                     "--logprob-dtype", "q64r", "--stream-rows", 4)
     assert code == 0, msg
     v2, r = open_store(tmp_path / "t"), open_store(tmp_path / "r")
     assert r.attrs["topk_coding"] == "q64r" and r.attrs["topk_id_table"] == want
-    every = np.arange(v2.num_sequences)
-    for name, values in v2.read(every).arrays.items():
-        np.testing.assert_array_equal(r.read(every)[name], values, err_msg=name)
+    assert r.attrs["topk_stream_rows"] == 4
+    for order in (np.arange(v2.num_sequences), np.arange(v2.num_sequences)[::-2]):
+        for name, values in v2.read(order).arrays.items():
+            np.testing.assert_array_equal(r.read(order)[name], values, err_msg=name)
 
 
 def test_a_model_given_by_hub_id_is_read_from_the_cache(setup: Setup, tmp_path: Path,

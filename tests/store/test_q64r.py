@@ -1,7 +1,8 @@
-"""The q64r coding: q64v3's values range-coded, one stream per sequence. Round trips give
-q64v2's rows exactly whatever the rows, sequences and vocabulary; a coarser tail keeps the
-bound where p ≥ 1e-3 and its own below; the range coder decodes what it coded; stores read
-back through every read path; damaged streams are refused; and it is smaller than q64v3."""
+"""The q64r coding: q64v3's values range-coded, one stream per sequence or per group of
+sequences. Round trips give q64v2's rows exactly whatever the rows, sequences and vocabulary;
+a coarser tail keeps the bound where p ≥ 1e-3 and its own below; the range coder decodes what
+it coded; stores read back through every read path, streams over several sequences too;
+damaged streams are refused; and it is smaller than q64v3."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import numba
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.store import StoreError, open_store
+from mtkd.store import StoreError, StoreWriter, open_store
 from mtkd.store import range_coder as rc
 from mtkd.store import stream_codec as sc
 from mtkd.store import topk_codec as tc
@@ -176,6 +177,12 @@ def test_refused_attrs() -> None:
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, tail_step=4)
     with pytest.raises(ValueError, match="topk_tail_step 3"):
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, tail_step=3)
+    with pytest.raises(ValueError, match="stream rows need logprob dtype q64r"):
+        teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, stream_rows=64)
+    with pytest.raises(ValueError, match="topk_stream_rows -1"):
+        teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, stream_rows=-1)
+    with pytest.raises(ValueError, match="do not begin a stream"):
+        tc.stream_offsets(np.array([0, 1, 0], np.uint8))
     with pytest.raises(ValueError, match="outside vocab_size 10"):
         tc.encode_streamed(np.array([[3, 12]]), np.array([[-0.1, -2.0]]), np.array([1]),
                            vocab_size=10)
@@ -217,3 +224,72 @@ def test_a_damaged_stream_chunk_is_caught(tmp_path: Path) -> None:
 def test_smaller_than_q64v3_on_a_teacher_like_store(tmp_path: Path) -> None:
     sizes = teacher_like_sizes(tmp_path, (tc.Q64V3, tc.Q64R))
     assert sizes[tc.Q64R] < 0.85 * sizes[tc.Q64V3], sizes
+
+
+@given(lengths=st.lists(st.integers(0, 30), max_size=40), rows=st.integers(0, 100))
+def test_streams_gather_whole_sequences(lengths: list[int], rows: int) -> None:
+    """Every row in exactly one stream, none empty, each but the last ≥ ``rows`` rows, each
+    ending where a sequence ends."""
+    got = tc.stream_lengths(np.array(lengths, dtype=np.int64), rows)
+    assert got.sum() == sum(lengths) and (got > 0).all() and (got[:-1] >= max(rows, 1)).all()
+    assert set(np.cumsum(got).tolist()) <= set(np.cumsum(lengths).tolist())
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), stream_rows=st.sampled_from([1, 4, 16, 1000]))
+def test_streams_over_several_sequences_read_as_the_q64v2_twin(tmp_path_factory, data,
+                                                               stream_rows: int) -> None:
+    """Sequences of any lengths (empty ones too) over several appends and parts, written as
+    q64v2 and as q64r with streams of ≥ ``stream_rows`` rows: random reads (any order,
+    repeats, the top-k columns alone or not at all) and part reads give the same arrays."""
+    root = tmp_path_factory.mktemp("streams")
+    appends = data.draw(st.lists(st.lists(st.integers(0, 12), max_size=6), min_size=1,
+                                 max_size=5))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    k, vocab = 6, 300
+    batches = []
+    for lengths in appends:
+        n = sum(lengths)
+        ids = np.argsort(rng.random((n, 40)), axis=1)[:, :k]  # k distinct of 40 ids
+        lp = -np.sort(rng.exponential(2.0, (n, k)), axis=1)
+        batches.append(({"topk_ids": ids.astype(np.int32), "topk_logprobs": lp.astype(np.float32),
+                         "target_logprob": lp[:, 0].astype(np.float32),
+                         "target_rank": np.ones(n, np.int32),
+                         "tail_logmass": np.full(n, -2.0, np.float32)}, lengths))
+    stores = []
+    for name, kw in (("v2", {"logprob_dtype": tc.Q64V2}),
+                     ("r", {"logprob_dtype": tc.Q64R, "stream_rows": stream_rows})):
+        writer = StoreWriter(root / name, teacher_header(2, k, {"vocab_size": vocab}, **kw))
+        first = 0
+        for part in range(2):
+            with writer.open_part(part) as pw:
+                for rows, lengths in batches[part::2]:
+                    pw.append(rows, lengths, first + np.arange(len(lengths)))
+                    first += len(lengths)
+        assert writer.finalize()
+        stores.append(open_store(root / name, TEACHER, verify="full"))
+    s2, sr = stores
+    assert sr.attrs[tc.STREAM_ROWS_ATTR] == stream_rows and tc.STREAM_START not in sr.array_names
+    for part in range(2):
+        a, b = s2.read_part(part), sr.read_part(part)
+        for name in a.arrays:
+            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    for _ in range(3):
+        order = data.draw(st.lists(st.integers(0, max(s2.num_sequences - 1, 0)), max_size=8)
+                          if s2.num_sequences else st.just([]))
+        names = data.draw(st.sampled_from([None, ["topk_logprobs"], ["target_rank"]]))
+        a, b = s2.read(order, names), sr.read(order, names)
+        np.testing.assert_array_equal(b.offsets, a.offsets)
+        np.testing.assert_array_equal(b.seq_ids, a.seq_ids)
+        assert sorted(b.arrays) == sorted(a.arrays)
+        for name in a.arrays:
+            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_streams_over_short_sequences_are_smaller(tmp_path: Path) -> None:
+    """A teacher-like store in 64 sequences of 64 rows: one stream per ≥ 1,024 rows is
+    smaller than one per sequence, because the models keep what they learnt."""
+    short = (64,) * 64
+    alone = teacher_like_sizes(tmp_path / "alone", (tc.Q64R,), short)[tc.Q64R]
+    shared = teacher_like_sizes(tmp_path / "shared", (tc.Q64R,), short, stream_rows=1024)
+    assert shared[tc.Q64R] < 0.9 * alone, (shared, alone)

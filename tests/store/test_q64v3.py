@@ -166,10 +166,11 @@ def test_a_damaged_recurrence_chunk_is_caught(tmp_path: Path) -> None:
         open_store(tmp_path / "t", TEACHER, verify="full")
 
 
-def teacher_like_sizes(root: Path, codings: tuple[str, ...]) -> dict[str, int]:
+def teacher_like_sizes(root: Path, codings: tuple[str, ...], lengths: tuple[int, ...] = (2048,) * 2,
+                       stream_rows: int = 0) -> dict[str, int]:
     """Rows drawn around a few 'contexts' (each its own top-1 and candidate set, as a real
-    teacher's rows are) written with each coding (checked, read back by id): the bytes of
-    each store's top-k arrays."""
+    teacher's rows are) in sequences of ``lengths`` written with each coding (checked, read
+    back by id; q64r with ``stream_rows``): the bytes of each store's top-k arrays."""
     rng = np.random.default_rng(0)
     vocab, k, n = 50_000, 64, 4096
     contexts = [rng.choice(vocab, 96, replace=False) for _ in range(40)]
@@ -180,13 +181,14 @@ def teacher_like_sizes(root: Path, codings: tuple[str, ...]) -> dict[str, int]:
     lp = -np.sort(rng.exponential(1.5, (n, k)), axis=1).astype(np.float32)
     sizes = {}
     for coding in codings:
-        header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=coding)
+        header = teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=coding,
+                                stream_rows=stream_rows if coding == tc.Q64R else 0)
         writer = StoreWriter(root / coding, header)
         rows = {"topk_ids": ids, "topk_logprobs": lp, "target_logprob": lp[:, 0],
                 "target_rank": np.ones(n, np.int32),
                 "tail_logmass": np.full(n, -3.0, np.float32)}
         with writer.open_part(0) as pw:
-            pw.append(rows, [2048, 2048], [0, 1])
+            pw.append(rows, list(lengths), np.arange(len(lengths)))
         assert writer.finalize() and verify_store(root / coding) == []
         sizes[coding] = sum(f.stat().st_size for f in (root / coding).rglob("*")
                             if f.is_file() and "topk" in str(f))
