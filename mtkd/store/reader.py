@@ -105,7 +105,7 @@ class Store:
         # per sequence (store order): its part and its first row inside the part
         self._seq_part = np.repeat(np.arange(self.num_parts, dtype=np.int64), counts)
         self._seq_start = np.concatenate([p.offsets[:-1] for p in self._parts])
-        self._stream_bounds: tuple[np.ndarray, np.ndarray] | None = None
+        self._stream_bounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def verify_part(self, part: int, *, full: bool | None = None) -> None:
         """Recheck one part's files against its commit record and the manifest's record of it
@@ -208,24 +208,33 @@ class Store:
     def _whole_streams(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store-order indices of every sequence of the streams holding ``idx``'s (each stream
         once, whole, in order), and where each of ``idx`` sits among them."""
-        if self._stream_bounds is None:
-            first, stop = [], []
-            for part, reader in enumerate(self._parts):
-                starts = stream_offsets(reader.slice(STREAM_START, 0, reader.num_rows))[:-1]
-                stream = np.searchsorted(starts, reader.offsets[:-1], side="right") - 1
-                base = self._part_start[part]
-                begins = np.searchsorted(stream, stream, side="left")
-                ends = np.searchsorted(stream, stream, side="right")
-                first.append(base + begins)
-                stop.append(base + ends)
-            self._stream_bounds = (np.concatenate(first), np.concatenate(stop))
-        first, stop = (b[idx] for b in self._stream_bounds)
+        first, stop = np.empty_like(idx), np.empty_like(idx)
+        part_of = self._seq_part[idx]
+        for part in np.unique(part_of).tolist():
+            at = part_of == part
+            local = idx[at] - self._part_start[part]
+            part_first, part_stop = self._part_streams(part)
+            first[at], stop[at] = part_first[local], part_stop[local]
         uniq, inverse = np.unique(first, return_inverse=True)
         ends = np.empty_like(uniq)
         ends[inverse] = stop  # every sequence of a stream has its stop
-        sizes = ends - uniq
-        base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        base = np.concatenate([[0], np.cumsum(ends - uniq)[:-1]]).astype(np.int64)
         return _ranges(uniq, ends), base[inverse] + (idx - first)
+
+    def _part_streams(self, part: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per sequence of ``part``: the store-order indices of the first and past the last
+        sequence of its stream (from the part's ``topk_stream_start`` flags, read once)."""
+        if part not in self._stream_bounds:
+            reader = self._parts[part]
+            try:
+                starts = stream_offsets(reader.slice(STREAM_START, 0, reader.num_rows))[:-1]
+            except ValueError as e:
+                raise CorruptStoreError(f"{self.root}: part {part}: {e}") from None
+            stream = np.searchsorted(starts, reader.offsets[:-1], side="right") - 1
+            base = self._part_start[part]
+            self._stream_bounds[part] = (base + np.searchsorted(stream, stream, side="left"),
+                                         base + np.searchsorted(stream, stream, side="right"))
+        return self._stream_bounds[part]
 
     def _read(self, idx: np.ndarray, names: list[str]) -> Batch:
         """Rows of the sequences at ``idx``, gathered in that order, then decoded."""

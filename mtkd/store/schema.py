@@ -131,7 +131,7 @@ def teacher_header(
         if tail_step != 1:
             attrs[topk_codec.TAIL_STEP_ATTR] = tail_step
         if stream_rows:
-            attrs[topk_codec.STREAM_ROWS_ATTR] = stream_rows
+            attrs[topk_codec.STREAM_ROWS_ATTR] = int(stream_rows)
             topk.append(ArraySpec(topk_codec.STREAM_START, "uint8", (), "zstd"))
         if id_table:
             attrs[topk_codec.ID_TABLE_ATTR] = [int(i) for i in id_table]
@@ -159,8 +159,10 @@ def teacher_header(
     topk_codec.coding(full_attrs)  # a coding it can write with these attrs, or ValueError
     # version 2: a version-1 reader would take the coded columns for plain ids and log-probs;
     # version 3: rows in the teacher's own tokens, which an older reader would take for rows of
-    # the tokens store's positions
-    version = 3 if own_tokens else 2 if topk_codec.CODING_ATTR in full_attrs else 1
+    # the tokens store's positions; version 4: q64r streams over several sequences, which an
+    # older reader would take for damaged ones
+    version = (4 if stream_rows else 3 if own_tokens
+               else 2 if topk_codec.CODING_ATTR in full_attrs else 1)
     return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)
 
 

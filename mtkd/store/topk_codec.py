@@ -48,6 +48,7 @@ int32 ids, float32 log-probs in descending order and uint16 counts whatever the 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -383,7 +384,8 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
         raise ValueError(f"{TAIL_STEP_ATTR} {step!r}: one of {list(TAIL_STEPS)}, and other "
                          f"than 1 only with {CODING_ATTR} {Q64R!r}")
     rows = attrs.get(STREAM_ROWS_ATTR, 0)
-    if not isinstance(rows, int) or rows < 0 or (rows and name != Q64R):
+    if not isinstance(rows, numbers.Integral) or isinstance(rows, bool) or rows < 0 \
+            or (rows and name != Q64R):
         raise ValueError(f"{STREAM_ROWS_ATTR} {rows!r}: a non-negative int, and other than 0 "
                          f"only with {CODING_ATTR} {Q64R!r}")
     if name == Q64R and not attrs.get("vocab_size"):

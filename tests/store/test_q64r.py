@@ -293,3 +293,21 @@ def test_streams_over_short_sequences_are_smaller(tmp_path: Path) -> None:
     alone = teacher_like_sizes(tmp_path / "alone", (tc.Q64R,), short)[tc.Q64R]
     shared = teacher_like_sizes(tmp_path / "shared", (tc.Q64R,), short, stream_rows=1024)
     assert shared[tc.Q64R] < 0.9 * alone, (shared, alone)
+
+
+def test_damaged_stream_flags_are_refused_for_their_part_only(tmp_path: Path) -> None:
+    """A part whose first row no longer begins a stream: reads of its top-k rows name the part;
+    the other part's sequences still read."""
+    import zarr
+
+    write_teacher(tmp_path / "t", tc.Q64R, lengths=(3, 0, 4, 2), stream_rows=4)
+    write_teacher(tmp_path / "v2", tc.Q64V2, lengths=(3, 0, 4, 2))
+    flags = zarr.open_array(tmp_path / "t" / PARTS_DIR / part_name(0) / tc.STREAM_START, mode="r+")
+    flags[0] = 0
+    store = open_store(tmp_path / "t", TEACHER, verify="none")
+    with pytest.raises(StoreError, match=f"part 0: {tc.STREAM_START}"):
+        store.read([1], ["topk_ids"])
+    assert store.read([1], ["target_rank"])["target_rank"].shape == (0,)  # no stream needed
+    twin = open_store(tmp_path / "v2", TEACHER)
+    for name, values in twin.read([6, 4]).arrays.items():
+        np.testing.assert_array_equal(store.read([6, 4])[name], values, err_msg=name)
