@@ -43,6 +43,7 @@ Candidates (zstd unless said):
   (``mtkd harvest --logprob-dtype q64r --tail-nats 0.125 / 0.25 --stream-rows 0``);
   ``q64r-tail1/4nat-streams2048``: the 1/4-nat tail, consecutive sequences coded as one
   stream of ≥ 2,048 rows (what ``mtkd harvest --logprob-dtype q64r --tail-nats 0.25`` writes);
+  ``…-streams65536``: of ≥ 65,536 rows (models that learn over a whole part);
 * ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096``, ``q64r-tail1/4nat+id-table4096``
   (the default input only): the
   coding with the id table of the tokens store's N most frequent ids in the header, what
@@ -118,7 +119,7 @@ COMPACT = "q64r-tail1/4nat-streams2048"
 HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25",
        "q64r-tail1/4nat": "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0"}
 ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat",
-                   "q64r-tail1/4nat-streams2048")
+                   "q64r-tail1/4nat-streams2048", "q64r-tail1/4nat-streams65536")
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -205,6 +206,8 @@ def _coarse_tail_layout(steps: int) -> Layout:
 
 #: q64r with a coarser tail: name → tail step (``topk_codec.TAIL_STEPS``)
 TAIL_CANDIDATES = {"q64r-tail1/8nat": 2, "q64r-tail1/4nat": 4}
+#: q64r with the 1/4-nat tail and streams over several sequences: name → rows per stream
+STREAM_CANDIDATES = {"q64r-tail1/4nat-streams2048": 2048, "q64r-tail1/4nat-streams65536": 1 << 16}
 #: id-table candidates (the default input only): name → (candidate, table size)
 ID_TABLE_CANDIDATES = {f"{name}+id-table{n}": (name, n) for name, n in (
     (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096),
@@ -236,7 +239,8 @@ CANDIDATES = (
     Candidate(tc.Q64V3, tc.Q64V3),
     Candidate(tc.Q64R, tc.Q64R),
     *(Candidate(name, tc.Q64R, tail_step=step) for name, step in TAIL_CANDIDATES.items()),
-    Candidate("q64r-tail1/4nat-streams2048", tc.Q64R, tail_step=4, stream_rows=2048),
+    *(Candidate(name, tc.Q64R, tail_step=4, stream_rows=rows)
+      for name, rows in STREAM_CANDIDATES.items()),
 )
 
 
@@ -515,7 +519,7 @@ def main() -> None:
         print(f"hybrid_sampled_bytes_per_position={h['sampled_bytes_per_position']:.1f}")
         print("hybrid_bytes_per_position="
               f"{h['bytes_per_position'] + h['sampled_bytes_per_position']:.1f}")
-    for name in (tc.Q64V3, tc.Q64R, *TAIL_CANDIDATES):  # opt-in codings, beside the default's
+    for name in (tc.Q64V3, tc.Q64R, *TAIL_CANDIDATES, *STREAM_CANDIDATES):  # opt-in codings
         if name in results:
             r = results[name]
             print(f"{name}_bytes_per_position={r['bytes_per_position']:.1f} "
