@@ -56,7 +56,7 @@ def make_tokens(root: Path, seed: int = 0, tokenizer_hash: str = "tok") -> Path:
 def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: float,
                  *, complete: bool = True, tokenizer_hash: str | None = None,
                  temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64",
-                 num_samples: int = 0, sample_rest: bool = False) -> Path:
+                 num_samples: int = 0, sample_rest: bool = False, stream_rows: int = 0) -> Path:
     """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept
     (float32 log-probs as engines return them, stored as ``logprob_dtype`` says), and with
     ``num_samples`` the reference engine's random-sampling targets."""
@@ -68,7 +68,7 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
     out = root / name
     writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures,
                                              logprob_dtype=logprob_dtype,
-                                             num_samples=num_samples))
+                                             num_samples=num_samples, stream_rows=stream_rows))
     generator = torch.Generator().manual_seed(seed)
     for p in range(PARTS if complete else PARTS - 1):
         batch = tokens.read_part(p)
@@ -411,24 +411,26 @@ def test_q64_teacher_store_reaches_aggregate_within_its_error_bound(stores, tmp_
 
 def test_q64v3_and_q64r_teacher_stores_aggregate_as_their_q64v2_twin(stores, tmp_path):
     """The same rows in a q64v2, a q64v3 (ids coded against reference rows) and a q64r
-    (those range-coded) store, sampled columns too: the same decoded rows, so bit-identical
-    targets."""
+    (those range-coded; a stream per sequence, or streams of ≥ 7 rows) store, sampled columns
+    too: the same decoded rows, so bit-identical targets."""
     tokens, _ = stores
     targets = {}
-    for coding in (tc.Q64V2, tc.Q64V3, tc.Q64R):
-        teacher = make_teacher(tmp_path, tokens, f"t-{coding}", seed=5, scale=3.0,
-                               logprob_dtype=coding, num_samples=8)
+    variants = {tc.Q64V2: (tc.Q64V2, 0), tc.Q64V3: (tc.Q64V3, 0), tc.Q64R: (tc.Q64R, 0),
+                "q64r-streams": (tc.Q64R, 7)}
+    for name, (coding, stream_rows) in variants.items():
+        teacher = make_teacher(tmp_path, tokens, f"t-{name}", seed=5, scale=3.0,
+                               logprob_dtype=coding, num_samples=8, stream_rows=stream_rows)
         assert open_store(teacher, TEACHER).attrs["topk_coding"] == coding
         for source in ("topk", "samples"):
-            out = tmp_path / f"out-{coding}-{source}"
+            out = tmp_path / f"out-{name}-{source}"
             aggregate(tokens, out, config([teacher], source=source), progress=False)
-            targets[coding, source] = read_all(out)
-    for source, p, coding in ((s, p, c) for s in ("topk", "samples") for p in range(PARTS)
-                              for c in (tc.Q64V3, tc.Q64R)):
-        a, b = targets[tc.Q64V2, source][p], targets[coding, source][p]
+            targets[name, source] = read_all(out)
+    for source, p, name in ((s, p, n) for s in ("topk", "samples") for p in range(PARTS)
+                            for n in list(variants)[1:]):
+        a, b = targets[tc.Q64V2, source][p], targets[name, source][p]
         assert a.keys() == b.keys()
-        for name in a:
-            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{coding} {name}")
+        for array in a:
+            np.testing.assert_array_equal(a[array], b[array], err_msg=f"{name} {array}")
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
