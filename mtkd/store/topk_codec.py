@@ -30,8 +30,9 @@ Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
 of its sequence (the latest earlier one with the same top-1 id; ``reference_codec``): ≈ 13 bytes
 per row of 64 less on a real teacher, and reads decode whole sequences.
 
-``q64r`` range-codes q64v3's values, one stream per sequence (``stream_codec``): ≈ 27 bytes per
-row of 64 less than q64v3 on a real teacher, decoded values unchanged. It alone may also put
+``q64r`` range-codes q64v3's values, one stream per sequence or, with ``attrs.topk_stream_rows``,
+per run of consecutive sequences of that many rows (``stream_codec``): ≈ 27 bytes per row of 64
+less than q64v3 on a real teacher, decoded values unchanged. It alone may also put
 the tail (codes past ``FINE_MAX``: p < 1e-3) on a coarser grid (``attrs.topk_tail_step``
 coarse steps of 1/16 nat; 4 is 1/4 nat, |error| ≤ 1/8 nat there), which leaves the bound
 where p ≥ 1e-3 as it is.
@@ -436,7 +437,7 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
     if name == Q64V3:  # the top-1 id first; which of the reference's ids recur
         arrays = {IDS: ("uint8", (width, k + 1)),
                   RECUR: ("uint8", (reference_codec.recur_bytes(k),)), LOGPROBS: arrays[LOGPROBS]}
-    if name == Q64R:  # one stream per sequence, spread over its rows
+    if name == Q64R:  # one stream per sequence (or run of them), spread over its rows
         arrays = {STREAM: ("uint8", (stream_codec.row_width(k, width),))}
     if name in SAMPLE_CODINGS and num_samples:
         arrays |= {SAMPLE_IDS: ("uint8", (width, num_samples)),
