@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -68,6 +69,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def tmp_part_dir(parts_dir: Path, part: int) -> Path:
     """``.tmp-<part>-<host>-<pid>-<random>``: who writes it, so reruns can tell dead from live."""
     return parts_dir / f"{TMP_PREFIX}{part_name(part)}-{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def remove_settled(path: Path, quiet: float = 0.2, limit: float = 5.0) -> None:
+    """Delete the tree at ``path`` and keep it deleted for ``quiet`` seconds (within ``limit``).
+
+    Why: zarr writes an array's chunks concurrently, and when one write fails (a full disk) the
+    call raises while its sibling writes still run and recreate directories under ``path``; a
+    single ``rmtree`` then leaves a temp part behind."""
+    deadline = time.monotonic() + limit
+    gone_since = None
+    while time.monotonic() < deadline:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet:
+            return
+        time.sleep(0.01)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

@@ -27,7 +27,7 @@ from zarr.codecs import ZstdCodec
 
 from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
-from mtkd.store.fs import file_sha256, fsync, tmp_part_dir, write_json_atomic
+from mtkd.store.fs import file_sha256, fsync, remove_settled, tmp_part_dir, write_json_atomic
 from mtkd.store.target_codec import encode_rows as encode_target_rows
 from mtkd.store.topk_codec import encode_rows
 
@@ -132,11 +132,11 @@ class PartWriter:
         try:
             self._commit()
         except OSError as e:  # disk full, file too large, quota: say so in one line
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_settled(self.tmp)  # (writes of the same array may still be in flight)
             raise io_error(f"{self.store.root}: part {self.part} not committed (nothing of it "
                            "was kept; rerun once the cause is fixed)", e) from e
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_settled(self.tmp)
             raise
 
     def _commit(self) -> None:
