@@ -464,7 +464,8 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
     """Inverse of :func:`encode` over whole sequences at row ``offsets``: the stored ids,
     recurrence bits (bool) and codes in stored order of the range-coded rows; q64v3's stored
     arrays of the mode-0 rows (``raw_shapes``: each array's dtype and row shape, in
-    :func:`encode`'s order); which rows are mode 0. ValueError names a damaged sequence."""
+    :func:`encode`'s order); which rows are mode 0. ValueError names a damaged stream (a
+    sequence, or a run of them) and its rows in the read."""
     n, width = streams.shape
     flat = np.ascontiguousarray(streams).reshape(-1)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -482,7 +483,7 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
         if mode not in (RAW, CODED) or HEAD + length > len(share) \
                 or (mode == RAW and length != (hi - lo) * row_bytes) \
                 or zlib.crc32(body, zlib.crc32(share[:5])) != int(share[5:9].view("<u4")[0]):
-            raise ValueError(f"topk_stream of sequence {s} of the read is damaged "
+            raise ValueError(f"topk_stream: stream {s} of the read (rows {lo}:{hi}) is damaged "
                              "(its mode, length or CRC-32)")
         if mode == CODED:
             starts[s], sizes[s] = lo * width + HEAD, length
@@ -504,6 +505,7 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
                            max_rows, table_capacity(max_rows, k, vocab_size), stored_ids, recur,
                            floor, dist, bad)
     if bad.any():
-        raise ValueError(f"topk_stream of sequence {int(np.argmax(bad))} of the read decodes "
-                         "to values q64v3 cannot hold")
+        s = int(np.argmax(bad))
+        raise ValueError(f"topk_stream: stream {s} of the read (rows {offsets[s]}:"
+                         f"{offsets[s + 1]}) decodes to values q64v3 cannot hold")
     return (stored_ids, recur, floor[:, None] - dist), raw, is_raw

@@ -166,7 +166,7 @@ def test_a_damaged_stream_is_refused() -> None:
     for at, flip in ((40, 0x5A), (0, 1), (0, 0x5A), (2, 0x5A)):  # stream, mode (1 → 0), length
         bad = stream.copy()
         bad.reshape(-1)[at] ^= flip
-        with pytest.raises(ValueError, match="sequence 0 of the read is damaged"):
+        with pytest.raises(ValueError, match=r"stream 0 of the read \(rows 0:\d+\) is damaged"):
             tc.decode_streamed(bad, np.array([0, 300]), k=16, vocab_size=1000)
 
 
