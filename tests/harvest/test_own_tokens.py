@@ -259,6 +259,10 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
     v2, r = open_store(tmp_path / "t"), open_store(tmp_path / "r")
     assert r.attrs["topk_coding"] == "q64r" and r.attrs["topk_id_table"] == want
     assert r.attrs["topk_stream_rows"] == 4
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "r",
+                     "--engine", "hf", "--k", K, "--dtype", "float32", "--id-table", 16,
+                     "--logprob-dtype", "q64r")  # resumed with another (the default) value
+    assert code == 1 and "resume it with --stream-rows 4" in msg, msg
     for order in (np.arange(v2.num_sequences), np.arange(v2.num_sequences)[::-2]):
         for name, values in v2.read(order).arrays.items():
             np.testing.assert_array_equal(r.read(order)[name], values, err_msg=name)
