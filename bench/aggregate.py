@@ -28,6 +28,7 @@ ratios swing with the load; the CPU ratios are steadier.
     .venv/bin/python bench/aggregate.py                          # 1M positions, processes 1
     .venv/bin/python bench/aggregate.py --positions 262144 --processes 1 --repeats 3
     .venv/bin/python bench/aggregate.py --logprob-dtype float16 # plain float16 teacher stores
+    .venv/bin/python bench/aggregate.py --logprob-dtype q64r --stream-rows 2048  # as harvested
     MTKD_NUMBA=0 .venv/bin/python bench/aggregate.py             # the pure-numpy path
 """
 
@@ -117,9 +118,10 @@ def synth_position_block(
 
 
 def build_stores(root: Path, positions: int, parts: int, n_teachers: int, k: int, vocab: int,
-                 seq_len: int, seed: int, logprob_dtype: str = "float16"
+                 seq_len: int, seed: int, logprob_dtype: str = "float16", stream_rows: int = 0
                  ) -> tuple[Path, list[Path]]:
-    """A tokens store and ``n_teachers`` teacher stores over it (``logprob_dtype``, zstd)."""
+    """A tokens store and ``n_teachers`` teacher stores over it (``logprob_dtype``, zstd;
+    q64r's ``stream_rows``)."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(vocab)
     per_part = -(-positions // parts)
@@ -145,7 +147,8 @@ def build_stores(root: Path, positions: int, parts: int, n_teachers: int, k: int
                "tokens_fingerprint": tokens.manifest["checksum"]}
     teacher_dirs = [root / f"teacher{j}" for j in range(n_teachers)]
     writers = [StoreWriter(d, teacher_header(parts, k, t_attrs | {"teacher": f"t{j}"},
-                                             logprob_dtype=logprob_dtype))
+                                             logprob_dtype=logprob_dtype,
+                                             stream_rows=stream_rows))
                for j, d in enumerate(teacher_dirs)]
     for p, lengths in enumerate(lengths_all):
         blocks = synth_position_block(rng, int(lengths.sum()), n_teachers, k, vocab, perm)
@@ -253,6 +256,8 @@ def main() -> None:
     ap.add_argument("--logprob-dtype", default=DEFAULT_CODING,
                     help=f"teacher stores' top-k coding: {DEFAULT_CODING} (harvest's default, "
                          "decoded on every read), q64, or a float dtype (float16)")
+    ap.add_argument("--stream-rows", type=int, default=0,
+                    help="q64r: rows per stream (harvest --stream-rows; 0: one per sequence)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse complete input stores already in --dir (same arguments)")
     args = ap.parse_args()
@@ -268,7 +273,7 @@ def main() -> None:
             for d in [tokens_dir, *teacher_dirs]:
                 shutil.rmtree(d, ignore_errors=True)
             build_stores(root, args.positions, args.parts, args.teachers, args.k, args.vocab,
-                         args.seq_len, args.seed, args.logprob_dtype)
+                         args.seq_len, args.seed, args.logprob_dtype, args.stream_rows)
         positions = open_store(tokens_dir, TOKENS).num_rows - open_store(
             tokens_dir, TOKENS).num_sequences
         temps = tuple(float(t) for t in args.temperatures.split(","))
