@@ -164,7 +164,6 @@ def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: i
     law = _zipf_law(vocab)
     cdf = np.cumsum(law)
     edges = _level_edges(tail_step, 80 * tc.FINE * BETA_RANGE[1])
-    width = tc.COARSE * tail_step
     bits = 0.0
     for _ in range(n):
         beta = rng.uniform(*BETA_RANGE)
@@ -174,9 +173,7 @@ def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: i
         units += shift
         bits += _level_entropy(shift, tc.FINE * TOP_MEAN, edges)
         bits += sum(_level_entropy(units[i - 1], tc.FINE * beta / i, edges) for i in range(1, k))
-        codes = np.where(np.rint(units) <= tc.FINE_MAX, np.rint(units),
-                         tc.FINE_MAX + np.rint((units - tc.FINE_MAX) / width) * tail_step)
-        ties = np.unique(codes, return_counts=True)[1]
+        ties = np.unique(tc.quantise(-units / tc.FINE, tail_step), return_counts=True)[1]
         bits -= sum(math.lgamma(g + 1) for g in ties) / math.log(2)
         draws = np.searchsorted(cdf, rng.random(8 * k))
         _, first = np.unique(draws, return_index=True)
@@ -186,11 +183,17 @@ def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: i
     return bits / n / 8
 
 
+def _cut(n: int, rows: int) -> np.ndarray:
+    """Lengths of ``n`` rows cut into sequences of ``rows`` (the last one shorter)."""
+    lengths = np.full(math.ceil(n / rows), rows)
+    lengths[-1] = n - rows * (len(lengths) - 1)
+    return lengths
+
+
 def zipf_teacher_store(out: Path, n: int = 50_000, k: int = 64, vocab: int = 1 << 18) -> Path:
     """A one-part float32 teacher store of :func:`zipf_rows` (sequences of ``MAX_LEN`` rows)."""
     rows = zipf_rows(n, k, vocab)
-    lengths = np.full(math.ceil(n / MAX_LEN), MAX_LEN)
-    lengths[-1] = n - MAX_LEN * (len(lengths) - 1)
+    lengths = _cut(n, MAX_LEN)
     header = teacher_header(1, k, {"vocab_size": vocab, "teacher": "zipf"},
                             logprob_dtype="float32")
     writer = StoreWriter(out, header)
@@ -220,8 +223,7 @@ def _rewrite_teacher_store(src: Path, out: Path, teacher: str, vocab: int | None
             arrays["topk_ids"] = ids[arrays["topk_ids"] + 1]
         if rows is not None:
             n = int(lengths.sum())
-            lengths = np.full(-(-n // rows), rows)
-            lengths[-1] = n - rows * (len(lengths) - 1)
+            lengths = _cut(n, rows)
             seq_ids = part * n + np.arange(len(lengths))  # unique across parts (≤ n each)
         with writer.open_part(part) as pw:
             pw.append(arrays, lengths, seq_ids)
@@ -232,7 +234,7 @@ def _rewrite_teacher_store(src: Path, out: Path, teacher: str, vocab: int | None
 def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0) -> Path:
     """``src``'s top-k rows and scalars (float32) with every id i sent to the i-th smallest of
     a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider."""
-    small = int(open_store(src, TEACHER).attrs["vocab_size"])
+    small = int(open_store(src, TEACHER, verify="none").attrs["vocab_size"])  # (checked below)
     spread = np.sort(np.random.default_rng(seed).choice(vocab, small, replace=False))
     lookup = np.concatenate([[-1], spread]).astype(np.int32)
     return _rewrite_teacher_store(src, out, "spread", vocab, ids=lookup)

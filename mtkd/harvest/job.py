@@ -41,7 +41,7 @@ from mtkd.ingest.tokenizer import (
 )
 from mtkd.store import PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.format import HEADER_FILE, Header, read_json
+from mtkd.store.format import HEADER_FILE, Header
 from mtkd.store.id_table import frequency_table
 from mtkd.store.schema import (
     CONTEXT_END,
@@ -55,7 +55,6 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
-from mtkd.store.topk_codec import Q64R, coding, stream_rows
 from mtkd.store.writer import pending_parts
 
 
@@ -295,7 +294,6 @@ def harvest(
         tokens.verify_part(part)
     if share and not (Path(out) / HEADER_FILE).exists():  # a new store: the engine first
         engine = make_engine()
-    check_stream_rows(out, header)
     writer = StoreWriter(out, header)
     pending = writer.pending_parts(worker_index, num_workers)
     total_tokens = 0
@@ -433,18 +431,3 @@ def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequenc
         raise StoreError(f"engine {engine} returned {len(rows[TOPK_IDS])} rows for "
                          f"{want} target positions (part {part})")
 
-
-def check_stream_rows(out: str | os.PathLike[str], header: Header) -> None:
-    """A q64r store begun with another ``--stream-rows`` (before the option, a stream per
-    sequence) is refused naming the value that resumes it."""
-    path = Path(out) / HEADER_FILE
-    if not path.exists():
-        return
-    try:
-        stored = Header.from_json(read_json(path), Path(out)).attrs
-    except (StoreError, ValueError, KeyError, TypeError):
-        return  # the writer reports a damaged header
-    rows, asked = stream_rows(stored), stream_rows(header.attrs)
-    if coding(stored) == Q64R and coding(header.attrs) == Q64R and rows != asked:
-        raise StoreError(f"{out} holds a q64r store begun with --stream-rows {rows} (asked "
-                         f"{asked}); resume it with --stream-rows {rows}")

@@ -477,15 +477,14 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         raise ValueError(f"{name} codes whole sequences: their lengths are needed")
     if name == Q64V3:
         coded = encode_referenced(ids, rows[LOGPROBS], lengths, vocab_size=vocab)
-    elif name == Q64R and stream_rows(attrs):
-        streams = stream_lengths(lengths, stream_rows(attrs))
+    elif name == Q64R:  # a stream per sequence, or per run of them (flagged at its start)
+        grouped = stream_rows(attrs)
+        streams = stream_lengths(lengths, grouped) if grouped else lengths
         coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
                                 tail_step=tail_step(attrs))
-        coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
-        coded[STREAM_START][np.cumsum(streams) - streams] = 1
-    elif name == Q64R:
-        coded = encode_streamed(ids, rows[LOGPROBS], lengths, vocab_size=vocab,
-                                tail_step=tail_step(attrs))
+        if grouped:
+            coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
+            coded[STREAM_START][np.cumsum(streams) - streams] = 1
     else:
         id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
         coded = {IDS: id_planes, LOGPROBS: code_planes}
