@@ -118,8 +118,10 @@ CHOSEN = tc.Q64V2  #: the default coding: bytes by array, read speeds, the sampl
 COMPACT = "q64r-tail1/4nat-streams2048"
 HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25",
        "q64r-tail1/4nat": "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0"}
+#: the headline as session 18 wrote it: seen ids numbered by first sight, not by count
+FIRST_SIGHT = "q64r-tail1/4nat-streams2048-first-sight"
 ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat",
-                   "q64r-tail1/4nat-streams2048", "q64r-tail1/4nat-streams65536")
+                   "q64r-tail1/4nat-streams2048", "q64r-tail1/4nat-streams65536", FIRST_SIGHT)
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -148,6 +150,7 @@ class Candidate:
     id_table: tuple[int, ...] = ()  # q64v2's id table (teacher_header)
     tail_step: int = 1  # q64r's tail grid (teacher_header)
     stream_rows: int = 0  # q64r's rows per stream (teacher_header; 0: one per sequence)
+    rank_ids: bool = True  # q64r numbers seen ids by count, else by first sight (teacher_header)
 
 
 def _rank_id_dtype(vocab: int | None) -> str:
@@ -241,6 +244,7 @@ CANDIDATES = (
     *(Candidate(name, tc.Q64R, tail_step=step) for name, step in TAIL_CANDIDATES.items()),
     *(Candidate(name, tc.Q64R, tail_step=4, stream_rows=rows)
       for name, rows in STREAM_CANDIDATES.items()),
+    Candidate(FIRST_SIGHT, tc.Q64R, tail_step=4, stream_rows=2048, rank_ids=False),
 )
 
 
@@ -252,7 +256,8 @@ def candidate_header(src: Store, cand: Candidate) -> Header:
                             num_samples=int(attrs.get("num_samples", 0)),
                             logprob_dtype=cand.logprob_dtype if cand.layout is None
                             else "float32", codec=cand.codec, id_table=cand.id_table,
-                            tail_step=cand.tail_step, stream_rows=cand.stream_rows)
+                            tail_step=cand.tail_step, stream_rows=cand.stream_rows,
+                            rank_ids=cand.rank_ids)
     specs = cand.layout.specs(k, vocab) if cand.layout else {}
     specs |= {name: (cand.scalar_dtype, ()) for name in SCALARS}
     arrays = tuple(ArraySpec(a.name, *specs[a.name], a.codec) if a.name in specs else a

@@ -32,7 +32,7 @@ from mtkd.store.topk_codec import coding, internal_arrays, virtual_arrays
 FORMAT_NAME = "mtkd-store"
 #: The newest schema version this mtkd reads; a store is written with the oldest version that
 #: describes it (``Header.schema_version``), so older readers keep reading what they can.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 HEADER_FILE = "store.json"
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "COMMIT.json"
@@ -87,8 +87,9 @@ class Header:
 
     ``schema_version``: 1, 2 for a teacher store whose top-k columns are coded
     (``attrs.topk_coding``, see ``topk_codec``), which a version-1 reader would misread, 3
-    for a teacher store in the teacher's own tokens (``attrs.tokenization == "own"``), or 4 for
-    q64r streams over several sequences (``attrs.topk_stream_rows``).
+    for a teacher store in the teacher's own tokens (``attrs.tokenization == "own"``), 4 for
+    q64r streams over several sequences (``attrs.topk_stream_rows``), or 5 for q64r's seen ids
+    numbered by count (``attrs.topk_id_ranking``).
     """
 
     kind: str

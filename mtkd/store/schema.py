@@ -95,6 +95,7 @@ def teacher_header(
     id_table: Sequence[int] = (),
     tail_step: int = 1,
     stream_rows: int = 0,
+    rank_ids: bool = True,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -110,11 +111,13 @@ def teacher_header(
     of the tokens store's counts; top-k ids are renumbered through it (``attrs.topk_id_table``).
     ``tail_step`` (q64r only): the tail's grid in 1/16-nat steps (``attrs.topk_tail_step``).
     ``stream_rows`` (q64r only): consecutive sequences share a stream until it holds that many
-    rows (``attrs.topk_stream_rows``; 0: a stream per sequence).
+    rows (``attrs.topk_stream_rows``; 0: a stream per sequence). ``rank_ids`` (q64r): number
+    the ids seen in earlier rows by count (``attrs.topk_id_ranking``), else by first sight (as
+    stores written before it).
     """
     attrs = {n: v for n, v in attrs.items() if n not in (
         topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR,
-        topk_codec.STREAM_ROWS_ATTR)}
+        topk_codec.STREAM_ROWS_ATTR, topk_codec.ID_RANKING_ATTR)}
     if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
         raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
     if tail_step != 1 and logprob_dtype != topk_codec.Q64R:
@@ -130,6 +133,8 @@ def teacher_header(
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
         if tail_step != 1:
             attrs[topk_codec.TAIL_STEP_ATTR] = tail_step
+        if logprob_dtype == topk_codec.Q64R and rank_ids:
+            attrs[topk_codec.ID_RANKING_ATTR] = topk_codec.BY_COUNT
         if stream_rows:
             attrs[topk_codec.STREAM_ROWS_ATTR] = int(stream_rows)
             topk.append(ArraySpec(topk_codec.STREAM_START, "uint8", (), "zstd"))
@@ -160,8 +165,9 @@ def teacher_header(
     # version 2: a version-1 reader would take the coded columns for plain ids and log-probs;
     # version 3: rows in the teacher's own tokens, which an older reader would take for rows of
     # the tokens store's positions; version 4: q64r streams over several sequences, which an
-    # older reader would take for damaged ones
-    version = (4 if stream_rows else 3 if own_tokens
+    # older reader would take for damaged ones; version 5: q64r's seen ids numbered by count,
+    # which an older reader would decode as numbered by first sight
+    version = (5 if topk_codec.ranked(full_attrs) else 4 if stream_rows else 3 if own_tokens
                else 2 if topk_codec.CODING_ATTR in full_attrs else 1)
     return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)
 

@@ -14,12 +14,14 @@ Per row, in this order (the models' contexts in brackets):
   [top-1 id] (0: a row of padding). A row has a reference exactly when its top-1 recurs;
 * with a reference, its k recurrence bits [reference rank, the previous bit];
 * the padding entries among the new ids [padding], then the new ids as a set: numbered in the
-  sequence's own order (ids seen in its earlier rows by first sight, then the others by id:
-  number = number seen + id), the gaps − 1 between their numbers in ascending order [the new
-  ids still to come (capped at 8) × the previous number's bit length]. Every id of a row is
-  new in some earlier row or this one, so "seen" is "seen in the sequence". The sequence's own
-  order puts the ids a teacher keeps proposing first: ≈ 10 bytes per position less than id
-  order on SmolLM2 at k = 64;
+  sequence's own order (ids seen among its earlier rows' new ids first, most often seen first
+  — or, in stores written before ``attrs.topk_id_ranking``, by first sight —, then the others
+  by id: number = number seen + id), the gaps − 1 between their numbers in ascending order
+  [the new ids still to come (capped at 8) × the previous number's bit length]. Every id of a
+  row is new in some earlier row or this one, so "seen" is "seen in the sequence". The
+  sequence's own order puts the ids a teacher keeps proposing first: ≈ 10 bytes per position
+  less than id order on SmolLM2 at k = 64, and ranking by count 1.2 less than first sight
+  (5.6 on a 262,144-id Zipf teacher);
 * the floor F as a signed change from the previous row's [floor], then F − code in q64v3's
   stored order for the recurring ids [their index, capped at 31], then for the padding and
   the new ids in the order their numbers were coded [one context].
@@ -179,6 +181,48 @@ def _see(table, seen, count, token):
 
 
 @register_jitable
+def _rank(table, seen, counts, first, count, token):
+    """Count one sighting of ``token`` among the new ids, keeping ``seen`` ordered by count,
+    most counted first (numbers are positions in that order; ties in the order these swaps
+    leave, alike on both sides of the coder); returns the number of ids seen.
+    ``counts[number]`` is the count of the id numbered so, ``first[c]`` the first number whose
+    count is c while any id has count c: a sighting swaps the id with the first of its count's
+    block, which then joins the block above. O(1) per sighting."""
+    at = _slot(table, token)
+    if table[at, 0] != token:  # first sight: the last number, count 1
+        table[at, 0] = token
+        table[at, 1] = count
+        seen[count, 0] = token
+        seen[count, 1] = at
+        counts[count] = 1
+        if count == 0 or counts[count - 1] != 1:
+            first[1] = count
+        return count + 1
+    number = table[at, 1]
+    c = counts[number]
+    lead = first[c]
+    if lead != number:
+        other, other_at = seen[lead, 0], seen[lead, 1]
+        seen[lead, 0], seen[lead, 1] = token, at
+        table[at, 1] = lead
+        seen[number, 0], seen[number, 1] = other, other_at
+        table[other_at, 1] = number
+    counts[lead] = c + 1
+    if lead == 0 or counts[lead - 1] != c + 1:
+        first[c + 1] = lead
+    first[c] = lead + 1
+    return count
+
+
+@register_jitable
+def _number(table, seen, counts, first, count, token, ranked):
+    """A new id of a row, once the row is coded: numbered by first sight or ranked by count."""
+    if ranked:
+        return _rank(table, seen, counts, first, count, token)
+    return _see(table, seen, count, token)
+
+
+@register_jitable
 def _forget(table, seen, count):
     for j in range(count):
         table[seen[j, 1], 0] = -1
@@ -194,15 +238,17 @@ def table_capacity(max_rows: int, k: int, vocab_size: int) -> int:
 def _sequence_state(k, max_rows, capacity):
     """One thread's working arrays, reused sequence after sequence: the probabilities, which
     integer contexts are fresh, the top-1 move-to-front list, the seen-id table and its
-    numbering, a row's sort keys."""
+    numbering, a row's sort keys, the counts by number and their blocks' first numbers
+    (:func:`_rank`)."""
     return (np.empty(PROBS + 2 * k, dtype=np.int32), np.zeros(UINT_CONTEXTS, dtype=np.bool_),
             np.empty(max_rows + 1, dtype=np.int64), np.full((capacity, 2), -1, dtype=np.int64),
-            np.empty((capacity, 2), dtype=np.int64), np.empty(k, dtype=np.int64))
+            np.empty((capacity, 2), dtype=np.int64), np.empty(k, dtype=np.int64),
+            np.empty(capacity, dtype=np.int64), np.empty(max_rows + 2, dtype=np.int64))
 
 
 @register_jitable
-def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, probs, ready,
-                     mtf, table, seen, keys):
+def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, ranked, buf, enc, probs,
+                     ready, mtf, table, seen, keys, counts, first):
     """Range-code rows ``lo:hi`` (one sequence) into ``buf``; returns the stream's length."""
     k = dist.shape[1]
     rc.encoder_init(enc)
@@ -256,14 +302,14 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, buf, enc, pr
         token = -1
         for j in range(count):
             token += stored_ids[i, 1 + pad + j]
-            seen_count = _see(table, seen, seen_count, token)
+            seen_count = _number(table, seen, counts, first, seen_count, token, ranked)
     _forget(table, seen, seen_count)
     return rc.encoder_flush(enc, buf)
 
 
 @register_jitable
-def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec, probs, ready,
-                     mtf, table, seen, keys, numbers):
+def _decode_sequence(buf, lo, hi, k, vocab, ranked, stored_ids, recur, floor, dist, dec, probs,
+                     ready, mtf, table, seen, keys, counts, first, numbers):
     """Inverse of :func:`_encode_sequence`; False if the stream decodes to values q64v3
     cannot hold (a damaged stream)."""
     rc.decoder_init(dec, buf, 0)
@@ -337,7 +383,7 @@ def _decode_sequence(buf, lo, hi, k, vocab, stored_ids, recur, floor, dist, dec,
             token += gap
             stored_ids[i, 1 + pad + j] = gap
             dist[i, m + pad + j] = keys[j] & 0xFFFF
-            seen_count = _see(table, seen, seen_count, token)
+            seen_count = _number(table, seen, counts, first, seen_count, token, ranked)
     _forget(table, seen, seen_count)
     return ok
 
@@ -348,8 +394,8 @@ def _kernels(deps: str) -> tuple[Any, Any]:
     ``range_coder`` and ``reference_codec``, but keys its cache on closure values too, so a
     digest of those files makes a stale cached kernel a miss."""
 
-    def encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, max_rows,
-                      capacity, out, lengths):
+    def encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, ranked,
+                      max_rows, capacity, out, lengths):
         """Each sequence range-coded into its share of ``out`` (after its head), groups of
         sequences in parallel; its stream's length in ``lengths`` (> its share: did not fit)."""
         if len(deps) == 0:  # (never: binds the digest, which keys numba's cache)
@@ -357,15 +403,16 @@ def _kernels(deps: str) -> tuple[Any, Any]:
         k = dist.shape[1]
         for g in prange(len(groups) - 1):
             enc = np.zeros(rc.ENC_STATE, dtype=np.int64)
-            probs, ready, mtf, table, seen, keys = _sequence_state(k, max_rows, capacity)
+            probs, ready, mtf, table, seen, keys, counts, first = _sequence_state(
+                k, max_rows, capacity)
             for s in range(groups[g], groups[g + 1]):
                 lo, hi = offsets[s], offsets[s + 1]
                 lengths[s] = _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab,
-                                              out[lo * width + HEAD:hi * width], enc, probs,
-                                              ready, mtf, table, seen, keys)
+                                              ranked, out[lo * width + HEAD:hi * width], enc,
+                                              probs, ready, mtf, table, seen, keys, counts, first)
 
-    def decode_kernel(streams, starts, sizes, offsets, groups, k, vocab, max_rows, capacity,
-                      stored_ids, recur, floor, dist, bad):
+    def decode_kernel(streams, starts, sizes, offsets, groups, k, vocab, ranked, max_rows,
+                      capacity, stored_ids, recur, floor, dist, bad):
         """Each range-coded sequence (``sizes[s]`` ≥ 0 bytes at ``starts[s]``) decoded, groups in
         parallel; ``bad[s]`` set for a stream that decodes to values q64v3 cannot hold or does not
         end where its length says."""
@@ -373,15 +420,16 @@ def _kernels(deps: str) -> tuple[Any, Any]:
             return
         for g in prange(len(groups) - 1):
             dec = np.zeros(rc.DEC_STATE, dtype=np.int64)
-            probs, ready, mtf, table, seen, keys = _sequence_state(k, max_rows, capacity)
+            probs, ready, mtf, table, seen, keys, counts, first = _sequence_state(
+                k, max_rows, capacity)
             numbers = np.empty(k, dtype=np.int64)
             for s in range(groups[g], groups[g + 1]):
                 if sizes[s] < 0:
                     continue
                 buf = streams[starts[s]:starts[s] + sizes[s]]
-                ok = _decode_sequence(buf, offsets[s], offsets[s + 1], k, vocab, stored_ids, recur,
-                                      floor, dist, dec, probs, ready, mtf, table, seen, keys,
-                                      numbers)
+                ok = _decode_sequence(buf, offsets[s], offsets[s + 1], k, vocab, ranked,
+                                      stored_ids, recur, floor, dist, dec, probs, ready, mtf,
+                                      table, seen, keys, counts, first, numbers)
                 # the encoder's first byte is 0, and the decoder reads exactly what it wrote
                 bad[s] = not ok or len(buf) == 0 or buf[0] != 0 or dec[rc.D_POS] != sizes[s]
 
@@ -417,12 +465,14 @@ def groups_of(offsets: np.ndarray, threads: int | None = None) -> np.ndarray:
 
 
 def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray,
-           codes: np.ndarray, offsets: np.ndarray, width: int, vocab_size: int) -> np.ndarray:
+           codes: np.ndarray, offsets: np.ndarray, width: int, vocab_size: int, *,
+           ranked: bool) -> np.ndarray:
     """Each sequence (rows at ``offsets``) range-coded into its share of ``uint8 [n, width]``,
     mode 0 where the stream would be no shorter than q64v3's bytes. ``stored_ids``
     ``[n, k + 1]``, ``recur`` (bool ``[n, k]``) and ``codes`` (stored order) are q64v3's values
     (``reference_codec.encode``) of ids below ``vocab_size``; ``raw`` its stored arrays (in
-    :func:`decode`'s ``raw_shapes`` order), for mode 0."""
+    :func:`decode`'s ``raw_shapes`` order), for mode 0. ``ranked``: seen ids numbered by
+    count, else by first sight."""
     n, k = codes.shape
     offsets = np.asarray(offsets, dtype=np.int64)
     out = np.zeros((n, width), dtype=np.uint8)
@@ -432,7 +482,7 @@ def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray
     max_rows = int(np.diff(offsets).max(initial=0))
     if n and k:
         _compiled().encode(stored_ids.astype(np.int64), recur, floor, floor[:, None] - codes,
-                           offsets, groups_of(offsets), width, vocab_size, max_rows,
+                           offsets, groups_of(offsets), width, vocab_size, ranked, max_rows,
                            table_capacity(max_rows, k, vocab_size), flat, lengths)
     row_bytes = sum(a[0].nbytes for a in raw.values()) if n else 0
     for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
@@ -459,8 +509,9 @@ def _head(share: np.ndarray, mode: int, body: np.ndarray) -> None:
 
 
 def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
-           raw_shapes: dict[str, tuple]) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray],
-                                                  dict[str, np.ndarray], np.ndarray]:
+           raw_shapes: dict[str, tuple], *, ranked: bool
+           ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray],
+                      np.ndarray]:
     """Inverse of :func:`encode` over whole sequences at row ``offsets``: the stored ids,
     recurrence bits (bool) and codes in stored order of the range-coded rows; q64v3's stored
     arrays of the mode-0 rows (``raw_shapes``: each array's dtype and row shape, in
@@ -502,8 +553,8 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
     max_rows = int(np.diff(offsets).max(initial=0))
     if n and k:
         _compiled().decode(flat, starts, sizes, offsets, groups_of(offsets), k, vocab_size,
-                           max_rows, table_capacity(max_rows, k, vocab_size), stored_ids, recur,
-                           floor, dist, bad)
+                           ranked, max_rows, table_capacity(max_rows, k, vocab_size), stored_ids,
+                           recur, floor, dist, bad)
     if bad.any():
         s = int(np.argmax(bad))
         raise ValueError(f"topk_stream: stream {s} of the read (rows {offsets[s]}:"

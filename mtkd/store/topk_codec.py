@@ -82,6 +82,10 @@ TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
 #: models learn; ``STREAM_START`` (uint8 per row) marks each stream's first row.
 STREAM_ROWS_ATTR = "topk_stream_rows"
 STREAM_START = "topk_stream_start"
+#: Header attribute: how q64r numbers the ids seen among earlier rows' new ids, ``"count"``
+#: (most counted first) or absent (by first sight, stores written before 2026-12-07).
+ID_RANKING_ATTR = "topk_id_ranking"
+BY_COUNT = "count"
 RAW_ORDER = (IDS, RECUR, LOGPROBS)  #: q64r's mode-0 sequences: q64v3's arrays in this order
 
 FINE = 64  #: fine grid steps per nat
@@ -280,9 +284,11 @@ def decode_referenced(arrays: Mapping[str, np.ndarray], offsets: np.ndarray
 
 
 def encode_streamed(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, *,
-                    vocab_size: int, tail_step: int = 1) -> dict[str, np.ndarray]:
+                    vocab_size: int, tail_step: int = 1, by_count: bool = True
+                    ) -> dict[str, np.ndarray]:
     """Top-k rows of sequences of ``lengths`` rows → q64r's ``topk_stream``
-    (``stream_codec``: q64v3's values range-coded, the tail on a ``tail_step`` grid)."""
+    (``stream_codec``: q64v3's values range-coded, the tail on a ``tail_step`` grid, seen ids
+    numbered ``by_count`` or by first sight)."""
     ids = np.asarray(ids)
     if ids.size and ids.max() >= vocab_size:
         raise ValueError(f"ids up to {ids.max()} outside vocab_size {vocab_size}")
@@ -292,17 +298,17 @@ def encode_streamed(ids: np.ndarray, logprobs: np.ndarray, lengths: np.ndarray, 
     return {STREAM: stream_codec.encode(raw, stored_ids, recur_bits, codes,
                                         np.concatenate([[0], np.cumsum(lengths)]),
                                         stream_codec.row_width(k, delta_width(vocab_size)),
-                                        vocab_size)}
+                                        vocab_size, ranked=by_count)}
 
 
 def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_size: int,
-                    tail_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                    tail_step: int = 1, by_count: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """q64r's ``topk_stream`` of whole sequences (row ``offsets``) → ``ids int32`` and
     ``logprobs float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
     shapes = stored_arrays(k, vocab_size, Q64V3)
     raw_shapes = {name: shapes[name] for name in RAW_ORDER}
-    (stored_ids, recur, codes), raw, is_raw = stream_codec.decode(stream, offsets, k,
-                                                                  vocab_size, raw_shapes)
+    (stored_ids, recur, codes), raw, is_raw = stream_codec.decode(
+        stream, offsets, k, vocab_size, raw_shapes, ranked=by_count)
     if is_raw.any():  # sequences stored as q64v3's bytes
         stored_ids[is_raw] = from_planes(raw[IDS][is_raw])
         recur[is_raw] = np.unpackbits(raw[RECUR][is_raw], axis=1, count=k, bitorder="little")
@@ -389,10 +395,19 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
             or (rows and name != Q64R):
         raise ValueError(f"{STREAM_ROWS_ATTR} {rows!r}: a non-negative int, and other than 0 "
                          f"only with {CODING_ATTR} {Q64R!r}")
+    ranking = attrs.get(ID_RANKING_ATTR)
+    if ranking is not None and (ranking != BY_COUNT or name != Q64R):
+        raise ValueError(f"{ID_RANKING_ATTR} {ranking!r}: {BY_COUNT!r} or absent, and only with "
+                         f"{CODING_ATTR} {Q64R!r}")
     if name == Q64R and not attrs.get("vocab_size"):
         raise ValueError(f"{CODING_ATTR} {Q64R!r} needs attrs.vocab_size")
     lookups(attrs)
     return name
+
+
+def ranked(attrs: Mapping[str, Any]) -> bool:
+    """Whether q64r numbers seen ids by count (else by first sight)."""
+    return attrs.get(ID_RANKING_ATTR) == BY_COUNT
 
 
 def stream_rows(attrs: Mapping[str, Any]) -> int:
@@ -481,7 +496,7 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         grouped = stream_rows(attrs)
         streams = stream_lengths(lengths, grouped) if grouped else lengths
         coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
-                                tail_step=tail_step(attrs))
+                                tail_step=tail_step(attrs), by_count=ranked(attrs))
         if grouped:
             coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
             coded[STREAM_START][np.cumsum(streams) - streams] = 1
@@ -526,7 +541,7 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
             offsets = stream_offsets(out.pop(STREAM_START))
         out[IDS], out[LOGPROBS] = decode_streamed(
             out.pop(STREAM), offsets, k=int(attrs["k"]), vocab_size=int(attrs["vocab_size"]),
-            tail_step=tail_step(attrs))
+            tail_step=tail_step(attrs), by_count=ranked(attrs))
         table = lookups(attrs)
         if table is not None:
             out[IDS] = renumber(out[IDS], table[1])

@@ -33,19 +33,22 @@ def offsets_of(lengths: np.ndarray) -> np.ndarray:
 
 
 def streamed(ids: np.ndarray, lp: np.ndarray, lengths: np.ndarray, vocab: int,
-             tail_step: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    stream = tc.encode_streamed(ids, lp, lengths, vocab_size=vocab, tail_step=tail_step)
+             tail_step: int = 1, by_count: bool = True
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stream = tc.encode_streamed(ids, lp, lengths, vocab_size=vocab, tail_step=tail_step,
+                                by_count=by_count)
     got = tc.decode_streamed(stream[tc.STREAM], offsets_of(lengths), k=ids.shape[1],
-                             vocab_size=vocab, tail_step=tail_step)
+                             vocab_size=vocab, tail_step=tail_step, by_count=by_count)
     return stream[tc.STREAM], *got
 
 
-@given(rows=sequences())
-def test_round_trip_is_q64v2s_rows(rows) -> None:
+@given(rows=sequences(), by_count=st.booleans())
+def test_round_trip_is_q64v2s_rows(rows, by_count: bool) -> None:
     """Exactly what q64v2 decodes (ids, values, rank order, ties), whether a sequence is
-    range-coded or, too short for its stream to fit, stored as q64v3's bytes."""
+    range-coded or, too short for its stream to fit, stored as q64v3's bytes; seen ids
+    numbered by count or, as older stores, by first sight."""
     ids, lp, lengths, vocab = rows
-    stream, got_ids, got_lp = streamed(ids, lp, lengths, vocab)
+    stream, got_ids, got_lp = streamed(ids, lp, lengths, vocab, by_count=by_count)
     n, k = ids.shape
     assert stream.shape == (n, sc.row_width(k, tc.delta_width(vocab)))
     assert_decoded(ids, lp, got_ids, got_lp)
@@ -116,12 +119,52 @@ def test_the_range_coder_decodes_what_it_coded(bits, values) -> None:
     np.testing.assert_array_equal(got_values, v[:, 1])
 
 
-@given(rows=topk_rows(vocabs=tuple(VOCABS)))
-def test_any_top_k_rows_round_trip_as_one_sequence(rows) -> None:
+@given(rows=topk_rows(vocabs=tuple(VOCABS)), by_count=st.booleans())
+def test_any_top_k_rows_round_trip_as_one_sequence(rows, by_count: bool) -> None:
     """Any rows, long ones (k up to 70) included, as one sequence."""
     ids, lp, vocab = rows
-    _, got_ids, got_lp = streamed(ids, lp, np.array([len(ids)]), vocab)
+    _, got_ids, got_lp = streamed(ids, lp, np.array([len(ids)]), vocab, by_count=by_count)
     assert_decoded(ids, lp, got_ids, got_lp)
+
+
+@given(sightings=st.lists(st.integers(0, 40), max_size=400))
+def test_ranking_keeps_the_seen_ids_in_count_order(sightings: list[int]) -> None:
+    """After any sightings, numbers run over the ids seen, most counted first, each id's
+    count exact, and the seen-id table, numbers and counts agree (what both sides of the coder
+    rebuild alike)."""
+    capacity = sc.table_capacity(len(sightings) + 1, 1, 41)
+    table = np.full((capacity, 2), -1, np.int64)
+    seen = np.empty((capacity, 2), np.int64)
+    counts = np.empty(capacity, np.int64)
+    first = np.empty(len(sightings) + 2, np.int64)
+    count = 0
+    for token in sightings:
+        count = sc._rank(table, seen, counts, first, count, token)
+    want = {t: sightings.count(t) for t in set(sightings)}
+    assert count == len(want)
+    assert {int(seen[n, 0]): int(counts[n]) for n in range(count)} == want
+    assert (np.diff(counts[:count]) <= 0).all()
+    for n in range(count):
+        assert sc._number_of(table, seen[n, 0]) == n and table[seen[n, 1], 0] == seen[n, 0]
+        assert first[counts[n]] == np.argmax(counts[:count] == counts[n])
+
+
+def test_ranking_by_count_is_smaller_on_zipf_rows() -> None:
+    """Rows of distinct draws of a Zipf law over a shuffled vocabulary (a large teacher's
+    frequent tokens): numbering seen ids by count costs clearly less than by first sight."""
+    rng = np.random.default_rng(4)
+    vocab, k, n = 20_000, 32, 3000
+    law = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    shuffle = rng.permutation(vocab)
+    ids = np.stack([shuffle[rng.choice(vocab, k, replace=False, p=law / law.sum())]
+                    for _ in range(n)]).astype(np.int32)
+    lp = -np.sort(rng.exponential(2.0, ids.shape), axis=1)
+    sizes = {}
+    for by_count in (False, True):
+        stream, got_ids, got_lp = streamed(ids, lp, np.array([n]), vocab, by_count=by_count)
+        assert_decoded(ids, lp, got_ids, got_lp)
+        sizes[by_count] = int(stream[0, 1:5].view("<u4")[0])
+    assert sizes[True] < 0.97 * sizes[False], sizes
 
 
 @pytest.mark.parametrize(("vocab", "k", "lengths"), [(1, 1, [3, 0, 2]), (5, 0, [2, 1]),
@@ -181,6 +224,10 @@ def test_refused_attrs() -> None:
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, stream_rows=64)
     with pytest.raises(ValueError, match="topk_stream_rows -1"):
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, stream_rows=-1)
+    for attrs in ({tc.ID_RANKING_ATTR: "frequency"},
+                  {tc.ID_RANKING_ATTR: tc.BY_COUNT, tc.CODING_ATTR: tc.Q64V2}):
+        with pytest.raises(ValueError, match="topk_id_ranking"):
+            tc.coding({tc.CODING_ATTR: tc.Q64R, "vocab_size": 10} | attrs)
     with pytest.raises(ValueError, match="do not begin a stream"):
         tc.stream_offsets(np.array([0, 1, 0], np.uint8))
     with pytest.raises(ValueError, match="outside vocab_size 10"):
@@ -188,14 +235,19 @@ def test_refused_attrs() -> None:
                            vocab_size=10)
 
 
-def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rank_ids", [True, False])
+def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path, rank_ids: bool) -> None:
     """The same rows written as q64v2 and q64r: every read path gives the same arrays, in any
-    sequence order, with repeats, and with the log-probs or ids read alone."""
+    sequence order, with repeats, and with the log-probs or ids read alone; a store whose
+    seen ids are numbered by first sight (written before ranking by count) too."""
     v2 = write_teacher(tmp_path / "v2", tc.Q64V2)
-    vr = write_teacher(tmp_path / "r", tc.Q64R)
+    vr = write_teacher(tmp_path / "r", tc.Q64R, rank_ids=rank_ids)
+    header = json.loads((tmp_path / "r" / "store.json").read_text())
+    assert header["schema_version"] == (5 if rank_ids else 2)
+    assert header["attrs"].get(tc.ID_RANKING_ATTR) == (tc.BY_COUNT if rank_ids else None)
     for a, b in zip(v2, vr, strict=True):
         np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
-    arrays = json.loads((tmp_path / "r" / "store.json").read_text())["arrays"]
+    arrays = header["arrays"]
     assert set(arrays) >= {"topk_stream", "sample_ids"}
     assert "topk_ids" not in arrays and "topk_logprobs" not in arrays
     assert arrays["topk_stream"]["codec"] == "zstd"
