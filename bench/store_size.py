@@ -461,6 +461,8 @@ def main() -> None:
     path = args.store or real_teacher_store()
     src = open_store(path, TEACHER, verify="full")
     describe(src, f"store={path} (ready in {time.perf_counter() - t:.0f} s)")
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="mtkd-bench-size-", dir=args.dir))
     try:
         results, by_array = run_candidates(src, wanted, root)
