@@ -41,7 +41,7 @@ from mtkd.ingest.tokenizer import (
 )
 from mtkd.store import PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.format import HEADER_FILE, Header
+from mtkd.store.format import HEADER_FILE, Header, read_json
 from mtkd.store.id_table import frequency_table
 from mtkd.store.schema import (
     CONTEXT_END,
@@ -55,6 +55,7 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
+from mtkd.store.topk_codec import CODING_ATTR, Q64R, ranked
 from mtkd.store.writer import pending_parts
 
 
@@ -281,7 +282,8 @@ def harvest(
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
                             id_table=read_id_table(tokens, teacher, config.id_table),
-                            tail_step=config.tail_step, stream_rows=config.q64r_stream_rows)
+                            tail_step=config.tail_step, stream_rows=config.q64r_stream_rows,
+                            rank_ids=ranks_ids(out))
     start = time.perf_counter()
     engine = None
 
@@ -401,6 +403,16 @@ class HarvestParts:
         pw, tokens, unreadable = outputs
         pw.commit()
         return tokens, unreadable
+
+
+def ranks_ids(out: str | os.PathLike[str]) -> bool:
+    """Whether q64r numbers seen ids by count here: yes, unless a q64r store started before
+    that numbering is being resumed (no flag chooses it, so the store's own choice holds)."""
+    try:
+        attrs = read_json(Path(out) / HEADER_FILE)["attrs"]
+    except (OSError, StoreError, KeyError, TypeError):  # no store yet (or the writer says why)
+        return True
+    return attrs.get(CODING_ATTR) != Q64R or ranked(attrs)
 
 
 def empty_rows(header: Header) -> dict[str, np.ndarray]:

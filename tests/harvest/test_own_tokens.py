@@ -266,6 +266,20 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
     for order in (np.arange(v2.num_sequences), np.arange(v2.num_sequences)[::-2]):
         for name, values in v2.read(order).arrays.items():
             np.testing.assert_array_equal(r.read(order)[name], values, err_msg=name)
+    # a q64r harvest started before seen ids were ranked by count resumes as it was started
+    header = json.loads((tmp_path / "r" / "store.json").read_text())
+    assert header["attrs"].pop("topk_id_ranking") == "count" and header["schema_version"] == 5
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "store.json").write_text(json.dumps(header | {"schema_version": 4}))
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "old",
+                     "--engine", "hf", "--k", K, "--dtype", "float32", "--id-table", 16,
+                     "--logprob-dtype", "q64r", "--stream-rows", 4)
+    assert code == 0, msg
+    old = open_store(tmp_path / "old", verify="full")
+    assert "topk_id_ranking" not in old.attrs
+    for name, values in v2.read(np.arange(v2.num_sequences)).arrays.items():
+        np.testing.assert_array_equal(old.read(np.arange(v2.num_sequences))[name], values,
+                                      err_msg=name)
 
 
 def test_a_model_given_by_hub_id_is_read_from_the_cache(setup: Setup, tmp_path: Path,
