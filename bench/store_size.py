@@ -59,9 +59,11 @@ Zipf candidates: ``<coding>_spread262k_bytes_per_position=``; with ``--sequence-
 the input's rows cut into sequences of that many rows through them:
 ``<coding>_seq<rows>_bytes_per_position=``. Then the synthetic Zipf teacher
 of 262,144 ids (``--zipf-positions`` rows) through q64, q64v2, q64v3, q64r, q64r-tail1/4nat
-and its streams2048 twin. Each candidate's line holds its bytes, errors, read speeds and, for
-the store's codings, ``encode_topk_positions_s`` (the writer's coding of the top-k columns). The
-last lines give the default coding's (q64v2's) bytes by array, ``max_abs_logprob_err=``
+and its streams2048 and streams65536 twins (seen ids ranked by count, as the harvest writes
+them) and ``q64r-tail1/4nat-streams2048-first-sight`` (numbered by first sight, as before).
+Each candidate's line holds its bytes, errors, read speeds and, for the store's codings,
+``encode_topk_positions_s`` (the writer's coding of the top-k columns). The last lines give
+the default coding's (q64v2's) bytes by array, ``max_abs_logprob_err=``
 (p ≥ 1e-3), ``read_positions_s=``, ``zipf262k_bytes_per_position=``,
 ``sampled_bytes_per_position=``, the opt-in codings' bytes, and the headline
 ``teacher_bytes_per_position=`` last: q64r with the 1/4-nat tail and streams of ≥ 2,048 rows
