@@ -412,7 +412,7 @@ def ranks_ids(out: str | os.PathLike[str]) -> bool:
         attrs = read_json(Path(out) / HEADER_FILE)["attrs"]
     except (OSError, StoreError, KeyError, TypeError):  # no store yet (or the writer says why)
         return True
-    return attrs.get(CODING_ATTR) != Q64R or ranked(attrs)
+    return not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R or ranked(attrs)
 
 
 def empty_rows(header: Header) -> dict[str, np.ndarray]:

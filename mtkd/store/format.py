@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mtkd.store.errors import CorruptStoreError, StoreError
-from mtkd.store.topk_codec import coding, internal_arrays, virtual_arrays
+from mtkd.store.topk_codec import ID_RANKING_ATTR, coding, internal_arrays, ranked, virtual_arrays
 
 FORMAT_NAME = "mtkd-store"
 #: The newest schema version this mtkd reads; a store is written with the oldest version that
@@ -123,6 +123,8 @@ class Header:
             arrays = tuple(ArraySpec.from_json(n, s) for n, s in obj["arrays"].items())
             attrs = obj.get("attrs", {})
             coding(attrs)
+            if ranked(attrs) and version < 5:  # an older reader would take it for first sight
+                raise ValueError(f"attrs.{ID_RANKING_ATTR} needs schema version 5, not {version}")
         except (StoreError, ValueError) as e:
             raise StoreError(f"{where / HEADER_FILE}: {e}") from e
         return cls(obj["kind"], int(obj["num_parts"]), arrays, attrs, version)

@@ -161,7 +161,8 @@ def _slot(table, token):
 
 @register_jitable
 def _number_of(table, token):
-    """``token``'s number in the sequence's order of first sight, −1 if not seen yet."""
+    """``token``'s number among the ids seen in the sequence (by count or first sight), −1 if
+    not seen yet."""
     at = _slot(table, token)
     return table[at, 1] if table[at, 0] == token else -1
 

@@ -83,7 +83,7 @@ TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
 STREAM_ROWS_ATTR = "topk_stream_rows"
 STREAM_START = "topk_stream_start"
 #: Header attribute: how q64r numbers the ids seen among earlier rows' new ids, ``"count"``
-#: (most counted first) or absent (by first sight, stores written before 2026-12-07).
+#: (most counted first) or absent (by first sight: stores written before schema version 5).
 ID_RANKING_ATTR = "topk_id_ranking"
 BY_COUNT = "count"
 RAW_ORDER = (IDS, RECUR, LOGPROBS)  #: q64r's mode-0 sequences: q64v3's arrays in this order

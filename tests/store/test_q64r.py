@@ -6,6 +6,7 @@ damaged streams are refused; and it is smaller than q64v3."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mtkd.store import StoreError, StoreWriter, open_store
 from mtkd.store import range_coder as rc
 from mtkd.store import stream_codec as sc
 from mtkd.store import topk_codec as tc
-from mtkd.store.format import PARTS_DIR, part_name
+from mtkd.store.format import PARTS_DIR, Header, part_name
 from mtkd.store.schema import TEACHER, teacher_header
 
 from .stores import flip_byte
@@ -134,12 +135,18 @@ def test_ranking_keeps_the_seen_ids_in_count_order(sightings: list[int]) -> None
     rebuild alike)."""
     capacity = sc.table_capacity(len(sightings) + 1, 1, 41)
     table = np.full((capacity, 2), -1, np.int64)
-    seen = np.empty((capacity, 2), np.int64)
-    counts = np.empty(capacity, np.int64)
-    first = np.empty(len(sightings) + 2, np.int64)
-    count = 0
-    for token in sightings:
-        count = sc._rank(table, seen, counts, first, count, token)
+    seen = np.full((capacity, 2), 7, np.int64)  # stale values of an earlier sequence
+    counts = np.full(capacity, 3, np.int64)
+    first = np.full(len(sightings) + 2, 5, np.int64)
+
+    def sight_all(tokens: list[int]) -> int:
+        count = 0
+        for token in tokens:
+            count = sc._rank(table, seen, counts, first, count, token)
+        return count
+
+    sc._forget(table, seen, sight_all(sightings[::-1]))  # an earlier sequence's state, reused
+    count = sight_all(sightings)
     want = {t: sightings.count(t) for t in set(sightings)}
     assert count == len(want)
     assert {int(seen[n, 0]): int(counts[n]) for n in range(count)} == want
@@ -147,6 +154,68 @@ def test_ranking_keeps_the_seen_ids_in_count_order(sightings: list[int]) -> None
     for n in range(count):
         assert sc._number_of(table, seen[n, 0]) == n and table[seen[n, 1], 0] == seen[n, 0]
         assert first[counts[n]] == np.argmax(counts[:count] == counts[n])
+
+
+def golden_rows() -> tuple[np.ndarray, np.ndarray, int]:
+    """300 rows of 8 distinct draws of a Zipf law over 500 ids (stable across numpy versions:
+    only ``random`` and ``exponential`` draws)."""
+    rng = np.random.default_rng(5)
+    vocab, k, n = 500, 8, 300
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** 1.1)
+    ids = np.empty((n, k), np.int32)
+    for r in range(n):
+        row: list[int] = []
+        while len(row) < k:
+            token = int(np.searchsorted(cdf, rng.random() * cdf[-1]))
+            if token not in row:
+                row.append(token)
+        ids[r] = row
+    return ids, -np.sort(rng.exponential(2.0, (n, k)), axis=1), vocab
+
+
+@pytest.mark.parametrize(("by_count", "digest"), [
+    (False, "4aa0b2bf94ef2a613ad038dd2fc8b424b1779b9a666316dc99ba58089db11a21"),
+    (True, "dd6fe329f74859ef605d42b20291fdee23fddbe69a84ac2ae102ec175554514c")])
+def test_stream_bytes_are_pinned(by_count: bool, digest: str) -> None:
+    """The bytes of both numberings on fixed rows: first sight's as the coder wrote them before
+    ranking by count (a956716), so stores of either kind keep reading."""
+    ids, lp, vocab = golden_rows()
+    stream, got_ids, got_lp = streamed(ids, lp, np.array([120, 180]), vocab, by_count=by_count)
+    assert_decoded(ids, lp, got_ids, got_lp)
+    assert hashlib.sha256(stream.tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("rank_ids", [True, False])
+def test_a_store_ranks_ids_as_its_header_says(tmp_path: Path, rank_ids: bool) -> None:
+    """A store's stream is the one its header's numbering writes (not only one that reads
+    back), and refused as damaged when decoded with the other numbering."""
+    ids, lp, vocab = golden_rows()
+    header = teacher_header(1, ids.shape[1], {"vocab_size": vocab}, logprob_dtype=tc.Q64R,
+                            rank_ids=rank_ids)
+    rows = {"topk_ids": ids, "topk_logprobs": lp.astype(np.float32),
+            "target_logprob": lp[:, 0].astype(np.float32),
+            "target_rank": np.ones(len(ids), np.int32),
+            "tail_logmass": np.full(len(ids), -3.0, np.float32)}
+    writer = StoreWriter(tmp_path / "t", header)
+    with writer.open_part(0) as pw:
+        pw.append(rows, [120, 180], np.arange(2))
+    assert writer.finalize()
+    import zarr
+
+    stored = zarr.open_array(tmp_path / "t" / PARTS_DIR / part_name(0) / tc.STREAM, mode="r")[:]
+    want = tc.encode_streamed(ids, lp, np.array([120, 180]), vocab_size=vocab,
+                              by_count=rank_ids)[tc.STREAM]
+    np.testing.assert_array_equal(stored, want)
+    offsets = np.array([0, 120, 300])
+    want_ids = tc.decode_streamed(want, offsets, k=8, vocab_size=vocab, by_count=rank_ids)[0]
+    np.testing.assert_array_equal(open_store(tmp_path / "t").read([1, 0])["topk_ids"],
+                                  np.concatenate([want_ids[120:], want_ids[:120]]))
+    try:  # the other numbering reads other ids, or a stream it cannot decode
+        other = tc.decode_streamed(want, offsets, k=8, vocab_size=vocab, by_count=not rank_ids)
+    except ValueError as e:
+        assert "cannot hold" in str(e) or "damaged" in str(e), e
+    else:
+        assert not np.array_equal(other[0], want_ids)
 
 
 def test_ranking_by_count_is_smaller_on_zipf_rows() -> None:
@@ -224,6 +293,10 @@ def test_refused_attrs() -> None:
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, stream_rows=64)
     with pytest.raises(ValueError, match="topk_stream_rows -1"):
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, stream_rows=-1)
+    header = teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R).to_json()
+    assert header["schema_version"] == 5
+    with pytest.raises(StoreError, match="topk_id_ranking needs schema version 5, not 4"):
+        Header.from_json(header | {"schema_version": 4}, Path("x"))
     for attrs in ({tc.ID_RANKING_ATTR: "frequency"},
                   {tc.ID_RANKING_ATTR: tc.BY_COUNT, tc.CODING_ATTR: tc.Q64V2}):
         with pytest.raises(ValueError, match="topk_id_ranking"):
