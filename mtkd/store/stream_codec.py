@@ -21,7 +21,7 @@ Per row, in this order (the models' contexts in brackets):
   row is new in some earlier row or this one, so "seen" is "seen in the sequence". The
   sequence's own order puts the ids a teacher keeps proposing first: ≈ 10 bytes per position
   less than id order on SmolLM2 at k = 64, and ranking by count 1.2 less than first sight
-  (5.6 on a 262,144-id Zipf teacher);
+  (5.6 on a 262,144-id Zipf teacher, 0.8 more on a 2,048-id one);
 * the floor F as a signed change from the previous row's [floor], then F − code in q64v3's
   stored order for the recurring ids [their index, capped at 31], then for the padding and
   the new ids in the order their numbers were coded [one context].
