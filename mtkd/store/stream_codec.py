@@ -36,7 +36,6 @@ one, whose models have had no time to learn): W = 9 + their bytes per row, so bo
 from __future__ import annotations
 
 import hashlib
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,9 +50,8 @@ except ImportError:  # without numba the kernels run as plain Python
 from mtkd.store import range_coder as rc
 from mtkd.store.range_coder import register_jitable
 from mtkd.store.reference_codec import sort_row
+from mtkd.store.stream_frames import HEAD, damaged, frame, raw_rows, unframe, unpack_raw
 
-HEAD = 9  #: bytes before a sequence's stream: mode, length, CRC-32
-RAW, CODED = 0, 1
 CODE_CONTEXTS = 32  #: recurring-index contexts of the codes (then one for the new ids)
 LEFT_BUCKETS, PREV_BUCKETS = 8, 40
 # integer contexts (each rc.UINT_PROBS probabilities), then the recurrence bits' probabilities
@@ -486,27 +484,10 @@ def encode(raw: dict[str, np.ndarray], stored_ids: np.ndarray, recur: np.ndarray
                            offsets, groups_of(offsets), width, vocab_size, ranked, max_rows,
                            table_capacity(max_rows, k, vocab_size), flat, lengths)
     row_bytes = sum(a[0].nbytes for a in raw.values()) if n else 0
-    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
-        share = flat[lo * width:hi * width]
-        if hi == lo:
-            continue
-        if k and lengths[s] < (hi - lo) * row_bytes:  # (so it fits: W ≥ HEAD + row bytes)
-            _head(share, CODED, share[HEAD:HEAD + lengths[s]])
-        else:
-            share[:] = 0
-            body = np.concatenate([np.ascontiguousarray(a[lo:hi]).reshape(-1).view(np.uint8)
-                                   for a in raw.values()])
-            share[HEAD:HEAD + len(body)] = body
-            _head(share, RAW, body)
+    if not k:
+        lengths[:] = -1
+    frame(flat, offsets, width, lengths, row_bytes, lambda lo, hi: raw_rows(raw, lo, hi))
     return out
-
-
-def _head(share: np.ndarray, mode: int, body: np.ndarray) -> None:
-    """Mode, length and the CRC-32 of both and the body (uint32 little endian)."""
-    share[0] = mode
-    share[1:5] = np.array([len(body)], dtype="<u4").view(np.uint8)
-    crc = zlib.crc32(body, zlib.crc32(share[:5]))
-    share[5:9] = np.array([crc], dtype="<u4").view(np.uint8)
 
 
 def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
@@ -524,28 +505,10 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
     raw = {name: np.zeros((n, *shape), dtype) for name, (dtype, shape) in raw_shapes.items()}
     row_bytes = sum(a[0].nbytes for a in raw.values()) if n else 0
     is_raw = np.zeros(n, dtype=np.bool_)
-    starts = np.zeros(len(offsets) - 1, dtype=np.int64)
-    sizes = np.full(len(offsets) - 1, -1, dtype=np.int64)
-    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
-        if hi == lo:
-            continue
-        share = flat[lo * width:hi * width]
-        mode, length = int(share[0]), int(share[1:5].view("<u4")[0])
-        body = share[HEAD:HEAD + length]
-        if mode not in (RAW, CODED) or HEAD + length > len(share) \
-                or (mode == RAW and length != (hi - lo) * row_bytes) \
-                or zlib.crc32(body, zlib.crc32(share[:5])) != int(share[5:9].view("<u4")[0]):
-            raise ValueError(f"topk_stream: stream {s} of the read (rows {lo}:{hi}) is damaged "
-                             "(its mode, length or CRC-32)")
-        if mode == CODED:
-            starts[s], sizes[s] = lo * width + HEAD, length
-            continue
+    starts, sizes, raw_streams = unframe(flat, offsets, width, row_bytes, "topk_stream")
+    for lo, hi, body in raw_streams:
         is_raw[lo:hi] = True
-        at = 0
-        for arr in raw.values():
-            end = at + (hi - lo) * arr[0].nbytes
-            arr[lo:hi] = body[at:end].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
-            at = end
+        unpack_raw(raw, lo, hi, body)
     stored_ids = np.zeros((n, k + 1), dtype=np.int64)
     recur = np.zeros((n, k), dtype=np.bool_)
     floor = np.zeros(n, dtype=np.int64)
@@ -557,7 +520,5 @@ def decode(streams: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
                            ranked, max_rows, table_capacity(max_rows, k, vocab_size), stored_ids,
                            recur, floor, dist, bad)
     if bad.any():
-        s = int(np.argmax(bad))
-        raise ValueError(f"topk_stream: stream {s} of the read (rows {offsets[s]}:"
-                         f"{offsets[s + 1]}) decodes to values q64v3 cannot hold")
+        raise damaged("topk_stream", bad, offsets)
     return (stored_ids, recur, floor[:, None] - dist), raw, is_raw

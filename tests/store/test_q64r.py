@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.store import StoreError, StoreWriter, open_store
+from mtkd.store import StoreError, StoreWriter, open_store, stream_frames
 from mtkd.store import range_coder as rc
 from mtkd.store import stream_codec as sc
 from mtkd.store import topk_codec as tc
@@ -259,14 +259,14 @@ def test_a_long_sequence_is_range_coded_and_a_one_row_sequence_may_not_be() -> N
     lp = -np.sort(rng.exponential(3.0, ids.shape), axis=1)
     stream, got_ids, got_lp = streamed(ids, lp, np.array([2048]), vocab)
     assert_decoded(ids, lp, got_ids, got_lp)
-    assert stream[0, 0] == sc.CODED
+    assert stream[0, 0] == stream_frames.CODED
     coded = int(stream[0, 1:5].view("<u4")[0])
     assert coded < 0.6 * 2048 * sc.raw_row_bytes(k, 4), coded
     ids = rng.choice(vocab, (2, 8), replace=False).astype(np.int32)
     lp = -np.sort(rng.uniform(0, 4000, ids.shape), axis=1)
     stream, got_ids, got_lp = streamed(ids, lp, np.array([1, 1]), vocab)
     assert_decoded(ids, lp, got_ids, got_lp)
-    assert stream[0, 0] == stream[1, 0] == sc.RAW
+    assert stream[0, 0] == stream[1, 0] == stream_frames.RAW
 
 
 def test_a_damaged_stream_is_refused() -> None:
@@ -274,7 +274,7 @@ def test_a_damaged_stream_is_refused() -> None:
     ids = np.stack([rng.choice(1000, 16, replace=False) for _ in range(300)]).astype(np.int32)
     lp = -np.sort(rng.exponential(1.0, ids.shape), axis=1)
     stream = tc.encode_streamed(ids, lp, np.array([300]), vocab_size=1000)[tc.STREAM]
-    assert stream[0, 0] == sc.CODED
+    assert stream[0, 0] == stream_frames.CODED
     for at, flip in ((40, 0x5A), (0, 1), (0, 0x5A), (2, 0x5A)):  # stream, mode (1 → 0), length
         bad = stream.copy()
         bad.reshape(-1)[at] ^= flip

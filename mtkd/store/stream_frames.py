@@ -1,0 +1,94 @@
+"""Range-coded streams laid out over the rows they code (q64r's ``topk_stream`` and
+``sample_stream``).
+
+Why: a store reads rows, not blobs, so each stream (a sequence, or a run of them) is spread over
+its rows' share of a ``uint8 [n, width]`` column, and zstd makes the share's unused end free.
+A share starts with a head of ``HEAD`` bytes: the mode (``CODED``: the range coder's bytes;
+``RAW``: the values as plain bytes, for a stream the coder could not make shorter), the body's
+length and the CRC-32 of those and the body (uint32 little endian each). ``width`` must hold
+a one-row raw body after the head, so every stream fits one way or the other.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+HEAD = 9  #: bytes before a stream's body: mode, length, CRC-32
+RAW, CODED = 0, 1
+
+
+def frame(flat: np.ndarray, offsets: np.ndarray, width: int, lengths: np.ndarray,
+          raw_row_bytes: int, raw_body: Callable[[int, int], np.ndarray]) -> None:
+    """Head each stream's share of ``flat`` (``uint8 [n · width]``) whose coded body of
+    ``lengths[s]`` bytes already follows the head; a stream whose body is no shorter than its
+    rows' ``raw_row_bytes`` (or that has ``lengths[s]`` < 0: could not be coded) is replaced by
+    ``raw_body(lo, hi)``, its rows as plain bytes."""
+    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        if hi == lo:
+            continue
+        share = flat[lo * width:hi * width]
+        if 0 <= lengths[s] < (hi - lo) * raw_row_bytes:
+            _head(share, CODED, share[HEAD:HEAD + lengths[s]])
+            continue
+        share[:] = 0
+        body = raw_body(lo, hi)
+        share[HEAD:HEAD + len(body)] = body
+        _head(share, RAW, body)
+
+
+def _head(share: np.ndarray, mode: int, body: np.ndarray) -> None:
+    share[0] = mode
+    share[1:5] = np.array([len(body)], dtype="<u4").view(np.uint8)
+    crc = zlib.crc32(body, zlib.crc32(share[:5]))
+    share[5:9] = np.array([crc], dtype="<u4").view(np.uint8)
+
+
+def unframe(flat: np.ndarray, offsets: np.ndarray, width: int, raw_row_bytes: int, what: str
+            ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, np.ndarray]]]:
+    """Check every stream's head and CRC: the coded bodies' ``starts`` and ``sizes`` in
+    ``flat`` (size −1: a raw or empty stream) and the raw streams as (lo, hi, body).
+    ValueError names a damaged stream of ``what`` (a column) and its rows in the read."""
+    starts = np.zeros(len(offsets) - 1, dtype=np.int64)
+    sizes = np.full(len(offsets) - 1, -1, dtype=np.int64)
+    raw = []
+    for s, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        if hi == lo:
+            continue
+        share = flat[lo * width:hi * width]
+        mode, length = int(share[0]), int(share[1:5].view("<u4")[0])
+        body = share[HEAD:HEAD + length]
+        if mode not in (RAW, CODED) or HEAD + length > len(share) \
+                or (mode == RAW and length != (hi - lo) * raw_row_bytes) \
+                or zlib.crc32(body, zlib.crc32(share[:5])) != int(share[5:9].view("<u4")[0]):
+            raise ValueError(f"{what}: stream {s} of the read (rows {lo}:{hi}) is damaged "
+                             "(its mode, length or CRC-32)")
+        if mode == CODED:
+            starts[s], sizes[s] = lo * width + HEAD, length
+        else:
+            raw.append((lo, hi, body))
+    return starts, sizes, raw
+
+
+def damaged(what: str, bad: np.ndarray, offsets: np.ndarray) -> ValueError:
+    """The error for the first stream ``bad`` flags (it decoded to impossible values)."""
+    s = int(np.argmax(bad))
+    return ValueError(f"{what}: stream {s} of the read (rows {offsets[s]}:{offsets[s + 1]}) "
+                      "decodes to values its coding cannot hold")
+
+
+def raw_rows(arrays: dict[str, np.ndarray], lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of ``arrays`` as one raw body: each array's rows, one after the other."""
+    return np.concatenate([np.ascontiguousarray(a[lo:hi]).reshape(-1).view(np.uint8)
+                           for a in arrays.values()])
+
+
+def unpack_raw(arrays: dict[str, np.ndarray], lo: int, hi: int, body: np.ndarray) -> None:
+    """Inverse of :func:`raw_rows`: ``body`` into rows ``lo:hi`` of ``arrays``."""
+    at = 0
+    for arr in arrays.values():
+        end = at + (hi - lo) * arr[0].nbytes
+        arr[lo:hi] = body[at:end].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
+        at = end
