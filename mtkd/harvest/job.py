@@ -55,7 +55,7 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
-from mtkd.store.topk_codec import CODING_ATTR, Q64R, ranked
+from mtkd.store.topk_codec import CODING_ATTR, Q64R, SAMPLE_CODING_ATTR, ranked
 from mtkd.store.writer import pending_parts
 
 
@@ -283,7 +283,7 @@ def harvest(
                             codec=config.codec, own_tokens=teacher is not None,
                             id_table=read_id_table(tokens, teacher, config.id_table),
                             tail_step=config.tail_step, stream_rows=config.q64r_stream_rows,
-                            rank_ids=ranks_ids(out))
+                            **q64r_choices(out))
     start = time.perf_counter()
     engine = None
 
@@ -405,14 +405,17 @@ class HarvestParts:
         return tokens, unreadable
 
 
-def ranks_ids(out: str | os.PathLike[str]) -> bool:
-    """Whether q64r numbers seen ids by count here: yes, unless a q64r store started before
-    that numbering is being resumed (no flag chooses it, so the store's own choice holds)."""
+def q64r_choices(out: str | os.PathLike[str]) -> dict[str, bool]:
+    """How q64r numbers seen ids (by count) and codes the draws (against the top-k) here: as
+    mtkd does now, unless a q64r store started before either is being resumed (no flag
+    chooses them, so the store's own choice holds). ``teacher_header``'s keywords."""
     try:
         attrs = read_json(Path(out) / HEADER_FILE)["attrs"]
     except (OSError, StoreError, KeyError, TypeError):  # no store yet (or the writer says why)
-        return True
-    return not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R or ranked(attrs)
+        attrs = None
+    if not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R:
+        return {"rank_ids": True, "stream_samples": True}
+    return {"rank_ids": ranked(attrs), "stream_samples": SAMPLE_CODING_ATTR in attrs}
 
 
 def empty_rows(header: Header) -> dict[str, np.ndarray]:

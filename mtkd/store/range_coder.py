@@ -171,6 +171,17 @@ def decode_direct(dec, buf, bits):
 
 
 @register_jitable
+def fresh(probs, ready, ctx):
+    """Integer context ``ctx``, its probabilities reset if the stream has not used it yet
+    (``ready[ctx]``): a stream uses few of a model's contexts, and resetting them all would
+    dominate short streams."""
+    if not ready[ctx]:
+        probs[ctx * UINT_PROBS:(ctx + 1) * UINT_PROBS] = PROB_INIT
+        ready[ctx] = True
+    return ctx
+
+
+@register_jitable
 def encode_uint(enc, out, probs, ctx, value):
     """Code ``0 ≤ value < 2^40 − 1`` in the integer context ``ctx`` (see the module doc)."""
     base = ctx * UINT_PROBS

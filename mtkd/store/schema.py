@@ -96,6 +96,7 @@ def teacher_header(
     tail_step: int = 1,
     stream_rows: int = 0,
     rank_ids: bool = True,
+    stream_samples: bool = True,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -113,11 +114,12 @@ def teacher_header(
     ``stream_rows`` (q64r only): consecutive sequences share a stream until it holds that many
     rows (``attrs.topk_stream_rows``; 0: a stream per sequence). ``rank_ids`` (q64r): number
     the ids seen in earlier rows by count (``attrs.topk_id_ranking``), else by first sight (as
-    stores written before it).
+    stores written before it). ``stream_samples`` (q64r with draws): code the draws against
+    the top-k (``attrs.sample_coding``), else as q64v2 does (as stores written before it).
     """
     attrs = {n: v for n, v in attrs.items() if n not in (
         topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR,
-        topk_codec.STREAM_ROWS_ATTR, topk_codec.ID_RANKING_ATTR)}
+        topk_codec.STREAM_ROWS_ATTR, topk_codec.ID_RANKING_ATTR, topk_codec.SAMPLE_CODING_ATTR)}
     if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
         raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
     if tail_step != 1 and logprob_dtype != topk_codec.Q64R:
@@ -126,15 +128,20 @@ def teacher_header(
         raise ValueError(f"stream rows need logprob dtype {topk_codec.Q64R}")
     coded: dict[str, tuple[str, tuple[int, ...]]] = {}
     if check_logprob_dtype(logprob_dtype) in topk_codec.CODINGS:
-        coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples)
-        topk = [ArraySpec(name, *coded[name], "zstd" if name == topk_codec.STREAM else codec)
-                for name in (TOPK_IDS, topk_codec.RECUR, TOPK_LOGPROBS, topk_codec.STREAM)
-                if name in coded]  # q64r's stream: zstd, so each sequence's unused end is free
+        stream_samples = stream_samples and logprob_dtype == topk_codec.Q64R and num_samples > 0
+        coded = topk_codec.stored_arrays(k, attrs.get("vocab_size"), logprob_dtype, num_samples,
+                                         stream_samples=stream_samples)
+        streams = (topk_codec.STREAM, topk_codec.SAMPLE_STREAM)
+        topk = [ArraySpec(name, *coded[name], "zstd" if name in streams else codec)
+                for name in (TOPK_IDS, topk_codec.RECUR, TOPK_LOGPROBS, *streams)
+                if name in coded]  # q64r's streams: zstd, so each sequence's unused end is free
         attrs[topk_codec.CODING_ATTR] = logprob_dtype
         if tail_step != 1:
             attrs[topk_codec.TAIL_STEP_ATTR] = tail_step
         if logprob_dtype == topk_codec.Q64R and rank_ids:
             attrs[topk_codec.ID_RANKING_ATTR] = topk_codec.BY_COUNT
+        if stream_samples:
+            attrs[topk_codec.SAMPLE_CODING_ATTR] = topk_codec.Q64R
         if stream_rows:
             attrs[topk_codec.STREAM_ROWS_ATTR] = int(stream_rows)
             topk.append(ArraySpec(topk_codec.STREAM_START, "uint8", (), "zstd"))
@@ -155,7 +162,8 @@ def teacher_header(
     if num_samples:
         plain = {SAMPLE_IDS: ("int32", (num_samples,)), SAMPLE_COUNTS: ("uint16", (num_samples,)),
                  SAMPLE_LOGPROBS: ("float32", (num_samples,))}
-        arrays += [ArraySpec(name, *coded.get(name, spec), codec) for name, spec in plain.items()]
+        arrays += [ArraySpec(name, *coded.get(name, spec), codec) for name, spec in plain.items()
+                   if topk_codec.SAMPLE_STREAM not in coded]
     if own_tokens:
         arrays += [ArraySpec(CONTEXT_END, "int32", (), codec),
                    ArraySpec(NEXT_ID, "int32", (), codec)]
@@ -166,8 +174,10 @@ def teacher_header(
     # version 3: rows in the teacher's own tokens, which an older reader would take for rows of
     # the tokens store's positions; version 4: q64r streams over several sequences, which an
     # older reader would take for damaged ones; version 5: q64r's seen ids numbered by count,
-    # which an older reader would decode as numbered by first sight
-    version = (5 if topk_codec.ranked(full_attrs) else 4 if stream_rows else 3 if own_tokens
+    # which an older reader would decode as numbered by first sight; version 6: q64r's draws
+    # coded against the top-k, which an older reader would not find
+    version = (6 if topk_codec.streams_samples(full_attrs) else 5 if topk_codec.ranked(full_attrs)
+               else 4 if stream_rows else 3 if own_tokens
                else 2 if topk_codec.CODING_ATTR in full_attrs else 1)
     return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)
 

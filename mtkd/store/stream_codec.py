@@ -124,16 +124,6 @@ def _gap_context(left, prev):
 
 
 @register_jitable
-def _fresh(probs, ready, ctx):
-    """``ctx``, its probabilities reset if this sequence has not used it yet (a sequence uses
-    few of the contexts: resetting them all would dominate short sequences)."""
-    if not ready[ctx]:
-        probs[ctx * rc.UINT_PROBS:(ctx + 1) * rc.UINT_PROBS] = rc.PROB_INIT
-        ready[ctx] = True
-    return ctx
-
-
-@register_jitable
 def _code_context(j, m):
     """The context of a row's j-th code: a recurring id's index (capped), or the new ids'."""
     return CODES + min(j, CODE_CONTEXTS - 1) if j < m else NEW_CODES
@@ -251,7 +241,7 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, ranked, buf,
     """Range-code rows ``lo:hi`` (one sequence) into ``buf``; returns the stream's length."""
     k = dist.shape[1]
     rc.encoder_init(enc)
-    ready[:] = False  # each integer context is reset on first use (_fresh)
+    ready[:] = False  # each integer context is reset on first use (rc.fresh)
     probs[PROBS:] = rc.PROB_INIT
     used = 0
     seen_count = 0
@@ -259,9 +249,9 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, ranked, buf,
     for i in range(lo, hi):
         top = stored_ids[i, 0]
         at = _mtf_find(mtf, used, top) if top > 0 else -1
-        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, TOP1_INDEX), at + 1)
+        rc.encode_uint(enc, buf, probs, rc.fresh(probs, ready, TOP1_INDEX), at + 1)
         if at < 0:
-            rc.encode_uint(enc, buf, probs, _fresh(probs, ready, TOP1_ID), top)
+            rc.encode_uint(enc, buf, probs, rc.fresh(probs, ready, TOP1_ID), top)
             if top > 0:
                 used = _mtf_push(mtf, used, top)
         m = 0
@@ -276,7 +266,7 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, ranked, buf,
         pad = 0
         while pad < new and stored_ids[i, 1 + pad] == 0:
             pad += 1
-        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, PADDING), pad)
+        rc.encode_uint(enc, buf, probs, rc.fresh(probs, ready, PADDING), pad)
         count = new - pad
         token = -1
         for j in range(count):  # (number, code) of each new id, in number order
@@ -289,15 +279,15 @@ def _encode_sequence(stored_ids, recur, floor, dist, lo, hi, vocab, ranked, buf,
         prev = -1
         for j in range(count):
             number = keys[j] >> 16
-            ctx = _fresh(probs, ready, _gap_context(count - j, prev))
+            ctx = rc.fresh(probs, ready, _gap_context(count - j, prev))
             rc.encode_uint(enc, buf, probs, ctx, number - prev - 1)
             prev = number
-        rc.encode_uint(enc, buf, probs, _fresh(probs, ready, FLOOR),
+        rc.encode_uint(enc, buf, probs, rc.fresh(probs, ready, FLOOR),
                        _zigzag(floor[i] - last_floor))
         last_floor = floor[i]
         for j in range(m + pad + count):
             d = keys[j - m - pad] & 0xFFFF if j >= m + pad else dist[i, j]
-            rc.encode_uint(enc, buf, probs, _fresh(probs, ready, _code_context(j, m)), d)
+            rc.encode_uint(enc, buf, probs, rc.fresh(probs, ready, _code_context(j, m)), d)
         token = -1
         for j in range(count):
             token += stored_ids[i, 1 + pad + j]
@@ -312,14 +302,14 @@ def _decode_sequence(buf, lo, hi, k, vocab, ranked, stored_ids, recur, floor, di
     """Inverse of :func:`_encode_sequence`; False if the stream decodes to values q64v3
     cannot hold (a damaged stream)."""
     rc.decoder_init(dec, buf, 0)
-    ready[:] = False  # each integer context is reset on first use (_fresh)
+    ready[:] = False  # each integer context is reset on first use (rc.fresh)
     probs[PROBS:] = rc.PROB_INIT
     used = 0
     seen_count = 0
     last_floor = 0
     ok = True
     for i in range(lo, hi):
-        at = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, TOP1_INDEX)) - 1
+        at = rc.decode_uint(dec, buf, probs, rc.fresh(probs, ready, TOP1_INDEX)) - 1
         if at >= used:
             ok = False
             break
@@ -327,7 +317,7 @@ def _decode_sequence(buf, lo, hi, k, vocab, ranked, stored_ids, recur, floor, di
             top = mtf[at]
             _mtf_find(mtf, used, top)
         else:
-            top = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, TOP1_ID))
+            top = rc.decode_uint(dec, buf, probs, rc.fresh(probs, ready, TOP1_ID))
             if top > vocab:
                 ok = False
                 break
@@ -343,24 +333,24 @@ def _decode_sequence(buf, lo, hi, k, vocab, ranked, stored_ids, recur, floor, di
                 prev_bit = bit
                 m += bit
         new = k - m
-        pad = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, PADDING))
+        pad = rc.decode_uint(dec, buf, probs, rc.fresh(probs, ready, PADDING))
         if pad > new:
             ok = False
             break
         count = new - pad
         prev = -1
         for j in range(count):
-            ctx = _fresh(probs, ready, _gap_context(count - j, prev))
+            ctx = rc.fresh(probs, ready, _gap_context(count - j, prev))
             prev += rc.decode_uint(dec, buf, probs, ctx) + 1
             numbers[j] = prev
-        f = last_floor + _unzigzag(rc.decode_uint(dec, buf, probs, _fresh(probs, ready, FLOOR)))
+        f = last_floor + _unzigzag(rc.decode_uint(dec, buf, probs, rc.fresh(probs, ready, FLOOR)))
         if f < 0 or f > 0xFFFF:
             ok = False
             break
         floor[i] = f
         last_floor = f
         for j in range(m + pad + count):
-            d = rc.decode_uint(dec, buf, probs, _fresh(probs, ready, _code_context(j, m)))
+            d = rc.decode_uint(dec, buf, probs, rc.fresh(probs, ready, _code_context(j, m)))
             if d > f:
                 ok = False
                 break

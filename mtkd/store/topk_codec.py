@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import reference_codec, stream_codec
+from mtkd.store import reference_codec, sample_stream, stream_codec
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
 
 Q64, Q64V2, Q64V3, Q64R = "q64", "q64v2", "q64v3", "q64r"
@@ -74,6 +74,11 @@ STREAM = "topk_stream"  #: q64r: each sequence's top-k rows as one range-coded s
 SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS = "sample_ids", "sample_counts", "sample_logprobs"
 #: The codings that also code the random-sampling columns.
 SAMPLE_CODINGS = (Q64V2, Q64V3, Q64R)
+#: Header attribute: q64r codes the sampled columns against the top-k (``sample_stream``),
+#: value ``"q64r"``; absent: as q64v2 does (stores written before schema version 6).
+SAMPLE_CODING_ATTR = "sample_coding"
+SAMPLE_STREAM = "sample_stream"  #: q64r: each stream's draws, coded against its top-k rows
+SAMPLE_COLUMNS = (SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS)
 #: Header attribute: q64r's tail grid, in coarse steps (absent: 1, q64's own).
 TAIL_STEP_ATTR = "topk_tail_step"
 TAIL_STEPS = (1, 2, 4, 8, 16)  #: 1/16, 1/8, 1/4, 1/2 and 1 nat
@@ -373,6 +378,36 @@ def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def encode_sample_stream(rows: Mapping[str, Any], streams: np.ndarray, vocab_size: int,
+                         step: int) -> np.ndarray:
+    """q64r's ``sample_stream`` of ``rows`` (top-k and sampled columns, ids as written) in
+    streams of ``streams`` rows; ValueError for ids outside ``vocab_size``."""
+    ids = np.asarray(rows[SAMPLE_IDS])
+    if ids.size and (ids.min() < -1 or ids.max() >= vocab_size):
+        raise ValueError(f"sample ids in [{ids.min()}, {ids.max()}] outside [-1, vocab_size "
+                         f"{vocab_size})")
+    return sample_stream.encode(
+        rows[IDS], tail_levels(quantise(rows[LOGPROBS], step), step), ids, rows[SAMPLE_COUNTS],
+        tail_levels(quantise(rows[SAMPLE_LOGPROBS], step), step),
+        np.concatenate([[0], np.cumsum(streams)]), _neg_inf_level(step))
+
+
+def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top: Mapping[str, np.ndarray],
+                         attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The sampled columns of q64r's ``sample_stream`` (whole streams at row ``offsets``),
+    given the decoded ``top``-k rows of the same rows."""
+    step = tail_step(attrs)
+    ids, counts, levels = sample_stream.decode(
+        stream, offsets, top[IDS], tail_levels(quantise(top[LOGPROBS], step), step),
+        _neg_inf_level(step), int(attrs["vocab_size"]))
+    return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts,
+            SAMPLE_LOGPROBS: dequantise(level_codes(levels, step))}
+
+
+def _neg_inf_level(step: int) -> int:
+    return int(tail_levels(np.array([NEG_INF]), step)[0])
+
+
 # --------------------------------------------------------------------------- store rows
 
 
@@ -401,8 +436,17 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
                          f"{CODING_ATTR} {Q64R!r}")
     if name == Q64R and not attrs.get("vocab_size"):
         raise ValueError(f"{CODING_ATTR} {Q64R!r} needs attrs.vocab_size")
+    samples = attrs.get(SAMPLE_CODING_ATTR)
+    if samples is not None and (samples != Q64R or name != Q64R):
+        raise ValueError(f"{SAMPLE_CODING_ATTR} {samples!r}: {Q64R!r} or absent, and only with "
+                         f"{CODING_ATTR} {Q64R!r}")
     lookups(attrs)
     return name
+
+
+def streams_samples(attrs: Mapping[str, Any]) -> bool:
+    """Whether q64r codes the sampled columns against the top-k (``sample_stream``)."""
+    return attrs.get(SAMPLE_CODING_ATTR) == Q64R and bool(attrs.get("num_samples"))
 
 
 def ranked(attrs: Mapping[str, Any]) -> bool:
@@ -442,10 +486,11 @@ def tail_step(attrs: Mapping[str, Any]) -> int:
     return int(attrs.get(TAIL_STEP_ATTR, 1))
 
 
-def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: int = 0
-                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
+def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: int = 0, *,
+                  stream_samples: bool = False) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Stored dtype and row shape of the arrays coding ``name`` codes (for a store's header):
-    the top-k columns, and with q64v2 / q64v3 the ``num_samples`` sampled ones."""
+    the top-k columns, and the ``num_samples`` sampled ones (q64r: in ``sample_stream`` if
+    ``stream_samples``, else as q64v2 codes them)."""
     width = delta_width(vocab_size, name)
     floor = 1 if name in FLOOR_CODINGS else 0
     arrays = {IDS: ("uint8", (width, k)), LOGPROBS: ("uint8", (CODE_WIDTH, k + floor))}
@@ -454,7 +499,9 @@ def stored_arrays(k: int, vocab_size: int | None, name: str = Q64, num_samples: 
                   RECUR: ("uint8", (reference_codec.recur_bytes(k),)), LOGPROBS: arrays[LOGPROBS]}
     if name == Q64R:  # one stream per sequence (or run of them), spread over its rows
         arrays = {STREAM: ("uint8", (stream_codec.row_width(k, width),))}
-    if name in SAMPLE_CODINGS and num_samples:
+    if name == Q64R and stream_samples and num_samples:
+        arrays[SAMPLE_STREAM] = ("uint8", (sample_stream.row_width(num_samples),))
+    elif name in SAMPLE_CODINGS and num_samples:
         arrays |= {SAMPLE_IDS: ("uint8", (width, num_samples)),
                    SAMPLE_COUNTS: (count_dtype(num_samples), (num_samples,)),
                    SAMPLE_LOGPROBS: ("uint8", (CODE_WIDTH, num_samples))}
@@ -466,7 +513,8 @@ def internal_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
     ``topk_stream``): a writer's caller never gives them and a read never returns them
     (``Header.written_arrays``)."""
     if coding(attrs) == Q64R:
-        return (STREAM, STREAM_START) if stream_rows(attrs) else (STREAM,)
+        samples = (SAMPLE_STREAM,) if streams_samples(attrs) else ()
+        return (STREAM, STREAM_START, *samples) if stream_rows(attrs) else (STREAM, *samples)
     return (RECUR,) if coding(attrs) == Q64V3 else ()
 
 
@@ -475,8 +523,10 @@ def virtual_arrays(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, 
     top-k columns, in its stream): their dtype and row shape."""
     if coding(attrs) != Q64R:
         return {}
-    k = int(attrs["k"])
-    return {IDS: ("int32", (k,)), LOGPROBS: ("float32", (k,))}
+    k, m = int(attrs["k"]), int(attrs.get("num_samples", 0))
+    samples = {SAMPLE_IDS: ("int32", (m,)), SAMPLE_COUNTS: ("uint16", (m,)),
+               SAMPLE_LOGPROBS: ("float32", (m,))} if streams_samples(attrs) else {}
+    return {IDS: ("int32", (k,)), LOGPROBS: ("float32", (k,)), **samples}
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
@@ -497,13 +547,15 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         streams = stream_lengths(lengths, grouped) if grouped else lengths
         coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
                                 tail_step=tail_step(attrs), by_count=ranked(attrs))
+        if streams_samples(attrs):
+            coded[SAMPLE_STREAM] = encode_sample_stream(rows, streams, vocab, tail_step(attrs))
         if grouped:
             coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
             coded[STREAM_START][np.cumsum(streams) - streams] = 1
     else:
         id_planes, code_planes = encode(ids, rows[LOGPROBS], vocab_size=vocab, coding=name)
         coded = {IDS: id_planes, LOGPROBS: code_planes}
-    if name in SAMPLE_CODINGS and SAMPLE_IDS in rows:
+    if name in SAMPLE_CODINGS and SAMPLE_IDS in rows and SAMPLE_STREAM not in coded:
         coded |= encode_samples(rows[SAMPLE_IDS], rows[SAMPLE_COUNTS], rows[SAMPLE_LOGPROBS],
                                 vocab_size=vocab)
     return {**rows, **coded}
@@ -514,10 +566,12 @@ def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
     q64v3's recurrence bits); q64r's columns are read as its stream."""
     names = list(names)
     name = coding(attrs)
-    if name == Q64R:  # both columns live in the stream
+    if name == Q64R:  # both columns live in the stream (and the draws are coded against it)
+        samples = [n for n in names if n in SAMPLE_COLUMNS] if streams_samples(attrs) else []
         top = [n for n in names if n in (IDS, LOGPROBS)]
         stream = [STREAM, STREAM_START] if stream_rows(attrs) else [STREAM]
-        return [n for n in names if n not in top] + (stream if top else [])
+        return ([n for n in names if n not in top and n not in samples]
+                + (stream if top or samples else []) + ([SAMPLE_STREAM] if samples else []))
     if name is not None and IDS in names and LOGPROBS not in names:
         names.append(LOGPROBS)
     if name == Q64V3 and IDS in names and RECUR not in names:
@@ -545,6 +599,8 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
         table = lookups(attrs)
         if table is not None:
             out[IDS] = renumber(out[IDS], table[1])
+        if SAMPLE_STREAM in out:
+            out |= decode_sample_stream(out.pop(SAMPLE_STREAM), offsets, out, attrs)
     elif IDS in arrays:
         if name != Q64V3:
             out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)

@@ -308,20 +308,22 @@ def test_refused_attrs() -> None:
                            vocab_size=10)
 
 
-@pytest.mark.parametrize("rank_ids", [True, False])
-def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path, rank_ids: bool) -> None:
+@pytest.mark.parametrize(("rank_ids", "stream_samples", "version"),
+                         [(True, True, 6), (True, False, 5), (False, False, 2)])
+def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path, rank_ids: bool, stream_samples: bool,
+                                         version: int) -> None:
     """The same rows written as q64v2 and q64r: every read path gives the same arrays, in any
-    sequence order, with repeats, and with the log-probs or ids read alone; a store whose
-    seen ids are numbered by first sight (written before ranking by count) too."""
+    sequence order, with repeats, and with the log-probs or ids read alone; stores written
+    before the draws were coded against the top-k, and before seen ids were ranked, too."""
     v2 = write_teacher(tmp_path / "v2", tc.Q64V2)
-    vr = write_teacher(tmp_path / "r", tc.Q64R, rank_ids=rank_ids)
+    vr = write_teacher(tmp_path / "r", tc.Q64R, rank_ids=rank_ids, stream_samples=stream_samples)
     header = json.loads((tmp_path / "r" / "store.json").read_text())
-    assert header["schema_version"] == (5 if rank_ids else 2)
+    assert header["schema_version"] == version
     assert header["attrs"].get(tc.ID_RANKING_ATTR) == (tc.BY_COUNT if rank_ids else None)
     for a, b in zip(v2, vr, strict=True):
         np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
     arrays = header["arrays"]
-    assert set(arrays) >= {"topk_stream", "sample_ids"}
+    assert set(arrays) >= {"topk_stream", tc.SAMPLE_STREAM if stream_samples else "sample_ids"}
     assert "topk_ids" not in arrays and "topk_logprobs" not in arrays
     assert arrays["topk_stream"]["codec"] == "zstd"
     s2, sr = open_store(tmp_path / "v2", TEACHER), open_store(tmp_path / "r", TEACHER)

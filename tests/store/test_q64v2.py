@@ -145,11 +145,13 @@ def sampled_teacher_rows(rng: np.random.Generator, n: int, k: int, m: int,
 
 def write_teacher(root: Path, coding: str, vocab: int = 70_000, m: int = 6,
                   lengths: tuple[int, ...] = (5, 0, 7), stream_rows: int = 0,
-                  rank_ids: bool = True) -> list[dict[str, np.ndarray]]:
+                  rank_ids: bool = True, stream_samples: bool = True
+                  ) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
     k = 8
     header = teacher_header(2, k, {"vocab_size": vocab}, num_samples=m, logprob_dtype=coding,
-                            stream_rows=stream_rows, rank_ids=rank_ids)
+                            stream_rows=stream_rows, rank_ids=rank_ids,
+                            stream_samples=stream_samples)
     writer = StoreWriter(root, header)
     parts = []
     for p in range(2):

@@ -235,6 +235,6 @@ def test_store_plain_stays_version_1_and_unknown_coding_is_refused(tmp_path: Pat
         Header.from_json(obj, tmp_path)
     with pytest.raises(StoreError, match="unknown topk_coding"):
         StoreWriter(tmp_path / "x", Header(TEACHER, 1, plain.arrays, {"topk_coding": "q99"}))
-    obj["schema_version"] = 6
-    with pytest.raises(StoreError, match="schema version 6 is not supported"):
+    obj["schema_version"] = 7
+    with pytest.raises(StoreError, match="schema version 7 is not supported"):
         Header.from_json(obj, tmp_path)
