@@ -15,7 +15,8 @@ sequences in a temp dir, read back part by part, and one line printed::
 * ``bytes_per_position``: every file of the written store (chunks, ``zarr.json``s, commit
   records, header, manifest) but the random-sampling arrays ÷ positions;
   ``sampled_bytes_per_position``: those arrays (``sample_ids``, ``sample_counts``,
-  ``sample_logprobs``; q64v2 codes them, the others keep them plain) ÷ positions;
+  ``sample_logprobs``; q64v2 and q64v3 code them, q64r codes them against the top-k in
+  ``sample_stream``, the others keep them plain) ÷ positions;
 * ``max_abs_logprob_err_*``: |read back − input| of the top-k log-probs, matched by id (codings
   may reorder entries whose values tie), over the input's entries with p ≥ 1e-3 and over all
   finite ones; ids must come back exactly and in descending log-prob order (checked); sampled
@@ -127,7 +128,7 @@ ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat",
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
-SAMPLED = (SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS)
+SAMPLED = (SAMPLE_IDS, SAMPLE_COUNTS, SAMPLE_LOGPROBS, tc.SAMPLE_STREAM)
 
 TopK = tuple[np.ndarray, np.ndarray]  # ids [n, k], log-probs [n, k]
 
@@ -535,6 +536,10 @@ def main() -> None:
                   f"(max_abs_logprob_err p >= 1e-3 {r['max_abs_logprob_err_p_ge_1e-3']:.6g}, "
                   f"all {r['max_abs_logprob_err_all']:.6g}; "
                   f"read_topk_positions_s={r['read_topk_positions_s']:.4g})")
+            if "sampled_bytes_per_position" in r:  # the draws, coded against the top-k
+                print(f"{name}_sampled_bytes_per_position={r['sampled_bytes_per_position']:.1f} "
+                      f"(max_abs_sampled_logprob_err {r['max_abs_sampled_logprob_err']:.4g}; "
+                      f"read_positions_s={r['read_positions_s']:.4g})")
         if name in zipf:
             print(f"{name}_zipf262k_bytes_per_position={zipf[name]['bytes_per_position']:.1f}")
     for name, r in spread.items():
@@ -560,6 +565,8 @@ def main() -> None:
     print(f"headline_goal_met={met} (<= {GOAL_BYTES:g} bytes, <= {GOAL_ERR} nat where "
           f"p >= 1e-3; max |error| elsewhere {head['max_abs_logprob_err_all']:.4g} nat, "
           f"mean KL {head['mean_kl_vs_written_nats']:.2e} nat)")
+    if "sampled_bytes_per_position" in head:
+        print(f"headline_sampled_bytes_per_position={head['sampled_bytes_per_position']:.1f}")
     print(f"teacher_bytes_per_position={head['bytes_per_position']:.1f}")
 
 

@@ -547,7 +547,7 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         streams = stream_lengths(lengths, grouped) if grouped else lengths
         coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
                                 tail_step=tail_step(attrs), by_count=ranked(attrs))
-        if streams_samples(attrs):
+        if streams_samples(attrs) and SAMPLE_IDS in rows:
             coded[SAMPLE_STREAM] = encode_sample_stream(rows, streams, vocab, tail_step(attrs))
         if grouped:
             coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
