@@ -347,10 +347,12 @@ def read_speed(store: Store, cand: Candidate, names: list[str] | None = None,
     return store.num_rows / best
 
 
-def encode_speed(src: Store, store: Store, repeats: int = 3) -> float:
-    """Positions per second of the store's own coding of ``src``'s top-k columns, part 0
-    (``topk_codec.encode_rows``, what ``PartWriter.append`` runs; best of ``repeats``)."""
-    batch = src.read_part(0, [tc.IDS, tc.LOGPROBS])
+def encode_speed(src: Store, store: Store, names: tuple[str, ...] = (tc.IDS, tc.LOGPROBS),
+                 repeats: int = 3) -> float:
+    """Positions per second of the store's own coding of ``src``'s columns ``names`` (the
+    top-k ones), part 0 (``topk_codec.encode_rows``, what ``PartWriter.append`` runs; best of
+    ``repeats``)."""
+    batch = src.read_part(0, list(names))
     rows, lengths = dict(batch.arrays), np.diff(batch.offsets)
     best = math.inf
     for _ in range(repeats):
@@ -408,6 +410,9 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
     if sampled:
         figures |= {"sampled_bytes_per_position": sampled_bytes,
                     "max_abs_sampled_logprob_err": sampled_err}
+        if "encode_topk_positions_s" in figures:  # the draws too (q64r codes them with the top-k)
+            figures["encode_positions_s"] = encode_speed(src, store, (tc.IDS, tc.LOGPROBS,
+                                                                      *SAMPLED[:3]))
     return figures, by_array
 
 

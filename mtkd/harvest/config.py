@@ -54,7 +54,8 @@ class HarvestConfig:
         "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64r "
         "(q64v3's values range-coded, one stream per --stream-rows rows: the smallest, about "
         "4x slower to read; on a 49,152-id teacher 105 bytes per position against q64v2's 144, "
-        "96 with --tail-nats 0.25), q64 (the previous default) or a float dtype (float16, "
+        "96 with --tail-nats 0.25; --num-samples draws coded against the top-k: 15 bytes per "
+        "position against q64v2's 53), q64 (the previous default) or a float dtype (float16, "
         "float32) with int32 ids.",
     )
     tail_nats: float = option(
