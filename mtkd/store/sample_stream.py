@@ -52,7 +52,8 @@ UINT_CONTEXTS = OUT_COUNT + 1
 DRAWN = UINT_CONTEXTS * rc.UINT_PROBS  #: where the binary probabilities start
 PROBS = DRAWN + DRAWN_BUCKETS
 MAX_COUNT = 0xFFFF
-ID_SHIFT = 16  #: sort keys: id << 16 | slot (ids < 2^24, slots < 2^16)
+ID_SHIFT = 16  #: sort keys of a row's draws: id << 16 | slot (ids < 2^31, slots < 2^16)
+LEVEL_SHIFT, ID_MASK = 32, 0xFFFFFFFF  #: sort keys of the top-k: level << 32 | id
 
 _KERNELS: SimpleNamespace | None = None
 
@@ -70,11 +71,11 @@ def raw_row_bytes(num_samples: int) -> int:
 @register_jitable
 def _row_order(top_ids, top_levels, i, top_level, keys):
     """The top-k entries of row ``i`` a draw can hit (an id, a level below −inf's), as
-    level << 25 | id sorted: the order both sides visit them in, whatever the rows' order."""
+    level << 32 | id sorted: the order both sides visit them in, whatever the rows' order."""
     n = 0
     for r in range(top_ids.shape[1]):
         if top_ids[i, r] >= 0 and top_levels[i, r] < top_level:
-            keys[n] = top_levels[i, r] << 25 | top_ids[i, r]
+            keys[n] = top_levels[i, r] << LEVEL_SHIFT | top_ids[i, r]
             n += 1
     sort_row(keys[:n])
     return n
@@ -110,7 +111,7 @@ def _encode_stream(top_ids, top_levels, ids, counts, levels, lo, hi, top_level, 
         n = _row_order(top_ids, top_levels, i, top_level, keys)
         last = 0
         for t in range(n):
-            level, token = keys[t] >> 25, keys[t] & 0x1FFFFFF
+            level, token = keys[t] >> LEVEL_SHIFT, keys[t] & ID_MASK
             last = level
             j = _find(ids, i, used, token)
             rc.encode_bit(enc, buf, probs, DRAWN + min(level >> 3, DRAWN_BUCKETS - 1),
@@ -131,7 +132,7 @@ def _encode_stream(top_ids, top_levels, ids, counts, levels, lo, hi, top_level, 
             if hit[j]:
                 continue
             for t in range(n):
-                if keys[t] & 0x1FFFFFF == ids[i, j]:
+                if keys[t] & ID_MASK == ids[i, j]:
                     return -1  # an id of the top-k drawn at another level
             if levels[i, j] < last or levels[i, j] >= top_level:
                 return -1
@@ -159,7 +160,7 @@ def _decode_stream(buf, lo, hi, top_ids, top_levels, top_level, vocab, ids, coun
         used = 0
         last = 0
         for t in range(n):
-            level, token = keys[t] >> 25, keys[t] & 0x1FFFFFF
+            level, token = keys[t] >> LEVEL_SHIFT, keys[t] & ID_MASK
             last = level
             if rc.decode_bit(dec, buf, probs, DRAWN + min(level >> 3, DRAWN_BUCKETS - 1)):
                 ctx = rc.fresh(probs, ready, COUNTS + min(level >> 5, COUNT_BUCKETS - 1))
@@ -180,7 +181,7 @@ def _decode_stream(buf, lo, hi, top_ids, top_levels, top_level, vocab, ids, coun
             if token >= vocab or level >= top_level or count > MAX_COUNT:
                 return False
             for t in range(n):
-                if keys[t] & 0x1FFFFFF == token:
+                if keys[t] & ID_MASK == token:
                     return False
             row[used, 0], row[used, 1], row[used, 2] = token, count, level
             used += 1

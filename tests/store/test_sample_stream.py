@@ -57,7 +57,7 @@ def drawn_levels(draw: st.DrawFn) -> tuple[np.ndarray, ...]:
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     n, k, m = draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.integers(1, 10))
-    vocab = draw(st.sampled_from([k + m, 300, 70_000, 1 << 24]))
+    vocab = draw(st.sampled_from([k + m, 300, 70_000, 1 << 24, 1 << 30]))
     top_ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(n)])
     top_levels = rng.integers(0, 3000, (n, k))
     top_ids[rng.random((n, k)) < 0.1] = -1  # padding
