@@ -45,6 +45,7 @@ Candidates (zstd unless said):
   ``q64r-tail1/4nat-streams2048``: the 1/4-nat tail, consecutive sequences coded as one
   stream of ≥ 2,048 rows (what ``mtkd harvest --logprob-dtype q64r --tail-nats 0.25`` writes);
   ``…-streams65536``: of ≥ 65,536 rows (models that learn over a whole part);
+  ``q64r-tail1nat-streams2048``: the coarsest tail a harvest allows (``--tail-nats 1``);
 * ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096``, ``q64r-tail1/4nat+id-table4096``
   (the default input only): the
   coding with the id table of the tokens store's N most frequent ids in the header, what
@@ -61,7 +62,8 @@ the input's rows cut into sequences of that many rows through them:
 ``<coding>_seq<rows>_bytes_per_position=``. Then the synthetic Zipf teacher
 of 262,144 ids (``--zipf-positions`` rows) through q64, q64v2, q64v3, q64r, q64r-tail1/4nat
 and its streams2048 and streams65536 twins (seen ids ranked by count, as the harvest writes
-them) and ``q64r-tail1/4nat-streams2048-first-sight`` (numbered by first sight, as before).
+them), ``q64r-tail1/4nat-streams2048-first-sight`` (numbered by first sight, as before) and
+``q64r-tail1nat-streams2048``.
 Each candidate's line holds its bytes, errors, read speeds and, for the store's codings,
 ``encode_topk_positions_s`` (the writer's coding of the top-k columns). The last lines give
 the default coding's (q64v2's) bytes by array, ``max_abs_logprob_err=``
@@ -123,8 +125,10 @@ HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25",
        "q64r-tail1/4nat": "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0"}
 #: the headline as session 18 wrote it: seen ids numbered by first sight, not by count
 FIRST_SIGHT = "q64r-tail1/4nat-streams2048-first-sight"
+COARSEST = "q64r-tail1nat-streams2048"
 ZIPF_CANDIDATES = (tc.Q64, tc.Q64V2, tc.Q64V3, tc.Q64R, "q64r-tail1/4nat",
-                   "q64r-tail1/4nat-streams2048", "q64r-tail1/4nat-streams65536", FIRST_SIGHT)
+                   "q64r-tail1/4nat-streams2048", "q64r-tail1/4nat-streams65536", FIRST_SIGHT,
+                   COARSEST)
 GOAL_BYTES, GOAL_ERR, GOAL_ZIPF_BYTES, GOAL_SAMPLED_BYTES = 100.0, 0.0079, 112.0, 64.0
 LOG_P_MIN = math.log(1e-3)
 SCALARS = (TARGET_LOGPROB, TAIL_LOGMASS)
@@ -248,6 +252,7 @@ CANDIDATES = (
     *(Candidate(name, tc.Q64R, tail_step=4, stream_rows=rows)
       for name, rows in STREAM_CANDIDATES.items()),
     Candidate(FIRST_SIGHT, tc.Q64R, tail_step=4, stream_rows=2048, rank_ids=False),
+    Candidate(COARSEST, tc.Q64R, tail_step=16, stream_rows=2048),
 )
 
 
@@ -534,7 +539,7 @@ def main() -> None:
         print(f"hybrid_sampled_bytes_per_position={h['sampled_bytes_per_position']:.1f}")
         print("hybrid_bytes_per_position="
               f"{h['bytes_per_position'] + h['sampled_bytes_per_position']:.1f}")
-    for name in (tc.Q64V3, tc.Q64R, *TAIL_CANDIDATES, *STREAM_CANDIDATES):  # opt-in codings
+    for name in (tc.Q64V3, tc.Q64R, *TAIL_CANDIDATES, *STREAM_CANDIDATES, COARSEST):  # opt-in
         if name in results:
             r = results[name]
             print(f"{name}_bytes_per_position={r['bytes_per_position']:.1f} "
