@@ -7,8 +7,8 @@ top-k's own. Coded on their own (q64v2's sampled columns) the draws cost 53 byte
 on SmolLM2, a third of such a store. Against the decoded top-k they cost what they add:
 
 * for each top-k entry that a draw could hit (an id, a finite log-prob), in order of its level
-  then id: one bit, drawn or not [its level in 1/8-nat buckets: the chance of a draw follows
-  p]; if drawn, its count − 1 [the level in 1/2-nat buckets]. Its log-prob is the entry's;
+  then id: one bit, drawn or not [its level // 8: 1/8 nat on the fine grid; the chance of a
+  draw follows p]; if drawn, its count − 1 [its level // 32]. Its log-prob is the entry's;
 * the number of draws outside the top-k [one context], then each one in ascending id order:
   the gap − 1 from the previous id [the draws still to come, capped at 4], its level's distance
   below the top-k's last level [one context], its count − 1 [one context].
@@ -17,8 +17,9 @@ Values are q64r's levels (``topk_codec.tail_levels``: q64 codes, the tail on the
 so a draw's log-prob has the top-k's error bound. Decoded rows list the distinct draws in
 ascending id order, then padding (id −1, count 0, −inf), as the harvest writes them. A stream
 is each q64r top-k stream's rows (``stream_frames``); one the coder cannot take (a draw of an
-id the top-k holds at another level, unsorted or repeated ids, a count of 0) or would not make
-shorter is stored raw: ids int32, counts uint16 and levels uint16 of every row.
+id the top-k holds at another level, a draw outside the top-k above its last level or at −inf,
+ids not distinct and ascending before the padding, a count of 0) or would not make shorter is
+stored raw: ids int32, counts uint16 and levels uint16 of every row.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def _encode_stream(top_ids, top_levels, ids, counts, levels, lo, hi, top_level, 
             rc.encode_bit(enc, buf, probs, DRAWN + min(level >> 3, DRAWN_BUCKETS - 1),
                           1 if j >= 0 else 0)
             if j >= 0:
-                if levels[i, j] != level:
-                    return -1
+                if levels[i, j] != level or hit[j]:
+                    return -1  # drawn at another level, or a top-k id listed twice
                 hit[j] = True
                 ctx = rc.fresh(probs, ready, COUNTS + min(level >> 5, COUNT_BUCKETS - 1))
                 rc.encode_uint(enc, buf, probs, ctx, counts[i, j] - 1)

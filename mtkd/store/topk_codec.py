@@ -345,23 +345,33 @@ def encode_samples(ids: np.ndarray, counts: np.ndarray, logprobs: np.ndarray, *,
     """Sampled rows ``[n, m]`` (unique ids ascending, then padding −1) → their q64v2 arrays:
     id deltas (padding 0) and codes as byte planes, counts narrowed; ValueError if unfit."""
     ids, counts = np.asarray(ids), np.asarray(counts)
+    deltas = _check_samples(ids, counts, logprobs)
+    width = delta_width(vocab_size)
+    _check_ids(ids, width, vocab_size)
+    dtype = np.dtype(count_dtype(ids.shape[1]))
+    return {SAMPLE_IDS: to_planes(deltas, width),
+            SAMPLE_COUNTS: counts.astype(dtype),
+            SAMPLE_LOGPROBS: to_planes(quantise(logprobs), CODE_WIDTH)}
+
+
+def _check_samples(ids: np.ndarray, counts: np.ndarray, logprobs: Any) -> np.ndarray:
+    """Refuse sampled rows that are not ``[n, m]`` integer ids (unique ascending, then padding
+    −1) with counts in ``count_dtype(m)``'s range; their id deltas (padding 0)."""
     if ids.ndim != 2 or not ids.shape == counts.shape == np.shape(logprobs):
         raise ValueError(f"sample ids {ids.shape}, counts {counts.shape} and logprobs "
                          f"{np.shape(logprobs)} must all be [n, m]")
-    width = delta_width(vocab_size)
-    _check_ids(ids, width, vocab_size)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"sample ids must be integers, got {ids.dtype}")
     real = ids >= 0
     if (real[:, 1:] & ~real[:, :-1]).any():
         raise ValueError("sample ids: padding (-1) must come after the ids")
     deltas = np.where(real, np.diff(ids.astype(np.int64) + 1, axis=1, prepend=0), 0)
     if (deltas[real] <= 0).any():
         raise ValueError("sample ids must be unique and ascending in each row")
-    dtype = np.dtype(count_dtype(ids.shape[1]))
-    if counts.size and (counts.min() < 0 or counts.max() > np.iinfo(dtype).max):
-        raise ValueError(f"sample counts outside [0, {np.iinfo(dtype).max}]")
-    return {SAMPLE_IDS: to_planes(deltas, width),
-            SAMPLE_COUNTS: counts.astype(dtype),
-            SAMPLE_LOGPROBS: to_planes(quantise(logprobs), CODE_WIDTH)}
+    top = np.iinfo(np.dtype(count_dtype(ids.shape[1]))).max
+    if counts.size and (counts.min() < 0 or counts.max() > top):
+        raise ValueError(f"sample counts outside [0, {top}]")
+    return deltas
 
 
 def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -384,15 +394,19 @@ def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def encode_sample_stream(rows: Mapping[str, Any], streams: np.ndarray, vocab_size: int,
                          step: int) -> np.ndarray:
     """q64r's ``sample_stream`` of ``rows`` (top-k and sampled columns, ids as written) in
-    streams of ``streams`` rows; ValueError for ids outside ``vocab_size``."""
-    ids = np.asarray(rows[SAMPLE_IDS])
-    if ids.size and (ids.min() < -1 or ids.max() >= vocab_size):
-        raise ValueError(f"sample ids in [{ids.min()}, {ids.max()}] outside [-1, vocab_size "
-                         f"{vocab_size})")
-    return sample_stream.encode(
-        rows[IDS], tail_levels(quantise(rows[LOGPROBS], step), step), ids, rows[SAMPLE_COUNTS],
-        tail_levels(quantise(rows[SAMPLE_LOGPROBS], step), step),
-        np.concatenate([[0], np.cumsum(streams)]), _neg_inf_level(step))
+    streams of ``streams`` rows; ValueError for rows q64v2 would refuse too, or ids outside
+    ``vocab_size``. Padding reads back as −inf whatever log-prob it was written with."""
+    ids, counts = np.asarray(rows[SAMPLE_IDS]), np.asarray(rows[SAMPLE_COUNTS])
+    _check_samples(ids, counts, rows[SAMPLE_LOGPROBS])
+    if len(ids) != len(rows[IDS]):
+        raise ValueError(f"{len(ids)} sampled rows for {len(rows[IDS])} top-k rows")
+    if ids.size and ids.max() >= vocab_size:
+        raise ValueError(f"sample ids up to {ids.max()} outside vocab_size {vocab_size}")
+    top = _neg_inf_level(step)
+    levels = np.where(ids >= 0, tail_levels(quantise(rows[SAMPLE_LOGPROBS], step), step), top)
+    return sample_stream.encode(rows[IDS], tail_levels(quantise(rows[LOGPROBS], step), step),
+                                ids, counts, levels, np.concatenate([[0], np.cumsum(streams)]),
+                                top)
 
 
 def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top: Mapping[str, np.ndarray],

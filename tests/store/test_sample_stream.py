@@ -250,3 +250,29 @@ def test_the_header_names_the_coding_and_its_version() -> None:
     obj["schema_version"] = 6
     with pytest.raises(StoreError, match="only with topk_coding 'q64r'"):
         Header.from_json(obj, Path("x"))
+
+
+def test_the_writer_refuses_draws_q64v2_would_refuse(tmp_path: Path) -> None:
+    """Rows of the wrong shape, counts out of range, ids out of order or outside the
+    vocabulary: refused before anything is written, as q64v2 refuses them; a top-k id listed
+    twice is stored raw by the codec, exactly."""
+    rows = draw_rows(np.random.default_rng(9), 4, 4, 6, 50)
+    header = teacher_header(1, 4, {"vocab_size": 50}, num_samples=6, logprob_dtype=tc.Q64R)
+    bad = {"shape": {"sample_counts": rows["sample_counts"][:, :2]},
+           "counts outside": {"sample_counts": np.full((4, 6), 300)},
+           "ascending": {"sample_ids": np.tile([[5, 3, -1, -1, -1, -1]], (4, 1))},
+           "outside vocab_size": {"sample_ids": np.tile([[2, 60, -1, -1, -1, -1]], (4, 1))},
+           "sampled rows for": {k: v[:3] for k, v in rows.items() if k.startswith("sample")}}
+    for why, change in bad.items():
+        writer = StoreWriter(tmp_path / why, header)
+        with pytest.raises(StoreError, match=why if why != "shape" else "must all be"), \
+                writer.open_part(0) as pw:
+            pw.append(rows | change, [4], [0])
+        assert not writer.finalize()
+    top_ids, top_levels = np.array([[7, 10, 7]]), np.array([[5, 5, 5]])
+    ids, counts, levels = np.array([[7, 10]]), np.array([[1, 2]]), np.array([[5, 5]])
+    stream = ss.encode(top_ids, top_levels, ids, counts, levels, np.array([0, 1]), TOP_LEVEL)
+    assert stream[0, 0] == stream_frames.RAW
+    for a, b in zip(ss.decode(stream, np.array([0, 1]), top_ids, top_levels, TOP_LEVEL, 50),
+                    (ids, counts, levels), strict=True):
+        np.testing.assert_array_equal(a, b)
