@@ -24,8 +24,6 @@ stored raw: ids int32, counts uint16 and levels uint16 of every row.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,10 +35,11 @@ except ImportError:  # without numba the kernels run as plain Python
     prange = range
 
 from mtkd.store import range_coder as rc
+from mtkd.store import stream_frames as frames
 from mtkd.store.range_coder import register_jitable
 from mtkd.store.reference_codec import sort_row
 from mtkd.store.stream_codec import groups_of
-from mtkd.store.stream_frames import HEAD, damaged, frame, raw_rows, unframe, unpack_raw
+from mtkd.store.stream_frames import HEAD
 
 DRAWN_BUCKETS = 64  #: binary contexts of "drawn", by the entry's level // 8 (1/8 nat)
 COUNT_BUCKETS = 16  #: integer contexts of an entry's count, by its level // 32 (1/2 nat)
@@ -197,8 +196,8 @@ def _decode_stream(buf, lo, hi, top_ids, top_levels, top_level, vocab, ids, coun
 
 
 def _kernels(deps: str) -> tuple[Any, Any]:
-    """The encode and decode kernels, closures over ``deps`` (a digest of the files they
-    inline, which keys numba's cache: see ``stream_codec._kernels``)."""
+    """The encode and decode kernels, closures over ``deps``, the digest that keys numba's
+    cache (``stream_frames.compile_kernels``)."""
 
     def encode_kernel(top_ids, top_levels, ids, counts, levels, offsets, groups, width,
                       top_level, out, lengths):
@@ -241,15 +240,7 @@ def _kernels(deps: str) -> tuple[Any, Any]:
 def _compiled() -> SimpleNamespace:
     global _KERNELS
     if _KERNELS is None:
-        import numba
-
-        from mtkd.store import reference_codec
-
-        deps = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                       for m in (rc, reference_codec))).hexdigest()
-        jit = numba.njit(cache=True, nogil=True, parallel=True)
-        encode_kernel, decode_kernel = _kernels(deps)
-        _KERNELS = SimpleNamespace(encode=jit(encode_kernel), decode=jit(decode_kernel))
+        _KERNELS = frames.compile_kernels(_kernels)
     return _KERNELS
 
 
@@ -271,7 +262,8 @@ def encode(top_ids: np.ndarray, top_levels: np.ndarray, ids: np.ndarray, counts:
                            top_level, flat, lengths)
     raw = {"ids": np.asarray(ids, np.int32), "counts": np.asarray(counts, np.uint16),
            "levels": np.asarray(levels, np.uint16)}
-    frame(flat, offsets, width, lengths, raw_row_bytes(m), lambda lo, hi: raw_rows(raw, lo, hi))
+    frames.frame(flat, offsets, width, lengths, raw_row_bytes(m),
+                 lambda lo, hi: frames.raw_rows(raw, lo, hi))
     return out
 
 
@@ -287,9 +279,10 @@ def decode(streams: np.ndarray, offsets: np.ndarray, top_ids: np.ndarray,
     offsets = np.asarray(offsets, dtype=np.int64)
     raw = {"ids": np.full((n, m), -1, np.int32), "counts": np.zeros((n, m), np.uint16),
            "levels": np.full((n, m), top_level, np.uint16)}
-    starts, sizes, raw_streams = unframe(flat, offsets, width, raw_row_bytes(m), "sample_stream")
+    starts, sizes, raw_streams = frames.unframe(flat, offsets, width, raw_row_bytes(m),
+                                                "sample_stream")
     for lo, hi, body in raw_streams:
-        unpack_raw(raw, lo, hi, body)
+        frames.unpack_raw(raw, lo, hi, body)
     ids, counts, levels = raw["ids"], raw["counts"], raw["levels"].astype(np.int64)
     bad = np.zeros(len(offsets) - 1, dtype=np.bool_)
     if n and m:
@@ -297,5 +290,5 @@ def decode(streams: np.ndarray, offsets: np.ndarray, top_ids: np.ndarray,
                            np.asarray(top_ids, np.int64), np.asarray(top_levels, np.int64),
                            top_level, vocab_size, ids, counts, levels, bad)
     if bad.any():
-        raise damaged("sample_stream", bad, offsets)
+        raise frames.damaged("sample_stream", bad, offsets)
     return ids, counts, levels

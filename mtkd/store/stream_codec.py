@@ -35,8 +35,6 @@ one, whose models have had no time to learn): W = 9 + their bytes per row, so bo
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,7 +48,15 @@ except ImportError:  # without numba the kernels run as plain Python
 from mtkd.store import range_coder as rc
 from mtkd.store.range_coder import register_jitable
 from mtkd.store.reference_codec import sort_row
-from mtkd.store.stream_frames import HEAD, damaged, frame, raw_rows, unframe, unpack_raw
+from mtkd.store.stream_frames import (
+    HEAD,
+    compile_kernels,
+    damaged,
+    frame,
+    raw_rows,
+    unframe,
+    unpack_raw,
+)
 
 CODE_CONTEXTS = 32  #: recurring-index contexts of the codes (then one for the new ids)
 LEFT_BUCKETS, PREV_BUCKETS = 8, 40
@@ -378,10 +384,8 @@ def _decode_sequence(buf, lo, hi, k, vocab, ranked, stored_ids, recur, floor, di
 
 
 def _kernels(deps: str) -> tuple[Any, Any]:
-    """The encode and decode kernels (plain Python), closures over ``deps``: numba checks a
-    cached kernel against this file only, not against the functions it inlines from
-    ``range_coder`` and ``reference_codec``, but keys its cache on closure values too, so a
-    digest of those files makes a stale cached kernel a miss."""
+    """The encode and decode kernels (plain Python), closures over ``deps``, the digest that
+    keys numba's cache (``stream_frames.compile_kernels``)."""
 
     def encode_kernel(stored_ids, recur, floor, dist, offsets, groups, width, vocab, ranked,
                       max_rows, capacity, out, lengths):
@@ -428,15 +432,7 @@ def _kernels(deps: str) -> tuple[Any, Any]:
 def _compiled() -> SimpleNamespace:
     global _KERNELS
     if _KERNELS is None:
-        import numba
-
-        from mtkd.store import reference_codec
-
-        deps = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                       for m in (rc, reference_codec))).hexdigest()
-        jit = numba.njit(cache=True, nogil=True, parallel=True)
-        encode_kernel, decode_kernel = _kernels(deps)
-        _KERNELS = SimpleNamespace(encode=jit(encode_kernel), decode=jit(decode_kernel))
+        _KERNELS = compile_kernels(_kernels)
     return _KERNELS
 
 

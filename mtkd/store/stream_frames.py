@@ -11,8 +11,12 @@ a one-row raw body after the head, so every stream fits one way or the other.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -92,3 +96,20 @@ def unpack_raw(arrays: dict[str, np.ndarray], lo: int, hi: int, body: np.ndarray
         end = at + (hi - lo) * arr[0].nbytes
         arr[lo:hi] = body[at:end].view(arr.dtype).reshape(hi - lo, *arr.shape[1:])
         at = end
+
+
+def compile_kernels(make_kernels: Callable[[str], tuple[Any, Any]]) -> SimpleNamespace:
+    """A stream coder's ``encode`` and ``decode`` kernels, jitted (cached on disk, parallel).
+    numba checks a cached kernel against its own file only, not against the functions it
+    inlines from ``range_coder`` and ``reference_codec``, but keys its cache on closure values
+    too: ``make_kernels`` gets a digest of those files and returns closures over it, so a
+    stale cached kernel is a miss."""
+    import numba
+
+    from mtkd.store import range_coder, reference_codec
+
+    deps = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                   for m in (range_coder, reference_codec))).hexdigest()
+    jit = numba.njit(cache=True, nogil=True, parallel=True)
+    encode_kernel, decode_kernel = make_kernels(deps)
+    return SimpleNamespace(encode=jit(encode_kernel), decode=jit(decode_kernel))

@@ -313,6 +313,13 @@ def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_si
                     tail_step: int = 1, by_count: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """q64r's ``topk_stream`` of whole sequences (row ``offsets``) → ``ids int32`` and
     ``logprobs float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
+    ids, levels = _decode_streamed_levels(stream, offsets, k, vocab_size, by_count)
+    return ids, dequantise(level_codes(levels, tail_step))
+
+
+def _decode_streamed_levels(stream: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
+                            by_count: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`decode_streamed`'s ids, and its log-probs as the levels they were coded as."""
     shapes = stored_arrays(k, vocab_size, Q64V3)
     raw_shapes = {name: shapes[name] for name in RAW_ORDER}
     (stored_ids, recur, codes), raw, is_raw = stream_codec.decode(
@@ -324,7 +331,7 @@ def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_si
     ids, levels = reference_codec.decode(stored_ids, np.packbits(recur, axis=1,
                                                                  bitorder="little"),
                                          codes, offsets)
-    return ids.astype(np.int32), dequantise(level_codes(levels, tail_step))
+    return ids.astype(np.int32), levels
 
 
 def decode_logprobs(code_planes: np.ndarray, coding: str = Q64) -> np.ndarray:
@@ -409,14 +416,14 @@ def encode_sample_stream(rows: Mapping[str, Any], streams: np.ndarray, vocab_siz
                                 top)
 
 
-def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top: Mapping[str, np.ndarray],
-                         attrs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.ndarray,
+                         top_levels: np.ndarray, attrs: Mapping[str, Any]
+                         ) -> dict[str, np.ndarray]:
     """The sampled columns of q64r's ``sample_stream`` (whole streams at row ``offsets``),
-    given the decoded ``top``-k rows of the same rows."""
+    given the decoded top-k rows of the same rows (ids as written, and levels)."""
     step = tail_step(attrs)
-    ids, counts, levels = sample_stream.decode(
-        stream, offsets, top[IDS], tail_levels(quantise(top[LOGPROBS], step), step),
-        _neg_inf_level(step), int(attrs["vocab_size"]))
+    ids, counts, levels = sample_stream.decode(stream, offsets, top_ids, top_levels,
+                                               _neg_inf_level(step), int(attrs["vocab_size"]))
     return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts,
             SAMPLE_LOGPROBS: dequantise(level_codes(levels, step))}
 
@@ -610,14 +617,15 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
             raise ValueError("q64r rows decode by whole sequences: their offsets are needed")
         if STREAM_START in out:  # whole streams of several sequences each
             offsets = stream_offsets(out.pop(STREAM_START))
-        out[IDS], out[LOGPROBS] = decode_streamed(
-            out.pop(STREAM), offsets, k=int(attrs["k"]), vocab_size=int(attrs["vocab_size"]),
-            tail_step=tail_step(attrs), by_count=ranked(attrs))
+        out[IDS], levels = _decode_streamed_levels(
+            out.pop(STREAM), offsets, int(attrs["k"]), int(attrs["vocab_size"]), ranked(attrs))
+        out[LOGPROBS] = dequantise(level_codes(levels, tail_step(attrs)))
         table = lookups(attrs)
         if table is not None:
             out[IDS] = renumber(out[IDS], table[1])
-        if SAMPLE_STREAM in out:
-            out |= decode_sample_stream(out.pop(SAMPLE_STREAM), offsets, out, attrs)
+        if SAMPLE_STREAM in out:  # the draws, against the top-k rows as written
+            out |= decode_sample_stream(out.pop(SAMPLE_STREAM), offsets, out[IDS], levels,
+                                        attrs)
     elif IDS in arrays:
         if name != Q64V3:
             out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)
