@@ -21,7 +21,9 @@ sequences in a temp dir, read back part by part, and one line printed::
   may reorder entries whose values tie), over the input's entries with p ≥ 1e-3 and over all
   finite ones; ids must come back exactly and in descending log-prob order (checked); sampled
   ids and counts must come back exactly (checked), their log-probs within q64's bound;
-* ``max_abs_scalar_err``: the same for ``target_logprob`` and ``tail_logmass``;
+* ``max_abs_scalar_err``: the same for ``target_logprob`` and ``tail_logmass`` (exact but in
+  q64r, which codes them against the top-k within its bound: since schema version 7);
+  ``max_abs_scalar_err_p_ge_1e-3``: the same over actual tokens with p ≥ 1e-3, and every tail;
 * ``read_positions_s``: a sequential read of every part including decoding (best of 3; the
   machine is shared, so this moves between runs); ``read_topk_positions_s``: the same of the
   top-k columns alone.
@@ -106,6 +108,7 @@ from store_size_inputs import (
 
 from mtkd.harvest.job import read_id_table
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
+from mtkd.store import q64_grid as grid
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Codec, part_name
 from mtkd.store.schema import (
@@ -114,6 +117,7 @@ from mtkd.store.schema import (
     SAMPLE_LOGPROBS,
     TAIL_LOGMASS,
     TARGET_LOGPROB,
+    TARGET_RANK,
     TEACHER,
     teacher_header,
 )
@@ -171,15 +175,15 @@ def _rank_layout(planes: bool) -> Layout:
         dt = _rank_id_dtype(vocab)
         if planes:
             return {tc.IDS: ("uint8", (np.dtype(dt).itemsize, k)),
-                    tc.LOGPROBS: ("uint8", (tc.CODE_WIDTH, k))}
+                    tc.LOGPROBS: ("uint8", (grid.CODE_WIDTH, k))}
         return {tc.IDS: (dt, (k,)), tc.LOGPROBS: ("uint16", (k,))}
 
     def encode(ids: np.ndarray, lp: np.ndarray, vocab: int | None) -> dict[str, np.ndarray]:
-        deltas = np.diff(tc.quantise(lp).astype(np.int64), axis=1, prepend=0) & 0xFFFF
+        deltas = np.diff(grid.quantise(lp).astype(np.int64), axis=1, prepend=0) & 0xFFFF
         ids = ids.astype(_rank_id_dtype(vocab))
         if planes:
             return {tc.IDS: tc.to_planes(ids.view(f"u{ids.itemsize}"), ids.itemsize),
-                    tc.LOGPROBS: tc.to_planes(deltas, tc.CODE_WIDTH)}
+                    tc.LOGPROBS: tc.to_planes(deltas, grid.CODE_WIDTH)}
         return {tc.IDS: ids, tc.LOGPROBS: deltas.astype(np.uint16)}
 
     def decode(arrays: dict[str, np.ndarray]) -> TopK:
@@ -187,7 +191,7 @@ def _rank_layout(planes: bool) -> Layout:
         if planes:
             ids, deltas = tc.from_planes(ids), tc.from_planes(deltas)
         codes = np.cumsum(deltas, axis=1, dtype=np.int64) & 0xFFFF  # wraps back exactly
-        return ids.astype(np.int32), tc.dequantise(codes)
+        return ids.astype(np.int32), grid.dequantise(codes)
 
     return Layout(specs, encode, decode)
 
@@ -200,11 +204,11 @@ def _coarse_tail_layout(steps: int) -> Layout:
         return dict(tc.stored_arrays(k, vocab, tc.Q64V2))
 
     def encode(ids: np.ndarray, lp: np.ndarray, vocab: int | None) -> dict[str, np.ndarray]:
-        codes = tc.quantise(lp).astype(np.int64)
-        tail = (codes > tc.FINE_MAX) & (codes < tc.NEG_INF)
-        coarse = tc.FINE_MAX + steps * np.rint((codes - tc.FINE_MAX) / steps)
-        codes = np.where(tail, np.minimum(coarse, tc.MAX_CODE), codes).astype(np.int64)
-        id_planes, code_planes = tc.encode(ids, tc.dequantise(codes), vocab_size=vocab,
+        codes = grid.quantise(lp).astype(np.int64)
+        tail = (codes > grid.FINE_MAX) & (codes < grid.NEG_INF)
+        coarse = grid.FINE_MAX + steps * np.rint((codes - grid.FINE_MAX) / steps)
+        codes = np.where(tail, np.minimum(coarse, grid.MAX_CODE), codes).astype(np.int64)
+        id_planes, code_planes = tc.encode(ids, grid.dequantise(codes), vocab_size=vocab,
                                            coding=tc.Q64V2)
         return {tc.IDS: id_planes, tc.LOGPROBS: code_planes}
 
@@ -315,29 +319,35 @@ def topk_errors(ref: TopK, got: TopK) -> tuple[float, float]:
     return float(err[a >= LOG_P_MIN].max(initial=0)), float(err.max(initial=0))
 
 
-def mean_kl(ref: TopK, got: TopK, tail_logmass: np.ndarray) -> float:
+def mean_kl(ref: TopK, got: TopK, tail_logmass: np.ndarray, read_tail: np.ndarray) -> float:
     """Mean KL(written ‖ read) in nats of each row's top-k plus its tail mass as one more
     entry (both renormalised): what the coding's error does to a distillation target."""
     (ids_a, lp_a), (ids_b, lp_b) = ref, got
     a = np.take_along_axis(lp_a, np.argsort(ids_a, axis=1, kind="stable"), 1)
     b = np.take_along_axis(lp_b, np.argsort(ids_b, axis=1, kind="stable"), 1)
-    tail = np.exp(tail_logmass.astype(np.float64))[:, None]
-    p = np.concatenate([np.exp(a.astype(np.float64)), tail], axis=1)
-    q = np.concatenate([np.exp(b.astype(np.float64)), tail], axis=1)
+    p = np.concatenate([np.exp(a.astype(np.float64)),
+                        np.exp(tail_logmass.astype(np.float64))[:, None]], axis=1)
+    q = np.concatenate([np.exp(b.astype(np.float64)),
+                        np.exp(read_tail.astype(np.float64))[:, None]], axis=1)
     p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
     return float(terms.sum(1).mean())
 
 
-def scalar_error(ref: Batch, got: Batch) -> float:
-    worst = 0.0
+def scalar_error(ref: Batch, got: Batch) -> tuple[float, float]:
+    """Worst |read − written| of the actual token's log-prob and the tail: over actual tokens
+    with p ≥ 1e-3 and every tail, and over everything finite."""
+    fine = worst = 0.0
     for name in SCALARS:
         a, b = ref[name].astype(np.float64), got[name].astype(np.float64)
         assert np.array_equal(np.isneginf(a), np.isneginf(b)), f"{name}: -inf entries differ"
         finite = np.isfinite(a)
-        worst = max(worst, float(np.abs(a[finite] - b[finite]).max(initial=0)))
-    return worst
+        err = np.abs(a[finite] - b[finite])
+        worst = max(worst, float(err.max(initial=0)))
+        kept = a[finite] >= LOG_P_MIN if name == TARGET_LOGPROB else slice(None)
+        fine = max(fine, float(err[kept].max(initial=0)))
+    return fine, worst
 
 
 def read_speed(store: Store, cand: Candidate, names: list[str] | None = None,
@@ -389,14 +399,16 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
     """The candidate's figures (one line of output) and its bytes per position by array."""
     store = write_candidate(src, cand, out)
     sampled = SAMPLE_IDS in src.array_names
-    fine = coarse = scalars = sampled_err = kl = 0.0
+    fine = coarse = scalars = scalars_fine = sampled_err = kl = 0.0
     for part in range(src.num_parts):
         ref = src.read_part(part)
         got, topk = read_topk(store, part, cand)
         f, c = topk_errors((ref[tc.IDS], ref[tc.LOGPROBS]), topk)
-        fine, coarse, scalars = max(fine, f), max(coarse, c), max(scalars, scalar_error(ref, got))
+        s_fine, s_all = scalar_error(ref, got)
+        fine, coarse = max(fine, f), max(coarse, c)
+        scalars, scalars_fine = max(scalars, s_all), max(scalars_fine, s_fine)
         tail = ref[TAIL_LOGMASS]
-        kl += mean_kl((ref[tc.IDS], ref[tc.LOGPROBS]), topk, tail) * len(tail)
+        kl += mean_kl((ref[tc.IDS], ref[tc.LOGPROBS]), topk, tail, got[TAIL_LOGMASS]) * len(tail)
         if sampled:
             sampled_err = max(sampled_err, sampled_errors(ref, got))
     by_array = bytes_by_array(store)
@@ -406,6 +418,7 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
         "max_abs_logprob_err_p_ge_1e-3": fine,
         "max_abs_logprob_err_all": coarse,
         "max_abs_scalar_err": scalars,
+        "max_abs_scalar_err_p_ge_1e-3": scalars_fine,
         "mean_kl_vs_written_nats": kl / src.num_rows,
         "read_positions_s": read_speed(store, cand),
         "read_topk_positions_s": read_speed(store, cand, [tc.IDS, tc.LOGPROBS]),
@@ -415,9 +428,9 @@ def measure(src: Store, cand: Candidate, out: Path) -> tuple[dict[str, float], d
     if sampled:
         figures |= {"sampled_bytes_per_position": sampled_bytes,
                     "max_abs_sampled_logprob_err": sampled_err}
-        if "encode_topk_positions_s" in figures:  # the draws too (q64r codes them with the top-k)
-            figures["encode_positions_s"] = encode_speed(src, store, (tc.IDS, tc.LOGPROBS,
-                                                                      *SAMPLED[:3]))
+        if "encode_topk_positions_s" in figures:  # every column (q64r codes them with the top-k)
+            figures["encode_positions_s"] = encode_speed(src, store, (
+                tc.IDS, tc.LOGPROBS, *SAMPLED[:3], *SCALARS, TARGET_RANK))
     return figures, by_array
 
 

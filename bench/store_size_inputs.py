@@ -34,7 +34,7 @@ import numpy as np
 from mtkd.recipes.real_teacher import cache_root, ensure_smollm2
 from mtkd.recipes.stdlib_corpus import stdlib_texts
 from mtkd.store import StoreWriter, open_store
-from mtkd.store import topk_codec as tc
+from mtkd.store import q64_grid as grid
 from mtkd.store.schema import TEACHER, teacher_header
 
 #: ≈ 104k SmolLM2 tokens of the standard library's top-level sources (≈ 1 min of harvest on
@@ -132,9 +132,9 @@ def _level_edges(tail_step: int, units: float) -> np.ndarray:
     """Edges, in fine steps of −log p, of q64's levels up to ``units`` with a ``tail_step``
     tail: fine levels up to ``FINE_MAX`` (whose level reaches half a coarse step further),
     then levels ``COARSE · tail_step`` fine steps wide (``topk_codec.quantise``)."""
-    width = tc.COARSE * tail_step
-    fine = np.arange(-0.5, tc.FINE_MAX - 0.5 + 1e-9)
-    coarse = tc.FINE_MAX + width / 2 + width * np.arange(int((units - tc.FINE_MAX) / width) + 2)
+    width = grid.COARSE * tail_step
+    fine = np.arange(-0.5, grid.FINE_MAX - 0.5 + 1e-9)
+    coarse = grid.FINE_MAX + width / 2 + width * np.arange(int((units - grid.FINE_MAX) / width) + 2)
     return np.concatenate([fine, coarse])
 
 
@@ -163,17 +163,17 @@ def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: i
     rng = np.random.default_rng(seed)
     law = _zipf_law(vocab)
     cdf = np.cumsum(law)
-    edges = _level_edges(tail_step, 80 * tc.FINE * BETA_RANGE[1])
+    edges = _level_edges(tail_step, 80 * grid.FINE * BETA_RANGE[1])
     bits = 0.0
     for _ in range(n):
         beta = rng.uniform(*BETA_RANGE)
-        units = tc.FINE * np.cumsum(np.concatenate(
+        units = grid.FINE * np.cumsum(np.concatenate(
             [[rng.exponential(TOP_MEAN)], beta * rng.exponential(1.0, k - 1) / np.arange(1, k)]))
-        shift = tc.FINE * math.log(max(np.exp(-units / tc.FINE).sum(), 1.0))
+        shift = grid.FINE * math.log(max(np.exp(-units / grid.FINE).sum(), 1.0))
         units += shift
-        bits += _level_entropy(shift, tc.FINE * TOP_MEAN, edges)
-        bits += sum(_level_entropy(units[i - 1], tc.FINE * beta / i, edges) for i in range(1, k))
-        ties = np.unique(tc.quantise(-units / tc.FINE, tail_step), return_counts=True)[1]
+        bits += _level_entropy(shift, grid.FINE * TOP_MEAN, edges)
+        bits += sum(_level_entropy(units[i - 1], grid.FINE * beta / i, edges) for i in range(1, k))
+        ties = np.unique(grid.quantise(-units / grid.FINE, tail_step), return_counts=True)[1]
         bits -= sum(math.lgamma(g + 1) for g in ties) / math.log(2)
         draws = np.searchsorted(cdf, rng.random(8 * k))
         _, first = np.unique(draws, return_index=True)

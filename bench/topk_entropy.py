@@ -41,6 +41,7 @@ from numcodecs import Zstd
 from store_size_inputs import real_teacher_store
 
 from mtkd.store import open_store
+from mtkd.store import q64_grid as grid
 from mtkd.store import topk_codec as tc
 
 #: q64v2's bytes per position outside topk_ids / topk_logprobs on this input (store_size.py:
@@ -164,10 +165,11 @@ def floor_distances(codes: np.ndarray) -> np.ndarray:
 def coarse_tail(codes: np.ndarray, step_nats: float) -> np.ndarray:
     """Codes with every entry below p = 1e-3 (code > FINE_MAX) moved to a coarser grid."""
     fine = np.asarray(codes, dtype=np.int64)
-    units = np.where(fine <= tc.FINE_MAX, fine, tc.FINE_MAX + (fine - tc.FINE_MAX) * tc.COARSE)
-    step = max(1, round(step_nats * tc.FINE))
-    tail = tc.FINE_MAX + 1 + (units - tc.FINE_MAX - 1) // step
-    return np.where(fine <= tc.FINE_MAX, fine, tail)
+    top = grid.FINE_MAX
+    units = np.where(fine <= top, fine, top + (fine - top) * grid.COARSE)
+    step = max(1, round(step_nats * grid.FINE))
+    tail = grid.FINE_MAX + 1 + (units - grid.FINE_MAX - 1) // step
+    return np.where(fine <= grid.FINE_MAX, fine, tail)
 
 
 def main() -> None:
@@ -194,8 +196,8 @@ def main() -> None:
         inputs = inputs[ok] if len(inputs) == len(ok) else None
     n, k = ids.shape
     vocab = int(store.attrs.get("vocab_size") or ids.max() + 1)
-    codes = tc.quantise(lp).astype(np.int64)
-    head = float((codes <= tc.FINE_MAX).sum(1).mean())
+    codes = grid.quantise(lp).astype(np.int64)
+    head = float((codes <= grid.FINE_MAX).sum(1).mean())
     id_bytes = id_set_bits(ids, vocab) / 8
     code_bytes = entropy_bits(floor_distances(codes)) * k / 8
     coarse_bytes = entropy_bits(floor_distances(coarse_tail(codes, args.tail_step))) * k / 8

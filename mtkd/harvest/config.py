@@ -9,8 +9,9 @@ import numpy as np
 
 from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
+from mtkd.store.q64_grid import COARSE, FINE
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
-from mtkd.store.topk_codec import COARSE, DEFAULT_CODING, FINE, FLOOR_CODINGS, Q64R, TAIL_STEPS
+from mtkd.store.topk_codec import DEFAULT_CODING, FLOOR_CODINGS, Q64R, TAIL_STEPS
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.

@@ -55,7 +55,7 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
-from mtkd.store.topk_codec import CODING_ATTR, Q64R, SAMPLE_CODING_ATTR, ranked
+from mtkd.store.topk_codec import CODING_ATTR, Q64R, SAMPLE_CODING_ATTR, codes_scalars, ranked
 from mtkd.store.writer import pending_parts
 
 
@@ -406,16 +406,18 @@ class HarvestParts:
 
 
 def q64r_choices(out: str | os.PathLike[str]) -> dict[str, bool]:
-    """How q64r numbers seen ids (by count) and codes the draws (against the top-k) here: as
-    mtkd does now, unless a q64r store started before either is being resumed (no flag
-    chooses them, so the store's own choice holds). ``teacher_header``'s keywords."""
+    """How q64r numbers seen ids (by count) and codes the draws and the actual token's
+    log-prob and tail (against the top-k) here: as mtkd does now, unless a q64r store started
+    before any of them is being resumed (no flag chooses them, so the store's own choice
+    holds). ``teacher_header``'s keywords."""
     try:
         attrs = read_json(Path(out) / HEADER_FILE)["attrs"]
     except (OSError, StoreError, KeyError, TypeError):  # no store yet (or the writer says why)
         attrs = None
     if not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R:
-        return {"rank_ids": True, "stream_samples": True}
-    return {"rank_ids": ranked(attrs), "stream_samples": SAMPLE_CODING_ATTR in attrs}
+        return {"rank_ids": True, "stream_samples": True, "code_scalars": True}
+    return {"rank_ids": ranked(attrs), "stream_samples": SAMPLE_CODING_ATTR in attrs,
+            "code_scalars": codes_scalars(attrs)}
 
 
 def empty_rows(header: Header) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from mtkd.store.errors import CorruptStoreError, StoreError
 from mtkd.store.topk_codec import (
     ID_RANKING_ATTR,
     SAMPLE_CODING_ATTR,
+    SCALAR_CODING_ATTR,
     coding,
     internal_arrays,
     ranked,
@@ -39,7 +40,7 @@ from mtkd.store.topk_codec import (
 FORMAT_NAME = "mtkd-store"
 #: The newest schema version this mtkd reads; a store is written with the oldest version that
 #: describes it (``Header.schema_version``), so older readers keep reading what they can.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 HEADER_FILE = "store.json"
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "COMMIT.json"
@@ -96,8 +97,9 @@ class Header:
     (``attrs.topk_coding``, see ``topk_codec``), which a version-1 reader would misread, 3
     for a teacher store in the teacher's own tokens (``attrs.tokenization == "own"``), 4 for
     q64r streams over several sequences (``attrs.topk_stream_rows``), 5 for q64r's seen ids
-    numbered by count (``attrs.topk_id_ranking``), or 6 for q64r's draws coded against the
-    top-k (``attrs.sample_coding``).
+    numbered by count (``attrs.topk_id_ranking``), 6 for q64r's draws coded against the top-k
+    (``attrs.sample_coding``), or 7 for q64r's actual-token log-prob and tail coded against it
+    (``attrs.scalar_coding``).
     """
 
     kind: str
@@ -133,9 +135,9 @@ class Header:
             coding(attrs)
             if ranked(attrs) and version < 5:  # an older reader would take it for first sight
                 raise ValueError(f"attrs.{ID_RANKING_ATTR} needs schema version 5, not {version}")
-            if SAMPLE_CODING_ATTR in attrs and version < 6:
-                raise ValueError(f"attrs.{SAMPLE_CODING_ATTR} needs schema version 6, not "
-                                 f"{version}")
+            for attr, needs in ((SAMPLE_CODING_ATTR, 6), (SCALAR_CODING_ATTR, 7)):
+                if attr in attrs and version < needs:  # an older reader would not find them
+                    raise ValueError(f"attrs.{attr} needs schema version {needs}, not {version}")
         except (StoreError, ValueError) as e:
             raise StoreError(f"{where / HEADER_FILE}: {e}") from e
         return cls(obj["kind"], int(obj["num_parts"]), arrays, attrs, version)

@@ -13,7 +13,7 @@ on SmolLM2, a third of such a store. Against the decoded top-k they cost what th
   the gap − 1 from the previous id [the draws still to come, capped at 4], its level's distance
   below the top-k's last level [one context], its count − 1 [one context].
 
-Values are q64r's levels (``topk_codec.tail_levels``: q64 codes, the tail on the store's grid),
+Values are q64r's levels (``q64_grid.tail_levels``: q64 codes, the tail on the store's grid),
 so a draw's log-prob has the top-k's error bound. Decoded rows list the distinct draws in
 ascending id order, then padding (id −1, count 0, −inf), as the harvest writes them. A stream
 is each q64r top-k stream's rows (``stream_frames``); one the coder cannot take (a draw of an

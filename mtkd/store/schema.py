@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import target_codec, topk_codec
+from mtkd.store import scalar_codec, target_codec, topk_codec
 from mtkd.store.errors import StoreError
 from mtkd.store.format import ArraySpec, Codec, Header
 from mtkd.store.part_writer import CHUNK_ROWS_ATTR
@@ -35,9 +35,8 @@ BYTE_START, TEXT = "byte_start", "text"
 # The arrays of a teacher store, by name: every engine returns them, the harvest writes them,
 # aggregation reads them. The top-k columns are named by ``topk_codec``, which codes them.
 TOPK_IDS, TOPK_LOGPROBS = topk_codec.IDS, topk_codec.LOGPROBS
-TARGET_LOGPROB = "target_logprob"
-TARGET_RANK = "target_rank"
-TAIL_LOGMASS = "tail_logmass"
+TARGET_LOGPROB, TARGET_RANK = scalar_codec.TARGET_LOGPROB, scalar_codec.TARGET_RANK
+TAIL_LOGMASS = scalar_codec.TAIL_LOGMASS
 #: Exact tempered tail masses (reference engine, ``--temperature``).
 TEMPERED_TAIL_LOGMASS = "tempered_tail_logmass"
 #: Random-sampling targets (``--num-samples``); q64v2 codes them too.
@@ -97,6 +96,7 @@ def teacher_header(
     stream_rows: int = 0,
     rank_ids: bool = True,
     stream_samples: bool = True,
+    code_scalars: bool = True,
 ) -> Header:
     """Top-k ids and log-probs per position, the actual token's log-prob and rank, the tail.
 
@@ -116,10 +116,14 @@ def teacher_header(
     the ids seen in earlier rows by count (``attrs.topk_id_ranking``), else by first sight (as
     stores written before it). ``stream_samples`` (q64r with draws): code the draws against
     the top-k (``attrs.sample_coding``), else as q64v2 does (as stores written before it).
+    ``code_scalars`` (q64r): code ``target_logprob`` and ``tail_logmass`` against the top-k
+    within its bound (``attrs.scalar_coding``), else store them exactly (as stores written
+    before it).
     """
     attrs = {n: v for n, v in attrs.items() if n not in (
         topk_codec.CODING_ATTR, topk_codec.ID_TABLE_ATTR, topk_codec.TAIL_STEP_ATTR,
-        topk_codec.STREAM_ROWS_ATTR, topk_codec.ID_RANKING_ATTR, topk_codec.SAMPLE_CODING_ATTR)}
+        topk_codec.STREAM_ROWS_ATTR, topk_codec.ID_RANKING_ATTR, topk_codec.SAMPLE_CODING_ATTR,
+        scalar_codec.SCALAR_CODING_ATTR)}
     if id_table and logprob_dtype not in topk_codec.FLOOR_CODINGS:
         raise ValueError(f"an id table needs logprob dtype in {list(topk_codec.FLOOR_CODINGS)}")
     if tail_step != 1 and logprob_dtype != topk_codec.Q64R:
@@ -142,6 +146,8 @@ def teacher_header(
             attrs[topk_codec.ID_RANKING_ATTR] = topk_codec.BY_COUNT
         if stream_samples:
             attrs[topk_codec.SAMPLE_CODING_ATTR] = topk_codec.Q64R
+        if code_scalars and logprob_dtype == topk_codec.Q64R:
+            attrs[scalar_codec.SCALAR_CODING_ATTR] = topk_codec.Q64R
         if stream_rows:
             attrs[topk_codec.STREAM_ROWS_ATTR] = int(stream_rows)
             topk.append(ArraySpec(topk_codec.STREAM_START, "uint8", (), "zstd"))
@@ -151,12 +157,10 @@ def teacher_header(
     else:
         topk = [ArraySpec(TOPK_IDS, "int32", (k,), codec),
                 ArraySpec(TOPK_LOGPROBS, logprob_dtype, (k,), codec)]
-    arrays = [
-        *topk,
-        ArraySpec(TARGET_LOGPROB, "float32", (), codec),
-        ArraySpec(TARGET_RANK, "int32", (), codec),
-        ArraySpec(TAIL_LOGMASS, "float32", (), codec),
-    ]
+    scalars = ((scalar_codec.TARGET_LEVEL, "int32"), (TARGET_RANK, "int32"),
+               (scalar_codec.TAIL_RESIDUAL, "int32")) if topk_codec.codes_scalars(attrs) else (
+        (TARGET_LOGPROB, "float32"), (TARGET_RANK, "int32"), (TAIL_LOGMASS, "float32"))
+    arrays = [*topk, *(ArraySpec(name, dtype, (), codec) for name, dtype in scalars)]
     if temperatures:
         arrays.append(ArraySpec(TEMPERED_TAIL_LOGMASS, "float32", (len(temperatures),), codec))
     if num_samples:
@@ -175,8 +179,11 @@ def teacher_header(
     # the tokens store's positions; version 4: q64r streams over several sequences, which an
     # older reader would take for damaged ones; version 5: q64r's seen ids numbered by count,
     # which an older reader would decode as numbered by first sight; version 6: q64r's draws
-    # coded against the top-k, which an older reader would not find
-    version = (6 if topk_codec.streams_samples(full_attrs) else 5 if topk_codec.ranked(full_attrs)
+    # coded against the top-k, which an older reader would not find; version 7: q64r's
+    # actual-token log-prob and tail coded against the top-k, which it would not find either
+    version = (7 if topk_codec.codes_scalars(full_attrs)
+               else 6 if topk_codec.streams_samples(full_attrs)
+               else 5 if topk_codec.ranked(full_attrs)
                else 4 if stream_rows else 3 if own_tokens
                else 2 if topk_codec.CODING_ATTR in full_attrs else 1)
     return Header(TEACHER, num_parts, tuple(arrays), full_attrs, version)

@@ -113,3 +113,26 @@ def compile_kernels(make_kernels: Callable[[str], tuple[Any, Any]]) -> SimpleNam
     jit = numba.njit(cache=True, nogil=True, parallel=True)
     encode_kernel, decode_kernel = make_kernels(deps)
     return SimpleNamespace(encode=jit(encode_kernel), decode=jit(decode_kernel))
+
+
+def stream_lengths(lengths: np.ndarray, rows: int) -> np.ndarray:
+    """Row counts of q64r's streams over sequences of ``lengths`` rows: consecutive sequences
+    until a stream holds ≥ ``rows`` rows (the last may hold fewer; no empty stream)."""
+    out, held = [], 0
+    for n in np.asarray(lengths, dtype=np.int64).tolist():
+        held += n
+        if held >= max(rows, 1):
+            out.append(held)
+            held = 0
+    if held:
+        out.append(held)
+    return np.asarray(out, dtype=np.int64)
+
+
+def stream_offsets(starts: np.ndarray) -> np.ndarray:
+    """Row offsets of the streams that q64r's ``topk_stream_start`` flags (rows of whole
+    streams)."""
+    first = np.flatnonzero(starts)
+    if len(starts) and (len(first) == 0 or first[0] != 0):
+        raise ValueError("topk_stream_start: the rows read do not begin a stream (damaged)")
+    return np.concatenate([first, [len(starts)]]).astype(np.int64)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.store import q64_grid as grid
 from mtkd.store import topk_codec as tc
 
 Q64V2 = tc.Q64V2
@@ -54,7 +55,7 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
 def stored_arrays(k: int, vocab_size: int | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Stored (dtype, row shape) of a coded block's ids and probs columns."""
     width = tc.delta_width(vocab_size, Q64V2)
-    return ("uint8", (width, k)), ("uint8", (tc.CODE_WIDTH, k + 1))
+    return ("uint8", (width, k)), ("uint8", (grid.CODE_WIDTH, k + 1))
 
 
 def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any]) -> Mapping[str, Any]:

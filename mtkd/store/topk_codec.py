@@ -4,11 +4,12 @@ Why: stored plainly (int32 ids + float16 log-probs, zstd) a k=64 position of a r
 teacher costs ≈ 230 bytes; the codings below store the same rows with a stated error bound
 (docs/FORMAT.md, "Top-k coding", for the measured sizes).
 
-All codings put log-probs on one grid, **q64**: uint16 codes of −log p in steps of 1/64 nat down
-to −443/64 ≈ −6.92 (every entry with p ≥ 1e-3), then 1/16 nat (``COARSE`` = 4 fine steps) down to
-``MIN_LOGPROB`` ≈ −4075; the code ``NEG_INF`` is −inf. Decoded values are multiples of 1/64
-(exact in float32), so |decoded − stored| ≤ 1/128 for log p ≥ −6.92, ≤ 1/32 down to
-``MIN_LOGPROB``; anything lower decodes as ``MIN_LOGPROB`` (exp of either is 0 in float64).
+All codings put log-probs on one grid, **q64** (``q64_grid``): uint16 codes of −log p in steps
+of 1/64 nat down to −443/64 ≈ −6.92 (every entry with p ≥ 1e-3), then 1/16 nat (``COARSE`` = 4
+fine steps) down to ``MIN_LOGPROB`` ≈ −4075; the code ``NEG_INF`` is −inf. Decoded values are
+multiples of 1/64 (exact in float32), so |decoded − stored| ≤ 1/128 for log p ≥ −6.92, ≤ 1/32
+down to ``MIN_LOGPROB``; anything lower decodes as ``MIN_LOGPROB`` (exp of either is 0 in
+float64).
 
 Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
 
@@ -43,7 +44,9 @@ padding −1 / 0 / −inf): ``sample_ids`` as deltas the same way (padding delta
 the same order. q64r with ``attrs.sample_coding`` (what it writes since schema version 6)
 range-codes them against the decoded top-k rows instead (``sample_stream``): most draws hit
 the top-k, whose ids and log-probs the reader already has (≈ 15 bytes per position against 53
-on a real teacher with 64 draws).
+on a real teacher with 64 draws). With ``attrs.scalar_coding`` (since schema version 7) it
+codes ``target_logprob`` and ``tail_logmass`` against them too (``scalar_codec``), within the
+top-k's bound.
 
 A store records the coding in ``attrs.topk_coding``; :func:`encode_rows` (called by the
 writer) and :func:`decode_rows` (called by every read) make it transparent to callers: they see
@@ -58,8 +61,18 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import reference_codec, sample_stream, stream_codec
+from mtkd.store import reference_codec, sample_stream, scalar_codec, stream_codec
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
+from mtkd.store.q64_grid import CODE_WIDTH, NEG_INF, dequantise, level_codes, quantise, tail_levels
+from mtkd.store.scalar_codec import (
+    SCALAR_CODING_ATTR,
+    TAIL_LOGMASS,
+    TAIL_RESIDUAL,
+    TARGET_LEVEL,
+    TARGET_LOGPROB,
+    TARGET_RANK,
+)
+from mtkd.store.stream_frames import stream_lengths, stream_offsets
 
 Q64, Q64V2, Q64V3, Q64R = "q64", "q64v2", "q64v3", "q64r"
 CODINGS = (Q64, Q64V2, Q64V3, Q64R)
@@ -95,74 +108,6 @@ STREAM_START = "topk_stream_start"
 ID_RANKING_ATTR = "topk_id_ranking"
 BY_COUNT = "count"
 RAW_ORDER = (IDS, RECUR, LOGPROBS)  #: q64r's mode-0 sequences: q64v3's arrays in this order
-
-FINE = 64  #: fine grid steps per nat
-FINE_MAX = 443  #: last fine code: ceil(64 · ln 1000), so every p ≥ 1e-3 is on the fine grid
-COARSE = 4  #: fine steps per coarse step (1/16 nat)
-NEG_INF = 0xFFFF  #: the code of −inf
-MAX_CODE = NEG_INF - 1  #: the most negative finite code
-MIN_LOGPROB = -(FINE_MAX + (MAX_CODE - FINE_MAX) * COARSE) / FINE  #: ≈ −4075.1
-FINE_ERROR = 0.5 / FINE  #: bound on |error| for log p ≥ −FINE_MAX/64 (covers p ≥ 1e-3)
-COARSE_ERROR = 0.5 * COARSE / FINE  #: bound on |error| for MIN_LOGPROB ≤ log p < −FINE_MAX/64
-CODE_WIDTH = 2  #: bytes per log-prob code
-
-
-def quantise(logprobs: np.ndarray, tail_step: int = 1) -> np.ndarray:
-    """uint16 codes of natural log-probs (any float dtype, ≤ 1/128, no NaN; −inf allowed);
-    ``tail_step``: the tail's grid in coarse steps (q64r; codes stay q64 codes)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    if np.isnan(lp).any() or (lp > FINE_ERROR).any():
-        raise ValueError("log-probs must not be NaN or above 1/128")
-    with np.errstate(over="ignore"):
-        units = -lp * FINE  # −log p in fine steps; +inf for −inf (and beyond −1e306)
-    fine = np.rint(units)
-    coarse = FINE_MAX + np.rint((units - FINE_MAX) / (COARSE * tail_step)) * tail_step
-    last = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step  # tail_floor's code
-    codes = np.where(fine <= FINE_MAX, np.maximum(fine, 0), np.minimum(coarse, last))
-    codes[np.isneginf(lp)] = NEG_INF
-    return codes.astype(np.uint16)
-
-
-def tail_floor(tail_step: int) -> float:
-    """The most negative finite log-prob a ``tail_step`` grid decodes to (``MIN_LOGPROB`` at
-    1; lower ones decode as it): its bound of step/32 nat holds down to there."""
-    return float(dequantise(FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step))
-
-
-def tail_levels(codes: np.ndarray, tail_step: int) -> np.ndarray:
-    """q64 codes on a ``tail_step`` tail grid → consecutive levels (int64, same order; −inf
-    the last): what q64r codes, so a coarse tail costs no bits for its unused codes."""
-    codes = np.asarray(codes, dtype=np.int64)
-    tail = FINE_MAX + (codes - FINE_MAX) // tail_step
-    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
-    return np.where(codes <= FINE_MAX, codes, np.where(codes == NEG_INF, top, tail))
-
-
-def level_codes(levels: np.ndarray, tail_step: int) -> np.ndarray:
-    """Inverse of :func:`tail_levels`."""
-    levels = np.asarray(levels, dtype=np.int64)
-    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
-    codes = FINE_MAX + (levels - FINE_MAX) * tail_step
-    return np.where(levels <= FINE_MAX, levels, np.where(levels >= top, NEG_INF, codes))
-
-
-def _decode_table() -> np.ndarray:
-    """float32 value of every code: exact multiples of 1/64 (units < 2^24), −inf last."""
-    c = np.arange(NEG_INF + 1, dtype=np.int64)
-    units = np.where(c <= FINE_MAX, c, FINE_MAX + (c - FINE_MAX) * COARSE)
-    table = np.float32(0) - units.astype(np.float32) / np.float32(FINE)
-    table[NEG_INF] = -np.inf
-    table.flags.writeable = False
-    return table
-
-
-_TABLE = _decode_table()
-
-
-def dequantise(codes: np.ndarray) -> np.ndarray:
-    """float32 log-probs of uint16 codes (exact multiples of 1/64, or −inf)."""
-    return _TABLE[np.asarray(codes)]
-
 
 def _word(width: int) -> int:
     """The unsigned integer size (1, 2, 4 or 8 bytes) that holds ``width`` bytes."""
@@ -428,6 +373,25 @@ def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.nd
             SAMPLE_LOGPROBS: dequantise(level_codes(levels, step))}
 
 
+def encode_scalars(rows: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
+    """q64r's ``target_level`` and ``tail_residual`` of ``rows`` (``scalar_codec``)."""
+    top = tail_levels(quantise(rows[LOGPROBS], step), step)
+    target = tail_levels(quantise(np.asarray(rows[TARGET_LOGPROB]).reshape(-1, 1), step), step)
+    return scalar_codec.encode(target[:, 0], np.asarray(rows[TARGET_RANK]),
+                               rows[TAIL_LOGMASS], top, dequantise(level_codes(top, step)))
+
+
+def decode_scalars(out: dict[str, np.ndarray], levels: np.ndarray, step: int
+                   ) -> dict[str, np.ndarray]:
+    """``target_logprob`` and ``tail_logmass`` of the columns read (popped from ``out``), given
+    the decoded top-k levels of the same rows."""
+    stored = {n: out.pop(n) for n in (TARGET_LEVEL, TAIL_RESIDUAL)}
+    target, tail = scalar_codec.decode(stored, out[TARGET_RANK], levels, out[LOGPROBS])
+    if len(target) and (target.min() < 0 or target.max() > _neg_inf_level(step)):
+        raise ValueError(f"{TARGET_LEVEL}: levels outside the grid (damaged)")
+    return {TARGET_LOGPROB: dequantise(level_codes(target, step)), TAIL_LOGMASS: tail}
+
+
 def _neg_inf_level(step: int) -> int:
     return int(tail_levels(np.array([NEG_INF]), step)[0])
 
@@ -460,10 +424,10 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
                          f"{CODING_ATTR} {Q64R!r}")
     if name == Q64R and not attrs.get("vocab_size"):
         raise ValueError(f"{CODING_ATTR} {Q64R!r} needs attrs.vocab_size")
-    samples = attrs.get(SAMPLE_CODING_ATTR)
-    if samples is not None and (samples != Q64R or name != Q64R):
-        raise ValueError(f"{SAMPLE_CODING_ATTR} {samples!r}: {Q64R!r} or absent, and only with "
-                         f"{CODING_ATTR} {Q64R!r}")
+    for attr in (SAMPLE_CODING_ATTR, SCALAR_CODING_ATTR):  # what q64r codes against the top-k
+        if attrs.get(attr, Q64R) != Q64R or (attr in attrs and name != Q64R):
+            raise ValueError(f"{attr} {attrs[attr]!r}: {Q64R!r} or absent, and only with "
+                             f"{CODING_ATTR} {Q64R!r}")
     lookups(attrs)
     return name
 
@@ -471,6 +435,11 @@ def coding(attrs: Mapping[str, Any]) -> str | None:
 def streams_samples(attrs: Mapping[str, Any]) -> bool:
     """Whether q64r codes the sampled columns against the top-k (``sample_stream``)."""
     return attrs.get(SAMPLE_CODING_ATTR) == Q64R and bool(attrs.get("num_samples"))
+
+
+def codes_scalars(attrs: Mapping[str, Any]) -> bool:
+    """Whether q64r codes the actual token's log-prob and the tail against the top-k."""
+    return attrs.get(SCALAR_CODING_ATTR) == Q64R
 
 
 def ranked(attrs: Mapping[str, Any]) -> bool:
@@ -481,28 +450,6 @@ def ranked(attrs: Mapping[str, Any]) -> bool:
 def stream_rows(attrs: Mapping[str, Any]) -> int:
     """Rows q64r gathers into one stream (0: a stream per sequence)."""
     return int(attrs.get(STREAM_ROWS_ATTR, 0))
-
-
-def stream_lengths(lengths: np.ndarray, rows: int) -> np.ndarray:
-    """Row counts of q64r's streams over sequences of ``lengths`` rows: consecutive sequences
-    until a stream holds ≥ ``rows`` rows (the last may hold fewer; no empty stream)."""
-    out, held = [], 0
-    for n in np.asarray(lengths, dtype=np.int64).tolist():
-        held += n
-        if held >= max(rows, 1):
-            out.append(held)
-            held = 0
-    if held:
-        out.append(held)
-    return np.asarray(out, dtype=np.int64)
-
-
-def stream_offsets(starts: np.ndarray) -> np.ndarray:
-    """Row offsets of the streams that ``STREAM_START`` flags (rows of whole streams)."""
-    first = np.flatnonzero(starts)
-    if len(starts) and (len(first) == 0 or first[0] != 0):
-        raise ValueError(f"{STREAM_START}: the rows read do not begin a stream (damaged)")
-    return np.concatenate([first, [len(starts)]]).astype(np.int64)
 
 
 def tail_step(attrs: Mapping[str, Any]) -> int:
@@ -538,6 +485,7 @@ def internal_arrays(attrs: Mapping[str, Any]) -> tuple[str, ...]:
     (``Header.written_arrays``)."""
     if coding(attrs) == Q64R:
         samples = (SAMPLE_STREAM,) if streams_samples(attrs) else ()
+        samples += (TARGET_LEVEL, TAIL_RESIDUAL) if codes_scalars(attrs) else ()
         return (STREAM, STREAM_START, *samples) if stream_rows(attrs) else (STREAM, *samples)
     return (RECUR,) if coding(attrs) == Q64V3 else ()
 
@@ -550,6 +498,8 @@ def virtual_arrays(attrs: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, 
     k, m = int(attrs["k"]), int(attrs.get("num_samples", 0))
     samples = {SAMPLE_IDS: ("int32", (m,)), SAMPLE_COUNTS: ("uint16", (m,)),
                SAMPLE_LOGPROBS: ("float32", (m,))} if streams_samples(attrs) else {}
+    if codes_scalars(attrs):
+        samples |= {TARGET_LOGPROB: ("float32", ()), TAIL_LOGMASS: ("float32", ())}
     return {IDS: ("int32", (k,)), LOGPROBS: ("float32", (k,)), **samples}
 
 
@@ -573,6 +523,8 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
                                 tail_step=tail_step(attrs), by_count=ranked(attrs))
         if streams_samples(attrs) and SAMPLE_IDS in rows:
             coded[SAMPLE_STREAM] = encode_sample_stream(rows, streams, vocab, tail_step(attrs))
+        if codes_scalars(attrs) and TARGET_LOGPROB in rows:
+            coded |= encode_scalars(rows, tail_step(attrs))
         if grouped:
             coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
             coded[STREAM_START][np.cumsum(streams) - streams] = 1
@@ -592,10 +544,15 @@ def stored_names(names: Iterable[str], attrs: Mapping[str, Any]) -> list[str]:
     name = coding(attrs)
     if name == Q64R:  # both columns live in the stream (and the draws are coded against it)
         samples = [n for n in names if n in SAMPLE_COLUMNS] if streams_samples(attrs) else []
+        scalars = [n for n in names if n in (TARGET_LOGPROB, TAIL_LOGMASS)
+                   ] if codes_scalars(attrs) else []
         top = [n for n in names if n in (IDS, LOGPROBS)]
         stream = [STREAM, STREAM_START] if stream_rows(attrs) else [STREAM]
-        return ([n for n in names if n not in top and n not in samples]
-                + (stream if top or samples else []) + ([SAMPLE_STREAM] if samples else []))
+        rest = [n for n in names if n not in top + samples + scalars]
+        return (rest + (stream if top or samples or scalars else [])
+                + ([SAMPLE_STREAM] if samples else [])
+                + ([TARGET_LEVEL, TAIL_RESIDUAL] + [TARGET_RANK] * (TARGET_RANK not in rest)
+                   if scalars else []))
     if name is not None and IDS in names and LOGPROBS not in names:
         names.append(LOGPROBS)
     if name == Q64V3 and IDS in names and RECUR not in names:
@@ -626,6 +583,8 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
         if SAMPLE_STREAM in out:  # the draws, against the top-k rows as written
             out |= decode_sample_stream(out.pop(SAMPLE_STREAM), offsets, out[IDS], levels,
                                         attrs)
+        if TARGET_LEVEL in out:  # the actual token's log-prob and the tail, against the rows
+            out |= decode_scalars(out, levels, tail_step(attrs))
     elif IDS in arrays:
         if name != Q64V3:
             out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)

@@ -284,10 +284,13 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
 
 def test_q64r_codes_the_draws_against_the_top_k(setup: Setup, tmp_path: Path) -> None:
     """q64r with draws: they read as q64v2's (the same seed draws the same tokens, and at
-    q64's tail grid their values are q64v2's), coded against the top-k (schema version 6); a
-    q64r harvest started before that coding resumes with the draws coded as q64v2 codes them."""
+    q64's tail grid their values are q64v2's), coded against the top-k, and so are the actual
+    token's log-prob and the tail, within their bound (schema version 7); a q64r harvest
+    started before those codings resumes with the draws coded as q64v2 codes them and the
+    scalars exact."""
     from mtkd.store.format import HEADER_FILE
     from mtkd.store.schema import teacher_header
+    from tests.store.stores import assert_reads_alike
 
     args = ("--engine", "hf", "--k", K, "--dtype", "float32", "--num-samples", 16)
     for name, coding in (("v2", "q64v2"), ("r", "q64r")):
@@ -295,17 +298,18 @@ def test_q64r_codes_the_draws_against_the_top_k(setup: Setup, tmp_path: Path) ->
                          "--out", tmp_path / name, *args, "--logprob-dtype", coding)
         assert code == 0, msg
     header = json.loads((tmp_path / "r" / HEADER_FILE).read_text())
-    assert header["schema_version"] == 6 and header["attrs"]["sample_coding"] == "q64r"
+    assert header["schema_version"] == 7 and header["attrs"]["sample_coding"] == "q64r"
+    assert header["attrs"]["scalar_coding"] == "q64r" and "tail_residual" in header["arrays"]
     assert "sample_stream" in header["arrays"] and "sample_ids" not in header["arrays"]
     v2, r = open_store(tmp_path / "v2"), open_store(tmp_path / "r", verify="full")
     assert (v2.read_part(0)["sample_counts"].astype(int).sum(axis=1) == 16).all()
     for order in (np.arange(v2.num_sequences), np.arange(v2.num_sequences)[::-2]):
         for name, values in v2.read(order).arrays.items():
-            np.testing.assert_array_equal(r.read(order)[name], values, err_msg=name)
+            assert_reads_alike(r.read(order)[name], values, name, scalars_coded=True)
     # a store begun before: its header as that mtkd wrote it (draws as q64v2 codes them)
-    attrs = {n: v for n, v in r.attrs.items() if n != "sample_coding"}
+    attrs = {n: v for n, v in r.attrs.items() if n not in ("sample_coding", "scalar_coding")}
     old = teacher_header(r.num_parts, K, attrs, num_samples=16, logprob_dtype="q64r",
-                         stream_rows=2048, stream_samples=False,
+                         stream_rows=2048, stream_samples=False, code_scalars=False,
                          own_tokens=r.attrs.get("tokenization") == "own")
     assert old.schema_version == 5
     (tmp_path / "old").mkdir()
@@ -314,8 +318,8 @@ def test_q64r_codes_the_draws_against_the_top_k(setup: Setup, tmp_path: Path) ->
                      *args, "--logprob-dtype", "q64r")
     assert code == 0, msg
     resumed = open_store(tmp_path / "old", verify="full")
-    assert "sample_coding" not in resumed.attrs
-    assert "sample_ids" in [a.name for a in resumed.header.arrays]
+    assert "sample_coding" not in resumed.attrs and "scalar_coding" not in resumed.attrs
+    assert {"sample_ids", "tail_logmass"} <= {a.name for a in resumed.header.arrays}
     for name, values in v2.read(np.arange(v2.num_sequences)).arrays.items():
         np.testing.assert_array_equal(resumed.read(np.arange(v2.num_sequences))[name], values,
                                       err_msg=name)

@@ -11,9 +11,30 @@ from typer.testing import CliRunner
 
 from mtkd.cli import app
 from mtkd.store import ArraySpec, Header, StoreWriter
+from mtkd.store import q64_grid as grid
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+#: What q64r codes against the top-k since schema version 7, within the top-k's bound
+CODED_SCALARS = ("target_logprob", "tail_logmass")
+
+
+def assert_reads_alike(got: np.ndarray, want: np.ndarray, name: str,
+                       scalars_coded: bool = False) -> None:
+    """``got`` (a q64r read) is ``want`` (its q64v2 twin's) exactly; with ``scalars_coded``
+    the actual token's log-prob and the tail within their bound (1/128 nat where p ≥ 1e-3 and
+    for the tail; q64's 1/32 below)."""
+    if not (scalars_coded and name in CODED_SCALARS):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=name)
+    finite = np.isfinite(want)
+    bound = np.where((want >= -grid.FINE_MAX / grid.FINE) | (name == "tail_logmass"),
+                     grid.FINE_ERROR, grid.COARSE_ERROR)
+    assert (np.abs(got[finite] - want[finite]) <= bound[finite] + 1e-6).all(), name
 
 
 def random_rows(rng: np.random.Generator, specs: tuple[ArraySpec, ...],

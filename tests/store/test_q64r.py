@@ -17,13 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkd.store import StoreError, StoreWriter, open_store, stream_frames
+from mtkd.store import q64_grid as grid
 from mtkd.store import range_coder as rc
 from mtkd.store import stream_codec as sc
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Header, part_name
 from mtkd.store.schema import TEACHER, teacher_header
 
-from .stores import flip_byte
+from .stores import assert_reads_alike, flip_byte
 from .test_q64v2 import VOCABS, write_teacher
 from .test_q64v3 import sequences, teacher_like_sizes
 from .test_topk_codec import assert_decoded, topk_rows
@@ -73,12 +74,12 @@ def test_a_coarse_tail_keeps_the_bound_above_1e_3(rows, step: int) -> None:
         got = dict(zip(got_ids[r].tolist(), got_lp[r].tolist(), strict=True))
         assert set(got) - {-1} == set(want)
         for token, value in want.items():
-            if value >= -tc.FINE_MAX / tc.FINE:
-                assert abs(got[token] - value) <= tc.FINE_ERROR + 1e-9
+            if value >= -grid.FINE_MAX / grid.FINE:
+                assert abs(got[token] - value) <= grid.FINE_ERROR + 1e-9
             elif np.isneginf(value):
                 assert np.isneginf(got[token])
             else:
-                assert abs(got[token] - max(value, tc.tail_floor(step))) <= step / 32 + 1e-6
+                assert abs(got[token] - max(value, grid.tail_floor(step))) <= step / 32 + 1e-6
         assert (got_lp[r][:-1] >= got_lp[r][1:]).all()  # rank order
 
 
@@ -293,7 +294,8 @@ def test_refused_attrs() -> None:
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64V2, stream_rows=64)
     with pytest.raises(ValueError, match="topk_stream_rows -1"):
         teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R, stream_rows=-1)
-    header = teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R).to_json()
+    header = teacher_header(1, 8, {"vocab_size": 10}, logprob_dtype=tc.Q64R,
+                            code_scalars=False).to_json()
     assert header["schema_version"] == 5
     with pytest.raises(StoreError, match="topk_id_ranking needs schema version 5, not 4"):
         Header.from_json(header | {"schema_version": 4}, Path("x"))
@@ -308,15 +310,19 @@ def test_refused_attrs() -> None:
                            vocab_size=10)
 
 
-@pytest.mark.parametrize(("rank_ids", "stream_samples", "version"),
-                         [(True, True, 6), (True, False, 5), (False, False, 2)])
+@pytest.mark.parametrize(("rank_ids", "stream_samples", "code_scalars", "version"),
+                         [(True, True, True, 7), (True, True, False, 6),
+                          (True, False, False, 5), (False, False, False, 2)])
 def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path, rank_ids: bool, stream_samples: bool,
-                                         version: int) -> None:
-    """The same rows written as q64v2 and q64r: every read path gives the same arrays, in any
-    sequence order, with repeats, and with the log-probs or ids read alone; stores written
-    before the draws were coded against the top-k, and before seen ids were ranked, too."""
+                                         code_scalars: bool, version: int) -> None:
+    """The same rows written as q64v2 and q64r: every read path gives the same arrays (the
+    actual token's log-prob and the tail within their bound once coded against the top-k),
+    in any sequence order, with repeats, and with the log-probs or ids read alone; stores
+    written before the scalars and the draws were coded against the top-k, and before seen
+    ids were ranked, too."""
     v2 = write_teacher(tmp_path / "v2", tc.Q64V2)
-    vr = write_teacher(tmp_path / "r", tc.Q64R, rank_ids=rank_ids, stream_samples=stream_samples)
+    vr = write_teacher(tmp_path / "r", tc.Q64R, rank_ids=rank_ids, stream_samples=stream_samples,
+                       code_scalars=code_scalars)
     header = json.loads((tmp_path / "r" / "store.json").read_text())
     assert header["schema_version"] == version
     assert header["attrs"].get(tc.ID_RANKING_ATTR) == (tc.BY_COUNT if rank_ids else None)
@@ -331,12 +337,13 @@ def test_a_store_reads_as_its_q64v2_twin(tmp_path: Path, rank_ids: bool, stream_
     for order in ([0, 1, 2, 3, 4, 5], [5, 0, 2, 2, 1]):
         r2, r3 = s2.read(order), sr.read(order)
         for name in r2.arrays:
-            np.testing.assert_array_equal(r3[name], r2[name], err_msg=name)
-    for names in (["topk_logprobs"], ["topk_ids"], ["sample_ids", "topk_ids"]):
+            assert_reads_alike(r3[name], r2[name], name, code_scalars)
+    for names in (["topk_logprobs"], ["topk_ids"], ["sample_ids", "topk_ids"],
+                  ["tail_logmass"], ["target_logprob", "target_rank"]):
         got = sr.read([4, 1], names)
         assert list(got.arrays) == names
         for name in names:
-            np.testing.assert_array_equal(got[name], s2.read([4, 1], names)[name])
+            assert_reads_alike(got[name], s2.read([4, 1], names)[name], name, code_scalars)
 
 
 def test_a_damaged_stream_chunk_is_caught(tmp_path: Path) -> None:
@@ -400,17 +407,18 @@ def test_streams_over_several_sequences_read_as_the_q64v2_twin(tmp_path_factory,
     for part in range(2):
         a, b = s2.read_part(part), sr.read_part(part)
         for name in a.arrays:
-            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+            assert_reads_alike(b[name], a[name], name, scalars_coded=True)
     for _ in range(3):
         order = data.draw(st.lists(st.integers(0, max(s2.num_sequences - 1, 0)), max_size=8)
                           if s2.num_sequences else st.just([]))
-        names = data.draw(st.sampled_from([None, ["topk_logprobs"], ["target_rank"]]))
+        names = data.draw(st.sampled_from([None, ["topk_logprobs"], ["target_rank"],
+                                           ["tail_logmass", "target_logprob"]]))
         a, b = s2.read(order, names), sr.read(order, names)
         np.testing.assert_array_equal(b.offsets, a.offsets)
         np.testing.assert_array_equal(b.seq_ids, a.seq_ids)
         assert sorted(b.arrays) == sorted(a.arrays)
         for name in a.arrays:
-            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+            assert_reads_alike(b[name], a[name], name, scalars_coded=True)
 
 
 def test_streams_over_short_sequences_are_smaller(tmp_path: Path) -> None:
@@ -427,7 +435,8 @@ def test_damaged_stream_flags_are_refused_for_their_part_only(tmp_path: Path) ->
     the other part's sequences still read."""
     import zarr
 
-    write_teacher(tmp_path / "t", tc.Q64R, lengths=(3, 0, 4, 2), stream_rows=4)
+    write_teacher(tmp_path / "t", tc.Q64R, lengths=(3, 0, 4, 2), stream_rows=4,
+                  code_scalars=False)
     write_teacher(tmp_path / "v2", tc.Q64V2, lengths=(3, 0, 4, 2))
     flags = zarr.open_array(tmp_path / "t" / PARTS_DIR / part_name(0) / tc.STREAM_START, mode="r+")
     flags[0] = 0

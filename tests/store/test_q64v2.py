@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mtkd.store import StoreError, StoreWriter, id_table, open_store, verify_store
+from mtkd.store import q64_grid as grid
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, part_name
 from mtkd.store.schema import TEACHER, teacher_header
@@ -102,9 +103,9 @@ def test_sampled_round_trip(rows) -> None:
     assert got[tc.SAMPLE_IDS].dtype == np.int32 and got[tc.SAMPLE_COUNTS].dtype == np.uint16
     np.testing.assert_array_equal(got[tc.SAMPLE_IDS], ids)
     np.testing.assert_array_equal(got[tc.SAMPLE_COUNTS], counts)
-    np.testing.assert_array_equal(got[tc.SAMPLE_LOGPROBS], tc.dequantise(tc.quantise(lp)))
+    np.testing.assert_array_equal(got[tc.SAMPLE_LOGPROBS], grid.dequantise(grid.quantise(lp)))
     want = np.minimum(lp.astype(np.float64), 0)
-    ok = np.isfinite(want) & (want >= tc.MIN_LOGPROB)
+    ok = np.isfinite(want) & (want >= grid.MIN_LOGPROB)
     assert (np.abs(got[tc.SAMPLE_LOGPROBS][ok] - want[ok]) <= bound(want[ok])).all()
     # each array decodes on its own
     alone = tc.decode_samples({tc.SAMPLE_IDS: stored[tc.SAMPLE_IDS]})
@@ -145,13 +146,13 @@ def sampled_teacher_rows(rng: np.random.Generator, n: int, k: int, m: int,
 
 def write_teacher(root: Path, coding: str, vocab: int = 70_000, m: int = 6,
                   lengths: tuple[int, ...] = (5, 0, 7), stream_rows: int = 0,
-                  rank_ids: bool = True, stream_samples: bool = True
-                  ) -> list[dict[str, np.ndarray]]:
+                  rank_ids: bool = True, stream_samples: bool = True,
+                  code_scalars: bool = True) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(3)
     k = 8
     header = teacher_header(2, k, {"vocab_size": vocab}, num_samples=m, logprob_dtype=coding,
                             stream_rows=stream_rows, rank_ids=rank_ids,
-                            stream_samples=stream_samples)
+                            stream_samples=stream_samples, code_scalars=code_scalars)
     writer = StoreWriter(root, header)
     parts = []
     for p in range(2):
@@ -182,12 +183,12 @@ def test_teacher_store_reads_as_written(coding: str, tmp_path: Path) -> None:
     for p, rows in enumerate(parts):
         batch = store.read_part(p)
         assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
-            rows["topk_ids"], tc.dequantise(tc.quantise(rows["topk_logprobs"])))
+            rows["topk_ids"], grid.dequantise(grid.quantise(rows["topk_logprobs"])))
         for name in ("sample_ids", "sample_counts"):
             assert batch[name].dtype == rows[name].dtype
             np.testing.assert_array_equal(batch[name], rows[name])
         np.testing.assert_allclose(batch["sample_logprobs"], rows["sample_logprobs"],
-                                   atol=tc.COARSE_ERROR, rtol=0)
+                                   atol=grid.COARSE_ERROR, rtol=0)
         np.testing.assert_array_equal(batch["tail_logmass"], rows["tail_logmass"])
         for name in ("topk_logprobs", "sample_ids", "sample_logprobs"):  # one array alone
             alone = store.read_part(p, [name])
@@ -237,7 +238,7 @@ def test_id_table_renumbers_and_restores_every_id(rows, seed: int) -> None:
     got = tc.decode_rows(dict(coded), attrs)
     assert got["topk_ids"].dtype == np.int32
     assert by_id(got["topk_ids"], got["topk_logprobs"]) == by_id(
-        ids, tc.dequantise(tc.quantise(lp)))
+        ids, grid.dequantise(grid.quantise(lp)))
     assert (got["topk_logprobs"][:, 1:] <= got["topk_logprobs"][:, :-1]).all()
     # the table's ids are stored as 0, 1, 2, ...: in a row without padding, the first one's
     # delta is 1
@@ -258,7 +259,7 @@ def test_id_table_in_a_store_and_refused_tables(tmp_path: Path) -> None:
     assert writer.finalize()
     batch = open_store(tmp_path / "t", TEACHER).read_part(0)
     assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
-        rows["topk_ids"], tc.dequantise(tc.quantise(rows["topk_logprobs"])))
+        rows["topk_ids"], grid.dequantise(grid.quantise(rows["topk_logprobs"])))
     for bad, why in (([3, 3], "distinct"), ([200], "distinct ids in"), ([-1], "distinct")):
         with pytest.raises(ValueError, match=why):
             teacher_header(1, k, {"vocab_size": vocab}, logprob_dtype=tc.Q64V2, id_table=bad)

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtkd.store import StoreError, StoreWriter, open_store, verify_store
+from mtkd.store import q64_grid as grid
 from mtkd.store import reference_codec as rc
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, part_name
@@ -194,7 +195,7 @@ def teacher_like_sizes(root: Path, codings: tuple[str, ...], lengths: tuple[int,
                             if f.is_file() and "topk" in str(f))
         batch = open_store(root / coding, TEACHER).read_part(0)
         assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
-            ids, tc.dequantise(tc.quantise(lp)))
+            ids, grid.dequantise(grid.quantise(lp)))
     return sizes
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtkd.store import StoreError, StoreWriter, open_store, stream_frames
+from mtkd.store import q64_grid as grid
 from mtkd.store import sample_stream as ss
 from mtkd.store import topk_codec as tc
 from mtkd.store.format import PARTS_DIR, Header, part_name
@@ -142,7 +143,7 @@ def test_a_store_with_draws_reads_as_its_q64v2_twin(tmp_path: Path, stream_rows:
     parts = [draw_rows(rng, sum(lengths), 16, 24, vocab) for _ in range(2)]
     v2 = open_store(write(tmp_path / "v2", parts, tc.Q64V2, vocab, lengths), TEACHER)
     r = open_store(write(tmp_path / "r", parts, tc.Q64R, vocab, lengths,
-                         stream_rows=stream_rows), TEACHER)
+                         stream_rows=stream_rows, code_scalars=False), TEACHER)
     header = json.loads((tmp_path / "r" / "store.json").read_text())
     assert header["schema_version"] == 6 and header["attrs"][tc.SAMPLE_CODING_ATTR] == tc.Q64R
     assert sorted(r.array_names) == sorted(v2.array_names)
@@ -175,8 +176,8 @@ def test_draws_on_a_coarse_tail_keep_the_bound_and_shrink_the_store(tmp_path: Pa
     want, lp = rows["sample_logprobs"].astype(np.float64), got["sample_logprobs"]
     real = rows["sample_ids"] >= 0
     err = np.abs(lp[real] - want[real])
-    assert err[want[real] >= np.log(1e-3)].max() <= tc.FINE_ERROR
-    assert err.max() <= 4 * tc.COARSE_ERROR
+    assert err[want[real] >= np.log(1e-3)].max() <= grid.FINE_ERROR
+    assert err.max() <= 4 * grid.COARSE_ERROR
     for i in range(len(lp)):
         top = dict(zip(got["topk_ids"][i].tolist(), got["topk_logprobs"][i].tolist(),
                        strict=True))
@@ -208,8 +209,8 @@ def test_damaged_streams_with_a_valid_crc_are_refused_or_decode_in_bounds() -> N
     or returns draws a row can hold, never reads or writes out of bounds."""
     rng = np.random.default_rng(8)
     rows = draw_rows(rng, 30, 8, 16, 400)
-    top_levels = tc.tail_levels(tc.quantise(rows["topk_logprobs"]), 1)
-    levels = tc.tail_levels(tc.quantise(rows["sample_logprobs"]), 1)
+    top_levels = grid.tail_levels(grid.quantise(rows["topk_logprobs"]), 1)
+    levels = grid.tail_levels(grid.quantise(rows["sample_logprobs"]), 1)
     offsets = np.array([0, 30])
     stream = ss.encode(rows["topk_ids"], top_levels, rows["sample_ids"], rows["sample_counts"],
                        levels, offsets, TOP_LEVEL)
@@ -233,12 +234,14 @@ def test_damaged_streams_with_a_valid_crc_are_refused_or_decode_in_bounds() -> N
 
 
 def test_the_header_names_the_coding_and_its_version() -> None:
-    header = teacher_header(1, 8, {"vocab_size": 100}, num_samples=4, logprob_dtype=tc.Q64R)
+    header = teacher_header(1, 8, {"vocab_size": 100}, num_samples=4, logprob_dtype=tc.Q64R,
+                            code_scalars=False)
     assert header.schema_version == 6 and header.attrs[tc.SAMPLE_CODING_ATTR] == tc.Q64R
     assert tc.SAMPLE_STREAM in [a.name for a in header.arrays]
     assert [a.name for a in header.written_arrays if a.name.startswith("sample")] == list(
         tc.SAMPLE_COLUMNS)
-    no_draws = teacher_header(1, 8, {"vocab_size": 100}, logprob_dtype=tc.Q64R)
+    no_draws = teacher_header(1, 8, {"vocab_size": 100}, logprob_dtype=tc.Q64R,
+                              code_scalars=False)
     assert no_draws.schema_version == 5 and tc.SAMPLE_CODING_ATTR not in no_draws.attrs
     obj = header.to_json()
     obj["schema_version"] = 5  # what an mtkd that cannot read the coding would take it for

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mtkd.store import Header, StoreError, StoreWriter, open_store, verify_store
+from mtkd.store import q64_grid as grid
 from mtkd.store import topk_codec as tc
+from mtkd.store.format import SCHEMA_VERSION
 from mtkd.store.schema import TEACHER, teacher_header
 
 LOG_1E_3 = math.log(1e-3)
@@ -27,7 +29,7 @@ def tmp_path(memory_tmp_path: Path) -> Path:
 
 def bound(logprobs: np.ndarray) -> np.ndarray:
     """The documented bound on |decoded − stored| per entry (finite, ≥ MIN_LOGPROB)."""
-    return np.where(logprobs >= -tc.FINE_MAX / tc.FINE, tc.FINE_ERROR, tc.COARSE_ERROR)
+    return np.where(logprobs >= -grid.FINE_MAX / grid.FINE, grid.FINE_ERROR, grid.COARSE_ERROR)
 
 
 # log-probs as engines give them: mostly in [−30, 0], some very negative, some −inf, and the
@@ -35,7 +37,7 @@ def bound(logprobs: np.ndarray) -> np.ndarray:
 logprob_values = st.one_of(
     st.floats(-30.0, 1e-3, allow_nan=False),
     st.floats(-np.finfo(np.float64).max, -30.0),
-    st.sampled_from([-np.inf, 0.0, -tc.FINE_MAX / tc.FINE, LOG_1E_3, tc.MIN_LOGPROB, -1e-45]),
+    st.sampled_from([-np.inf, 0.0, -grid.FINE_MAX / grid.FINE, LOG_1E_3, grid.MIN_LOGPROB, -1e-45]),
 )
 
 
@@ -71,17 +73,18 @@ def assert_decoded(ids: np.ndarray, lp: np.ndarray, got_ids: np.ndarray,
     """Decoded top-k rows: int32 ids exact, float32 values within the bound, rank order."""
     assert got_ids.dtype == np.int32 and got_lp.dtype == np.float32
     # each id keeps its own (quantised) value, padding included; nothing else changes
-    assert by_id(got_ids, got_lp) == by_id(ids, tc.dequantise(tc.quantise(lp)))
+    assert by_id(got_ids, got_lp) == by_id(ids, grid.dequantise(grid.quantise(lp)))
     # rank order: descending; entries tied after quantisation may come back in any order
     assert (got_lp[:, 1:] <= got_lp[:, :-1]).all()
     # the error bound, entry by entry (matched through the sorted pairs above)
     want = np.sort(np.minimum(lp.astype(np.float64), 0), axis=1)[:, ::-1]
-    finite = np.isfinite(want) & (want >= tc.MIN_LOGPROB)
+    finite = np.isfinite(want) & (want >= grid.MIN_LOGPROB)
     err = np.where(finite, np.abs(got_lp - np.where(finite, want, 0)), 0)
     assert (err <= bound(want)).all()
     assert (err[want >= LOG_1E_3] <= 0.01).all()
     assert np.array_equal(np.isneginf(got_lp), np.isneginf(want))
-    assert (got_lp[(want < tc.MIN_LOGPROB) & np.isfinite(want)] == np.float32(tc.MIN_LOGPROB)).all()
+    below = (want < grid.MIN_LOGPROB) & np.isfinite(want)
+    assert (got_lp[below] == np.float32(grid.MIN_LOGPROB)).all()
 
 
 @given(rows=topk_rows())
@@ -102,35 +105,35 @@ def test_round_trip_ids_exact_values_bounded_rank_order(rows) -> None:
 @given(lp=hnp.arrays(np.float64, st.integers(1, 50), elements=logprob_values))
 def test_quantiser_bound_and_monotone(lp: np.ndarray) -> None:
     lp = np.sort(lp)[::-1]
-    codes = tc.quantise(lp)
+    codes = grid.quantise(lp)
     assert (np.diff(codes.astype(np.int64)) >= 0).all()  # order preserving
-    back = tc.dequantise(codes).astype(np.float64)
+    back = grid.dequantise(codes).astype(np.float64)
     want = np.minimum(lp, 0)
-    ok = np.isfinite(want) & (want >= tc.MIN_LOGPROB)
+    ok = np.isfinite(want) & (want >= grid.MIN_LOGPROB)
     assert (np.abs(back[ok] - want[ok]) <= bound(want[ok])).all()
     # decoded values are on the grid exactly: decoding is idempotent
-    np.testing.assert_array_equal(tc.quantise(back), codes)
+    np.testing.assert_array_equal(grid.quantise(back), codes)
 
 
 def test_grid_edges() -> None:
     """The documented constants, and where the fine grid ends (after every p ≥ 1e-3)."""
-    assert tc.FINE_ERROR == 1 / 128 and tc.COARSE_ERROR == 1 / 32
-    assert -tc.FINE_MAX / tc.FINE < LOG_1E_3 < -(tc.FINE_MAX - 1) / tc.FINE
-    assert tc.MIN_LOGPROB == -(443 + (65534 - 443) * 4) / 64
-    lp = np.array([0.0, 1 / 128, -0.0, -1 / 128, LOG_1E_3, -tc.FINE_MAX / tc.FINE, -7.0,
-                   tc.MIN_LOGPROB, -1e38, -np.inf])
-    np.testing.assert_array_equal(tc.quantise(lp), [0, 0, 0, 0, 442, 443, 444, 65534, 65534,
+    assert grid.FINE_ERROR == 1 / 128 and grid.COARSE_ERROR == 1 / 32
+    assert -grid.FINE_MAX / grid.FINE < LOG_1E_3 < -(grid.FINE_MAX - 1) / grid.FINE
+    assert grid.MIN_LOGPROB == -(443 + (65534 - 443) * 4) / 64
+    lp = np.array([0.0, 1 / 128, -0.0, -1 / 128, LOG_1E_3, -grid.FINE_MAX / grid.FINE, -7.0,
+                   grid.MIN_LOGPROB, -1e38, -np.inf])
+    np.testing.assert_array_equal(grid.quantise(lp), [0, 0, 0, 0, 442, 443, 444, 65534, 65534,
                                                     65535])
-    out = tc.dequantise(tc.quantise(lp))
+    out = grid.dequantise(grid.quantise(lp))
     assert out[0] == 0 and not np.signbit(out[0])
-    assert out[-2] == np.float32(tc.MIN_LOGPROB) and out[-1] == -np.inf
+    assert out[-2] == np.float32(grid.MIN_LOGPROB) and out[-1] == -np.inf
 
 
 def test_refused_inputs() -> None:
     with pytest.raises(ValueError, match="NaN or above 1/128"):
-        tc.quantise(np.array([-1.0, np.nan]))
+        grid.quantise(np.array([-1.0, np.nan]))
     with pytest.raises(ValueError, match="NaN or above 1/128"):
-        tc.quantise(np.array([0.01]))
+        grid.quantise(np.array([0.01]))
     with pytest.raises(ValueError, match="must both be"):
         tc.encode(np.zeros((2, 3), np.int32), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="outside"):
@@ -147,7 +150,7 @@ def test_widths_and_large_ids() -> None:
     lp = np.array([[-0.1, -0.2, -3.0, -np.inf]])
     got_ids, got_lp = tc.decode(*tc.encode(ids, lp, vocab_size=2**31))
     np.testing.assert_array_equal(got_ids, ids)
-    np.testing.assert_allclose(got_lp, lp, atol=tc.FINE_ERROR)
+    np.testing.assert_allclose(got_lp, lp, atol=grid.FINE_ERROR)
 
 
 def test_k_4096_full_vocabulary_rows() -> None:
@@ -158,7 +161,7 @@ def test_k_4096_full_vocabulary_rows() -> None:
     order = np.argsort(-lp, axis=1)
     ids, top = order, np.take_along_axis(lp, order, axis=1)
     got_ids, got_lp = tc.decode(*tc.encode(ids, top, vocab_size=4096))
-    assert by_id(got_ids, got_lp) == by_id(ids, tc.dequantise(tc.quantise(top)))
+    assert by_id(got_ids, got_lp) == by_id(ids, grid.dequantise(grid.quantise(top)))
 
 
 # --------------------------------------------------------------------------- in a store
@@ -202,9 +205,9 @@ def test_store_codes_on_write_and_decodes_on_every_read(tmp_path: Path) -> None:
         assert batch["topk_logprobs"].dtype == np.float32
         # each id with its value within the bound; rank order up to quantised ties
         assert by_id(batch["topk_ids"], batch["topk_logprobs"]) == by_id(
-            rows["topk_ids"], tc.dequantise(tc.quantise(rows["topk_logprobs"])))
+            rows["topk_ids"], grid.dequantise(grid.quantise(rows["topk_logprobs"])))
         np.testing.assert_allclose(batch["topk_logprobs"], rows["topk_logprobs"],
-                                   atol=tc.FINE_ERROR, rtol=0)
+                                   atol=grid.FINE_ERROR, rtol=0)
         np.testing.assert_array_equal(batch["tail_logmass"], rows["tail_logmass"])
         # one array alone, and shuffled batched reads, decode the same
         np.testing.assert_array_equal(store.read_part(p, ["topk_ids"])["topk_ids"],
@@ -235,6 +238,6 @@ def test_store_plain_stays_version_1_and_unknown_coding_is_refused(tmp_path: Pat
         Header.from_json(obj, tmp_path)
     with pytest.raises(StoreError, match="unknown topk_coding"):
         StoreWriter(tmp_path / "x", Header(TEACHER, 1, plain.arrays, {"topk_coding": "q99"}))
-    obj["schema_version"] = 7
-    with pytest.raises(StoreError, match="schema version 7 is not supported"):
+    obj["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1} is not supported"):
         Header.from_json(obj, tmp_path)

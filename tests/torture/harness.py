@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.store import IncompleteStoreError, StoreError, open_store, topk_codec, verify_store
+from mtkd.store import (
+    IncompleteStoreError,
+    StoreError,
+    open_store,
+    q64_grid,
+    topk_codec,
+    verify_store,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("MTKD_TORTURE_SEED", "20261123"))
@@ -339,7 +346,7 @@ def compare_stores(ref_dir: Path, got_dir: Path, *, atol: float = 0.0,
     may land one grid step apart (a value near a step's midpoint): both tolerances widen by
     the coarse step, 1/16 nat."""
     ref, got = open_store(ref_dir, verify="full"), open_store(got_dir, verify="full")
-    step = topk_codec.COARSE / topk_codec.FINE if topk_codec.coding(ref.attrs) else 0.0
+    step = q64_grid.COARSE / q64_grid.FINE if topk_codec.coding(ref.attrs) else 0.0
     lost, duplicated = count_sequences(ref.seq_ids, got.seq_ids)
     assert (lost, duplicated) == (0, 0), f"{got_dir}: {lost} lost, {duplicated} duplicated"
     assert np.array_equal(ref.seq_ids, got.seq_ids), "sequence order differs"
