@@ -53,11 +53,12 @@ class HarvestConfig:
         "Stored top-k coding: q64v2 (compact: |error| <= 1/128 nat where p >= 1e-3; also "
         "codes the sampled columns; docs/FORMAT.md), q64v3 (q64v2's values, ids coded against "
         "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64r "
-        "(q64v3's values range-coded, one stream per --stream-rows rows: the smallest, about "
-        "4x slower to read; on a 49,152-id teacher 105 bytes per position against q64v2's 144, "
-        "96 with --tail-nats 0.25; --num-samples draws coded against the top-k: 15 bytes per "
-        "position against q64v2's 53), q64 (the previous default) or a float dtype (float16, "
-        "float32) with int32 ids.",
+        "(q64v3's values range-coded, one stream per --stream-rows rows, and the actual "
+        "token's log-prob and the tail coded against the top-k within the same bound: the "
+        "smallest, about 4x slower to read; on a 49,152-id teacher 99 bytes per position "
+        "against q64v2's 144, 90.5 with --tail-nats 0.25; --num-samples draws coded against "
+        "the top-k: 15 bytes per position against q64v2's 53), q64 (the previous default) or "
+        "a float dtype (float16, float32) with int32 ids.",
     )
     tail_nats: float = option(
         TAIL_NATS[0],
