@@ -13,7 +13,7 @@ with that entry's log-prob, and the tail is close to 1 − Σ top-k p. So a stor
   p ≥ 1e-3, half a tail step below).
 * ``tail_residual`` (int32): the tail's distance from the one the decoded top-k predict,
   log(1 − Σ p̂) with Σ p̂ capped below 1, on q64's fine grid (1/64 nat), rounded;
-  ``NEG_INF_TAIL`` for a tail of −inf. It reads back within 1/128 nat.
+  ``NEG_INF_TAIL`` for a tail of −inf. It reads back within 1/128 nat, and never above 0.
 
 ``target_rank`` stays as it is: the reader needs it to find the entry. Pure functions on the
 levels and log-probs of the decoded top-k; the q64 grid is ``topk_codec``'s.
@@ -76,6 +76,6 @@ def decode(arrays: Mapping[str, np.ndarray], ranks: np.ndarray, top_levels: np.n
     """The actual token's levels (int64) and the tails (float32) of the stored columns."""
     levels = _entry_levels(top_levels, ranks) + arrays[TARGET_LEVEL].astype(np.int64)
     residual = arrays[TAIL_RESIDUAL]
-    tail = predicted_tail(top_logprobs) + residual / STEPS_PER_NAT
+    tail = np.minimum(predicted_tail(top_logprobs) + residual / STEPS_PER_NAT, 0.0)  # a mass ≤ 1
     tail[residual == NEG_INF_TAIL] = -np.inf
     return levels, tail.astype(np.float32)

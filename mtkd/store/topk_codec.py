@@ -375,6 +375,10 @@ def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.nd
 
 def encode_scalars(rows: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
     """q64r's ``target_level`` and ``tail_residual`` of ``rows`` (``scalar_codec``)."""
+    n = len(rows[LOGPROBS])
+    for name in (TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS):  # not stored: nobody else checks
+        if np.shape(rows[name]) != (n,):
+            raise ValueError(f"{name}: shape {np.shape(rows[name])}, expected ({n},)")
     top = tail_levels(quantise(rows[LOGPROBS], step), step)
     target = tail_levels(quantise(np.asarray(rows[TARGET_LOGPROB]).reshape(-1, 1), step), step)
     return scalar_codec.encode(target[:, 0], np.asarray(rows[TARGET_RANK]),

@@ -175,3 +175,24 @@ def test_the_header_names_the_coding_and_its_version() -> None:
     obj["schema_version"] = 7
     with pytest.raises(StoreError, match="only with topk_coding 'q64r'"):
         Header.from_json(obj, Path("x"))
+
+
+def test_scalars_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    """Neither column is stored as given, so the coding checks their shapes itself (review)."""
+    rows = teacher_rows(np.random.default_rng(4), 6, 4, 100)
+    for name, value in (("target_logprob", rows["target_logprob"][:1]),
+                        ("target_logprob", np.float32(-1.0)),
+                        ("tail_logmass", rows["tail_logmass"][:, None])):
+        writer = StoreWriter(tmp_path / f"{name}-{np.ndim(value)}",
+                             teacher_header(1, 4, {"vocab_size": 100}, logprob_dtype=tc.Q64R))
+        with pytest.raises(StoreError, match=f"{name}: shape"), writer.open_part(0) as pw:
+            pw.append(rows | {name: value}, [6], [0])
+
+
+def test_a_tail_never_reads_above_zero() -> None:
+    """A tail of 0 the top-k disagree with by more than the grid's rounding reads as 0, not as
+    a mass above 1 (review)."""
+    top = grid.tail_levels(grid.quantise(np.array([[-4.171875]])), 1)
+    logprobs = grid.dequantise(grid.level_codes(top, 1))
+    stored = scalars.encode(top[:, 0], np.array([1]), np.array([0.0]), top, logprobs)
+    assert scalars.decode(stored, np.array([1]), top, logprobs)[1][0] == 0.0

@@ -7,9 +7,10 @@ top-k row; the aligned rows then enter :func:`~.sampled.fuse_samples` as exact h
 draws of their own (:func:`as_head_rows`), beside the sampled rows of same-tokenizer teachers,
 with the coverage rules of ``coverage.py`` (:func:`fuse_own_samples`).
 
-The estimate keeps the actual next token t* exact (its stored ``target_logprob``), with the
-store's exact head if it has one (a hybrid store, or ``--sample-head``), and shares the rest's
-exact mass among the draws outside that head by their counts. The alignment's chain rule needs
+The estimate keeps the actual next token t* exact (its stored ``target_logprob``; q64r stores
+of schema version 7 keep that within the top-k's bound), with the store's exact head if it
+has one (a hybrid store, or ``--sample-head``), and shares the rest's exact mass among the
+draws outside that head by their counts. The alignment's chain rule needs
 p(t*) (MATHS §9, step 3), and given how many draws fell outside the head they are draws from
 the rest renormalised, so every entry is unbiased (MATHS §6, the hybrid); with no draw outside,
 the rest stays in the tail. The pushforward is linear, so aligned shared-boundary rows stay
