@@ -8,6 +8,8 @@ the codes such a grid can hold, numbered consecutively (:func:`tail_levels`).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 FINE = 64  #: fine grid steps per nat
@@ -76,3 +78,19 @@ _TABLE = _decode_table()
 def dequantise(codes: np.ndarray) -> np.ndarray:
     """float32 log-probs of uint16 codes (exact multiples of 1/64, or −inf)."""
     return _TABLE[np.asarray(codes)]
+
+
+@functools.cache
+def _level_table(tail_step: int) -> np.ndarray:
+    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
+    table = dequantise(level_codes(np.arange(top + 1), tail_step))
+    table.flags.writeable = False
+    return table
+
+
+def level_logprobs(levels: np.ndarray, tail_step: int) -> np.ndarray:
+    """float32 log-probs of levels on a ``tail_step`` grid: ``dequantise(level_codes(…))`` in
+    one gather (a q64r read spends a fifth of its time on the two otherwise); levels past
+    the last (−inf) read as it."""
+    table = _level_table(tail_step)
+    return table[np.clip(levels, 0, len(table) - 1)]

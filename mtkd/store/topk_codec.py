@@ -63,7 +63,14 @@ import numpy as np
 
 from mtkd.store import reference_codec, sample_stream, scalar_codec, stream_codec
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
-from mtkd.store.q64_grid import CODE_WIDTH, NEG_INF, dequantise, level_codes, quantise, tail_levels
+from mtkd.store.q64_grid import (
+    CODE_WIDTH,
+    NEG_INF,
+    dequantise,
+    level_logprobs,
+    quantise,
+    tail_levels,
+)
 from mtkd.store.scalar_codec import (
     SCALAR_CODING_ATTR,
     TAIL_LOGMASS,
@@ -259,7 +266,7 @@ def decode_streamed(stream: np.ndarray, offsets: np.ndarray, *, k: int, vocab_si
     """q64r's ``topk_stream`` of whole sequences (row ``offsets``) → ``ids int32`` and
     ``logprobs float32`` ``[n, k]`` in rank order (tied codes in ascending id order)."""
     ids, levels = _decode_streamed_levels(stream, offsets, k, vocab_size, by_count)
-    return ids, dequantise(level_codes(levels, tail_step))
+    return ids, level_logprobs(levels, tail_step)
 
 
 def _decode_streamed_levels(stream: np.ndarray, offsets: np.ndarray, k: int, vocab_size: int,
@@ -370,7 +377,7 @@ def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.nd
     ids, counts, levels = sample_stream.decode(stream, offsets, top_ids, top_levels,
                                                _neg_inf_level(step), int(attrs["vocab_size"]))
     return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts,
-            SAMPLE_LOGPROBS: dequantise(level_codes(levels, step))}
+            SAMPLE_LOGPROBS: level_logprobs(levels, step)}
 
 
 def encode_scalars(rows: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
@@ -382,7 +389,7 @@ def encode_scalars(rows: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
     top = tail_levels(quantise(rows[LOGPROBS], step), step)
     target = tail_levels(quantise(np.asarray(rows[TARGET_LOGPROB]).reshape(-1, 1), step), step)
     return scalar_codec.encode(target[:, 0], np.asarray(rows[TARGET_RANK]),
-                               rows[TAIL_LOGMASS], top, dequantise(level_codes(top, step)))
+                               rows[TAIL_LOGMASS], top, level_logprobs(top, step))
 
 
 def decode_scalars(out: dict[str, np.ndarray], levels: np.ndarray, step: int
@@ -393,7 +400,7 @@ def decode_scalars(out: dict[str, np.ndarray], levels: np.ndarray, step: int
     target, tail = scalar_codec.decode(stored, out[TARGET_RANK], levels, out[LOGPROBS])
     if len(target) and (target.min() < 0 or target.max() > _neg_inf_level(step)):
         raise ValueError(f"{TARGET_LEVEL}: levels outside the grid (damaged)")
-    return {TARGET_LOGPROB: dequantise(level_codes(target, step)), TAIL_LOGMASS: tail}
+    return {TARGET_LOGPROB: level_logprobs(target, step), TAIL_LOGMASS: tail}
 
 
 def _neg_inf_level(step: int) -> int:
@@ -580,7 +587,7 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
             offsets = stream_offsets(out.pop(STREAM_START))
         out[IDS], levels = _decode_streamed_levels(
             out.pop(STREAM), offsets, int(attrs["k"]), int(attrs["vocab_size"]), ranked(attrs))
-        out[LOGPROBS] = dequantise(level_codes(levels, tail_step(attrs)))
+        out[LOGPROBS] = level_logprobs(levels, tail_step(attrs))
         table = lookups(attrs)
         if table is not None:
             out[IDS] = renumber(out[IDS], table[1])
