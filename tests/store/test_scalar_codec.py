@@ -196,3 +196,13 @@ def test_a_tail_never_reads_above_zero() -> None:
     logprobs = grid.dequantise(grid.level_codes(top, 1))
     stored = scalars.encode(top[:, 0], np.array([1]), np.array([0.0]), top, logprobs)
     assert scalars.decode(stored, np.array([1]), top, logprobs)[1][0] == 0.0
+
+
+@pytest.mark.parametrize("tail_step", tc.TAIL_STEPS)
+def test_level_logprobs_is_dequantise_of_level_codes(tail_step: int) -> None:
+    """The one-gather table every q64r read uses gives what the two steps give, for every
+    level of the grid (and past its last, −inf)."""
+    top = grid.FINE_MAX + (grid.MAX_CODE - grid.FINE_MAX) // tail_step + 1
+    levels = np.arange(top + 3)
+    np.testing.assert_array_equal(grid.level_logprobs(levels, tail_step),
+                                  grid.dequantise(grid.level_codes(levels, tail_step)))
