@@ -30,8 +30,10 @@ from types import SimpleNamespace
 import numpy as np
 
 try:
+    from numba import prange
     from numba.extending import register_jitable
 except ImportError:  # without numba the kernels run as plain Python
+    prange = range
 
     def register_jitable(fn):  # type: ignore[no-untyped-def]
         return fn
@@ -114,29 +116,38 @@ def _encode_kernel(sorted_ids, sorted_codes, rank_ids, ref, stored_ids, recur, s
                 slot += 1
 
 
-def _decode_kernel(stored_ids, recur, codes, ref, rank_ids, rank_codes):
+def _decode_kernel(stored_ids, recur, codes, ref, rank_ids, rank_codes, offsets):
     """Rebuild each row's ids in stored order from its reference's decoded rank order and its
-    new-id gaps, then sort the row on (code, id + 1) into rank order."""
-    n, k = codes.shape
-    keys = np.empty(k, dtype=np.int64)
-    for i in range(n):
-        m = 0
-        j = ref[i]
-        if j >= 0:
-            for r in range(k):
-                if recur[i, r]:
-                    keys[m] = rank_ids[j, r]
-                    m += 1
-        prev = -1
-        for s in range(k - m):
-            prev += stored_ids[i, 1 + s]
-            keys[m + s] = prev
-        for s in range(k):
-            keys[s] = codes[i, s] << 32 | (keys[s] + 1)
-        sort_row(keys)
-        for s in range(k):
-            rank_ids[i, s] = (keys[s] & 0xFFFFFFFF) - 1
-            rank_codes[i, s] = keys[s] >> 32
+    new-id gaps, then sort the row on (code, id + 1) into rank order; the sequences (row
+    ``offsets``) in parallel: a row's reference is an earlier row of its own sequence."""
+    k = codes.shape[1]
+    for q in prange(len(offsets) - 1):
+        keys = np.empty(k, dtype=np.int64)
+        for i in range(offsets[q], offsets[q + 1]):
+            _decode_row(i, stored_ids, recur, codes, ref, rank_ids, rank_codes, keys)
+
+
+@register_jitable
+def _decode_row(i, stored_ids, recur, codes, ref, rank_ids, rank_codes, keys):
+    """Row ``i`` of :func:`_decode_kernel` (``keys``: a scratch row)."""
+    k = codes.shape[1]
+    m = 0
+    j = ref[i]
+    if j >= 0:
+        for r in range(k):
+            if recur[i, r]:
+                keys[m] = rank_ids[j, r]
+                m += 1
+    prev = -1
+    for s in range(k - m):
+        prev += stored_ids[i, 1 + s]
+        keys[m + s] = prev
+    for s in range(k):
+        keys[s] = codes[i, s] << 32 | (keys[s] + 1)
+    sort_row(keys)
+    for s in range(k):
+        rank_ids[i, s] = (keys[s] & 0xFFFFFFFF) - 1
+        rank_codes[i, s] = keys[s] >> 32
 
 
 def _compiled() -> SimpleNamespace:
@@ -145,7 +156,9 @@ def _compiled() -> SimpleNamespace:
         import numba
 
         jit = numba.njit(cache=True, nogil=True)
-        _KERNELS = SimpleNamespace(encode=jit(_encode_kernel), decode=jit(_decode_kernel))
+        _KERNELS = SimpleNamespace(encode=jit(_encode_kernel),
+                                   decode=numba.njit(cache=True, nogil=True,
+                                                     parallel=True)(_decode_kernel))
     return _KERNELS
 
 
@@ -187,5 +200,5 @@ def decode(stored_ids: np.ndarray, recur_bits: np.ndarray, codes: np.ndarray,
     ref = references(stored_ids[:, 0] - 1, np.diff(np.asarray(offsets, dtype=np.int64)))
     recur = np.unpackbits(recur_bits, axis=1, count=k, bitorder="little").astype(np.bool_)
     _compiled().decode(stored_ids, recur, np.asarray(codes, dtype=np.int64), ref, rank_ids,
-                       rank_codes)
+                       rank_codes, np.asarray(offsets, dtype=np.int64))
     return rank_ids, rank_codes
