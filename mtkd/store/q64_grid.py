@@ -45,19 +45,24 @@ def tail_floor(tail_step: int) -> float:
     return float(dequantise(FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step * tail_step))
 
 
+def neg_inf_level(tail_step: int) -> int:
+    """The level of −inf on a ``tail_step`` grid: the last, one past its finite ones."""
+    return FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
+
+
 def tail_levels(codes: np.ndarray, tail_step: int) -> np.ndarray:
     """q64 codes on a ``tail_step`` tail grid → consecutive levels (int64, same order; −inf
     the last): what q64r codes, so a coarse tail costs no bits for its unused codes."""
     codes = np.asarray(codes, dtype=np.int64)
     tail = FINE_MAX + (codes - FINE_MAX) // tail_step
-    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
-    return np.where(codes <= FINE_MAX, codes, np.where(codes == NEG_INF, top, tail))
+    return np.where(codes <= FINE_MAX, codes,
+                    np.where(codes == NEG_INF, neg_inf_level(tail_step), tail))
 
 
 def level_codes(levels: np.ndarray, tail_step: int) -> np.ndarray:
     """Inverse of :func:`tail_levels`."""
     levels = np.asarray(levels, dtype=np.int64)
-    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
+    top = neg_inf_level(tail_step)
     codes = FINE_MAX + (levels - FINE_MAX) * tail_step
     return np.where(levels <= FINE_MAX, levels, np.where(levels >= top, NEG_INF, codes))
 
@@ -82,8 +87,7 @@ def dequantise(codes: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _level_table(tail_step: int) -> np.ndarray:
-    top = FINE_MAX + (MAX_CODE - FINE_MAX) // tail_step + 1
-    table = dequantise(level_codes(np.arange(top + 1), tail_step))
+    table = dequantise(level_codes(np.arange(neg_inf_level(tail_step) + 1), tail_step))
     table.flags.writeable = False
     return table
 

@@ -15,8 +15,8 @@ with that entry's log-prob, and the tail is close to 1 − Σ top-k p. So a stor
   log(1 − Σ p̂) with Σ p̂ capped below 1, on q64's fine grid (1/64 nat), rounded;
   ``NEG_INF_TAIL`` for a tail of −inf. It reads back within 1/128 nat, and never above 0.
 
-``target_rank`` stays as it is: the reader needs it to find the entry. Pure functions on the
-levels and log-probs of the decoded top-k; the q64 grid is ``topk_codec``'s.
+``target_rank`` stays as it is: the reader needs it to find the entry. Pure functions of the
+columns and the top-k rows' levels on the store's grid (``tail_step``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mtkd.store.q64_grid import (
+    FINE,
+    FINE_ERROR,
+    level_logprobs,
+    neg_inf_level,
+    quantise,
+    tail_levels,
+)
+
 TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS = "target_logprob", "target_rank", "tail_logmass"
 TARGET_LEVEL, TAIL_RESIDUAL = "target_level", "tail_residual"
 #: Header attribute: q64r codes the actual token's log-prob and the tail against the top-k
 SCALAR_CODING_ATTR = "scalar_coding"
-STEPS_PER_NAT = 64  #: the tail's grid: q64's fine steps
 NEG_INF_TAIL = int(np.iinfo(np.int32).min)  #: ``tail_residual`` of a tail of −inf
 MAX_TAIL_GAP = 1 << 20  #: nats between a tail and its prediction that the coding accepts
 MAX_TOPK_MASS = 1.0 - 2.0 ** -20  #: Σ p̂ above this (the grid's rounding) predicts log 2^-20
@@ -51,31 +59,40 @@ def _entry_levels(top_levels: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     return levels[np.arange(len(levels)), at]
 
 
-def encode(target_levels: np.ndarray, ranks: np.ndarray, tail_logmass: np.ndarray,
-           top_levels: np.ndarray, top_logprobs: np.ndarray) -> dict[str, np.ndarray]:
-    """The stored columns of rows whose actual token has ``target_levels`` and ``ranks`` and
-    whose top-k rows decode to ``top_levels`` and ``top_logprobs``; ValueError for a tail
-    that is NaN, above 0 by more than the grid's rounding, or too far from its prediction."""
-    tail = np.asarray(tail_logmass, dtype=np.float64)
-    if len(tail) != len(top_levels) or len(ranks) != len(top_levels):
-        raise ValueError(f"{len(tail)} tails and {len(ranks)} ranks for {len(top_levels)} rows")
-    gap = tail - predicted_tail(top_logprobs)
+def encode(rows: Mapping[str, np.ndarray], top_levels: np.ndarray, tail_step: int
+           ) -> dict[str, np.ndarray]:
+    """The stored columns of ``rows``' actual-token log-probs, ranks and tails, whose top-k
+    rows have ``top_levels`` on a ``tail_step`` grid; ValueError for columns not of one value
+    per row (nothing else checks them: they are not stored as given), a log-prob q64 refuses,
+    or a tail that is NaN, above 0 by more than the grid's rounding, or too far from its
+    prediction."""
+    n = len(top_levels)
+    for name in (TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS):
+        if np.shape(rows[name]) != (n,):
+            raise ValueError(f"{name}: shape {np.shape(rows[name])}, expected ({n},)")
+    tail = np.asarray(rows[TAIL_LOGMASS], dtype=np.float64)
+    gap = tail - predicted_tail(level_logprobs(top_levels, tail_step))
     finite = ~np.isneginf(tail)
-    if np.isnan(tail).any() or (tail > 0.5 / STEPS_PER_NAT).any() \
+    if np.isnan(tail).any() or (tail > FINE_ERROR).any() \
             or (np.abs(gap[finite]) > MAX_TAIL_GAP).any():
         raise ValueError(f"{TAIL_LOGMASS} must be −inf or a log-mass at most 1/128, not NaN "
                          f"nor {MAX_TAIL_GAP} nats from 1 − Σ top-k p")
-    residual = np.full(len(tail), NEG_INF_TAIL, dtype=np.int32)
-    residual[finite] = np.rint(gap[finite] * STEPS_PER_NAT)
-    levels = np.asarray(target_levels, dtype=np.int64) - _entry_levels(top_levels, ranks)
+    residual = np.full(n, NEG_INF_TAIL, dtype=np.int32)
+    residual[finite] = np.rint(gap[finite] * FINE)
+    target = tail_levels(quantise(rows[TARGET_LOGPROB], tail_step), tail_step)
+    levels = target - _entry_levels(top_levels, rows[TARGET_RANK])
     return {TARGET_LEVEL: levels.astype(np.int32), TAIL_RESIDUAL: residual}
 
 
 def decode(arrays: Mapping[str, np.ndarray], ranks: np.ndarray, top_levels: np.ndarray,
-           top_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The actual token's levels (int64) and the tails (float32) of the stored columns."""
+           top_logprobs: np.ndarray, tail_step: int) -> dict[str, np.ndarray]:
+    """``target_logprob`` and ``tail_logmass`` (float32) of the stored columns, given the
+    decoded top-k rows' levels and log-probs; ValueError for a level off the grid (damaged)."""
     levels = _entry_levels(top_levels, ranks) + arrays[TARGET_LEVEL].astype(np.int64)
+    if len(levels) and (levels.min() < 0 or levels.max() > neg_inf_level(tail_step)):
+        raise ValueError(f"{TARGET_LEVEL}: levels outside the grid (damaged)")
     residual = arrays[TAIL_RESIDUAL]
-    tail = np.minimum(predicted_tail(top_logprobs) + residual / STEPS_PER_NAT, 0.0)  # a mass ≤ 1
+    tail = np.minimum(predicted_tail(top_logprobs) + residual / FINE, 0.0)  # a mass ≤ 1
     tail[residual == NEG_INF_TAIL] = -np.inf
-    return levels, tail.astype(np.float32)
+    return {TARGET_LOGPROB: level_logprobs(levels, tail_step),
+            TAIL_LOGMASS: tail.astype(np.float32)}

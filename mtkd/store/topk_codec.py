@@ -65,9 +65,9 @@ from mtkd.store import reference_codec, sample_stream, scalar_codec, stream_code
 from mtkd.store.id_table import ID_TABLE_ATTR, lookups, renumber
 from mtkd.store.q64_grid import (
     CODE_WIDTH,
-    NEG_INF,
     dequantise,
     level_logprobs,
+    neg_inf_level,
     quantise,
     tail_levels,
 )
@@ -351,21 +351,21 @@ def decode_samples(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def encode_sample_stream(rows: Mapping[str, Any], streams: np.ndarray, vocab_size: int,
-                         step: int) -> np.ndarray:
-    """q64r's ``sample_stream`` of ``rows`` (top-k and sampled columns, ids as written) in
-    streams of ``streams`` rows; ValueError for rows q64v2 would refuse too, or ids outside
-    ``vocab_size``. Padding reads back as −inf whatever log-prob it was written with."""
+                         step: int, top_levels: np.ndarray) -> np.ndarray:
+    """q64r's ``sample_stream`` of ``rows`` (top-k and sampled columns, ids as written; the
+    top-k's ``top_levels`` on the ``step`` grid) in streams of ``streams`` rows; ValueError
+    for rows q64v2 would refuse too, or ids outside ``vocab_size``. Padding reads back as
+    −inf whatever log-prob it was written with."""
     ids, counts = np.asarray(rows[SAMPLE_IDS]), np.asarray(rows[SAMPLE_COUNTS])
     _check_samples(ids, counts, rows[SAMPLE_LOGPROBS])
     if len(ids) != len(rows[IDS]):
         raise ValueError(f"{len(ids)} sampled rows for {len(rows[IDS])} top-k rows")
     if ids.size and ids.max() >= vocab_size:
         raise ValueError(f"sample ids up to {ids.max()} outside vocab_size {vocab_size}")
-    top = _neg_inf_level(step)
+    top = neg_inf_level(step)
     levels = np.where(ids >= 0, tail_levels(quantise(rows[SAMPLE_LOGPROBS], step), step), top)
-    return sample_stream.encode(rows[IDS], tail_levels(quantise(rows[LOGPROBS], step), step),
-                                ids, counts, levels, np.concatenate([[0], np.cumsum(streams)]),
-                                top)
+    return sample_stream.encode(rows[IDS], top_levels, ids, counts, levels,
+                                np.concatenate([[0], np.cumsum(streams)]), top)
 
 
 def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.ndarray,
@@ -375,36 +375,9 @@ def decode_sample_stream(stream: np.ndarray, offsets: np.ndarray, top_ids: np.nd
     given the decoded top-k rows of the same rows (ids as written, and levels)."""
     step = tail_step(attrs)
     ids, counts, levels = sample_stream.decode(stream, offsets, top_ids, top_levels,
-                                               _neg_inf_level(step), int(attrs["vocab_size"]))
+                                               neg_inf_level(step), int(attrs["vocab_size"]))
     return {SAMPLE_IDS: ids, SAMPLE_COUNTS: counts,
             SAMPLE_LOGPROBS: level_logprobs(levels, step)}
-
-
-def encode_scalars(rows: Mapping[str, Any], step: int) -> dict[str, np.ndarray]:
-    """q64r's ``target_level`` and ``tail_residual`` of ``rows`` (``scalar_codec``)."""
-    n = len(rows[LOGPROBS])
-    for name in (TARGET_LOGPROB, TARGET_RANK, TAIL_LOGMASS):  # not stored: nobody else checks
-        if np.shape(rows[name]) != (n,):
-            raise ValueError(f"{name}: shape {np.shape(rows[name])}, expected ({n},)")
-    top = tail_levels(quantise(rows[LOGPROBS], step), step)
-    target = tail_levels(quantise(np.asarray(rows[TARGET_LOGPROB]).reshape(-1, 1), step), step)
-    return scalar_codec.encode(target[:, 0], np.asarray(rows[TARGET_RANK]),
-                               rows[TAIL_LOGMASS], top, level_logprobs(top, step))
-
-
-def decode_scalars(out: dict[str, np.ndarray], levels: np.ndarray, step: int
-                   ) -> dict[str, np.ndarray]:
-    """``target_logprob`` and ``tail_logmass`` of the columns read (popped from ``out``), given
-    the decoded top-k levels of the same rows."""
-    stored = {n: out.pop(n) for n in (TARGET_LEVEL, TAIL_RESIDUAL)}
-    target, tail = scalar_codec.decode(stored, out[TARGET_RANK], levels, out[LOGPROBS])
-    if len(target) and (target.min() < 0 or target.max() > _neg_inf_level(step)):
-        raise ValueError(f"{TARGET_LEVEL}: levels outside the grid (damaged)")
-    return {TARGET_LOGPROB: level_logprobs(target, step), TAIL_LOGMASS: tail}
-
-
-def _neg_inf_level(step: int) -> int:
-    return int(tail_levels(np.array([NEG_INF]), step)[0])
 
 
 # --------------------------------------------------------------------------- store rows
@@ -532,10 +505,15 @@ def encode_rows(rows: Mapping[str, Any], attrs: Mapping[str, Any],
         streams = stream_lengths(lengths, grouped) if grouped else lengths
         coded = encode_streamed(ids, rows[LOGPROBS], streams, vocab_size=vocab,
                                 tail_step=tail_step(attrs), by_count=ranked(attrs))
-        if streams_samples(attrs) and SAMPLE_IDS in rows:
-            coded[SAMPLE_STREAM] = encode_sample_stream(rows, streams, vocab, tail_step(attrs))
-        if codes_scalars(attrs) and TARGET_LOGPROB in rows:
-            coded |= encode_scalars(rows, tail_step(attrs))
+        step = tail_step(attrs)
+        samples = streams_samples(attrs) and SAMPLE_IDS in rows
+        scalars = codes_scalars(attrs) and TARGET_LOGPROB in rows
+        if samples or scalars:  # both coded against the top-k's levels (ids as written)
+            levels = tail_levels(quantise(rows[LOGPROBS], step), step)
+        if samples:
+            coded[SAMPLE_STREAM] = encode_sample_stream(rows, streams, vocab, step, levels)
+        if scalars:
+            coded |= scalar_codec.encode(rows, levels, step)
         if grouped:
             coded[STREAM_START] = np.zeros(len(ids), dtype=np.uint8)
             coded[STREAM_START][np.cumsum(streams) - streams] = 1
@@ -595,7 +573,9 @@ def decode_rows(arrays: dict[str, np.ndarray], attrs: Mapping[str, Any],
             out |= decode_sample_stream(out.pop(SAMPLE_STREAM), offsets, out[IDS], levels,
                                         attrs)
         if TARGET_LEVEL in out:  # the actual token's log-prob and the tail, against the rows
-            out |= decode_scalars(out, levels, tail_step(attrs))
+            stored = {n: out.pop(n) for n in (TARGET_LEVEL, TAIL_RESIDUAL)}
+            out |= scalar_codec.decode(stored, out[TARGET_RANK], levels, out[LOGPROBS],
+                                       tail_step(attrs))
     elif IDS in arrays:
         if name != Q64V3:
             out[IDS], out[LOGPROBS] = decode(arrays[IDS], arrays[LOGPROBS], name)

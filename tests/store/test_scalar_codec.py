@@ -30,36 +30,41 @@ def test_round_trip_gives_the_levels_and_the_tails_within_half_a_step(data, k: i
     exactly; tails within 1/128 nat, −inf as −inf, whatever order the reader's top-k rows
     tie in."""
     top = np.sort(data.draw(hnp.arrays(np.int64, (n, k), elements=st.integers(0, 2000))), axis=1)
-    logprobs = grid.dequantise(grid.level_codes(top, 1)).astype(np.float64)
+    logprobs = grid.level_logprobs(top, 1)
     ranks = data.draw(hnp.arrays(np.int32, n, elements=st.integers(-1, 3 * k)))
     target = data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, 4000)))
     tail = data.draw(hnp.arrays(np.float64, n, elements=st.one_of(
         st.floats(-120, 0), st.just(-np.inf))))
-    stored = scalars.encode(target, ranks, tail, top, logprobs)
+    stored = scalars.encode(scalar_rows(grid.level_logprobs(target, 1), ranks, tail), top, 1)
     assert stored[scalars.TARGET_LEVEL].dtype == stored[scalars.TAIL_RESIDUAL].dtype == np.int32
-    got_levels, got_tail = scalars.decode(stored, ranks, top[:, ::-1], logprobs[:, ::-1])
-    np.testing.assert_array_equal(got_levels, target)
+    got = scalars.decode(stored, ranks, top[:, ::-1], logprobs[:, ::-1], 1)
+    np.testing.assert_array_equal(grid.tail_levels(grid.quantise(got["target_logprob"]), 1),
+                                  target)
+    got_tail = got["tail_logmass"]
     assert got_tail.dtype == np.float32
     np.testing.assert_array_equal(np.isneginf(got_tail), np.isneginf(tail))
     finite = np.isfinite(tail)
     assert (np.abs(got_tail[finite] - tail[finite]) <= 0.5 / 64 + 1e-5).all()
 
 
+def scalar_rows(target_logprob: np.ndarray, ranks: np.ndarray, tail: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    return {"target_logprob": np.asarray(target_logprob), "target_rank": np.asarray(ranks),
+            "tail_logmass": np.asarray(tail)}
+
+
 def test_the_actual_token_in_the_top_k_costs_nothing() -> None:
     """An actual token at its rank's level stores 0; beyond the top-k, its distance below the
     last entry."""
     top = np.array([[0, 64, 200], [10, 20, 30]])
-    stored = scalars.encode(np.array([64, 45]), np.array([2, 7]), np.array([-1.0, -2.0]), top,
-                            grid.dequantise(grid.level_codes(top, 1)))
-    np.testing.assert_array_equal(stored[scalars.TARGET_LEVEL], [0, 15])
+    rows = scalar_rows(grid.level_logprobs(np.array([64, 45]), 1), [2, 7], [-1.0, -2.0])
+    np.testing.assert_array_equal(scalars.encode(rows, top, 1)[scalars.TARGET_LEVEL], [0, 15])
 
 
 @pytest.mark.parametrize("tail", [np.nan, 0.5, -2e6])
 def test_tails_the_coding_cannot_hold_are_refused(tail: float) -> None:
-    top = np.array([[3, 9]])
     with pytest.raises(ValueError, match="tail_logmass must be"):
-        scalars.encode(np.array([3]), np.array([1]), np.array([tail]), top,
-                       grid.dequantise(grid.level_codes(top, 1)))
+        scalars.encode(scalar_rows([-3 / 64], [1], [tail]), np.array([[3, 9]]), 1)
 
 
 def teacher_rows(rng: np.random.Generator, n: int, k: int, vocab: int) -> dict[str, np.ndarray]:
@@ -193,9 +198,9 @@ def test_a_tail_never_reads_above_zero() -> None:
     """A tail of 0 the top-k disagree with by more than the grid's rounding reads as 0, not as
     a mass above 1 (review)."""
     top = grid.tail_levels(grid.quantise(np.array([[-4.171875]])), 1)
-    logprobs = grid.dequantise(grid.level_codes(top, 1))
-    stored = scalars.encode(top[:, 0], np.array([1]), np.array([0.0]), top, logprobs)
-    assert scalars.decode(stored, np.array([1]), top, logprobs)[1][0] == 0.0
+    logprobs = grid.level_logprobs(top, 1)
+    stored = scalars.encode(scalar_rows(logprobs[:, 0], [1], [0.0]), top, 1)
+    assert scalars.decode(stored, np.array([1]), top, logprobs, 1)["tail_logmass"][0] == 0.0
 
 
 @pytest.mark.parametrize("tail_step", tc.TAIL_STEPS)
