@@ -131,7 +131,7 @@ def _zipf_law(vocab: int) -> np.ndarray:
 def _level_edges(tail_step: int, units: float) -> np.ndarray:
     """Edges, in fine steps of −log p, of q64's levels up to ``units`` with a ``tail_step``
     tail: fine levels up to ``FINE_MAX`` (whose level reaches half a coarse step further),
-    then levels ``COARSE · tail_step`` fine steps wide (``topk_codec.quantise``)."""
+    then levels ``COARSE · tail_step`` fine steps wide (``q64_grid.quantise``)."""
     width = grid.COARSE * tail_step
     fine = np.arange(-0.5, grid.FINE_MAX - 0.5 + 1e-9)
     coarse = grid.FINE_MAX + width / 2 + width * np.arange(int((units - grid.FINE_MAX) / width) + 2)
