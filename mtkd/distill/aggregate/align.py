@@ -218,6 +218,7 @@ def align_rows(
     *,
     k_out: int | None = None,
     interior_tail: str = "keep",
+    student_splits: bool = True,
     backend: str | None = None,
 ) -> AlignedRows:
     """The teacher's ``rows`` (its tokens ``teacher``) at the student's positions.
@@ -227,7 +228,9 @@ def align_rows(
     ``projection``: teacher → student vocabulary. ``k_out``: width of the output (default the
     teacher's k, at most the student's vocabulary). ``interior_tail``: inside a teacher token,
     "keep" the tail's share (the conditioned top-k entries rescaled to 1 − tail) or "drop" it
-    (renormalise over them).
+    (renormalise over them). ``student_splits``: condition each row on the student ending a
+    token where it ends, not on the teacher doing so (docs/MATHS.md §9; off: the teacher's
+    rows as they are, a linear pushforward at shared boundaries).
     ``backend``: "numba" or "numpy" (the same loop as plain Python), default as ``fuse``.
     Returns Σ(L_s − 1) rows, in sequence order. Raises ``ValueError`` on inconsistent input.
     """
@@ -248,7 +251,7 @@ def align_rows(
                as_float64(rows.tail_logmass), as_float64(rows.target_logprob))),
            projection.sigma.astype(np.int64), projection.starts, projection.spelled,
            projection.suffix.astype(np.int64), projection.student_lengths.astype(np.int64),
-           interior_tail == "keep",
+           interior_tail == "keep", student_splits,
            out_ids, out_lp, out_tail, out_target, kind, chunk, mark_row, mark_col)
     aligned = TeacherRows(out_ids.astype(np.int32), out_lp.astype(np.float32), out_tail,
                           out_target)

@@ -8,7 +8,11 @@ v spanning [E, E')):
    spanning [c, F)); none, or F ≤ E → fallback;
 2. E = c: a **shared** boundary, every entry kept; c < E < F: an **interior** row, entries kept
    that spell t*'s bytes up to E and more (t* among them, from its target log-prob when outside
-   the top-k), rescaled (``keep_tail``: to 1 − tail);
+   the top-k), rescaled (``keep_tail``: to 1 − tail). With ``student_splits`` the row is
+   conditioned on the student's boundary at E, not the teacher's: an interior row keeps only
+   the entries after whose first bytes the student ends a token at E (t* always), and a shared
+   row adds the paths of the previous teacher row through tokens that cross E where the student
+   ends a token at E (:func:`_crossing`), each side weighed by its mass;
 3. the entries pushed forward to student ids: σ(t) (shared) or the student token of t's bytes
    after E (interior); at a shared boundary t* outside the top-k joins them out of the tail,
    unless it alone stands for v in a full row (then it stays in the tail, as in a store);
@@ -67,22 +71,66 @@ def _image(t: int, prefix: int, sigma: np.ndarray, starts: np.ndarray,
 
 @register_jitable
 def _gather(row: int, star: int, prefix: int, top_ids: np.ndarray, top_lp: np.ndarray,
-            starts: np.ndarray, spelled: np.ndarray, e_t: np.ndarray, e_lp: np.ndarray
-            ) -> tuple[int, int]:
+            starts: np.ndarray, spelled: np.ndarray, e_t: np.ndarray, e_lp: np.ndarray,
+            sigma: np.ndarray, suffix: np.ndarray, student_lengths: np.ndarray,
+            split_from: int) -> tuple[int, int]:
     """The top-k entries of teacher row ``row`` (zero mass skipped) into ``e_t``/``e_lp``; for
     an interior row (``prefix`` > 0) only tokens spelling the first ``prefix`` bytes of the
-    actual token ``star`` and more. Returns (count, column of star or −1)."""
+    actual token ``star`` and more, and (``split_from`` ≥ 0) that the student, reading them
+    from byte ``split_from``, splits after ``prefix`` bytes (star always). Returns (count,
+    column of star or −1)."""
     m, star_col = 0, -1
     for c in range(top_ids.shape[1]):
         t, lp = top_ids[row, c], top_lp[row, c]
         if not lp > -np.inf or (prefix > 0 and not _spells_prefix(t, star, prefix, starts,
                                                                   spelled)):
             continue
+        if prefix > 0 and t != star and split_from >= 0 and not _splits_at(
+                t, split_from, prefix, sigma, starts, suffix, student_lengths):
+            continue  # the student, reading t, would not end a token where its row ends
         if t == star:
             star_col = m
         e_t[m], e_lp[m] = t, lp
         m += 1
     return m, star_col
+
+
+@register_jitable
+def _splits_at(t: int, o: int, n: int, sigma: np.ndarray, starts: np.ndarray,
+               suffix: np.ndarray, student_lengths: np.ndarray) -> bool:
+    """Whether the student, reading teacher token t's bytes token by token from byte ``o``
+    (where its own last token before n starts; σ, then the student token from each offset
+    on), ends a token after exactly its first n bytes."""
+    while o < n:
+        u = _image(t, o, sigma, starts, suffix)
+        if u < 0 or student_lengths[u] <= 0:
+            return False
+        o += student_lengths[u]
+    return o == n
+
+
+@register_jitable
+def _crossing(row: int, last: int, o: int, n: int, lp_last: float, top_ids: np.ndarray,
+              top_lp: np.ndarray, sigma: np.ndarray, starts: np.ndarray, spelled: np.ndarray,
+              suffix: np.ndarray, student_lengths: np.ndarray, x_u: np.ndarray,
+              x_lp: np.ndarray) -> tuple[int, float]:
+    """The paths through a shared boundary that the teacher's own boundary hides: the entries
+    of teacher row ``row`` (which predicted ``last``, of ``n`` bytes, at log-prob ``lp_last``)
+    that spell ``last`` and more, where the student (from byte ``o`` on, :func:`_splits_at`)
+    ends a token after those n bytes. Their
+    student images (their bytes after n) into ``x_u``, their log-probs into ``x_lp``.
+    Returns (count, log(p(last) + their mass)); count 0 when there are none."""
+    m, mass = 0, 0.0
+    for c in range(top_ids.shape[1]):
+        t, lp = top_ids[row, c], top_lp[row, c]
+        if (lp > -np.inf and t != last and _spells_prefix(t, last, n, starts, spelled)
+                and _splits_at(t, o, n, sigma, starts, suffix, student_lengths)):
+            x_u[m], x_lp[m] = _image(t, n, sigma, starts, suffix), lp
+            mass += np.exp(lp)
+            m += 1
+    if m == 0 or not lp_last > -np.inf:
+        return 0, 0.0
+    return m, np.log(np.exp(lp_last) + mass)
 
 
 @register_jitable
@@ -120,7 +168,7 @@ def _finish(n: int, nf: int, f_id: np.ndarray, f_lp: np.ndarray, order: np.ndarr
             mark_row: np.ndarray, out_ids: np.ndarray, out_lp: np.ndarray) -> float:
     """Row n's output: its entries by descending mass (stable), the first k_out kept, ids
     padded with unused student ids at −inf. Returns the mass of the entries cut."""
-    for a in range(nf):  # insertion sort: nf ≤ k + 2, nearly sorted
+    for a in range(nf):  # insertion sort: nf ≤ 2k + 2, nearly sorted
         col = order[a] = a
         b = a
         while b > 0 and f_lp[order[b - 1]] < f_lp[col]:
@@ -153,19 +201,21 @@ def align_kernel(
     t_ids: np.ndarray, t_ends: np.ndarray, t_offsets: np.ndarray, t_row0: np.ndarray,
     top_ids: np.ndarray, top_lp: np.ndarray, tail: np.ndarray, target: np.ndarray,
     sigma: np.ndarray, starts: np.ndarray, spelled: np.ndarray, suffix: np.ndarray,
-    student_lengths: np.ndarray, keep_tail: bool,
+    student_lengths: np.ndarray, keep_tail: bool, student_splits: bool,
     out_ids: np.ndarray, out_lp: np.ndarray, out_tail: np.ndarray, out_target: np.ndarray,
     out_kind: np.ndarray, out_chunk: np.ndarray, mark_row: np.ndarray, mark_col: np.ndarray,
 ) -> None:
     """Fill the student rows ``out_*`` of every sequence (see the module doc). Flat token
     arrays cut by ``*_offsets``; ``*_row0[s]``: the first row of sequence s."""
-    width = top_ids.shape[1] + 2
+    width = 2 * top_ids.shape[1] + 2  # a row, the crossing paths, star and v
     e_t = np.empty(width, np.int64)
     e_lp = np.empty(width, np.float64)
     f_id = np.empty(width, np.int64)
     f_lp = np.empty(width, np.float64)
     f_count = np.empty(width, np.int64)
     order = np.empty(width, np.int64)
+    x_u = np.empty(width, np.int64)
+    x_lp = np.empty(width, np.float64)
     for s in range(s_offsets.shape[0] - 1):
         so, sn = s_offsets[s], s_offsets[s + 1] - s_offsets[s]
         to, tn, ro = t_offsets[s], t_offsets[s + 1] - t_offsets[s], t_row0[s]
@@ -176,6 +226,7 @@ def align_kernel(
             while i + 1 <= tn - 2 and t_ends[to + i + 1] <= e:
                 i += 1  # the teacher row whose context ends last at or before e
             kind, row, star, prefix, c = FALLBACK, ro + i, -1, 0, e
+            s_start = s_ends[so + j - 1] if j >= 1 else -1  # the student's token before e starts
             if i >= 0:
                 c, star = t_ends[to + i], t_ids[to + i + 1]
                 span = t_ends[to + i + 1] - c
@@ -185,12 +236,13 @@ def align_kernel(
                     kind, prefix = INTERIOR, starts[star + 1] - starts[star] - span + e - c
             m, star_col, lp_star = 0, -1, -np.inf
             if kind != FALLBACK:
+                split_from = max(prefix - (e - s_start), 0) if student_splits else -1
                 m, star_col = _gather(row, star, prefix, top_ids, top_lp, starts, spelled, e_t,
-                                      e_lp)
+                                      e_lp, sigma, suffix, student_lengths, split_from)
                 lp_star = e_lp[star_col] if star_col >= 0 else target[row]
                 if not lp_star > -np.inf:  # NaN: unknown
                     lp_star = -np.inf
-            base, delta = 0.0, 0.0
+            base, delta, nx = 0.0, 0.0, 0
             if kind == INTERIOR:  # condition on the bytes of star already read
                 if star_col < 0 and lp_star > -np.inf:
                     e_t[m], e_lp[m], star_col = star, lp_star, m
@@ -211,6 +263,27 @@ def align_kernel(
                     kind = FALLBACK
             elif kind == SHARED:
                 base = np.exp(tail[row])
+                if student_splits and i >= 1:  # paths whose teacher token crosses e
+                    last, n_last = t_ids[to + i], c - t_ends[to + i - 1]
+                    lp_last = -np.inf
+                    for a in range(top_ids.shape[1]):
+                        if top_ids[row - 1, a] == last:
+                            lp_last = top_lp[row - 1, a]
+                    if not lp_last > -np.inf:
+                        lp_last = target[row - 1]
+                    if n_last > 0 and last >= 0:
+                        nx, log_norm = _crossing(row - 1, last, max(s_start - c + n_last, 0),
+                                                 n_last, lp_last, top_ids, top_lp, sigma,
+                                                 starts, spelled, suffix, student_lengths, x_u,
+                                                 x_lp)
+                        if nx > 0:  # this row's paths weigh p(last) / (p(last) + theirs)
+                            shift = lp_last - log_norm
+                            for a in range(m):
+                                e_lp[a] += shift
+                            lp_star += shift
+                            base *= np.exp(shift)
+                            for a in range(nx):
+                                x_lp[a] -= log_norm
             out_kind[n], out_chunk[n] = kind, False
             if kind == FALLBACK:
                 _finish(n, 0, f_id, f_lp, order, mark_row, out_ids, out_lp)
@@ -223,11 +296,17 @@ def align_kernel(
                     delta += np.exp(e_lp[a])
                 else:
                     nf = _add(u, e_lp[a], n, mark_row, mark_col, f_id, f_lp, f_count, nf)
+            for a in range(nx):  # the crossing paths, by their bytes after e
+                if x_u[a] < 0:
+                    delta += np.exp(x_lp[a])
+                else:
+                    nf = _add(x_u[a], x_lp[a], n, mark_row, mark_col, f_id, f_lp, f_count, nf)
             u_star = _image(star, prefix, sigma, starts, suffix)
             # star outside the top-k, alone standing for v, in a full row: left in the tail
             alone = False
             if kind == SHARED and star_col < 0 and lp_star > -np.inf:
-                alone = u_star == v and mark_row[v] != n and nf >= out_ids.shape[1]
+                alone = (nx == 0 and u_star == v and mark_row[v] != n
+                         and nf >= out_ids.shape[1])
                 if u_star >= 0 and not alone:
                     delta -= np.exp(lp_star)
                     nf = _add(u_star, lp_star, n, mark_row, mark_col, f_id, f_lp, f_count, nf)
@@ -245,14 +324,14 @@ def align_kernel(
                         col = mark_col[u_star]
                         f_lp[col] = _log_sub(f_lp[col], lp_path)
                     nf = _add(v, lp_path, n, mark_row, mark_col, f_id, f_lp, f_count, nf)
-            pure = kind == SHARED and u_star == v and target[row] > -np.inf
+            pure = kind == SHARED and nx == 0 and u_star == v and target[row] > -np.inf
             if mark_row[v] == n:  # the stored target log-prob when v is star's alone
                 col = mark_col[v]
                 out_target[n] = target[row] if pure and f_count[col] == 1 else f_lp[col]
             else:
                 out_target[n] = target[row] if alone else -np.inf
             delta += _finish(n, nf, f_id, f_lp, order, mark_row, out_ids, out_lp)
-            if kind == SHARED and delta == 0.0:
+            if kind == SHARED and nx == 0 and delta == 0.0:
                 out_tail[n] = tail[row]  # unchanged: the stored value exactly
             else:
                 r = base + delta

@@ -238,6 +238,66 @@ def test_coarser_teacher_label_across_a_teacher_boundary(backend: str) -> None:
     np.testing.assert_allclose(total_mass(out), 1.0)
 
 
+# teacher {a, b, ab, ba, <s>, ac} reads "aab" as <s> a ab: row 0 (after <s>), row 1 (after "a")
+CROSSING_BYTES: list[bytes | None] = [b"a", b"b", b"ab", b"ba", None, b"ac"]
+CROSSING_TEACHER = TokenSpans.from_sequences([[4, 0, 2]], [[0, 0, 1, 3]])
+CROSSING_ROWS = TeacherRows(np.array([[0, 2, 1], [2, 0, 3]]),
+                            np.log([[0.5, 0.3, 0.1], [0.6, 0.2, 0.1]]), np.log([0.1, 0.1]),
+                            np.log([0.5, 0.6]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_boundary_counts_teacher_tokens_that_cross_it_by_hand(backend: str) -> None:
+    """Student {a, b} reads a a b. Its row 0 (after "a") is a teacher boundary too, but the
+    teacher's row 1 is conditioned on the teacher ending a token there; the student splits
+    "ab" after "a" as well, so row 0's "ab" (.3) is a path through the same student boundary.
+    Row 1 pushed forward (a .8, b .1, tail .1) weighs p(a) / (p(a) + p(ab)) = .5 / .8; "ab"
+    adds .3 / .8 to "b", its bytes after "a": a .5, b .4375, tail .0625. A student that has
+    "ab" (it would not split there) gets row 1 pushed forward alone, as does
+    ``student_splits=False``."""
+    proj = project_vocab(CROSSING_BYTES, [b"a", b"b"])
+    student = TokenSpans.from_sequences([[0, 0, 1]], [[0, 1, 2, 3]])
+    out = align_rows(student, CROSSING_TEACHER, CROSSING_ROWS, proj, k_out=2, backend=backend)
+    assert out.kind.tolist() == [SHARED, INTERIOR]
+    assert out.rows.ids[0].tolist() == [0, 1]
+    np.testing.assert_allclose(np.exp(out.rows.logprobs[0]), [0.5, 0.4375], rtol=1e-6)
+    np.testing.assert_allclose(np.exp(out.rows.tail_logmass[0]), 0.0625, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(out.rows.target_logprob[0]), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(total_mass(out), 1.0)
+    plain = align_rows(student, CROSSING_TEACHER, CROSSING_ROWS, proj, k_out=2,
+                       backend=backend, student_splits=False)
+    np.testing.assert_allclose(np.exp(plain.rows.logprobs[0]), [0.8, 0.1], rtol=1e-6)
+    assert plain.rows.tail_logmass[0] == CROSSING_ROWS.tail_logmass[1]  # stored, exact
+    merging = project_vocab(CROSSING_BYTES, [b"a", b"b", b"ab"])
+    student = TokenSpans.from_sequences([[0, 2]], [[0, 1, 3]])
+    out = align_rows(student, CROSSING_TEACHER, CROSSING_ROWS, merging, k_out=3,
+                     backend=backend)
+    assert out.rows.ids[0].tolist() == [2, 0, 1]
+    np.testing.assert_allclose(np.exp(out.rows.logprobs[0]), [0.6, 0.2, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interior_rows_keep_the_tokens_the_student_splits_by_hand(backend: str) -> None:
+    """Student {a, b, ac} reads a b inside the teacher's "ab" (row 0: ab .5, ac .3, a .1,
+    tail .1). Both "ab" and "ac" spell "a" and more, but the student reads "ac" as one token,
+    so after its own "a" the text cannot go on with "c": only "ab" is kept, rescaled to .9 on
+    "b". ``student_splits=False`` keeps "ac" too (b .5625, c .3375)."""
+    teacher_bytes: list[bytes | None] = [b"a", b"b", b"c", b"ab", b"ac", None]
+    teacher = TokenSpans.from_sequences([[5, 3]], [[0, 0, 2]])
+    rows = TeacherRows(np.array([[3, 4, 0]]), np.log([[0.5, 0.3, 0.1]]), np.log([0.1]),
+                       np.log([0.5]))
+    proj = project_vocab(teacher_bytes, [b"a", b"b", b"c", b"ac"])
+    student = TokenSpans.from_sequences([[0, 1]], [[0, 1, 2]])
+    out = align_rows(student, teacher, rows, proj, k_out=2, backend=backend)
+    assert out.kind.tolist() == [INTERIOR]
+    assert out.rows.ids[0, 0] == 1 and out.rows.logprobs[0, 1] == -np.inf
+    np.testing.assert_allclose(np.exp(out.rows.logprobs[0, 0]), 0.9, rtol=1e-6)
+    plain = align_rows(student, teacher, rows, proj, k_out=2, backend=backend,
+                       student_splits=False)
+    assert plain.rows.ids[0].tolist() == [1, 2]
+    np.testing.assert_allclose(np.exp(plain.rows.logprobs[0]), [0.5625, 0.3375], rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_before_any_teacher_context_fall_back(backend: str) -> None:
     """Without the teacher's <s>, nothing predicts its first token: student row 0 (inside it)

@@ -110,7 +110,8 @@ def test_estimated_rows_are_unbiased(head: int) -> None:
 
 def test_aligned_draws_average_to_the_aligned_distribution() -> None:
     """Draws of a teacher with another greedy vocabulary, estimated and aligned: at shared
-    boundaries (a linear pushforward) their mean is the alignment of the exact full rows."""
+    boundaries (a linear pushforward, without ``student_splits``' ratio) their mean is the
+    alignment of the exact full rows; with it, close to it (a ratio estimator)."""
     rng = np.random.default_rng(11)
     s_vocab = [bytes([c]) for c in ALPHABET] + [b"ab", b"ca"]
     t_vocab = [bytes([c]) for c in ALPHABET] + [b"abc", b"bc", b"cab"]
@@ -126,11 +127,16 @@ def test_aligned_draws_average_to_the_aligned_distribution() -> None:
     full = TeacherRows(np.argsort(-logp, axis=1, kind="stable").astype(np.int32),
                        -np.sort(-logp, axis=1).astype(np.float32),
                        np.full(len(logp), -np.inf), logp[np.arange(len(logp)), t_ids[1:]])
-    exact = align_rows(student, teacher, full, proj, k_out=k_out)
+    exact = align_rows(student, teacher, full, proj, k_out=k_out, student_splits=False)
+    ratio = align_rows(student, teacher, full, proj, k_out=k_out)
     reps, total = 600, np.zeros((len(s_ids) - 1, k_out + 1))
+    total_ratio = np.zeros_like(total)
     for _ in range(reps):
         est = estimated_rows(draws(rng, logp, 8), np.asarray(t_ids[1:]), full.target_logprob)
-        total += densify(align_rows(student, teacher, est, proj, k_out=k_out).rows, k_out)
+        total += densify(align_rows(student, teacher, est, proj, k_out=k_out,
+                                    student_splits=False).rows, k_out)
+        est = estimated_rows(draws(rng, logp, 64), np.asarray(t_ids[1:]), full.target_logprob)
+        total_ratio += densify(align_rows(student, teacher, est, proj, k_out=k_out).rows, k_out)
     shared = exact.kind == SHARED
     assert shared.sum() >= 10
     want = densify(exact.rows, k_out)[shared]
@@ -139,6 +145,10 @@ def test_aligned_draws_average_to_the_aligned_distribution() -> None:
     np.testing.assert_allclose(
         (total / reps)[shared, np.asarray(s_ids[1:])[shared]],
         want[np.arange(shared.sum()), np.asarray(s_ids[1:])[shared]], atol=0.03)
+    assert (ratio.kind == exact.kind).all() and not np.allclose(densify(ratio.rows, k_out),
+                                                                 densify(exact.rows, k_out))
+    error = np.abs(total_ratio / reps - densify(ratio.rows, k_out))
+    assert error.max() < 0.05 and error.mean() < 0.005, (error.max(), error.mean())
 
 
 def test_aligned_rows_fuse_as_exact_heads() -> None:
