@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,14 +252,19 @@ def train_job(run: Run, out: Path, *, tokens: str, steps: int, batch: int, seed:
     return TrainJob(out.name, out, tuple(str(a) for a in args))
 
 
-def train_models(run: Run, jobs: Sequence[TrainJob]) -> list[dict[str, Any]]:
+def train_models(run: Run, jobs: Sequence[TrainJob],
+                 beside: Callable[[], object] | None = None) -> list[dict[str, Any]]:
     """Run the jobs not yet done — side by side, one per core, each with its share of the
     threads (small models gain little from a second thread) — and return every job's metrics.
+    ``beside`` queues commands that need none of the jobs (e.g. a long harvest) ahead of them,
+    so that the longest work starts first and no core idles between stages.
     """
     todo = list({job.out: job for job in jobs if not job.done}.values())  # each once
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, min(len(todo), cores)))
     with run.side_by_side(threads):
+        if beside is not None:
+            beside()
         for job in todo:
             run.mtkd(*job.args, *(("--threads", str(threads)) if len(todo) > 1 else ()))
     return [job.metrics() for job in jobs]
