@@ -110,27 +110,33 @@ def _splits_at(t: int, o: int, n: int, sigma: np.ndarray, starts: np.ndarray,
 
 
 @register_jitable
-def _crossing(row: int, last: int, o: int, n: int, lp_last: float, top_ids: np.ndarray,
+def _crossing(row: int, last: int, o: int, n: int, target_last: float, top_ids: np.ndarray,
               top_lp: np.ndarray, sigma: np.ndarray, starts: np.ndarray, spelled: np.ndarray,
               suffix: np.ndarray, student_lengths: np.ndarray, x_u: np.ndarray,
               x_lp: np.ndarray) -> tuple[int, float]:
     """The paths through a shared boundary that the teacher's own boundary hides: the entries
-    of teacher row ``row`` (which predicted ``last``, of ``n`` bytes, at log-prob ``lp_last``)
-    that spell ``last`` and more, where the student (from byte ``o`` on, :func:`_splits_at`)
-    ends a token after those n bytes. Their
-    student images (their bytes after n) into ``x_u``, their log-probs into ``x_lp``.
-    Returns (count, log(p(last) + their mass)); count 0 when there are none."""
-    m, mass = 0, 0.0
+    of teacher row ``row`` (which predicted ``last``, of ``n`` bytes: its top-k entry, else
+    ``target_last``) that spell ``last`` and more, where the student (from byte ``o`` on,
+    :func:`_splits_at`) ends a token after those n bytes. Their student images (their bytes
+    after n) into ``x_u``, their log-probs, as shares of p(last) + their mass, into ``x_lp``.
+    Returns (count, log of p(last)'s share); count 0 when there are none or p(last) is
+    unknown."""
+    m, mass, lp_last = 0, 0.0, target_last
     for c in range(top_ids.shape[1]):
         t, lp = top_ids[row, c], top_lp[row, c]
-        if (lp > -np.inf and t != last and _spells_prefix(t, last, n, starts, spelled)
-                and _splits_at(t, o, n, sigma, starts, suffix, student_lengths)):
+        if t == last and lp > -np.inf:
+            lp_last = lp
+        elif (t != last and lp > -np.inf and _spells_prefix(t, last, n, starts, spelled)
+              and _splits_at(t, o, n, sigma, starts, suffix, student_lengths)):
             x_u[m], x_lp[m] = _image(t, n, sigma, starts, suffix), lp
             mass += np.exp(lp)
             m += 1
-    if m == 0 or not lp_last > -np.inf:
+    if m == 0 or not lp_last > -np.inf:  # NaN: unknown
         return 0, 0.0
-    return m, np.log(np.exp(lp_last) + mass)
+    log_norm = np.log(np.exp(lp_last) + mass)
+    for a in range(m):
+        x_lp[a] -= log_norm
+    return m, lp_last - log_norm
 
 
 @register_jitable
@@ -263,27 +269,16 @@ def align_kernel(
                     kind = FALLBACK
             elif kind == SHARED:
                 base = np.exp(tail[row])
-                if student_splits and i >= 1:  # paths whose teacher token crosses e
-                    last, n_last = t_ids[to + i], c - t_ends[to + i - 1]
-                    lp_last = -np.inf
-                    for a in range(top_ids.shape[1]):
-                        if top_ids[row - 1, a] == last:
-                            lp_last = top_lp[row - 1, a]
-                    if not lp_last > -np.inf:
-                        lp_last = target[row - 1]
-                    if n_last > 0 and last >= 0:
-                        nx, log_norm = _crossing(row - 1, last, max(s_start - c + n_last, 0),
-                                                 n_last, lp_last, top_ids, top_lp, sigma,
-                                                 starts, spelled, suffix, student_lengths, x_u,
-                                                 x_lp)
-                        if nx > 0:  # this row's paths weigh p(last) / (p(last) + theirs)
-                            shift = lp_last - log_norm
-                            for a in range(m):
-                                e_lp[a] += shift
-                            lp_star += shift
-                            base *= np.exp(shift)
-                            for a in range(nx):
-                                x_lp[a] -= log_norm
+                last, n_last = t_ids[to + i], c - t_ends[to + i - 1] if i >= 1 else 0
+                if student_splits and n_last > 0 and last >= 0:  # tokens that cross e
+                    nx, shift = _crossing(row - 1, last, max(s_start - c + n_last, 0), n_last,
+                                          target[row - 1], top_ids, top_lp, sigma, starts,
+                                          spelled, suffix, student_lengths, x_u, x_lp)
+                    if nx > 0:  # this row's paths weigh p(last) / (p(last) + theirs)
+                        for a in range(m):
+                            e_lp[a] += shift
+                        lp_star += shift
+                        base *= np.exp(shift)
             out_kind[n], out_chunk[n] = kind, False
             if kind == FALLBACK:
                 _finish(n, 0, f_id, f_lp, order, mark_row, out_ids, out_lp)
