@@ -232,7 +232,9 @@ def align_kernel(
             while i + 1 <= tn - 2 and t_ends[to + i + 1] <= e:
                 i += 1  # the teacher row whose context ends last at or before e
             kind, row, star, prefix, c = FALLBACK, ro + i, -1, 0, e
-            s_start = s_ends[so + j - 1] if j >= 1 else -1  # the student's token before e starts
+            # the bytes the student's token before e spells (a SentencePiece dummy space too;
+            # 0 for a special token), measured like the teacher's; unknown: the whole text
+            w_s = student_lengths[s_ids[so + j]] if s_ids[so + j] >= 0 else e + 1
             if i >= 0:
                 c, star = t_ends[to + i], t_ids[to + i + 1]
                 span = t_ends[to + i + 1] - c
@@ -242,7 +244,7 @@ def align_kernel(
                     kind, prefix = INTERIOR, starts[star + 1] - starts[star] - span + e - c
             m, star_col, lp_star = 0, -1, -np.inf
             if kind != FALLBACK:
-                split_from = max(prefix - (e - s_start), 0) if student_splits else -1
+                split_from = max(prefix - w_s, 0) if student_splits else -1
                 m, star_col = _gather(row, star, prefix, top_ids, top_lp, starts, spelled, e_t,
                                       e_lp, sigma, suffix, student_lengths, split_from)
                 lp_star = e_lp[star_col] if star_col >= 0 else target[row]
@@ -269,9 +271,10 @@ def align_kernel(
                     kind = FALLBACK
             elif kind == SHARED:
                 base = np.exp(tail[row])
-                last, n_last = t_ids[to + i], c - t_ends[to + i - 1] if i >= 1 else 0
-                if student_splits and n_last > 0 and last >= 0:  # tokens that cross e
-                    nx, shift = _crossing(row - 1, last, max(s_start - c + n_last, 0), n_last,
+                last = t_ids[to + i]
+                n_last = starts[last + 1] - starts[last] if i >= 1 and last >= 0 else 0
+                if student_splits and n_last > 0:  # tokens that cross e
+                    nx, shift = _crossing(row - 1, last, max(n_last - w_s, 0), n_last,
                                           target[row - 1], top_ids, top_lp, sigma, starts,
                                           spelled, suffix, student_lengths, x_u, x_lp)
                     if nx > 0:  # this row's paths weigh p(last) / (p(last) + theirs)

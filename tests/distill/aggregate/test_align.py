@@ -299,6 +299,27 @@ def test_interior_rows_keep_the_tokens_the_student_splits_by_hand(backend: str) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_student_splits_measure_a_dummy_prefixed_first_token_by_its_bytes(backend: str) -> None:
+    """A SentencePiece-style teacher's first token " ab" spans 2 bytes of "abb" but spells 3.
+    Student {a, b, c} reads a b b: at its shared row after "ab", only tokens spelling " ab" and
+    more could cross (none here: " ac" does not spell it), so the row is row 1 pushed forward
+    (b .9, a .05). At its first row (inside " ab") the student reads a lone "a" and so splits
+    " ac" after " a" too: both kept (b .5, c .4, rescaled to .9)."""
+    teacher_bytes: list[bytes | None] = [b"a", b"b", b"c", b" ab", b" ac", None]
+    teacher = TokenSpans.from_sequences([[5, 3, 1]], [[0, 0, 2, 3]])
+    rows = TeacherRows(np.array([[3, 4], [1, 0]]), np.log([[0.5, 0.4], [0.9, 0.05]]),
+                       np.log([0.1, 0.05]), np.log([0.5, 0.9]))
+    proj = project_vocab(teacher_bytes, [b"a", b"b", b"c"])
+    student = TokenSpans.from_sequences([[0, 1, 1]], [[0, 1, 2, 3]])
+    out = align_rows(student, teacher, rows, proj, k_out=3, backend=backend)
+    assert out.kind.tolist() == [INTERIOR, SHARED]
+    np.testing.assert_allclose(np.exp(out.rows.logprobs[1, :2]), [0.9, 0.05], rtol=1e-6)
+    assert out.rows.ids[1, :2].tolist() == [1, 0]
+    assert out.rows.ids[0, :2].tolist() == [1, 2]
+    np.testing.assert_allclose(np.exp(out.rows.logprobs[0, :2]), [0.5, 0.4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_before_any_teacher_context_fall_back(backend: str) -> None:
     """Without the teacher's <s>, nothing predicts its first token: student row 0 (inside it)
     is a fallback row — flagged, all mass in the tail, label unknown."""
