@@ -168,7 +168,8 @@ def train_teachers(run: Run, unsafe: list[int]) -> None:
     """The demo's teachers and the cross teacher (``cross_experiments``), side by side, with
     the real teacher's harvest (it needs only the student's tokens) beside them on a core of
     its own: on 2 cores its vLLM run takes ≈ 1.5× as long with one thread as with two, so
-    running it beside the trainings rather than alone after them saves ≈ 20 s of wall time."""
+    running it beside the trainings rather than alone after them saved 35 s of the demo's
+    wall time (docs/RESULTS.md)."""
     size = run.size
     total = run.results["tokens"]["tokens-train"]
     jobs = []

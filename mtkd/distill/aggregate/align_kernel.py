@@ -220,8 +220,8 @@ def align_kernel(
     f_lp = np.empty(width, np.float64)
     f_count = np.empty(width, np.int64)
     order = np.empty(width, np.int64)
-    x_u = np.empty(width, np.int64)
-    x_lp = np.empty(width, np.float64)
+    x_u = np.empty(top_ids.shape[1], np.int64)  # the crossing tokens of the row before
+    x_lp = np.empty(top_ids.shape[1], np.float64)
     for s in range(s_offsets.shape[0] - 1):
         so, sn = s_offsets[s], s_offsets[s + 1] - s_offsets[s]
         to, tn, ro = t_offsets[s], t_offsets[s + 1] - t_offsets[s], t_row0[s]

@@ -14,8 +14,10 @@ draws outside that head by their counts. The alignment's chain rule needs
 p(t*) (MATHS §9, step 3), and given how many draws fell outside the head they are draws from
 the rest renormalised, so every entry is unbiased (MATHS §6, the hybrid); with no draw outside,
 the rest stays in the tail. The pushforward is linear, so aligned shared-boundary rows stay
-unbiased; conditioning inside a teacher token divides by an estimated prefix mass (a ratio
-estimator: consistent, slightly biased for few draws).
+unbiased without ``student_splits``; with it (the default) they weigh the row against the
+crossing tokens of the row before by estimated masses, and conditioning inside a teacher token
+divides by an estimated prefix mass: ratio estimators, consistent, slightly biased for few
+draws (tested).
 """
 
 from __future__ import annotations
