@@ -1,10 +1,10 @@
 """Which cross-tokenizer target teaches best: the methods on the demo's controlled pair.
 
-Reads a finished ``mtkd demo`` workdir (``--demo``). For each method it builds the targets of
-both teachers of the pair (``t0-narrow``, the student's tokenizer; ``t0-cross``, its own),
-trains their students as the demo does (its ``train_config.json``, new targets) and prints
-held-out bits per byte and ``recovery`` = (CE only − cross student) ÷ (CE only − narrow
-student):
+Reads a finished ``mtkd demo`` workdir (``--demo``; without it this checkout's demo, run once
+and cached by ``demo_input``). For each method it builds the targets of both teachers of the
+pair (``t0-narrow``, the student's tokenizer; ``t0-cross``, its own), trains their students as
+the demo does (its ``train_config.json``, new targets) and prints held-out bits per byte and
+``recovery`` = (CE only − cross student) ÷ (CE only − narrow student):
 
 * ``projection``: the demo's own targets (byte-boundary alignment, the projection σ at shared
   boundaries, the chain rule for the actual token; from the teachers' 64 draws per position),
@@ -23,7 +23,7 @@ student):
 
 Headline: the best method's recovery, ``best_recovery=``.
 
-    .venv/bin/python bench/cross_methods.py --demo runs/demo
+    .venv/bin/python bench/cross_methods.py [--demo runs/demo]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from cross_rows import label_prob_and_entropy, train_bpb
+from demo_input import add_demo_argument, finished_demo
 
 from mtkd.distill.aggregate.cross import read_student_part
 from mtkd.ingest.token_bytes import token_bytes
@@ -103,10 +104,11 @@ def matched_only(matched: np.ndarray):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished mtkd demo workdir")
+    add_demo_argument(ap)
     ap.add_argument("--out", type=Path, default=None, help="default: <demo>/cross-methods")
     args = ap.parse_args()
-    demo, out = args.demo, args.out or args.demo / "cross-methods"
+    demo = finished_demo(args.demo)
+    out = args.out or demo / "cross-methods"
     out.mkdir(parents=True, exist_ok=True)
     tokens = open_store(demo / "stores" / "tokens-student", verify="none")
     figures = json.loads((demo / "results.json").read_text())["figures"]

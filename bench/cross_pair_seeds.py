@@ -1,15 +1,16 @@
 """The demo's controlled pair again with other teacher seeds: how much of
 ``cross_tokenizer_recovery`` is the pair's teachers rather than the alignment.
 
-Replays, from a finished ``mtkd demo`` workdir (``--demo``), the commands its results.json
-recorded for the pair (both teachers trained, harvested with draws, aggregated, each one's
-student trained), with the teachers' ``--seed`` replaced and every output under
-``<out>/seed<N>``; the students keep the demo's seed. The demo's own pair is seed 1 (its
-figures are read, not recomputed). Prints per seed the teachers' and students' held-out bits
-per byte and the recovery, then ``recovery_median=`` and the headline
-``recovery_of_mean_gains=`` (mean cross gain ÷ mean same-tokenizer gain over all seeds).
+Replays, from a finished ``mtkd demo`` workdir (``--demo``; without it this checkout's demo, run
+once and cached by ``demo_input``), the commands its results.json recorded for the pair (both
+teachers trained, harvested with draws, aggregated, each one's student trained), with the
+teachers' ``--seed`` replaced and every output under ``<out>/seed<N>``; the students keep the
+demo's seed. The demo's own pair is seed 1 (its figures are read, not recomputed). Prints per
+seed the teachers' and students' held-out bits per byte and the recovery, then
+``recovery_median=`` and the headline ``recovery_of_mean_gains=`` (mean cross gain ÷ mean
+same-tokenizer gain over all seeds).
 
-    .venv/bin/python bench/cross_pair_seeds.py --demo runs/demo --seeds 2,3
+    .venv/bin/python bench/cross_pair_seeds.py --seeds 2,3 [--demo runs/demo]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from demo_input import add_demo_argument, finished_demo
 
 PAIR = ("t0-narrow", "t0-cross")
 
@@ -55,11 +57,11 @@ def heldout_bpb(run: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished mtkd demo workdir")
+    add_demo_argument(ap)
     ap.add_argument("--seeds", default="2,3", help="teacher seeds besides the demo's (1)")
     ap.add_argument("--out", type=Path, default=None, help="default: <demo>/pair-seeds")
     args = ap.parse_args()
-    demo = args.demo.resolve()
+    demo = finished_demo(args.demo)
     results = json.loads((demo / "results.json").read_text())
     figures = results["figures"]
     ce_only = figures["ce_only_bpb"]

@@ -1,13 +1,14 @@
 """Where the demo's controlled pair loses its gain: the cross teacher's rows by alignment kind.
 
-Reads a finished ``mtkd demo`` workdir (``--demo``): the pair's random-sampling target stores
+Reads a finished ``mtkd demo`` workdir (``--demo``; without it this checkout's demo, run once
+and cached by ``demo_input``): the pair's random-sampling target stores
 (``single-t0-narrow-sampled``, same tokenizer as the student; ``single-t0-cross-sampled``,
-aligned from the cross teacher's own tokens) and the cross teacher's store. Each student row
-is ``interior`` (its context ends inside a cross-teacher token), ``chunk`` (both its context
-end and its label's end are cross-teacher boundaries: the alignment is exact) or
-``label_inside`` (the rest). Prints, per kind, its share and each target's mean probability
-of the actual next token and mean entropy; then trains students as the demo does (its
-``train_config.json``, new targets) on three diagnostic stores:
+aligned from the cross teacher's own tokens) and the cross teacher's store. Each student row is
+``interior`` (its context ends inside a cross-teacher token), ``chunk`` (both its context end
+and its label's end are cross-teacher boundaries: the alignment is exact) or ``label_inside``
+(the rest). Prints, per kind, its share and each target's mean probability of the actual next
+token and mean entropy; then trains students as the demo does (its ``train_config.json``, new
+targets) on three diagnostic stores:
 
 * ``cross_with_narrow_interior``: the cross targets, interior rows from the narrow teacher;
 * ``narrow_with_cross_interior``: the converse;
@@ -17,7 +18,7 @@ of the actual next token and mean entropy; then trains students as the demo does
 Headline: ``gap_at_shared_rows_bpb=`` (held-out bits per byte between the cross targets with
 the narrow interior rows and the narrow targets), beside ``gap_bpb=`` (cross − narrow).
 
-    .venv/bin/python bench/cross_rows.py --demo runs/demo
+    .venv/bin/python bench/cross_rows.py [--demo runs/demo]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from demo_input import add_demo_argument, finished_demo
 
 from mtkd.distill.aggregate.align import INTERIOR
 from mtkd.distill.aggregate.cross import align_own_part, read_own_part, read_student_part
@@ -83,10 +85,11 @@ def train_bpb(demo: Path, targets: Path, out: Path, alpha: float = 0.0) -> float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished mtkd demo workdir")
+    add_demo_argument(ap)
     ap.add_argument("--out", type=Path, default=None, help="default: <demo>/cross-rows")
     args = ap.parse_args()
-    stores, out = args.demo / "stores", args.out or args.demo / "cross-rows"
+    demo = finished_demo(args.demo)
+    stores, out = demo / "stores", args.out or demo / "cross-rows"
     out.mkdir(parents=True, exist_ok=True)
     kinds, labels = row_kinds(open_store(stores / "tokens-student", verify="none"),
                               open_store(stores / "t0-cross-student", verify="none"))
@@ -121,9 +124,9 @@ def main() -> None:
     spliced["narrow_exact_label"] = write_like(store, batches[NARROW], fused,
                                                out / "narrow_exact_label")
 
-    bpb = {name: train_bpb(args.demo, path, out / f"student-{name}")
+    bpb = {name: train_bpb(demo, path, out / f"student-{name}")
            for name, path in spliced.items()}
-    results = json.loads((args.demo / "results.json").read_text())["figures"]
+    results = json.loads((demo / "results.json").read_text())["figures"]
     narrow_bpb, cross_bpb = results["single_t0_narrow_sampled_bpb"], results[
         "single_t0_cross_sampled_bpb"]
     for name, value in bpb.items():

@@ -6,13 +6,14 @@ The GPU image has torch, transformers and numba but not zarr. ``.gpu/`` gets:
 * ``whl/``: cp312 wheels of what the image lacks (zarr and its pure-Python and compiled
   dependencies at the versions installed here) and the bench's anchors (Liger-Kernel, Cut
   Cross-Entropy, pure Python), fetched with ``pip download --no-deps``;
-* ``demo/``: one student's inputs from a finished ``mtkd demo`` (tokens, held-out tokens,
+* ``demo/``: one student's inputs from a finished ``mtkd demo`` (``--demo``, else
+  this checkout's demo, run once and cached by ``demo_input``: tokens, held-out tokens,
   targets, student config) and ``cpu.json``: the demo's own train arguments (paths made
   relative to the repo root) and the held-out CE and bits per byte the CPU run reached.
 
 Then, in one device call with ``carry: [".gpu"]``: ``bash bench/gpu_check.sh``.
 
-    .venv/bin/python bench/gpu_bundle.py --demo /tmp/demo13
+    .venv/bin/python bench/gpu_bundle.py [--demo /tmp/demo13]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+
+from demo_input import add_demo_argument, finished_demo
 
 #: What the GPU image lacks (installed here at the pinned versions) and the bench's anchors.
 WHEELS = ("zarr", "numcodecs", "donfig", "google-crc32c", "typing-extensions")
@@ -80,7 +83,7 @@ def size_mib(path: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished `mtkd demo` workdir")
+    add_demo_argument(ap)
     ap.add_argument("--student", default="single-t2-safety", help="the demo student to retrain")
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
     ap.add_argument("--no-anchors", action="store_true", help="skip Liger and CCE wheels")
@@ -91,7 +94,7 @@ def main() -> None:
     download([f"{name}=={version(name)}" for name in WHEELS], args.out / "whl")
     if not args.no_anchors:
         download(list(ANCHORS), args.out / "whl")
-    reference = student_inputs(args.demo.resolve(), args.student, args.out / "demo")
+    reference = student_inputs(finished_demo(args.demo), args.student, args.out / "demo")
     (args.out / "demo" / "cpu.json").write_text(json.dumps(reference, indent=1) + "\n")
     mib = size_mib(args.out)
     print(f"bundle={args.out} mib={mib:.1f} student={args.student} "

@@ -2,18 +2,19 @@
 teacher harvested as the hybrid (its exact top-H and D draws from the rest, ``mtkd harvest
 --sample-rest``), its students against the full-vocabulary KD student, across student seeds.
 
-Reads a finished ``mtkd demo`` workdir (``--demo``). For each ``H:D`` in ``--configs`` the best
-teacher is harvested over the student's tokens with ``--k H --num-samples D --sample-rest`` and
-fused by ``mtkd aggregate --source samples`` into targets of the demo's width ``k``; H = 0 is
-plain draws (the demo's own store when D = k, else ``--k 1 --num-samples D``). Each target
-store's student, and the full-vocabulary one, are trained as the demo trains its student of
-plain draws (its ``train_config.json``, only the targets and the seed changed), a core each
-side by side, into ``<out>/h<H>d<D>-s<seed>``. Prints each student's held-out bits per byte,
-its distance to full KD in percent and the targets' bytes per position; the headline, last, is
+Reads a finished ``mtkd demo`` workdir (``--demo``; without it this checkout's demo, run once
+and cached by ``demo_input``). For each ``H:D`` in ``--configs`` the best teacher is harvested
+over the student's tokens with ``--k H --num-samples D --sample-rest`` and fused by ``mtkd
+aggregate --source samples`` into targets of the demo's width ``k``; H = 0 is plain draws (the
+demo's own store when D = k, else ``--k 1 --num-samples D``). Each target store's student, and
+the full-vocabulary one, are trained as the demo trains its student of plain draws (its
+``train_config.json``, only the targets and the seed changed), a core each side by side, into
+``<out>/h<H>d<D>-s<seed>``. Prints each student's held-out bits per byte, its distance to full
+KD in percent and the targets' bytes per position; the headline, last, is
 ``hybrid_vs_full_kd_pct_max=`` over the seeds at the hybrid of ``mtkd demo --experiments all``
 (``experiments.HYBRID_HEAD``, ``k`` draws; the goal of the demo's draws: ≤ 1.0).
 
-    .venv/bin/python bench/hybrid_heads.py --demo runs/demo \
+    .venv/bin/python bench/hybrid_heads.py [--demo runs/demo] \
         --configs 0:64,4:64,8:64,16:64,32:64,8:16,8:32 --seeds 0,1,2
 """
 
@@ -25,6 +26,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from demo_input import add_demo_argument, finished_demo
 from store_size_inputs import run_mtkd
 from student_seeds import train
 
@@ -54,14 +56,14 @@ def hybrid_targets(demo: Path, teacher: str, k: int, head: int, draws: int, out:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished mtkd demo workdir")
+    add_demo_argument(ap)
     ap.add_argument("--configs", default=None,
                     help="H:D pairs, exact head and draws from the rest (H 0: plain draws; "
                          f"default 0:k,{HYBRID_HEAD}:k)")
     ap.add_argument("--seeds", default="0,1,2", help="student seeds")
     ap.add_argument("--out", type=Path, default=None, help="default: <demo>/hybrid-heads")
     args = ap.parse_args()
-    demo = args.demo.resolve()
+    demo = finished_demo(args.demo)
     out = (args.out or demo / "hybrid-heads").resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((demo / "results.json").read_text())

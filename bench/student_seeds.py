@@ -1,14 +1,14 @@
 """The demo's headline figures with other student seeds: how much of each is the students' seed.
 
-Reads a finished ``mtkd demo`` workdir (``--demo``). Every student behind a headline figure is
-trained again from its own ``train_config.json`` (same targets, same budget, one thread) with
-each of the given seeds, a core each side by side, into ``<out>/seed<N>/<student>``; the
-figures are then recomputed by the demo's own :func:`~mtkd.recipes.figures.headline_figures`
-with those students in place of the demo's
-(seed 0). Prints each student's held-out bits per byte and each figure per seed; the headline,
-last, is ``cross_tokenizer_recovery_max=`` over all seeds (the issue's goal: ≥ 0.9).
+Reads a finished ``mtkd demo`` workdir (``--demo``; without it this checkout's demo, run once
+and cached by ``demo_input``). Every student behind a headline figure is trained again from its
+own ``train_config.json`` (same targets, same budget, one thread) with each of the given seeds,
+a core each side by side, into ``<out>/seed<N>/<student>``; the figures are then recomputed by
+the demo's own :func:`~mtkd.recipes.figures.headline_figures` with those students in place of
+the demo's (seed 0). Prints each student's held-out bits per byte and each figure per seed; the
+headline, last, is ``cross_tokenizer_recovery_max=`` over all seeds (the issue's goal: ≥ 0.9).
 
-    .venv/bin/python bench/student_seeds.py --demo runs/demo --seeds 1,2
+    .venv/bin/python bench/student_seeds.py --seeds 1,2 [--demo runs/demo]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from demo_input import add_demo_argument, finished_demo
 
 from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.run import Run
@@ -60,11 +62,11 @@ def train(demo: Path, name: str, seed: int, out: Path, targets: Path | None = No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo", type=Path, required=True, help="a finished mtkd demo workdir")
+    add_demo_argument(ap)
     ap.add_argument("--seeds", default="1,2", help="student seeds besides the demo's (0)")
     ap.add_argument("--out", type=Path, default=None, help="default: <demo>/student-seeds")
     args = ap.parse_args()
-    demo = args.demo.resolve()
+    demo = finished_demo(args.demo)
     results = json.loads((demo / "results.json").read_text())
     names = students_behind(results)
     seeds = [int(s) for s in args.seeds.split(",")]
