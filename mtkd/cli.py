@@ -489,7 +489,9 @@ def info(
         return
     typer.echo(f"{s.kind} store {store}")
     typer.echo(f"  sequences {s.num_sequences:,}  rows {s.num_rows:,}  parts {s.num_parts}")
-    typer.echo(f"  bytes on disk {bytes_on_disk(store):,}")
+    size = bytes_on_disk(store)
+    per_row = f" ({size / s.num_rows:,.1f} per row)" if s.num_rows else ""
+    typer.echo(f"  bytes on disk {size:,}{per_row}")
     typer.echo("  arrays " + ", ".join(
         f"{a.name}:{a.dtype}{list(a.row_shape) or ''}/{a.codec}" for a in s.header.arrays))
     for key, value in sorted(s.attrs.items()):

@@ -20,7 +20,7 @@ from mtkd.distill.aggregate.config import AggregateConfig
 from mtkd.distill.train.config import TrainConfig
 from mtkd.harvest.config import MAX_K, HarvestConfig
 from mtkd.ingest.config import TokenizeConfig
-from mtkd.store import ArraySpec, Header, StoreWriter, open_store
+from mtkd.store import ArraySpec, Header, StoreWriter, bytes_on_disk, open_store
 
 runner = CliRunner()
 @pytest.fixture
@@ -84,7 +84,9 @@ def test_info(store: Path, tmp_path: Path) -> None:
     assert f"teacher store {store}" in out
     assert "sequences 4  rows 20  parts 2" in out
     assert "ids:int32[4]/raw" in out and "logp:float16[4]/zstd" in out
-    assert "teacher: tiny" in out and "bytes on disk" in out
+    assert "teacher: tiny" in out
+    size = bytes_on_disk(store)
+    assert f"bytes on disk {size:,} ({size / 20:,.1f} per row)" in out
     as_json = runner.invoke(app, ["info", str(store), "--json"])
     manifest = json.loads(as_json.output)
     assert manifest["num_rows"] == 20 and manifest == open_store(store).manifest
