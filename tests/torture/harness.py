@@ -41,8 +41,8 @@ from mtkd.store import (
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("MTKD_TORTURE_SEED", "20261123"))
-#: CI kills per stage (22 in all); ``MTKD_TORTURE_KILLS=N`` raises the total for a soak run.
-SHARES = {"tokenize": 8, "harvest": 5, "aggregate": 6, "train": 3}
+#: CI kills per stage (24 in all); ``MTKD_TORTURE_KILLS=N`` raises the total for a soak run.
+SHARES = {"tokenize": 8, "harvest": 5, "harvest-q64r": 2, "aggregate": 6, "train": 3}
 #: vLLM kills (engine start-up is 20-60 s here): off in CI unless asked for.
 VLLM_KILLS = int(os.environ.get("MTKD_TORTURE_VLLM_KILLS", "0"))
 

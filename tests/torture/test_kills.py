@@ -107,6 +107,22 @@ def test_harvest_survives_kills(pipeline: Pipeline, tmp_path: Path) -> None:
                   start_max=8.0)
 
 
+def test_harvest_q64r_survives_kills(pipeline: Pipeline, tmp_path: Path) -> None:
+    """The compact coding under kills: q64r's range-coded streams (over several sequences),
+    its draws and actual-token log-probs coded against the top-k; the rerun's store equals an
+    uninterrupted q64r harvest's, every array."""
+    options = [*HARVEST, "--logprob-dtype", "q64r", "--tail-nats", "0.25", "--num-samples", "8"]
+    reference = tmp_path / "reference"
+    cli_ok("harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out", reference,
+           *options)
+    out = tmp_path / "teacher0-q64r"
+    args: list[object] = ["harvest", pipeline.tokens, "--model", pipeline.teachers[0], "--out",
+                          out, *options]
+    torture_store("harvest-q64r", args, out, kills_for("harvest-q64r"),
+                  rng_for("harvest-q64r"), tmp_path / "q64r.log",
+                  lambda: compare_stores(reference, out), start_max=8.0)
+
+
 @pytest.mark.engine
 @pytest.mark.skipif(VLLM_KILLS == 0, reason="vLLM start-up takes 20-60 s here; set "
                     "MTKD_TORTURE_VLLM_KILLS=N to kill vLLM harvests N times")
