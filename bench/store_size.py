@@ -59,7 +59,9 @@ rest) through q64v2:
 ``hybrid_sampled_bytes_per_position=`` (the draws) and ``hybrid_bytes_per_position=`` (the whole
 store). With ``--spread``, the input's own rows with their ids spread over 262,144 ids (id i →
 the i-th of a sorted random subset; ``store_size_inputs.spread_teacher_store``) through the
-Zipf candidates: ``<coding>_spread262k_bytes_per_position=``; with ``--sequence-rows 128,512``,
+Zipf candidates: ``<coding>_spread262k_bytes_per_position=``, and scattered over them (id i →
+the subset's i-th random draw: neighbouring ids land anywhere, the frequent ones too):
+``<coding>_scatter262k_bytes_per_position=``; with ``--sequence-rows 128,512``,
 the input's rows cut into sequences of that many rows through them:
 ``<coding>_seq<rows>_bytes_per_position=``. Then the synthetic Zipf teacher
 of 262,144 ids (``--zipf-positions`` rows) through q64, q64v2, q64v3, q64r, q64r-tail1/4nat
@@ -468,7 +470,8 @@ def main() -> None:
                     help="rows of the synthetic 262,144-id teacher (0: skip it)")
     ap.add_argument("--spread", action="store_true",
                     help="also the input's rows with their ids spread over 262,144 ids, "
-                         "order kept (a real teacher's rows at a large vocabulary's id width)")
+                         "order kept, and scattered over them (a real teacher's rows at a "
+                         "large vocabulary's id width)")
     ap.add_argument("--sequence-rows", default="",
                     help="comma-separated lengths: also the input's rows cut into sequences of "
                          "that many rows (shorter windows; q64r's models start afresh in each)")
@@ -505,11 +508,14 @@ def main() -> None:
                               TEACHER)
             describe(zsrc, "synthetic Zipf teacher")
             zipf, _ = run_candidates(zsrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
-        spread = {}
-        if args.spread:
-            ssrc = open_store(spread_teacher_store(path, root / "spread-input"), TEACHER)
-            describe(ssrc, "the same rows, ids spread over 262,144")
-            spread, _ = run_candidates(ssrc, [n for n in ZIPF_CANDIDATES if n in wanted], root)
+        spread: dict[str, dict[str, dict[str, float]]] = {}
+        for kind, ordered in (("spread", True), ("scatter", False)) if args.spread else ():
+            ssrc = open_store(spread_teacher_store(path, root / f"{kind}-input",
+                                                   ordered=ordered), TEACHER)
+            describe(ssrc, f"the same rows, ids {'spread' if ordered else 'scattered'} over "
+                           "262,144")
+            spread[kind], _ = run_candidates(ssrc, [n for n in ZIPF_CANDIDATES if n in wanted],
+                                             root)
         recut = {}
         for rows in (int(r) for r in args.sequence_rows.split(",") if r):
             rsrc = open_store(recut_teacher_store(path, root / f"recut{rows}", rows), TEACHER)
@@ -565,8 +571,9 @@ def main() -> None:
                       f"read_positions_s={r['read_positions_s']:.4g})")
         if name in zipf:
             print(f"{name}_zipf262k_bytes_per_position={zipf[name]['bytes_per_position']:.1f}")
-    for name, r in spread.items():
-        print(f"{name}_spread262k_bytes_per_position={r['bytes_per_position']:.1f}")
+    for kind, by_name in spread.items():
+        for name, r in by_name.items():
+            print(f"{name}_{kind}262k_bytes_per_position={r['bytes_per_position']:.1f}")
     for rows, by_name in recut.items():
         for name, r in by_name.items():
             print(f"{name}_seq{rows}_bytes_per_position={r['bytes_per_position']:.1f}")

@@ -12,8 +12,8 @@
 * :func:`zipf_floor_bytes`: what any coding of those rows must store at least, for the figure's
   honest reading.
 * :func:`spread_teacher_store`: a teacher store's rows with their ids spread over a larger
-  vocabulary (id i → the i-th of a sorted random subset of 262,144 ids): a real teacher's rows,
-  with their structure, at a large vocabulary's id width.
+  vocabulary (id i → the i-th of a sorted random subset of 262,144 ids, or of the subset in
+  random order): a real teacher's rows, with their structure, at a large vocabulary's id width.
 * :func:`recut_teacher_store`: a teacher store's rows cut into shorter sequences.
 """
 
@@ -231,13 +231,17 @@ def _rewrite_teacher_store(src: Path, out: Path, teacher: str, vocab: int | None
     return out
 
 
-def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0) -> Path:
+def spread_teacher_store(src: Path, out: Path, vocab: int = 1 << 18, seed: int = 0, *,
+                         ordered: bool = True) -> Path:
     """``src``'s top-k rows and scalars (float32) with every id i sent to the i-th smallest of
-    a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider."""
+    a random subset of ``vocab`` ids: order kept, gaps ≈ vocab / src vocabulary times wider;
+    not ``ordered``: to the subset's i-th draw, so that nearby ids land anywhere (a vocabulary
+    whose frequent tokens are not its small ids)."""
     small = int(open_store(src, TEACHER, verify="none").attrs["vocab_size"])  # (checked below)
-    spread = np.sort(np.random.default_rng(seed).choice(vocab, small, replace=False))
-    lookup = np.concatenate([[-1], spread]).astype(np.int32)
-    return _rewrite_teacher_store(src, out, "spread", vocab, ids=lookup)
+    subset = np.random.default_rng(seed).choice(vocab, small, replace=False)
+    lookup = np.concatenate([[-1], np.sort(subset) if ordered else subset]).astype(np.int32)
+    return _rewrite_teacher_store(src, out, "spread" if ordered else "scattered", vocab,
+                                  ids=lookup)
 
 
 def recut_teacher_store(src: Path, out: Path, rows: int) -> Path:
