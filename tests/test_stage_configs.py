@@ -63,3 +63,26 @@ def test_warmup_defaults_to_a_tenth_of_the_steps(steps: int, warmup: int) -> Non
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig(tokens="t", out="o", student="s", max_steps=steps,
                        warmup_steps=0).warmup_steps == 0
+
+
+def test_auto_coding_follows_the_vocabulary_and_a_begun_store() -> None:
+    """``--logprob-dtype auto`` (the default): q64r from LARGE_VOCAB ids (real teachers),
+    q64v2 below, and a resumed store's own coding whatever the vocabulary; a named coding
+    stays; a q64r-only option that auto cannot honour is refused, naming why."""
+    from mtkd.harvest.config import LARGE_VOCAB
+
+    auto = HarvestConfig()
+    assert auto.logprob_dtype == "auto"
+    assert auto.resolved(LARGE_VOCAB).logprob_dtype == "q64r"
+    assert auto.resolved(LARGE_VOCAB - 1).logprob_dtype == "q64v2"
+    assert auto.resolved(262_144, begun="q64v2").logprob_dtype == "q64v2"
+    assert auto.resolved(2_048, begun="float16").logprob_dtype == "float16"
+    assert HarvestConfig(logprob_dtype="q64v3").resolved(262_144).logprob_dtype == "q64v3"
+    coarse = HarvestConfig(tail_nats=0.25)  # allowed while auto may choose q64r
+    assert coarse.resolved(49_152).tail_step == 4
+    with pytest.raises(ValueError, match=r"--tail-nats needs --logprob-dtype q64r; auto chose "
+                                         r"q64v2 \(2,048 ids\)"):
+        coarse.resolved(2_048)
+    with pytest.raises(ValueError, match=r"auto chose q64v2 \(the store being resumed has it\)"):
+        coarse.resolved(49_152, begun="q64v2")
+    assert HarvestConfig(id_table=16).resolved(2_048).logprob_dtype == "q64v2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from mtkd.config import check_bounds, option
 from mtkd.store.format import Codec
 from mtkd.store.q64_grid import COARSE, FINE
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
-from mtkd.store.topk_codec import DEFAULT_CODING, FLOOR_CODINGS, Q64R, TAIL_STEPS
+from mtkd.store.topk_codec import FLOOR_CODINGS, Q64R, Q64V2, TAIL_STEPS
 
 #: Largest top-k a teacher store holds, whatever the engine: the vLLM engine sets vLLM's
 #: ``max_logprobs`` to k and serves at most this many log-probs per position.
@@ -20,6 +21,10 @@ _WHY_MAX_K = f"the vLLM engine serves at most {MAX_K} log-probs per position"
 AUTO = "auto"
 TOKENIZATIONS = (AUTO, STORE_TOKENS, OWN_TOKENS)
 TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) … 1 nat
+#: ``--logprob-dtype auto``: q64r for vocabularies of this many ids or more (real teachers
+#: have 32,000–262,144), where it stores ≈ 30% less than q64v2; q64v2 below (the small
+#: vocabularies of tests and of the demo's own teachers), whose reads are 3-4x faster
+LARGE_VOCAB = 16_384
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,16 @@ class HarvestConfig:
     )
     seed: int = option(0, "Seed of the draws.")
     logprob_dtype: str = option(
-        DEFAULT_CODING,
-        "Stored top-k coding: q64v2 (compact: |error| <= 1/128 nat where p >= 1e-3; also "
-        "codes the sampled columns; docs/FORMAT.md), q64v3 (q64v2's values, ids coded against "
-        "an earlier row of the sequence with the same top-1 id: smaller on real teachers), q64r "
-        "(q64v3's values range-coded, one stream per --stream-rows rows, and the actual "
-        "token's log-prob and the tail coded against the top-k within the same bound: the "
-        "smallest, about 4x slower to read; on a 49,152-id teacher 99 bytes per position "
-        "against q64v2's 144, 90.5 with --tail-nats 0.25; --num-samples draws coded against "
-        "the top-k: 15 bytes per position against q64v2's 53), q64 (the previous default) or "
-        "a float dtype (float16, float32) with int32 ids.",
+        AUTO,
+        f"Stored top-k coding. auto: q64r for a vocabulary of >= {LARGE_VOCAB:,} ids, q64v2 "
+        "below (a resumed store keeps its own coding). q64v2: compact, |error| <= 1/128 nat "
+        "where p >= 1e-3, the sampled columns coded too (docs/FORMAT.md). q64v3: q64v2's "
+        "values, ids coded against an earlier row of the sequence with the same top-1 id. "
+        "q64r: q64v3's values range-coded, one stream per --stream-rows rows, the draws, the "
+        "actual token's log-prob and the tail coded against the top-k within the same bound: "
+        "the smallest, 3-4x slower to read (on a 49,152-id teacher 99 bytes per position "
+        "against q64v2's 144, 90.5 with --tail-nats 0.25; 64 draws 15 bytes against 53). "
+        "q64 (an older default), or a float dtype (float16, float32) with int32 ids.",
     )
     tail_nats: float = option(
         TAIL_NATS[0],
@@ -105,6 +110,18 @@ class HarvestConfig:
         "teacher's vocabulary is the tokens store's or --vocab-map is given, else own.",
     )
 
+    def resolved(self, vocab_size: int, begun: str | None = None) -> HarvestConfig:
+        """This config with ``logprob_dtype`` auto made concrete for a store of ``vocab_size``
+        ids: ``begun``, the coding of the store being resumed, else :data:`LARGE_VOCAB`'s rule."""
+        if self.logprob_dtype != AUTO:
+            return self
+        coding = begun or (Q64R if vocab_size >= LARGE_VOCAB else Q64V2)
+        if self.tail_nats != TAIL_NATS[0] and coding != Q64R:
+            why = "the store being resumed has it" if begun else f"{vocab_size:,} ids"
+            raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}; auto chose {coding} "
+                             f"({why})")
+        return dataclasses.replace(self, logprob_dtype=coding)
+
     @property
     def q64r_stream_rows(self) -> int:
         """Rows per q64r stream as the store records it (0 for the other codings)."""
@@ -123,14 +140,15 @@ class HarvestConfig:
         if self.tokenization == OWN_TOKENS and self.vocab_map is not None:
             raise ValueError("--tokenization own and --vocab-map exclude each other: a "
                              "vocabulary map harvests the tokens store's ids")
-        check_logprob_dtype(self.logprob_dtype)
-        if self.id_table and self.logprob_dtype not in FLOOR_CODINGS:
+        if self.logprob_dtype != AUTO:
+            check_logprob_dtype(self.logprob_dtype)
+        if self.id_table and self.logprob_dtype not in (*FLOOR_CODINGS, AUTO):
             raise ValueError(f"--id-table needs --logprob-dtype {' or '.join(FLOOR_CODINGS)} "
                              f"(the codings that renumber ids), not {self.logprob_dtype!r}")
         if self.tail_nats not in TAIL_NATS:
             raise ValueError(f"--tail-nats must be one of {', '.join(map(str, TAIL_NATS))}, "
                              f"got {self.tail_nats}")
-        if self.tail_nats != TAIL_NATS[0] and self.logprob_dtype != Q64R:
+        if self.tail_nats != TAIL_NATS[0] and self.logprob_dtype not in (Q64R, AUTO):
             raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -278,6 +279,7 @@ def harvest(
     if teacher is not None:
         size = teacher_vocab_size(model_dir, teacher.loaded.tokenizer)
         attrs |= own_attrs(teacher, size)
+    config = config.resolved(int(attrs["vocab_size"]), begun_coding(out))
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
@@ -405,15 +407,34 @@ class HarvestParts:
         return tokens, unreadable
 
 
+def _begun_header(out: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header of the store begun at ``out`` (a harvest being resumed); empty if none (or
+    one the writer will refuse, saying why)."""
+    try:
+        header = read_json(Path(out) / HEADER_FILE)
+    except (OSError, StoreError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def begun_coding(out: str | os.PathLike[str]) -> str | None:
+    """The top-k coding (or float dtype) of the store begun at ``out``, None if none: what
+    ``--logprob-dtype auto`` keeps when a harvest resumes."""
+    header = _begun_header(out)
+    attrs, arrays = header.get("attrs"), header.get("arrays")
+    if isinstance(attrs, dict) and isinstance(attrs.get(CODING_ATTR), str):
+        return attrs[CODING_ATTR]
+    spec = arrays.get(TOPK_LOGPROBS) if isinstance(arrays, dict) else None
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    return dtype if isinstance(dtype, str) else None
+
+
 def q64r_choices(out: str | os.PathLike[str]) -> dict[str, bool]:
     """How q64r numbers seen ids (by count) and codes the draws and the actual token's
     log-prob and tail (against the top-k) here: as mtkd does now, unless a q64r store started
     before any of them is being resumed (no flag chooses them, so the store's own choice
     holds). ``teacher_header``'s keywords."""
-    try:
-        attrs = read_json(Path(out) / HEADER_FILE)["attrs"]
-    except (OSError, StoreError, KeyError, TypeError):  # no store yet (or the writer says why)
-        attrs = None
+    attrs = _begun_header(out).get("attrs")
     if not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R:
         return {"rank_ids": True, "stream_samples": True, "code_scalars": True}
     return {"rank_ids": ranked(attrs), "stream_samples": SAMPLE_CODING_ATTR in attrs,

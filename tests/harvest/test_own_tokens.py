@@ -288,6 +288,27 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
                                       err_msg=name)
 
 
+def test_auto_coding_keeps_a_begun_stores_own(setup: Setup, tmp_path: Path) -> None:
+    """``--logprob-dtype auto`` (the default) writes q64v2 for this teacher's small vocabulary,
+    but resumes a store begun as q64r as q64r: the same rows as a q64r harvest's."""
+    args = ("--engine", "hf", "--k", K, "--dtype", "float32")
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "r",
+                     *args, "--logprob-dtype", "q64r")
+    assert code == 0, msg
+    (tmp_path / "begun").mkdir()  # a q64r harvest stopped before its first part committed
+    shutil.copy(tmp_path / "r" / "store.json", tmp_path / "begun" / "store.json")
+    for out in ("begun", "fresh"):
+        code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out",
+                         tmp_path / out, *args)
+        assert code == 0, msg
+    r, begun = open_store(tmp_path / "r"), open_store(tmp_path / "begun", verify="full")
+    assert begun.attrs["topk_coding"] == "q64r"
+    assert open_store(tmp_path / "fresh").attrs["topk_coding"] == "q64v2"
+    order = np.arange(r.num_sequences)
+    for name, values in r.read(order).arrays.items():
+        np.testing.assert_array_equal(begun.read(order)[name], values, err_msg=name)
+
+
 def test_q64r_codes_the_draws_against_the_top_k(setup: Setup, tmp_path: Path) -> None:
     """q64r with draws: they read as q64v2's (the same seed draws the same tokens, and at
     q64's tail grid their values are q64v2's), coded against the top-k, and so are the actual
