@@ -1,7 +1,8 @@
 """Benchmark of ``mtkd aggregate`` against the I/O it cannot avoid.
 
 Builds a tokens store and K teacher stores (``StoreWriter`` + ``schema.teacher_header``, the
-harvest's default top-k coding unless ``--logprob-dtype`` says otherwise, zstd codec) with
+harvest's default top-k coding for ``--vocab`` ids — q64r for the default 32,000, streams of
+2,048 rows — unless ``--logprob-dtype`` says otherwise, zstd codec) with
 ≥ 1M positions over several parts. The teachers are
 realistic, not independent: each position has a Zipf-like base distribution over candidate ids
 (popular ids more often), every teacher sees it through its own log-normal noise, keeps its
@@ -28,7 +29,7 @@ ratios swing with the load; the CPU ratios are steadier.
     .venv/bin/python bench/aggregate.py                          # 1M positions, processes 1
     .venv/bin/python bench/aggregate.py --positions 262144 --processes 1 --repeats 3
     .venv/bin/python bench/aggregate.py --logprob-dtype float16 # plain float16 teacher stores
-    .venv/bin/python bench/aggregate.py --logprob-dtype q64r --stream-rows 2048  # as harvested
+    .venv/bin/python bench/aggregate.py --logprob-dtype q64v2   # q64v2 teacher stores
     MTKD_NUMBA=0 .venv/bin/python bench/aggregate.py             # the pure-numpy path
 """
 
@@ -57,10 +58,10 @@ from mtkd.distill.aggregate.job import (
     target_store_header,
     teacher_rows,
 )
+from mtkd.harvest.config import AUTO, HarvestConfig
 from mtkd.store import Header, StoreWriter, open_store
 from mtkd.store.executor import run_parts
 from mtkd.store.schema import TEACHER, TOKENS, target_header, teacher_header, tokens_header
-from mtkd.store.topk_codec import DEFAULT_CODING
 
 GOAL = 1.5
 TASKS = ("code", "prose", "math")
@@ -253,14 +254,19 @@ def main() -> None:
                     help="timed runs of each (alternating); medians reported")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--logprob-dtype", default=DEFAULT_CODING,
-                    help=f"teacher stores' top-k coding: {DEFAULT_CODING} (harvest's default, "
-                         "decoded on every read), q64, or a float dtype (float16)")
-    ap.add_argument("--stream-rows", type=int, default=0,
-                    help="q64r: rows per stream (harvest --stream-rows; 0: one per sequence)")
+    ap.add_argument("--logprob-dtype", default=AUTO,
+                    help="teacher stores' top-k coding: auto (the harvest's default for "
+                         "--vocab: q64r for 32000 ids), q64v2, q64r, q64, or a float dtype "
+                         "(float16); decoded on every read")
+    ap.add_argument("--stream-rows", type=int, default=None,
+                    help="q64r: rows per stream (default the harvest's; 0: one per sequence)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse complete input stores already in --dir (same arguments)")
     args = ap.parse_args()
+    harvest = HarvestConfig(logprob_dtype=args.logprob_dtype).resolved(args.vocab)
+    coding = harvest.logprob_dtype
+    stream_rows = harvest.q64r_stream_rows if args.stream_rows is None else args.stream_rows
+    print(f"teacher_coding={coding} stream_rows={stream_rows} vocab={args.vocab}", flush=True)
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="mtkd-bench-agg-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -273,7 +279,7 @@ def main() -> None:
             for d in [tokens_dir, *teacher_dirs]:
                 shutil.rmtree(d, ignore_errors=True)
             build_stores(root, args.positions, args.parts, args.teachers, args.k, args.vocab,
-                         args.seq_len, args.seed, args.logprob_dtype, args.stream_rows)
+                         args.seq_len, args.seed, coding, stream_rows)
         positions = open_store(tokens_dir, TOKENS).num_rows - open_store(
             tokens_dir, TOKENS).num_sequences
         temps = tuple(float(t) for t in args.temperatures.split(","))

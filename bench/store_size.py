@@ -48,6 +48,8 @@ Candidates (zstd unless said):
   stream of ≥ 2,048 rows (what ``mtkd harvest --logprob-dtype q64r --tail-nats 0.25`` writes);
   ``…-streams65536``: of ≥ 65,536 rows (models that learn over a whole part);
   ``q64r-tail1nat-streams2048``: the coarsest tail a harvest allows (``--tail-nats 1``);
+  ``q64r-streams2048``: q64's own tail grid, streams of ≥ 2,048 rows (what ``mtkd harvest``
+  writes by default for a vocabulary of ≥ 16,384 ids, ``harvest_default_bytes_per_position=``);
 * ``q64v2+id-table{1024,4096,16384}``, ``q64v3+id-table4096``, ``q64r-tail1/4nat+id-table4096``
   (the default input only): the
   coding with the id table of the tokens store's N most frequent ids in the header, what
@@ -108,6 +110,7 @@ from store_size_inputs import (
     zipf_teacher_store,
 )
 
+from mtkd.harvest.config import LARGE_VOCAB
 from mtkd.harvest.job import read_id_table
 from mtkd.store import ArraySpec, Batch, Header, Store, StoreWriter, bytes_on_disk, open_store
 from mtkd.store import q64_grid as grid
@@ -224,6 +227,9 @@ def _coarse_tail_layout(steps: int) -> Layout:
 TAIL_CANDIDATES = {"q64r-tail1/8nat": 2, "q64r-tail1/4nat": 4}
 #: q64r with the 1/4-nat tail and streams over several sequences: name → rows per stream
 STREAM_CANDIDATES = {"q64r-tail1/4nat-streams2048": 2048, "q64r-tail1/4nat-streams65536": 1 << 16}
+#: what ``mtkd harvest`` writes with no coding flag for a vocabulary of ``LARGE_VOCAB`` ids or
+#: more (``--logprob-dtype auto``: q64r, q64's own tail grid, streams of ≥ 2,048 rows)
+HARVEST_DEFAULT = "q64r-streams2048"
 #: id-table candidates (the default input only): name → (candidate, table size)
 ID_TABLE_CANDIDATES = {f"{name}+id-table{n}": (name, n) for name, n in (
     (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096),
@@ -257,6 +263,7 @@ CANDIDATES = (
     *(Candidate(name, tc.Q64R, tail_step=step) for name, step in TAIL_CANDIDATES.items()),
     *(Candidate(name, tc.Q64R, tail_step=4, stream_rows=rows)
       for name, rows in STREAM_CANDIDATES.items()),
+    Candidate(HARVEST_DEFAULT, tc.Q64R, stream_rows=2048),
     Candidate(FIRST_SIGHT, tc.Q64R, tail_step=4, stream_rows=2048, rank_ids=False),
     Candidate(COARSEST, tc.Q64R, tail_step=16, stream_rows=2048),
 )
@@ -577,6 +584,14 @@ def main() -> None:
     for rows, by_name in recut.items():
         for name, r in by_name.items():
             print(f"{name}_seq{rows}_bytes_per_position={r['bytes_per_position']:.1f}")
+    # what a harvest writes for this teacher when no coding is asked for
+    auto = HARVEST_DEFAULT if int(src.attrs["vocab_size"]) >= LARGE_VOCAB else CHOSEN
+    if auto in results:
+        r = results[auto]
+        print(f"harvest_default_coding={auto} (mtkd harvest --logprob-dtype auto, "
+              f"{src.attrs['vocab_size']:,} ids) harvest_default_bytes_per_position="
+              f"{r['bytes_per_position']:.1f} (max_abs_logprob_err p >= 1e-3 "
+              f"{r['max_abs_logprob_err_p_ge_1e-3']:.6g}, all {r['max_abs_logprob_err_all']:.6g})")
     # the headline: the smallest coding a harvest can write within the goal's error bound
     # (q64r with a 1/4-nat tail) where it was measured, else the default's
     head = results.get(COMPACT, best)

@@ -17,7 +17,7 @@ Top-k rows (``topk_ids`` / ``topk_logprobs``), per row of k entries:
   the row's ids); id −1 (padding) is delta 0 and sorts first. The log-prob codes are stored in
   the same (id) order, and decoding restores the rank order by sorting on them: exact up to
   entries whose codes tie, which come back in id order (each id keeps its own value).
-* ``q64``: the codes as they are. ``q64v2`` (``DEFAULT_CODING``): the row's floor F
+* ``q64``: the codes as they are. ``q64v2``: the row's floor F
   (its largest code: the least likely entry) first, then F − code per entry. Most of a top-k
   row sits just above its floor, so these are small numbers (≈ 12 bytes less per row of 64 on
   a real teacher); ids may take 1 to 4 bytes (``delta_width``: any vocabulary; q64 stops at 2
@@ -87,8 +87,6 @@ CODINGS = (Q64, Q64V2, Q64V3, Q64R)
 FLOOR_CODINGS = (Q64V2, Q64V3, Q64R)
 #: The codings that code each row's ids against its reference row (read by whole sequences).
 REFERENCE_CODINGS = (Q64V3, Q64R)
-#: What new teacher stores should be written with (the harvest's ``--logprob-dtype`` default).
-DEFAULT_CODING = Q64V2
 #: Header attribute naming the coding of the sparse columns (absent: plain).
 CODING_ATTR = "topk_coding"
 IDS, LOGPROBS = "topk_ids", "topk_logprobs"
