@@ -77,7 +77,8 @@ q64v2's bytes by array (the harvest's coding below 16,384 ids), ``max_abs_logpro
 ``sampled_bytes_per_position=``, the opt-in codings' bytes, and the headline
 ``teacher_bytes_per_position=`` last: q64r with the 1/4-nat tail and streams of ≥ 2,048 rows
 where it was measured (the smallest coding within the goal's bound, as a harvest writes it),
-else q64v2. Beside the headline's Zipf figure,
+else what the harvest writes by default for the input's vocabulary, else q64v2. Beside the
+headline's Zipf figure,
 ``zipf262k_floor_bytes_per_position_<grid>=``: what no coding of those independent rows can
 beat at q64's grid and at the headline's tail, even one told the generator
 (``store_size_inputs.zipf_floor_bytes``). Each line also gives
@@ -131,8 +132,13 @@ from mtkd.store.schema import (
 CHOSEN = tc.Q64V2
 #: the headline: the smallest coding within the goal's bound, as a harvest writes it
 COMPACT = "q64r-tail1/4nat-streams2048"
+#: what ``mtkd harvest`` writes with no coding flag for a vocabulary of ``LARGE_VOCAB`` ids or
+#: more (``--logprob-dtype auto``: q64r, q64's own tail grid, streams of ≥ 2,048 rows)
+HARVEST_DEFAULT = "q64r-streams2048"
 HOW = {COMPACT: "mtkd harvest --logprob-dtype q64r --tail-nats 0.25",
-       "q64r-tail1/4nat": "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0"}
+       "q64r-tail1/4nat": "mtkd harvest --logprob-dtype q64r --tail-nats 0.25 --stream-rows 0",
+       HARVEST_DEFAULT: "mtkd harvest, no coding flag: --logprob-dtype auto",
+       CHOSEN: "mtkd harvest --logprob-dtype q64v2"}
 #: the headline as session 18 wrote it: seen ids numbered by first sight, not by count
 FIRST_SIGHT = "q64r-tail1/4nat-streams2048-first-sight"
 COARSEST = "q64r-tail1nat-streams2048"
@@ -228,9 +234,6 @@ def _coarse_tail_layout(steps: int) -> Layout:
 TAIL_CANDIDATES = {"q64r-tail1/8nat": 2, "q64r-tail1/4nat": 4}
 #: q64r with the 1/4-nat tail and streams over several sequences: name → rows per stream
 STREAM_CANDIDATES = {"q64r-tail1/4nat-streams2048": 2048, "q64r-tail1/4nat-streams65536": 1 << 16}
-#: what ``mtkd harvest`` writes with no coding flag for a vocabulary of ``LARGE_VOCAB`` ids or
-#: more (``--logprob-dtype auto``: q64r, q64's own tail grid, streams of ≥ 2,048 rows)
-HARVEST_DEFAULT = "q64r-streams2048"
 #: id-table candidates (the default input only): name → (candidate, table size)
 ID_TABLE_CANDIDATES = {f"{name}+id-table{n}": (name, n) for name, n in (
     (tc.Q64V2, 1024), (tc.Q64V2, 4096), (tc.Q64V2, 16384), (tc.Q64V3, 4096),
@@ -595,10 +598,9 @@ def main() -> None:
               f"{r['max_abs_logprob_err_p_ge_1e-3']:.6g}, all {r['max_abs_logprob_err_all']:.6g})")
     # the headline: the smallest coding a harvest can write within the goal's error bound
     # (q64r with a 1/4-nat tail) where it was measured, else the default's
-    head = results.get(COMPACT, best)
-    head_zipf = zipf.get(COMPACT, zipf.get(CHOSEN))
-    name = COMPACT if COMPACT in results else CHOSEN
-    print(f"headline_coding={name} ({HOW.get(name, 'the default')})")
+    name = next(n for n in (COMPACT, auto, CHOSEN) if n in results)
+    head, head_zipf = results[name], zipf.get(name)
+    print(f"headline_coding={name} ({HOW[name]})")
     if head_zipf is not None:
         print(f"headline_zipf262k_bytes_per_position={head_zipf['bytes_per_position']:.1f}")
         # what no coding of those independent rows can beat: q64's grid, the headline's tail
