@@ -300,7 +300,7 @@ def harvest(
     typer.echo(
         f"harvest: {summary.tokens:,} tokens in {summary.parts_written} of {summary.parts} parts, "
         f"{summary.seconds:.1f} s, {summary.tokens_per_s:,.0f} tok/s ({summary.engine or 'none'}),"
-        f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk; "
+        f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk ({summary.coding}); "
         + ("store complete" if summary.complete else "waiting for other workers' parts")
     )
     if summary.tokenization == "own":  # the teacher read each window's text its own way

@@ -72,6 +72,7 @@ class HarvestSummary:
     tokenization: str = STORE_TOKENS
     #: own tokenization: sequences of this run's parts the teacher could not read, by reason
     unreadable: dict[str, int] = field(default_factory=dict)
+    coding: str = ""  #: the top-k coding written (``--logprob-dtype auto`` made concrete)
 
     @property
     def tokens_per_s(self) -> float:
@@ -321,7 +322,7 @@ def harvest(
     complete = writer.finalize()
     size = bytes_on_disk(out)
     return HarvestSummary(tokens.num_parts, len(pending), total_tokens, seconds, size, complete,
-                          engine_name, tokenization, dict(unreadable))
+                          engine_name, tokenization, dict(unreadable), config.logprob_dtype)
 
 
 @dataclass

@@ -297,10 +297,10 @@ def test_auto_coding_keeps_a_begun_stores_own(setup: Setup, tmp_path: Path) -> N
     assert code == 0, msg
     (tmp_path / "begun").mkdir()  # a q64r harvest stopped before its first part committed
     shutil.copy(tmp_path / "r" / "store.json", tmp_path / "begun" / "store.json")
-    for out in ("begun", "fresh"):
+    for out, coding in (("begun", "q64r"), ("fresh", "q64v2")):
         code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out",
                          tmp_path / out, *args)
-        assert code == 0, msg
+        assert code == 0 and f"MiB on disk ({coding})" in msg, msg  # the summary says which
     r, begun = open_store(tmp_path / "r"), open_store(tmp_path / "begun", verify="full")
     assert begun.attrs["topk_coding"] == "q64r"
     assert open_store(tmp_path / "fresh").attrs["topk_coding"] == "q64v2"
