@@ -116,11 +116,11 @@ class HarvestConfig:
         if self.logprob_dtype != AUTO:
             return self
         coding = begun or (Q64R if vocab_size >= LARGE_VOCAB else Q64V2)
-        if self.tail_nats != TAIL_NATS[0] and coding != Q64R:
+        try:  # the options checked against the coding chosen
+            return dataclasses.replace(self, logprob_dtype=coding)
+        except ValueError as e:
             why = "the store being resumed has it" if begun else f"{vocab_size:,} ids"
-            raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}; auto chose {coding} "
-                             f"({why})")
-        return dataclasses.replace(self, logprob_dtype=coding)
+            raise ValueError(f"{e}; auto chose {coding} ({why})") from None
 
     @property
     def q64r_stream_rows(self) -> int:

@@ -280,13 +280,14 @@ def harvest(
     if teacher is not None:
         size = teacher_vocab_size(model_dir, teacher.loaded.tokenizer)
         attrs |= own_attrs(teacher, size)
-    config = config.resolved(int(attrs["vocab_size"]), begun_coding(out))
+    begun = begun_header(out)  # a store being resumed keeps its own codings
+    config = config.resolved(int(attrs["vocab_size"]), begun_coding(begun))
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
                             id_table=read_id_table(tokens, teacher, config.id_table),
                             tail_step=config.tail_step, stream_rows=config.q64r_stream_rows,
-                            **q64r_choices(out))
+                            **q64r_choices(begun))
     start = time.perf_counter()
     engine = None
 
@@ -408,7 +409,7 @@ class HarvestParts:
         return tokens, unreadable
 
 
-def _begun_header(out: str | os.PathLike[str]) -> dict[str, Any]:
+def begun_header(out: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of the store begun at ``out`` (a harvest being resumed); empty if none (or
     one the writer will refuse, saying why)."""
     try:
@@ -418,10 +419,9 @@ def _begun_header(out: str | os.PathLike[str]) -> dict[str, Any]:
     return header if isinstance(header, dict) else {}
 
 
-def begun_coding(out: str | os.PathLike[str]) -> str | None:
-    """The top-k coding (or float dtype) of the store begun at ``out``, None if none: what
-    ``--logprob-dtype auto`` keeps when a harvest resumes."""
-    header = _begun_header(out)
+def begun_coding(header: dict[str, Any]) -> str | None:
+    """The top-k coding (or float dtype) of a begun store's ``header`` (:func:`begun_header`),
+    None if none: what ``--logprob-dtype auto`` keeps when a harvest resumes."""
     attrs, arrays = header.get("attrs"), header.get("arrays")
     if isinstance(attrs, dict) and isinstance(attrs.get(CODING_ATTR), str):
         return attrs[CODING_ATTR]
@@ -430,12 +430,12 @@ def begun_coding(out: str | os.PathLike[str]) -> str | None:
     return dtype if isinstance(dtype, str) else None
 
 
-def q64r_choices(out: str | os.PathLike[str]) -> dict[str, bool]:
+def q64r_choices(header: dict[str, Any]) -> dict[str, bool]:
     """How q64r numbers seen ids (by count) and codes the draws and the actual token's
     log-prob and tail (against the top-k) here: as mtkd does now, unless a q64r store started
     before any of them is being resumed (no flag chooses them, so the store's own choice
-    holds). ``teacher_header``'s keywords."""
-    attrs = _begun_header(out).get("attrs")
+    holds; ``header``: :func:`begun_header`'s). ``teacher_header``'s keywords."""
+    attrs = header.get("attrs")
     if not isinstance(attrs, dict) or attrs.get(CODING_ATTR) != Q64R:
         return {"rank_ids": True, "stream_samples": True, "code_scalars": True}
     return {"rank_ids": ranked(attrs), "stream_samples": SAMPLE_CODING_ATTR in attrs,
