@@ -98,8 +98,8 @@ def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray
     logits), so a row spans ≈ 5–12 nats.
     """
     rng = np.random.default_rng(seed)
-    rank_to_id = np.argsort(np.log1p(np.arange(vocab)) + rng.normal(0, 1, vocab))
-    cdf = np.cumsum(_zipf_law(vocab))
+    rank_to_id = zipf_rank_to_id(vocab, rng)
+    cdf = np.cumsum(zipf_law(vocab))
     ids = np.empty((n, k), np.int32)
     for r in range(n):
         draws = np.searchsorted(cdf, rng.random(8 * k))
@@ -123,7 +123,14 @@ def zipf_rows(n: int, k: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray
             "tail_logmass": tail.astype(np.float32)}
 
 
-def _zipf_law(vocab: int) -> np.ndarray:
+def zipf_rank_to_id(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """:func:`zipf_rows`' id map (its first use of ``rng``): frequency rank → id, a noisy
+    sort that gives frequent tokens small ids."""
+    return np.argsort(np.log1p(np.arange(vocab)) + rng.normal(0, 1, vocab))
+
+
+def zipf_law(vocab: int) -> np.ndarray:
+    """The synthetic teacher's law over frequency ranks (exponent ``ZIPF_EXPONENT``)."""
     p = 1.0 / np.arange(1, vocab + 1) ** ZIPF_EXPONENT
     return p / p.sum()
 
@@ -161,7 +168,7 @@ def zipf_floor_bytes(k: int = 64, vocab: int = 1 << 18, tail_step: int = 1, n: i
     an estimate there, ≈ 0.5 B below the unshifted bound). The actual token's rank: log₂ k
     bits. The other scalars are not counted."""
     rng = np.random.default_rng(seed)
-    law = _zipf_law(vocab)
+    law = zipf_law(vocab)
     cdf = np.cumsum(law)
     edges = _level_edges(tail_step, 80 * grid.FINE * BETA_RANGE[1])
     bits = 0.0
