@@ -242,6 +242,9 @@ def tokenize(
         return
     typer.echo(f"{out}: {summary.sequences} sequences, {summary.tokens} tokens from "
                f"{summary.documents} documents in {summary.parts} parts")
+    if num_parts is not None and summary.parts < num_parts:
+        typer.echo(f"  ({summary.parts} parts, not --num-parts {num_parts}: a part holds whole "
+                   "files, or whole blocks of a large jsonl file, and the corpus has no more)")
     if summary.problems:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items()))
         typer.secho(f"skipped: {counts}", fg=typer.colors.YELLOW)
@@ -411,7 +414,7 @@ def aggregate(
     if "ce_only_fraction" in d:  # a teacher with its own tokenizer: rows each one covers
         typer.echo("  coverage " + " ".join(
             f"{d[f'coverage_fraction_{j}']:.3f}" for j in range(len(teachers)))
-            + f"  ce_only {d['ce_only_fraction']:.4f}")
+            + f"  ce_only {d['ce_only_fraction']:.4f} (the means above: over the other rows)")
 
 
 @app.command()

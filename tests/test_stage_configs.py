@@ -75,8 +75,13 @@ def test_auto_coding_follows_the_vocabulary_and_a_begun_store() -> None:
     assert auto.logprob_dtype == "auto"
     assert auto.resolved(LARGE_VOCAB).logprob_dtype == "q64r"
     assert auto.resolved(LARGE_VOCAB - 1).logprob_dtype == "q64v2"
-    assert auto.resolved(262_144, begun="q64v2").logprob_dtype == "q64v2"
-    assert auto.resolved(2_048, begun="float16").logprob_dtype == "float16"
+    assert auto.resolved(262_144, {"logprob_dtype": "q64v2"}).logprob_dtype == "q64v2"
+    assert auto.resolved(2_048, {"logprob_dtype": "float16"}).logprob_dtype == "float16"
+    begun = {"logprob_dtype": "q64r", "tail_nats": 0.25, "stream_rows": 512}
+    kept = auto.resolved(2_048, begun)  # the store's own options, where none is asked
+    assert (kept.logprob_dtype, kept.tail_step, kept.stream_rows) == ("q64r", 4, 512)
+    asked = HarvestConfig(stream_rows=64).resolved(2_048, begun)  # asked stays asked
+    assert (asked.tail_step, asked.stream_rows) == (4, 64)
     assert HarvestConfig(logprob_dtype="q64v3").resolved(262_144).logprob_dtype == "q64v3"
     coarse = HarvestConfig(tail_nats=0.25)  # allowed while auto may choose q64r
     assert coarse.resolved(49_152).tail_step == 4
@@ -84,5 +89,10 @@ def test_auto_coding_follows_the_vocabulary_and_a_begun_store() -> None:
                                          r"q64v2 \(2,048 ids\)"):
         coarse.resolved(2_048)
     with pytest.raises(ValueError, match=r"auto chose q64v2 \(the store being resumed has it\)"):
-        coarse.resolved(49_152, begun="q64v2")
+        coarse.resolved(49_152, {"logprob_dtype": "q64v2"})
     assert HarvestConfig(id_table=16).resolved(2_048).logprob_dtype == "q64v2"
+    with pytest.raises(ValueError, match=r"--stream-rows needs --logprob-dtype q64r; auto "
+                                         r"chose q64v2 \(2,048 ids\)"):
+        HarvestConfig(stream_rows=100).resolved(2_048)
+    with pytest.raises(ValueError, match="--stream-rows needs --logprob-dtype q64r"):
+        HarvestConfig(logprob_dtype="q64v2", stream_rows=100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,10 @@ TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) 
 #: have 32,000–262,144), where it stores ≈ 30% less than q64v2; q64v2 below (the small
 #: vocabularies of tests and of the demo's own teachers), whose reads are 3-4x faster
 LARGE_VOCAB = 16_384
+#: Options that say how a q64r store is coded (besides ``logprob_dtype``): a resumed store
+#: keeps its own (:meth:`HarvestConfig.resolved`)
+Q64R_OPTIONS = ("tail_nats", "stream_rows")
+STREAM_ROWS = 2048  #: q64r's rows per stream unless --stream-rows says otherwise
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,8 @@ class HarvestConfig:
     logprob_dtype: str = option(
         AUTO,
         f"Stored top-k coding. auto: q64r for a vocabulary of >= {LARGE_VOCAB:,} ids, q64v2 "
-        "below (a resumed store keeps its own coding). q64v2: compact, |error| <= 1/128 nat "
+        "below (a resumed store keeps its own coding, with its --tail-nats and --stream-rows "
+        "unless given). q64v2: compact, |error| <= 1/128 nat "
         "where p >= 1e-3, the sampled columns coded too (docs/FORMAT.md). q64v3: q64v2's "
         "values, ids coded against an earlier row of the sequence with the same top-1 id. "
         "q64r: q64v3's values range-coded, one stream per --stream-rows rows, the draws, the "
@@ -72,7 +78,7 @@ class HarvestConfig:
         "step there); the bound where p >= 1e-3 stays 1/128 nat.",
     )
     stream_rows: int = option(
-        2048,
+        STREAM_ROWS,
         "q64r: code consecutive sequences as one stream until it holds N rows, so that short "
         "windows share what the coder learns (a read decodes a whole stream; 0: a stream per "
         "sequence).",
@@ -110,16 +116,25 @@ class HarvestConfig:
         "teacher's vocabulary is the tokens store's or --vocab-map is given, else own.",
     )
 
-    def resolved(self, vocab_size: int, begun: str | None = None) -> HarvestConfig:
+    def resolved(self, vocab_size: int, begun: Mapping[str, Any] | None = None
+                 ) -> HarvestConfig:
         """This config with ``logprob_dtype`` auto made concrete for a store of ``vocab_size``
-        ids: ``begun``, the coding of the store being resumed, else :data:`LARGE_VOCAB`'s rule."""
+        ids. ``begun``: the coding options of the store being resumed (``logprob_dtype``, and
+        :data:`Q64R_OPTIONS` for q64r), which auto keeps, each option left at its default
+        taking the store's; without one, :data:`LARGE_VOCAB`'s rule."""
         if self.logprob_dtype != AUTO:
             return self
-        coding = begun or (Q64R if vocab_size >= LARGE_VOCAB else Q64V2)
+        begun = dict(begun or {})
+        resuming = bool(begun)
+        coding = begun.pop("logprob_dtype", None) or (Q64R if vocab_size >= LARGE_VOCAB
+                                                       else Q64V2)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        kept = {name: value for name, value in begun.items()
+                if getattr(self, name) == defaults[name]}
         try:  # the options checked against the coding chosen
-            return dataclasses.replace(self, logprob_dtype=coding)
+            return dataclasses.replace(self, logprob_dtype=coding, **kept)
         except ValueError as e:
-            why = "the store being resumed has it" if begun else f"{vocab_size:,} ids"
+            why = "the store being resumed has it" if resuming else f"{vocab_size:,} ids"
             raise ValueError(f"{e}; auto chose {coding} ({why})") from None
 
     @property
@@ -150,6 +165,8 @@ class HarvestConfig:
                              f"got {self.tail_nats}")
         if self.tail_nats != TAIL_NATS[0] and self.logprob_dtype not in (Q64R, AUTO):
             raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}")
+        if self.stream_rows != STREAM_ROWS and self.logprob_dtype not in (Q64R, AUTO):
+            raise ValueError(f"--stream-rows needs --logprob-dtype {Q64R}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
         if self.temperatures and self.engine != "hf":

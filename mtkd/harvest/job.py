@@ -11,6 +11,7 @@ A teacher with another tokenizer reads each window's text in its own tokens
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd.harvest.config import MAX_K, HarvestConfig
+from mtkd.harvest.config import MAX_K, TAIL_NATS, HarvestConfig
 from mtkd.harvest.engine import TeacherEngine
 from mtkd.harvest.own_tokens import TeacherTokenizer, check_texts, own_attrs, window_texts
 from mtkd.harvest.vocab_map import (
@@ -56,7 +57,16 @@ from mtkd.store.schema import (
     TOPK_LOGPROBS,
     teacher_header,
 )
-from mtkd.store.topk_codec import CODING_ATTR, Q64R, SAMPLE_CODING_ATTR, codes_scalars, ranked
+from mtkd.store.topk_codec import (
+    CODING_ATTR,
+    Q64R,
+    SAMPLE_CODING_ATTR,
+    TAIL_STEPS,
+    codes_scalars,
+    ranked,
+    stream_rows,
+    tail_step,
+)
 from mtkd.store.writer import pending_parts
 
 
@@ -281,7 +291,9 @@ def harvest(
         size = teacher_vocab_size(model_dir, teacher.loaded.tokenizer)
         attrs |= own_attrs(teacher, size)
     begun = begun_header(out)  # a store being resumed keeps its own codings
-    config = config.resolved(int(attrs["vocab_size"]), begun_coding(begun))
+    resumed = begun_options(begun)
+    config = config.resolved(int(attrs["vocab_size"]), resumed)
+    check_resumed_coding(config, resumed, out)
     header = teacher_header(tokens.num_parts, config.k, attrs, temperatures=config.temperatures,
                             num_samples=config.num_samples, logprob_dtype=config.logprob_dtype,
                             codec=config.codec, own_tokens=teacher is not None,
@@ -428,6 +440,40 @@ def begun_coding(header: dict[str, Any]) -> str | None:
     spec = arrays.get(TOPK_LOGPROBS) if isinstance(arrays, dict) else None
     dtype = spec.get("dtype") if isinstance(spec, dict) else None
     return dtype if isinstance(dtype, str) else None
+
+
+def begun_options(header: dict[str, Any]) -> dict[str, Any]:
+    """How a begun store's top-k is coded, as :class:`HarvestConfig` fields (empty if there
+    is no such store): ``logprob_dtype``, and for q64r its :data:`Q64R_OPTIONS`."""
+    coding = begun_coding(header)
+    if coding is None:
+        return {}
+    if coding != Q64R:
+        return {"logprob_dtype": coding}
+    attrs = header["attrs"]
+    return {"logprob_dtype": coding, "tail_nats": TAIL_NATS[TAIL_STEPS.index(tail_step(attrs))],
+            "stream_rows": stream_rows(attrs)}
+
+
+def check_resumed_coding(config: HarvestConfig, begun: dict[str, Any],
+                         out: str | os.PathLike[str]) -> None:
+    """Refuse, naming both, a harvest into a begun store (``begun``: :func:`begun_options`)
+    whose coding options differ from the store's (the coding alone, if that differs)."""
+    differ = [name for name, value in begun.items() if getattr(config, name) != value]
+    if not differ:
+        return
+    if "logprob_dtype" in differ:
+        differ = ["logprob_dtype"]
+
+    def flags(values: dict[str, Any] | HarvestConfig) -> str:
+        get = values.get if isinstance(values, dict) else functools.partial(getattr, values)
+        return " ".join(f"--{name.replace('_', '-')} {get(name):g}"
+                        if isinstance(get(name), float) else f"--{name.replace('_', '-')} "
+                        f"{get(name)}" for name in differ)
+
+    raise ValueError(f"{out} was begun with {flags(begun)}; this harvest asks {flags(config)}: "
+                     "resume with the store's options (--logprob-dtype auto keeps them) or "
+                     "harvest into a new --out")
 
 
 def q64r_choices(header: dict[str, Any]) -> dict[str, bool]:

@@ -15,6 +15,16 @@ class CorruptStoreError(StoreError):
     """Files of a committed store do not match their recorded counts or checksums."""
 
 
+class DamagedRowsError(CorruptStoreError, ValueError):
+    """Coded rows that fail their CRC or decode to values their coding cannot hold, found
+    by a read (a ValueError too: the codecs raise it on arrays outside any store). ``rows``:
+    where in the read, (first, past the last) row, when known."""
+
+    def __init__(self, message: str, rows: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 def io_error(what: str, e: OSError) -> StoreError:
     """An OSError (disk full, file too large, quota, permissions) as a one-line StoreError."""
     where = f" ({e.filename})" if e.filename else ""

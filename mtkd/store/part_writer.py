@@ -9,7 +9,10 @@ Arrays are written either ``raw`` (one uncompressed chunk per part: the chunk fi
 little-endian C-order buffer, memory-mapped by the reader for fast shuffled access) or ``zstd``
 (sharded and compressed, read through zarr; for stores read sequentially). Both are plain
 Zarr v3 that any zarr client opens. A teacher store may code its top-k columns
-(``attrs.topk_coding``, see ``topk_codec``): :meth:`PartWriter.append` encodes them.
+(``attrs.topk_coding``, see ``topk_codec``): :meth:`PartWriter.append` encodes them; where
+q64r gathers sequences into streams of ``attrs.topk_stream_rows`` rows, appends are held back
+(uncoded, at most a stream's rows and one append's) until they fill one, so that a stream's
+length does not depend on how the rows were appended (a harvest's engine calls).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, remove_settled, tmp_part_dir, write_json_atomic
 from mtkd.store.target_codec import encode_rows as encode_target_rows
-from mtkd.store.topk_codec import encode_rows
+from mtkd.store.topk_codec import Q64R, coding, encode_rows, stream_rows
 
 if TYPE_CHECKING:
     from mtkd.store.writer import StoreWriter
@@ -54,6 +57,11 @@ class PartWriter:
         self._lengths: list[np.ndarray] = []
         self._seq_ids: list[np.ndarray] = []
         self._meta: list[pa.Table] = []
+        self._with_meta: bool | None = None  # whether appends give meta (all or none do)
+        attrs = store.header.attrs
+        self._stream_rows = stream_rows(attrs) if coding(attrs) == Q64R else 0
+        self._held: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, pa.Table | None]]
+        self._held, self._held_rows = [], 0
         self.stats: dict[str, Any] = {}  # free-form counts kept in the commit record
         self.won: bool | None = None  # after commit: False if another writer committed first
 
@@ -74,6 +82,7 @@ class PartWriter:
         self._lengths.clear()
         self._seq_ids.clear()
         self._meta.clear()
+        self._held.clear()
 
     def append(
         self,
@@ -82,16 +91,16 @@ class PartWriter:
         seq_ids: Sequence[int] | np.ndarray,
         meta: pa.Table | None = None,
     ) -> None:
-        """Add sequences: ``rows`` holds every schema array with Σ ``seq_lengths`` rows."""
+        """Add sequences: ``rows`` holds every schema array with Σ ``seq_lengths`` rows.
+        Rows that fail to code raise StoreError here or, held back for a q64r stream (module
+        doc), at a later append or the commit; nothing of the part is committed either way."""
         lengths = np.asarray(seq_lengths, dtype=np.int64)
         ids = np.asarray(seq_ids, dtype=np.int64)
         if lengths.shape != ids.shape or lengths.ndim != 1:
             raise StoreError("seq_lengths and seq_ids must be 1-D and of equal length")
         if (lengths < 0).any():
             raise StoreError("sequence lengths must be non-negative")
-        n = int(lengths.sum())
-        header = self.store.header
-        written = {a.name for a in header.written_arrays}
+        written = {a.name for a in self.store.header.written_arrays}
         missing, extra = written - set(rows), set(rows) - written
         if missing or extra:
             raise StoreError(f"rows do not match the schema: missing {missing}, unknown {extra}")
@@ -100,9 +109,34 @@ class PartWriter:
         if meta is not None and "seq_id" in meta.column_names \
                 and meta.column("seq_id").to_pylist() != ids.tolist():
             raise StoreError("meta's seq_id column differs from seq_ids")
-        mixed = self._meta if meta is None else (self._lengths and not self._meta)
-        if mixed:
+        if self._with_meta is not None and self._with_meta != (meta is not None):
             raise StoreError("meta must be given with every append of a part or with none")
+        self._with_meta = meta is not None
+        if not self._stream_rows:
+            self._keep(rows, lengths, ids, meta)
+            return
+        # a copy: callers may reuse their buffers once append returns
+        self._held.append(({name: np.array(a) for name, a in rows.items()}, lengths, ids, meta))
+        self._held_rows += int(lengths.sum())
+        if self._held_rows >= self._stream_rows:
+            self._release()
+
+    def _release(self) -> None:
+        """Code and keep the appends held back for a stream, as one."""
+        if not self._held:
+            return
+        held, self._held, self._held_rows = self._held, [], 0
+        metas = [m for *_, m in held if m is not None]
+        self._keep({name: np.concatenate([rows[name] for rows, *_ in held])
+                    for name in held[0][0]},
+                   np.concatenate([h[1] for h in held]), np.concatenate([h[2] for h in held]),
+                   pa.concat_tables(metas) if metas else None)
+
+    def _keep(self, rows: Mapping[str, np.ndarray], lengths: np.ndarray, ids: np.ndarray,
+              meta: pa.Table | None) -> None:
+        """Code ``rows`` (whole sequences) and keep them, checked, for the commit."""
+        header = self.store.header
+        n = int(lengths.sum())
         try:  # coded sparse columns (topk_codec, target_codec): the checks below apply to
             rows = encode_rows(rows, header.attrs, lengths)  # what is stored
             rows = encode_target_rows(rows, header.attrs)
@@ -140,6 +174,7 @@ class PartWriter:
             raise
 
     def _commit(self) -> None:
+        self._release()
         header = self.store.header
         lengths = _concat(self._lengths, np.int64, ())
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)

@@ -17,7 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtkd.store.errors import CorruptStoreError, IncompleteStoreError, StoreError
+from mtkd.store.errors import (
+    CorruptStoreError,
+    DamagedRowsError,
+    IncompleteStoreError,
+    StoreError,
+)
 from mtkd.store.format import (
     COMMIT_FILE,
     HEADER_FILE,
@@ -89,7 +94,9 @@ class Store:
                 )
             raise IncompleteStoreError(
                 f"{self.root} is not complete: {len(missing)} of {self.header.num_parts} parts "
-                f"uncommitted (first: {missing[:5]}); rerun the job that writes it"
+                f"uncommitted (part{'s' * (len(missing) > 1)} "
+                f"{', '.join(map(str, missing[:5]))}{', …' * (len(missing) > 5)}); rerun the "
+                "job that writes it (it writes only the parts missing)"
             )
         self.manifest = read_json(manifest_path)
         if verify != "none":
@@ -252,12 +259,25 @@ class Store:
             else:
                 self._gather_chunked(n, buf, part_of, starts, lengths, offsets)
             out[n] = buf
-        return self._batch(names, out, offsets, self.seq_ids[idx])
+        return self._batch(names, out, offsets, self.seq_ids[idx], part_of)
 
     def _batch(self, names: list[str], stored: dict[str, np.ndarray], offsets: np.ndarray,
-               seq_ids: np.ndarray) -> Batch:
-        """The arrays asked for, as callers see them: coded top-k columns decoded."""
-        arrays = decode_target_rows(decode_rows(stored, self.attrs, offsets), self.attrs)
+               seq_ids: np.ndarray, parts: np.ndarray) -> Batch:
+        """The arrays asked for, as callers see them: coded top-k columns decoded. Damaged
+        rows are named by the store, part and sequences that hold them (``parts``: each
+        sequence's part)."""
+        try:
+            arrays = decode_target_rows(decode_rows(stored, self.attrs, offsets), self.attrs)
+        except DamagedRowsError as e:
+            where = ""
+            if e.rows is not None:
+                first = int(np.searchsorted(offsets, e.rows[0], side="right")) - 1
+                last = max(first, int(np.searchsorted(offsets, e.rows[1], side="left")) - 1)
+                held = sorted(set(parts[first:last + 1].tolist()))
+                where = (f" part{'s' * (len(held) > 1)} {', '.join(map(str, held))}, sequence "
+                         f"ids {seq_ids[first]}..{seq_ids[last]}:")
+            raise DamagedRowsError(f"{self.root}:{where} {e} (`mtkd verify {self.root}` "
+                                   "checks every chunk)", e.rows) from None
         return Batch({n: arrays[n] for n in names}, offsets, seq_ids)
 
     def _gather_raw(self, name: str, buf: np.ndarray, part_of: np.ndarray, starts: np.ndarray,
@@ -299,7 +319,8 @@ class Store:
         names = self._names(names)
         stored = {n: reader.slice(n, 0, reader.num_rows)
                   for n in target_names(stored_names(names, self.attrs), self.attrs)}
-        return self._batch(names, stored, reader.offsets.copy(), reader.seq_ids.copy())
+        return self._batch(names, stored, reader.offsets.copy(), reader.seq_ids.copy(),
+                           np.full(len(reader.seq_ids), part))
 
     def part_stats(self, part: int) -> Mapping[str, Any]:
         """The free-form counts its writer kept in a part's commit record."""

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mtkd.store.errors import DamagedRowsError
 from mtkd.store.q64_grid import (
     FINE,
     FINE_ERROR,
@@ -90,7 +91,9 @@ def decode(arrays: Mapping[str, np.ndarray], ranks: np.ndarray, top_levels: np.n
     decoded top-k rows' levels and log-probs; ValueError for a level off the grid (damaged)."""
     levels = _entry_levels(top_levels, ranks) + arrays[TARGET_LEVEL].astype(np.int64)
     if len(levels) and (levels.min() < 0 or levels.max() > neg_inf_level(tail_step)):
-        raise ValueError(f"{TARGET_LEVEL}: levels outside the grid (damaged)")
+        rows = np.flatnonzero((levels < 0) | (levels > neg_inf_level(tail_step)))
+        raise DamagedRowsError(f"{TARGET_LEVEL}: levels outside the grid (damaged)",
+                               (int(rows[0]), int(rows[-1]) + 1))
     residual = arrays[TAIL_RESIDUAL]
     tail = np.minimum(predicted_tail(top_logprobs) + residual / FINE, 0.0)  # a mass ≤ 1
     tail[residual == NEG_INF_TAIL] = -np.inf

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from mtkd.store.errors import DamagedRowsError
+
 HEAD = 9  #: bytes before a stream's body: mode, length, CRC-32
 RAW, CODED = 0, 1
 
@@ -67,8 +69,8 @@ def unframe(flat: np.ndarray, offsets: np.ndarray, width: int, raw_row_bytes: in
         if mode not in (RAW, CODED) or HEAD + length > len(share) \
                 or (mode == RAW and length != (hi - lo) * raw_row_bytes) \
                 or zlib.crc32(body, zlib.crc32(share[:5])) != int(share[5:9].view("<u4")[0]):
-            raise ValueError(f"{what}: stream {s} of the read (rows {lo}:{hi}) is damaged "
-                             "(its mode, length or CRC-32)")
+            raise DamagedRowsError(f"{what}: stream {s} of the read (rows {lo}:{hi}) is "
+                                   "damaged (its mode, length or CRC-32)", (lo, hi))
         if mode == CODED:
             starts[s], sizes[s] = lo * width + HEAD, length
         else:
@@ -76,11 +78,12 @@ def unframe(flat: np.ndarray, offsets: np.ndarray, width: int, raw_row_bytes: in
     return starts, sizes, raw
 
 
-def damaged(what: str, bad: np.ndarray, offsets: np.ndarray) -> ValueError:
+def damaged(what: str, bad: np.ndarray, offsets: np.ndarray) -> DamagedRowsError:
     """The error for the first stream ``bad`` flags (it decoded to impossible values)."""
     s = int(np.argmax(bad))
-    return ValueError(f"{what}: stream {s} of the read (rows {offsets[s]}:{offsets[s + 1]}) "
-                      "decodes to values its coding cannot hold")
+    lo, hi = int(offsets[s]), int(offsets[s + 1])
+    return DamagedRowsError(f"{what}: stream {s} of the read (rows {lo}:{hi}) decodes to "
+                            "values its coding cannot hold", (lo, hi))
 
 
 def raw_rows(arrays: dict[str, np.ndarray], lo: int, hi: int) -> np.ndarray:
@@ -134,5 +137,6 @@ def stream_offsets(starts: np.ndarray) -> np.ndarray:
     streams)."""
     first = np.flatnonzero(starts)
     if len(starts) and (len(first) == 0 or first[0] != 0):
-        raise ValueError("topk_stream_start: the rows read do not begin a stream (damaged)")
+        raise DamagedRowsError("topk_stream_start: the rows read do not begin a stream "
+                               "(damaged)")
     return np.concatenate([first, [len(starts)]]).astype(np.int64)

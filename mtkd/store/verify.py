@@ -37,7 +37,9 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str
         header = Header.from_json(read_json(root / HEADER_FILE), root)
     except FileNotFoundError:
         return [f"{root / HEADER_FILE}: missing; not an mtkd store"]
-    except (StoreError, KeyError, TypeError, AttributeError, ValueError) as e:
+    except StoreError as e:  # names the header already
+        return [str(e)]
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         return [f"{root / HEADER_FILE}: {e}"]
     manifest_path = root / MANIFEST_FILE
     recorded: dict[int, Any] | None = None

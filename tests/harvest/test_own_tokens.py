@@ -263,7 +263,8 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
     code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "r",
                      "--engine", "hf", "--k", K, "--dtype", "float32", "--id-table", 16,
                      "--logprob-dtype", "q64r")  # resumed with another (the default) value
-    assert code == 1 and "attrs.topk_stream_rows" in msg and "stored 4, asked 2048" in msg, msg
+    assert code == 1 and "was begun with --stream-rows 4; this harvest asks --stream-rows " \
+        "2048" in " ".join(msg.split()), msg
     for order in (np.arange(v2.num_sequences), np.arange(v2.num_sequences)[::-2]):
         for name, values in v2.read(order).arrays.items():
             assert_reads_alike(r.read(order)[name], values, name, scalars_coded=True)
@@ -290,23 +291,34 @@ def test_an_id_table_holds_the_teachers_most_read_ids_and_keeps_every_row(
 
 def test_auto_coding_keeps_a_begun_stores_own(setup: Setup, tmp_path: Path) -> None:
     """``--logprob-dtype auto`` (the default) writes q64v2 for this teacher's small vocabulary,
-    but resumes a store begun as q64r as q64r: the same rows as a q64r harvest's."""
+    but resumes a store begun as q64r as q64r, with its tail grid and stream rows: the same
+    rows as the q64r harvest's; a coding that differs from a begun store's is refused, naming
+    both."""
     args = ("--engine", "hf", "--k", K, "--dtype", "float32")
+    q64r = ("--logprob-dtype", "q64r", "--tail-nats", 0.25, "--stream-rows", 4)
     code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out", tmp_path / "r",
-                     *args, "--logprob-dtype", "q64r")
+                     *args, *q64r)
     assert code == 0, msg
-    (tmp_path / "begun").mkdir()  # a q64r harvest stopped before its first part committed
-    shutil.copy(tmp_path / "r" / "store.json", tmp_path / "begun" / "store.json")
+    for begun in ("begun", "refused"):  # q64r harvests stopped before a part committed
+        (tmp_path / begun).mkdir()
+        shutil.copy(tmp_path / "r" / "store.json", tmp_path / begun / "store.json")
     for out, coding in (("begun", "q64r"), ("fresh", "q64v2")):
         code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out",
                          tmp_path / out, *args)
         assert code == 0 and f"MiB on disk ({coding})" in msg, msg  # the summary says which
     r, begun = open_store(tmp_path / "r"), open_store(tmp_path / "begun", verify="full")
     assert begun.attrs["topk_coding"] == "q64r"
+    assert (begun.attrs["topk_tail_step"], begun.attrs["topk_stream_rows"]) == (4, 4)
     assert open_store(tmp_path / "fresh").attrs["topk_coding"] == "q64v2"
     order = np.arange(r.num_sequences)
     for name, values in r.read(order).arrays.items():
         np.testing.assert_array_equal(begun.read(order)[name], values, err_msg=name)
+    code, msg = mtkd("harvest", setup.tokens, "--model", setup.teacher, "--out",
+                     tmp_path / "refused", *args, "--logprob-dtype", "q64v2")
+    assert code != 0 and "was begun with --logprob-dtype q64r; this harvest asks " \
+        "--logprob-dtype q64v2" in " ".join(msg.split()), msg
+    assert not (tmp_path / "refused" / "parts").exists() or \
+        not any((tmp_path / "refused" / "parts").iterdir())
 
 
 def test_q64r_codes_the_draws_against_the_top_k(setup: Setup, tmp_path: Path) -> None:

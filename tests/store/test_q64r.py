@@ -25,7 +25,7 @@ from mtkd.store.format import PARTS_DIR, Header, part_name
 from mtkd.store.schema import TEACHER, teacher_header
 
 from .stores import assert_reads_alike, flip_byte
-from .test_q64v2 import VOCABS, write_teacher
+from .test_q64v2 import VOCABS, sampled_teacher_rows, write_teacher
 from .test_q64v3 import sequences, teacher_like_sizes
 from .test_topk_codec import assert_decoded, topk_rows
 
@@ -447,3 +447,31 @@ def test_damaged_stream_flags_are_refused_for_their_part_only(tmp_path: Path) ->
     twin = open_store(tmp_path / "v2", TEACHER)
     for name, values in twin.read([6, 4]).arrays.items():
         np.testing.assert_array_equal(store.read([6, 4])[name], values, err_msg=name)
+
+
+def test_streams_span_appends(tmp_path: Path) -> None:
+    """Sequences appended one at a time (a harvest's engine calls) are held back until they
+    fill a stream: the part's files are byte for byte those of one append of them all."""
+    lengths = [3, 0, 4, 2, 5, 1, 6, 2]
+    rows = sampled_teacher_rows(np.random.default_rng(11), sum(lengths), 8, 6, 3000)
+    header = teacher_header(1, 8, {"vocab_size": 3000}, num_samples=6, logprob_dtype=tc.Q64R,
+                            stream_rows=6)
+    for name, appends in (("whole", [(0, len(lengths))]),
+                          ("one-by-one", [(i, i + 1) for i in range(len(lengths))])):
+        writer = StoreWriter(tmp_path / name, header)
+        with writer.open_part(0) as pw:
+            for lo, hi in appends:
+                first, last = sum(lengths[:lo]), sum(lengths[:hi])
+                pw.append({n: a[first:last] for n, a in rows.items()}, lengths[lo:hi],
+                          np.arange(lo, hi))
+        assert writer.finalize()
+    part = tmp_path / "whole" / PARTS_DIR / part_name(0)
+    files = sorted(p.relative_to(part) for p in part.rglob("*") if p.is_file())
+    assert tc.STREAM_START in {f.parts[0] for f in files}
+    for f in files:
+        assert (part / f).read_bytes() == (tmp_path / "one-by-one" / PARTS_DIR / part_name(0)
+                                           / f).read_bytes(), f
+    import zarr
+
+    starts = np.flatnonzero(zarr.open_array(part / tc.STREAM_START, mode="r")[:])
+    assert starts.tolist() == [0, 7, 14, 21]  # streams of 7, 7, 7 and the last 2 rows

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtkd.store import StoreError, StoreWriter, open_store, stream_frames
+from mtkd.store import CorruptStoreError, StoreError, StoreWriter, open_store, stream_frames
 from mtkd.store import q64_grid as grid
 from mtkd.store import sample_stream as ss
 from mtkd.store import topk_codec as tc
@@ -279,3 +279,22 @@ def test_the_writer_refuses_draws_q64v2_would_refuse(tmp_path: Path) -> None:
     for a, b in zip(ss.decode(stream, np.array([0, 1]), top_ids, top_levels, TOP_LEVEL, 50),
                     (ids, counts, levels), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("column", [tc.STREAM, tc.SAMPLE_STREAM])
+def test_a_damaged_stream_read_unverified_names_its_store_part_and_sequences(
+        tmp_path: Path, column: str) -> None:
+    """A read that skips the checksums (``verify="size"``, what jobs use) still refuses a
+    damaged stream, as a CorruptStoreError naming the store, the part and the sequences."""
+    rng = np.random.default_rng(9)
+    parts = [draw_rows(rng, 40, 8, 16, 500) for _ in range(2)]
+    root = write(tmp_path / "t", parts, tc.Q64R, 500, [20, 20])
+    chunk = next(p for p in (root / PARTS_DIR / part_name(1) / column).rglob("*")
+                 if p.is_file() and p.name != "zarr.json")
+    flip_byte(chunk)
+    store = open_store(root, TEACHER, verify="size")
+    for read in (lambda: store.read_part(1), lambda: store.read([2, 3])):
+        with pytest.raises(CorruptStoreError, match=rf"{root}: part 1, sequence ids \d+\.\.\d+: "
+                                                    rf"{column}: stream \d of the read"):
+            read()
+    assert store.read_part(0)["topk_ids"].shape == (40, 8)  # the other part reads

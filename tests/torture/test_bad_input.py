@@ -334,7 +334,7 @@ def test_incomplete_tokens_store(pipeline: Pipeline, tmp_path: Path) -> None:
     code, msg = mtkd("harvest", tokens, "--model", pipeline.teachers[0], "--out",
                      tmp_path / "o", *HARVEST)
     parts = open_store(pipeline.tokens).num_parts
-    assert code == 1 and f"is not complete: 1 of {parts} parts uncommitted (first: [2])" in msg
+    assert code == 1 and f"is not complete: 1 of {parts} parts uncommitted (part 2)" in msg
     assert not (tmp_path / "o").exists()
 
 

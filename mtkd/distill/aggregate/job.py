@@ -516,8 +516,9 @@ def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
-    """Mean diagnostics over the whole target store, from the parts' commit records; with
-    teachers of their own tokenizer also each teacher's ``coverage_fraction_{j}`` (rows it
+    """Mean diagnostics over the target store's rows that its teachers gave targets (all but
+    the CE-only ones), from the parts' commit records; with teachers of their own tokenizer
+    also each teacher's ``coverage_fraction_{j}`` (rows it
     gives a distribution), ``aligned_{shared,interior,fallback}_{j}`` (row counts) and
     ``ce_only_fraction`` (rows with the one-hot target)."""
     store = open_store(out, TARGET, verify="none")
@@ -526,10 +527,11 @@ def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
         for key, value in store.part_stats(p).items():
             totals[key] = np.add(totals.get(key, 0), value)
     n = max(int(totals.get("positions", 0)), 1)
-    summary = {k.removeprefix("sum_"): float(v) / n for k, v in totals.items()
+    fused = max(n - int(totals.get("ce_only_rows", 0)), 1)  # rows the teachers gave targets
+    summary = {k.removeprefix("sum_"): float(v) / fused for k, v in totals.items()
                if k.startswith("sum_") and np.ndim(v) == 0}
     for j, w in enumerate(np.atleast_1d(totals.get("sum_weights", []))):
-        summary[f"mean_weight_{j}"] = float(w) / n
+        summary[f"mean_weight_{j}"] = float(w) / fused
     # with teachers of their own tokenizer (coverage.coverage_stats): per teacher j
     for j, c in enumerate(np.atleast_1d(totals.get("covered_rows", []))):
         summary[f"coverage_fraction_{j}"] = float(c) / n

@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if held is None and cfg.eval_fraction > 0:
+            warnings.warn(f"no held-out sequences (--eval-fraction {cfg.eval_fraction:g} of "
+                          f"{tokens.num_sequences} sequences picks none): no held-out "
+                          "evaluation; give a larger fraction or --heldout", stacklevel=2)
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
     net.train()
     batches = Prefetcher(loader.stream(state), cfg.prefetch)

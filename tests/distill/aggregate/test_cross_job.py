@@ -171,6 +171,8 @@ def test_character_teacher_by_hand(tmp_path):
     assert got["weights"].tolist() == [[1.0], [0.0]]
     assert summary.diagnostics["coverage_fraction_0"] == 0.5
     assert summary.diagnostics["ce_only_fraction"] == 0.5
+    assert summary.diagnostics["mean_weight_0"] == summary.diagnostics["n_eff"] == 1.0
+    np.testing.assert_allclose(summary.diagnostics["tail_mass"], 0.1, atol=1e-6)  # its own row
     assert summary.diagnostics["aligned_shared_0"] == 1
     assert summary.diagnostics["aligned_fallback_0"] == 1
 
