@@ -31,6 +31,7 @@ from zarr.codecs import ZstdCodec
 from mtkd.store.errors import StoreError, io_error
 from mtkd.store.format import COMMIT_FILE, META_FILE, PARTS_DIR, ArraySpec, Codec, jsonable
 from mtkd.store.fs import file_sha256, fsync, remove_settled, tmp_part_dir, write_json_atomic
+from mtkd.store.stream_frames import stream_lengths
 from mtkd.store.target_codec import encode_rows as encode_target_rows
 from mtkd.store.topk_codec import Q64R, coding, encode_rows, stream_rows
 
@@ -60,8 +61,9 @@ class PartWriter:
         self._with_meta: bool | None = None  # whether appends give meta (all or none do)
         attrs = store.header.attrs
         self._stream_rows = stream_rows(attrs) if coding(attrs) == Q64R else 0
+        #: appends held back for a q64r stream: (rows, lengths, seq ids, meta) of each
         self._held: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, pa.Table | None]]
-        self._held, self._held_rows = [], 0
+        self._held = []
         self.stats: dict[str, Any] = {}  # free-form counts kept in the commit record
         self.won: bool | None = None  # after commit: False if another writer committed first
 
@@ -117,20 +119,35 @@ class PartWriter:
             return
         # a copy: callers may reuse their buffers once append returns
         self._held.append(({name: np.array(a) for name, a in rows.items()}, lengths, ids, meta))
-        self._held_rows += int(lengths.sum())
-        if self._held_rows >= self._stream_rows:
-            self._release()
+        self._release(whole_streams=True)
 
-    def _release(self) -> None:
-        """Code and keep the appends held back for a stream, as one."""
+    def _release(self, whole_streams: bool = False) -> None:
+        """Code and keep the appends held back for q64r streams: all of them, or with
+        ``whole_streams`` the sequences of the streams they fill (the rest stay held)."""
         if not self._held:
             return
-        held, self._held, self._held_rows = self._held, [], 0
-        metas = [m for *_, m in held if m is not None]
-        self._keep({name: np.concatenate([rows[name] for rows, *_ in held])
-                    for name in held[0][0]},
-                   np.concatenate([h[1] for h in held]), np.concatenate([h[2] for h in held]),
-                   pa.concat_tables(metas) if metas else None)
+        held, self._held = self._held, []
+        rows = {name: np.concatenate([h[0][name] for h in held]) for name in held[0][0]}
+        lengths = np.concatenate([h[1] for h in held])
+        ids = np.concatenate([h[2] for h in held])
+        metas = [h[3] for h in held if h[3] is not None]
+        meta = pa.concat_tables(metas) if metas else None
+        cut = len(lengths)
+        if whole_streams:
+            streams = stream_lengths(lengths, self._stream_rows)
+            filled = int(streams.sum()) - (int(streams[-1]) if len(streams) and
+                                           streams[-1] < self._stream_rows else 0)
+            cut = int(np.searchsorted(np.cumsum(lengths), filled, side="right"))
+            if cut < len(lengths):  # the sequences of a stream not yet filled
+                first = int(lengths[:cut].sum())
+                self._held.append(({name: a[first:] for name, a in rows.items()},
+                                   lengths[cut:], ids[cut:],
+                                   None if meta is None else meta.slice(cut)))
+                rows = {name: a[:first] for name, a in rows.items()}
+                lengths, ids = lengths[:cut], ids[:cut]
+                meta = None if meta is None else meta.slice(0, cut)
+        if cut:
+            self._keep(rows, lengths, ids, meta)
 
     def _keep(self, rows: Mapping[str, np.ndarray], lengths: np.ndarray, ids: np.ndarray,
               meta: pa.Table | None) -> None:

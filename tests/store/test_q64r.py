@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -457,21 +458,25 @@ def test_streams_span_appends(tmp_path: Path) -> None:
     header = teacher_header(1, 8, {"vocab_size": 3000}, num_samples=6, logprob_dtype=tc.Q64R,
                             stream_rows=6)
     for name, appends in (("whole", [(0, len(lengths))]),
-                          ("one-by-one", [(i, i + 1) for i in range(len(lengths))])):
+                          ("one-by-one", [(i, i + 1) for i in range(len(lengths))]),
+                          ("pairs", [(i, i + 2) for i in range(0, len(lengths), 2)])):
         writer = StoreWriter(tmp_path / name, header)
         with writer.open_part(0) as pw:
             for lo, hi in appends:
                 first, last = sum(lengths[:lo]), sum(lengths[:hi])
                 pw.append({n: a[first:last] for n, a in rows.items()}, lengths[lo:hi],
-                          np.arange(lo, hi))
+                          np.arange(lo, hi), pa.table({"doc": [f"d{i}" for i in range(lo, hi)]}))
         assert writer.finalize()
     part = tmp_path / "whole" / PARTS_DIR / part_name(0)
     files = sorted(p.relative_to(part) for p in part.rglob("*") if p.is_file())
     assert tc.STREAM_START in {f.parts[0] for f in files}
-    for f in files:
-        assert (part / f).read_bytes() == (tmp_path / "one-by-one" / PARTS_DIR / part_name(0)
-                                           / f).read_bytes(), f
+    for other in ("one-by-one", "pairs"):  # (pairs overshoot a stream: the rest waits)
+        for f in files:
+            assert (part / f).read_bytes() == (tmp_path / other / PARTS_DIR / part_name(0)
+                                               / f).read_bytes(), (other, f)
     import zarr
 
     starts = np.flatnonzero(zarr.open_array(part / tc.STREAM_START, mode="r")[:])
+    meta = open_store(tmp_path / "pairs", TEACHER).read_meta()
+    assert meta.column("doc").to_pylist() == [f"d{i}" for i in range(len(lengths))]
     assert starts.tolist() == [0, 7, 14, 21]  # streams of 7, 7, 7 and the last 2 rows
