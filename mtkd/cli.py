@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: wraps at any width, never cuts a flag's name
 )
 
 # ----------------------------------------------------------------- options from stage configs
@@ -207,7 +208,7 @@ def _workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]
 # ------------------------------------------------------------------------------------ commands
 
 
-@app.command()
+@app.command(short_help="Tokenise a corpus once into a tokens store.")
 @stage_options(TokenizeConfig)
 def tokenize(
     inputs: Annotated[list[Path], typer.Argument(help="jsonl/parquet/text files or directories.")],
@@ -252,7 +253,7 @@ def tokenize(
             typer.echo(f"  {line}")
 
 
-@app.command()
+@app.command(short_help="Run a teacher over a tokens store; write its log-probs.")
 @stage_options(HarvestConfig, skip=("engine_args",), flags={"temperatures": ("--temperature",)})
 def harvest(
     tokens: Annotated[Path, typer.Argument(help="Tokens store made by `mtkd tokenize`.")],
@@ -360,7 +361,7 @@ def _task_weights(items: list[str] | dict[str, Any] | None, k: int) -> dict[str,
     return out
 
 
-@app.command()
+@app.command(short_help="Fuse teacher stores into mixture targets.")
 @stage_options(
     AggregateConfig, skip=("teachers", "weights", "fit_weights", "temperatures", "task_weights")
 )
@@ -417,7 +418,7 @@ def aggregate(
             + f"  ce_only {d['ce_only_fraction']:.4f} (the means above: over the other rows)")
 
 
-@app.command()
+@app.command(short_help="Train a student on the targets (DDP/FSDP via torchrun).")
 @stage_options(TrainConfig, skip=("student", "suppress_ids"), flags={
     "max_steps": ("--max-steps", "--steps"),
     "warmup_steps": ("--warmup-steps", "--warmup"),
@@ -459,7 +460,7 @@ def train(
                                              if isinstance(v, float)))
 
 
-@app.command()
+@app.command(short_help="Check a store's counts and checksums.")
 def verify(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     quick: Annotated[bool, typer.Option(help="Check sizes only, not checksums.")] = False,
@@ -501,7 +502,7 @@ def info(
         typer.echo(f"  {key}: {_short(value)}")
 
 
-@app.command()
+@app.command(short_help="Run the whole pipeline on the standard library's sources.")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     size: Annotated[str, typer.Option(help="small (default, ≈ 9.5 min on 2 cores) or tiny (CI).")]
@@ -522,7 +523,7 @@ def demo(
     typer.echo((report.parent / "report.md").read_text().split("## Quality")[0])
 
 
-@app.command("setup-teacher")
+@app.command("setup-teacher", short_help="Fetch and convert the real teacher (SmolLM2) once.")
 def setup_teacher(
     out: Annotated[Path | None, typer.Option(
         help="Model directory (default: in $MTKD_CACHE, else ~/.cache/mtkd).")] = None,
@@ -538,7 +539,7 @@ def setup_teacher(
         raise _fail(str(e)) from None
 
 
-@app.command()
+@app.command(short_help="Write an HTML report with plots for a run.")
 def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
     """Write an HTML page with plots and a markdown table for a run."""
     from mtkd.recipes.report import write_report

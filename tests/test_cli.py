@@ -223,7 +223,7 @@ def test_bounds_come_from_the_configs() -> None:
                                env={"COLUMNS": "200"})
         assert result.exit_code == 2 and "Invalid value for '--k'" in result.output
     help_text = runner.invoke(app, ["harvest", "--help"], env={"COLUMNS": "200"}).output
-    assert f"[1<=x<={MAX_K}]" in help_text
+    assert f"1<=x<={MAX_K}]" in help_text  # "[default: 64; 1<=x<=256]"
     with pytest.raises(ValueError, match=rf"k must be in \[1, {MAX_K}\] \(the vLLM engine"):
         HarvestConfig(k=MAX_K + 1)
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
