@@ -227,4 +227,4 @@ def test_bounds_come_from_the_configs() -> None:
     with pytest.raises(ValueError, match=rf"k must be in \[1, {MAX_K}\] \(the vLLM engine"):
         HarvestConfig(k=MAX_K + 1)
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
-    assert "[x>=2]" in result.output and "--max-steps,--steps" in result.output
+    assert "x>=2]" in result.output and "--max-steps, --steps" in result.output
