@@ -1,8 +1,10 @@
 """Per-row diagnostics of an aggregation: Jensen gap, teacher disagreement, effective teachers.
 
 All are computed over the same categories the operator saw (union ids + tail bucket), so they
-depend on the tail model through the imputed masses. Conventions: 0·log 0 = 0; KL is +inf where
-q has 0 on a category some teacher gives mass (possible for geometric pooling).
+depend on the tail model through the imputed masses. Conventions: 0·log 0 = 0; where q has 0 on
+a category some teacher gives mass (geometric pooling, or a tail model that drops the tail), the
+KL charges log q = :data:`ZERO_Q_LOG` there instead of −∞, so that a store keeps a finite,
+comparable value (an infinite KL is refused by the store writer and would swamp every mean).
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from mtkd.distill.aggregate.operators import Stack, xlogx
+
+#: log q charged on a category the fusion gives 0 and some teacher does not: 30 nats per unit
+#: of that teacher's mass (as if q were e^−30 ≈ 1e−13 there)
+ZERO_Q_LOG = -30.0
 
 
 def entropy(probs: np.ndarray, logprobs: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -28,17 +34,15 @@ def jensen_gap(stack: Stack, weights: np.ndarray, q: np.ndarray) -> np.ndarray:
 
     For linear q this is the generalised Jensen–Shannon divergence (information radius)
     H(q) − Σ w_k H(p_k), and exactly L_multi − L_mix for forward KL to any student. For other
-    operators it is the weighted divergence of the teachers from the target they were fused into.
-    Computed as KL(p_k‖q) = Σ p_k log p_k − Σ p_k log q (a row-wise dot, no [N,C] temporaries).
+    operators it is the weighted divergence of the teachers from the target they were fused into
+    (with :data:`ZERO_Q_LOG` where q is 0 under a teacher's mass). Computed as KL(p_k‖q) =
+    Σ p_k log p_k − Σ p_k log q (a row-wise dot, no [N,C] temporaries).
     """
     zero_q = q <= 0
-    any_zero = bool(zero_q.any())
-    log_q = np.log(np.where(zero_q, 1.0, q)) if any_zero else np.log(q)
+    log_q = np.where(zero_q, ZERO_Q_LOG, np.log(np.where(zero_q, 1.0, q)))
     gap = np.zeros(q.shape[0])
     for k in range(stack.n_teachers):
         div = stack.plogp[k] - np.einsum("nc,nc->n", stack.probs[k], log_q)
-        if any_zero:
-            div[((stack.probs[k] > 0) & zero_q).any(axis=1)] = np.inf
         wk = weights[:, k]
         used = wk > 0
         gap[used] += wk[used] * div[used]

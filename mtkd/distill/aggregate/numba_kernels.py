@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from mtkd.distill.aggregate.diagnostics import ZERO_Q_LOG
+
 _LOW_MAX = (1 << 31) - 1  # the low 31 bits of a top-k key hold LOW_MAX − id (ties → smaller id)
 _PAD_KEY = 1  # sorts after every real key (real keys are ≤ 0)
 # What ``combine`` accumulates: linear q, the geometric log-pool, or the dense stacks for an
@@ -195,7 +197,7 @@ def _finish_kernel(
     order = descending float32 q, then ascending id) and the Jensen gap Σ_j w_j KL(x_j‖q):
     for linear q, Σ_j w_j Σ x_j log x_j − Σ q log q; otherwise Σ_u x_j(u) log q(u) =
     v_j·(Σ_U log q − Σ_own log q) + Σ_own p log q + t_j log q_tail where q > 0 on the union
-    (else term by term, +inf where q = 0 < x_j)."""
+    (else term by term, log q taken as ``diagnostics.ZERO_Q_LOG`` where q = 0 < x_j)."""
     n = cols.shape[0]
     n_teachers = starts.shape[0] - 1
     umax = q.shape[1] - 1
@@ -236,7 +238,6 @@ def _finish_kernel(
             if not wj > 0.0:
                 continue
             cross = 0.0
-            infinite = False
             tab = etab[tidx[j]]
             sc = scale[r, j]
             vj = v[r, j]
@@ -258,17 +259,11 @@ def _finish_kernel(
             else:
                 for u in range(size):
                     if x[u] > 0.0:
-                        if q[r, u] <= 0.0:
-                            infinite = True
-                            break
-                        cross += x[u] * log_q[r, u]
+                        cross += x[u] * (log_q[r, u] if q[r, u] > 0.0 else ZERO_Q_LOG)
             t = tail[r, j]
             if t > 0.0:
-                if q[r, umax] <= 0.0:
-                    infinite = True
-                else:
-                    cross += t * log_q[r, umax]
-            total += wj * (np.inf if infinite else plogp[r, j] - cross)
+                cross += t * (log_q[r, umax] if q[r, umax] > 0.0 else ZERO_Q_LOG)
+            total += wj * (plogp[r, j] - cross)
         gap[r] = total
 
 

@@ -151,11 +151,13 @@ def direct_fuse(teachers: list[Path], part: int, weights: object, cfg: Aggregate
                 cfg.k_out, VOCAB, keep_teacher_blocks=cfg.teacher_blocks)
 
 
-@pytest.mark.parametrize("operator", ["linear", "geometric"])
-def test_static_weights_equal_fuse_on_the_same_rows(stores, tmp_path, operator):
+@pytest.mark.parametrize(("operator", "tail_model"), [
+    ("linear", "zipf"), ("geometric", "zipf"),
+    ("geometric", "renormalise")])  # q zeroes what a teacher's top-k lacks: a finite gap
+def test_static_weights_equal_fuse_on_the_same_rows(stores, tmp_path, operator, tail_model):
     tokens, teachers = stores
     cfg = config(teachers, weights=(0.5, 0.3, 0.2), temperatures=(1.0, 2.0, 3.0),
-                 operator=operator, tail_model="zipf", k_out=12)
+                 operator=operator, tail_model=tail_model, k_out=12)
     summary = aggregate(tokens, tmp_path / "out", cfg, progress=False)
     assert summary.complete and summary.parts_written == PARTS
     got = read_all(tmp_path / "out")
@@ -165,6 +167,7 @@ def test_static_weights_equal_fuse_on_the_same_rows(stores, tmp_path, operator):
             np.testing.assert_array_equal(got[p][name], want[name], err_msg=name)
         np.testing.assert_allclose(got[p]["probs"].sum(axis=1, dtype=np.float64)
                                    + got[p]["tail_mass"], 1.0, atol=1e-6)
+        assert np.isfinite(got[p]["jensen_gap"]).all()
     assert summary.diagnostics["positions"] == sum(len(got[p]["ids"]) for p in got)
     np.testing.assert_allclose([summary.diagnostics[f"mean_weight_{j}"] for j in range(3)],
                                cfg.weights, rtol=1e-6)

@@ -238,12 +238,17 @@ def test_diagnostics(case):
     assert ((n_eff >= 1 - 1e-12) & (n_eff <= stack.n_teachers + 1e-9)).all()
 
 
-def test_jensen_gap_is_infinite_where_q_misses_a_teachers_mass():
+def test_jensen_gap_charges_a_finite_log_q_where_q_misses_a_teachers_mass():
+    """Geometric pooling zeroes what one teacher lacks: each teacher's KL charges log q =
+    ZERO_Q_LOG (−30) on its mass there, so the gap is finite and a store keeps it."""
+    from mtkd.distill.aggregate.diagnostics import ZERO_Q_LOG
+
     probs = np.array([[[0.5, 0.5, 0.0]], [[0.0, 0.5, 0.5]]])
     w = np.array([[0.5, 0.5]])
     q = Geometric()(Stack(probs), w)
     np.testing.assert_allclose(q, [[0.0, 1.0, 0.0]])
-    assert np.isinf(jensen_gap(Stack(probs), w, q)).all()
+    each = 0.5 * (np.log(0.5) - ZERO_Q_LOG) + 0.5 * np.log(0.5)  # KL(p_k‖q), either teacher
+    np.testing.assert_allclose(jensen_gap(Stack(probs), w, q), [each], rtol=1e-12)
 
 
 def test_registry():
