@@ -245,7 +245,8 @@ def tokenize(
                f"{summary.documents} documents in {summary.parts} parts")
     if num_parts is not None and summary.parts < num_parts:
         typer.echo(f"  ({summary.parts} parts, not --num-parts {num_parts}: a part holds whole "
-                   "files, or whole blocks of a large jsonl file, and the corpus has no more)")
+                   f"files, or whole blocks of a large jsonl file, and the corpus has only "
+                   f"{summary.parts})")
     if summary.problems:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items()))
         typer.secho(f"skipped: {counts}", fg=typer.colors.YELLOW)
@@ -301,12 +302,17 @@ def harvest(
                               num_workers=num_workers)
     except (StoreError, ValueError) as e:
         raise _fail(str(e)) from None
-    typer.echo(
-        f"harvest: {summary.tokens:,} tokens in {summary.parts_written} of {summary.parts} parts, "
-        f"{summary.seconds:.1f} s, {summary.tokens_per_s:,.0f} tok/s ({summary.engine or 'none'}),"
-        f" {summary.bytes_on_disk / 2**20:.1f} MiB on disk ({summary.coding}); "
-        + ("store complete" if summary.complete else "waiting for other workers' parts")
-    )
+    if summary.complete and not summary.parts_written:  # a rerun over a finished store
+        typer.echo(f"harvest: {out} was already complete ({summary.parts} parts, "
+                   f"{summary.bytes_on_disk / 2**20:.1f} MiB on disk, {summary.coding}); "
+                   "nothing to do")
+    else:
+        typer.echo(
+            f"harvest: {summary.tokens:,} tokens in {summary.parts_written} of {summary.parts} "
+            f"parts, {summary.seconds:.1f} s, {summary.tokens_per_s:,.0f} tok/s "
+            f"({summary.engine or 'none'}), {summary.bytes_on_disk / 2**20:.1f} MiB on disk "
+            f"({summary.coding}); "
+            + ("store complete" if summary.complete else "waiting for other workers' parts"))
     if summary.tokenization == "own":  # the teacher read each window's text its own way
         counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.unreadable.items()))
         typer.echo(f"own tokenization: {sum(summary.unreadable.values())} sequences unreadable "
@@ -415,7 +421,8 @@ def aggregate(
     if "ce_only_fraction" in d:  # a teacher with its own tokenizer: rows each one covers
         typer.echo("  coverage " + " ".join(
             f"{d[f'coverage_fraction_{j}']:.3f}" for j in range(len(teachers)))
-            + f"  ce_only {d['ce_only_fraction']:.4f} (the means above: over the other rows)")
+            + f"  ce_only {d['ce_only_fraction']:.4f}"
+            + (" (the means above: over the other rows)" if d["ce_only_fraction"] else ""))
 
 
 @app.command(short_help="Train a student on the targets (DDP/FSDP via torchrun).")
@@ -453,8 +460,14 @@ def train(
         result = run_train(cfg)
     except (StoreError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"train: {result.steps} steps, {result.tokens:,} tokens in "
-               f"{result.elapsed_s:.0f} s → {result.model_dir}")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: the summary once, from rank 0
+        return
+    if result.already_finished:
+        typer.echo(f"train: {result.out} had already finished its {result.steps} steps; "
+                   f"nothing to do → {result.model_dir}")
+    else:
+        typer.echo(f"train: {result.steps} steps, {result.tokens:,} tokens in "
+                   f"{result.elapsed_s:.0f} s → {result.model_dir}")
     if result.last_eval:
         typer.echo("  held-out " + "  ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()
                                              if isinstance(v, float)))

@@ -135,16 +135,25 @@ def plan_units(files: Sequence[Path], split_bytes: int = JSONL_SPLIT_BYTES) -> l
     return units
 
 
+#: The rule of :func:`group_units`, recorded in a tokens store's header (``part_split``)
+PART_SPLIT = "middle-byte"
+
+
 def group_units(units: Sequence[Unit], num_parts: int) -> list[list[Unit]]:
-    """Split units into ``num_parts`` contiguous groups of about equal bytes."""
+    """Split units into ``min(num_parts, len(units))`` contiguous, non-empty groups of about
+    equal bytes: each unit goes to the part its middle byte falls in, kept contiguous (at most
+    one part further than the last unit's) and leaving a unit for every part still to fill."""
     num_parts = max(1, min(num_parts, len(units)))
-    total = sum(max(u.size, 1) for u in units)
+    sizes = [max(u.size, 1) for u in units]
+    total = sum(sizes)
     groups: list[list[Unit]] = [[] for _ in range(num_parts)]
-    acc = 0
-    for u in units:
-        index = min(acc * num_parts // total, num_parts - 1)
+    acc, index = 0, 0
+    for i, (u, size) in enumerate(zip(units, sizes, strict=True)):
+        middle = (2 * acc + size) * num_parts // (2 * total)
+        fill = num_parts - (len(units) - i)  # the parts the units left must still fill
+        index = min(max(middle, fill, index), index + 1 if groups[index] else index)
         groups[index].append(u)
-        acc += max(u.size, 1)
+        acc += size
     return [g for g in groups if g] or [[]]
 
 

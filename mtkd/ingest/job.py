@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from mtkd.ingest.config import TokenizeConfig
 from mtkd.ingest.corpus import (
+    PART_SPLIT,
     CorpusError,
     Document,
     Problems,
@@ -108,6 +109,8 @@ def tokenize_corpus(
         "corpus_fingerprint": fingerprint(files),
         "config": config.__dict__,
         "num_files": len(files),
+        # how files map to parts: a store begun under another rule is refused, not mixed
+        "part_split": PART_SPLIT,
     }
     writer = StoreWriter(out, tokens_header(len(groups), attrs, byte_offsets=config.byte_offsets))
     pending = writer.pending_parts(worker_index, num_workers)

@@ -298,4 +298,16 @@ def test_group_units_is_contiguous_and_complete(sizes: list[int], parts: int) ->
     units = [Unit(f"f{i}", "text", 0, s, s) for i, s in enumerate(sizes)]
     groups = group_units(units, parts)
     assert [u for g in groups for u in g] == units
-    assert 1 <= len(groups) <= min(parts, len(units)) and all(groups)
+    assert len(groups) == min(parts, len(units)) and all(groups)
+
+
+def test_group_units_splits_two_unequal_files() -> None:
+    """Two files, the first under half the bytes: two parts (each file's middle byte decides,
+    not where it starts)."""
+    from mtkd.ingest.corpus import Unit
+
+    units = [Unit("a", "text", 0, 102_867, 102_867), Unit("b", "text", 0, 119_254, 119_254)]
+    for parts in (2, 4):
+        assert group_units(units, parts) == [[units[0]], [units[1]]]
+    big = [Unit(f"f{i}", "text", 0, s, s) for i, s in enumerate([10, 1000, 10, 10])]
+    assert [len(g) for g in group_units(big, 3)] == [1, 1, 2]

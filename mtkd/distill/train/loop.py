@@ -24,8 +24,8 @@ import gc
 import itertools
 import json
 import math
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,16 @@ class TrainResult:
     resumed_from: int | None
     last_log: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, Any] = field(default_factory=dict)
+    already_finished: bool = False  # a rerun of a finished run: nothing trained or written
+
+
+def finished(out: Path, steps: int, tokens: int) -> TrainResult:
+    """The result of a run that already finished, from its final metrics (kept as they are:
+    a rerun of a finished run trains nothing and rewrites nothing)."""
+    final = json.loads((out / FINAL_METRICS).read_text())
+    last_eval = {k: v for k, v in final.items() if k.startswith("eval_")}
+    return TrainResult(out, out / "final", steps, tokens, 0.0, steps, final.get("train", {}),
+                       last_eval, already_finished=True)
 
 
 def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, vocab: int,
@@ -240,13 +250,15 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if ckpts:
         step, state, tokens_seen = restore(ckpts[-1], cfg, model, opt, sched, meter, d.main)
         resumed = step
+        if step >= cfg.max_steps and (out / FINAL_METRICS).exists():
+            return finished(out, step, tokens_seen)  # a rerun of a finished run (a requeue)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         if held is None and cfg.eval_fraction > 0:
-            warnings.warn(f"no held-out sequences (--eval-fraction {cfg.eval_fraction:g} of "
-                          f"{tokens.num_sequences} sequences picks none): no held-out "
-                          "evaluation; give a larger fraction or --heldout", stacklevel=2)
+            print(f"note: --eval-fraction {cfg.eval_fraction:g} picks none of this store's "
+                  "documents (the split is by document): no held-out evaluation; give a larger "
+                  "fraction or --heldout", file=sys.stderr)
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
     net.train()
     batches = Prefetcher(loader.stream(state), cfg.prefetch)

@@ -189,6 +189,11 @@ def test_ce_run_learns_and_saves_a_loadable_student(data: dict[str, str], tmp_pa
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 5
 
+    final = (out / "final_metrics.json").read_text()
+    again = train(config(data, out, objective="ce", targets=None, max_steps=25))  # a requeue
+    assert (out / "final_metrics.json").read_text() == final  # kept, not emptied
+    assert again.steps == 25 and again.last_eval["eval_ce"] == evals[-1]["eval_ce"]
+    assert len(metrics(out)) == 25
     with pytest.raises(ValueError, match="different options"):  # resume with other settings
         train(config(data, out, objective="ce", targets=None, max_steps=30, lr=1e-3))
 
