@@ -26,9 +26,6 @@ TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) 
 #: have 32,000–262,144), where it stores ≈ 30% less than q64v2; q64v2 below (the small
 #: vocabularies of tests and of the demo's own teachers), whose reads are 3-4x faster
 LARGE_VOCAB = 16_384
-#: Options that say how a q64r store is coded (besides ``logprob_dtype``): a resumed store
-#: keeps its own (:meth:`HarvestConfig.resolved`)
-Q64R_OPTIONS = ("tail_nats", "stream_rows")
 STREAM_ROWS = 2048  #: q64r's rows per stream unless --stream-rows says otherwise
 
 
@@ -120,8 +117,8 @@ class HarvestConfig:
                  ) -> HarvestConfig:
         """This config with ``logprob_dtype`` auto made concrete for a store of ``vocab_size``
         ids. ``begun``: the coding options of the store being resumed (``logprob_dtype``, and
-        :data:`Q64R_OPTIONS` for q64r), which auto keeps, each option left at its default
-        taking the store's; without one, :data:`LARGE_VOCAB`'s rule."""
+        for q64r ``tail_nats`` and ``stream_rows``), which auto keeps, each option left at its
+        default taking the store's; without one, :data:`LARGE_VOCAB`'s rule."""
         if self.logprob_dtype != AUTO:
             return self
         begun = dict(begun or {})

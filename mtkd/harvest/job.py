@@ -11,7 +11,6 @@ A teacher with another tokenizer reads each window's text in its own tokens
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import time
@@ -444,7 +443,7 @@ def begun_coding(header: dict[str, Any]) -> str | None:
 
 def begun_options(header: dict[str, Any]) -> dict[str, Any]:
     """How a begun store's top-k is coded, as :class:`HarvestConfig` fields (empty if there
-    is no such store): ``logprob_dtype``, and for q64r its :data:`Q64R_OPTIONS`."""
+    is no such store): ``logprob_dtype``, and for q64r ``tail_nats`` and ``stream_rows``."""
     coding = begun_coding(header)
     if coding is None:
         return {}
@@ -464,16 +463,17 @@ def check_resumed_coding(config: HarvestConfig, begun: dict[str, Any],
         return
     if "logprob_dtype" in differ:
         differ = ["logprob_dtype"]
+    store = _flags({name: begun[name] for name in differ})
+    asked = _flags({name: getattr(config, name) for name in differ})
+    raise ValueError(f"{out} was begun with {store}; this harvest asks {asked}: resume with "
+                     "the store's options (--logprob-dtype auto keeps them) or harvest into a "
+                     "new --out")
 
-    def flags(values: dict[str, Any] | HarvestConfig) -> str:
-        get = values.get if isinstance(values, dict) else functools.partial(getattr, values)
-        return " ".join(f"--{name.replace('_', '-')} {get(name):g}"
-                        if isinstance(get(name), float) else f"--{name.replace('_', '-')} "
-                        f"{get(name)}" for name in differ)
 
-    raise ValueError(f"{out} was begun with {flags(begun)}; this harvest asks {flags(config)}: "
-                     "resume with the store's options (--logprob-dtype auto keeps them) or "
-                     "harvest into a new --out")
+def _flags(options: dict[str, Any]) -> str:
+    """Config fields as the command-line flags that set them."""
+    return " ".join(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float)
+                    else f"--{name.replace('_', '-')} {value}" for name, value in options.items())
 
 
 def q64r_choices(header: dict[str, Any]) -> dict[str, bool]:

@@ -39,7 +39,11 @@ def jensen_gap(stack: Stack, weights: np.ndarray, q: np.ndarray) -> np.ndarray:
     Σ p_k log p_k − Σ p_k log q (a row-wise dot, no [N,C] temporaries).
     """
     zero_q = q <= 0
-    log_q = np.where(zero_q, ZERO_Q_LOG, np.log(np.where(zero_q, 1.0, q)))
+    if zero_q.any():
+        log_q = np.log(np.where(zero_q, 1.0, q))
+        log_q[zero_q] = ZERO_Q_LOG
+    else:
+        log_q = np.log(q)
     gap = np.zeros(q.shape[0])
     for k in range(stack.n_teachers):
         div = stack.plogp[k] - np.einsum("nc,nc->n", stack.probs[k], log_q)
