@@ -1,16 +1,22 @@
 """A teacher with another tokenizer reads each window's text its own way (``--tokenization own``).
 
 Per sequence of the tokens store, the window's text (meta column ``text``, written by ``mtkd
-tokenize``) is decoded strictly, tokenised canonically by the teacher's tokenizer, after the
-tokens its convention puts first (its BOS, zero bytes), and walked along the text
+tokenize``) is decoded strictly, tokenised canonically by the teacher's tokenizer (the names
+of its special tokens read as text), after the tokens its convention puts first (its BOS, zero
+bytes), and walked along the text
 (``ingest.token_bytes.byte_bounds``) for the end byte of every teacher token. A sequence of M
 teacher tokens gives M − 1 rows: row i is the teacher's distribution after token i, whose
 context ends at byte ``context_end[i]``, about token i + 1 (``next_id[i]``); docs/FORMAT.md.
 
-A sequence the teacher cannot read gets no rows and is counted by reason: its text starts or
-ends inside a UTF-8 character (``undecodable``), the teacher's tokens do not spell it, e.g. a
-normalizer changed it (``not_spelled``), it makes fewer than 2 teacher tokens (``too_short``)
-or more than the engine's maximum length (``too_long``). The aggregate then falls back on it.
+A window may start or end inside a UTF-8 character (a character split over byte tokens): the
+teacher reads its whole characters, ``text[a:b]`` (``whole_characters``), its first token's
+context then taking in the partial bytes before ``a`` (no row predicts it) and its last token
+ending at ``b``, at most 3 bytes before the text's end (the aggregate falls back on the student
+rows that predict bytes past it). A sequence the teacher cannot read gets no rows and is
+counted by reason: it is not UTF-8 even so (``undecodable``), the teacher's tokens do not spell
+it, e.g. a normalizer changed it (``not_spelled``), it makes fewer than 2 teacher tokens
+(``too_short``) or more than the engine's maximum length (``too_long``). The aggregate then
+falls back on it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from mtkd.store.schema import BYTE_END, OWN_TOKENS, TEXT
 #: Why the teacher cannot read a sequence (part stats ``unreadable``).
 UNDECODABLE, NOT_SPELLED = "undecodable", "not_spelled"
 TOO_SHORT, TOO_LONG = "too_short", "too_long"
-RETOKENIZE = "re-tokenize the corpus with this mtkd version (mtkd tokenize keeps the texts)"
+RETOKENIZE = ("re-tokenize the corpus with this mtkd version, without --no-byte-offsets "
+              "(mtkd tokenize then keeps the texts)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class TeacherTokenizer:
             loaded = load_pretrained_tokenizer(model_dir)
             loaded.tokenizer.no_truncation()  # whole texts, as transformers' calls read them
             loaded.tokenizer.no_padding()
+            # a special token's name in the text is text (the student's were left out of it):
+            # its bytes, not the token, which spells nothing (split_special_tokens)
+            loaded.tokenizer.encode_special_tokens = True
             return cls(loaded, token_bytes(loaded.tokenizer))
         except (TokenizerError, ValueError) as e:
             raise StoreError(f"teacher {model_dir}: its tokenizer cannot read the windows' texts "
@@ -67,9 +77,11 @@ class TeacherTokenizer:
         """The teacher's tokens of each text; ``max_len``: the most tokens the engine takes."""
         unreadable: Counter[str] = Counter()
         decoded: dict[int, str] = {}
+        spans: dict[int, tuple[int, int]] = {}
         for s, data in enumerate(texts):
+            spans[s] = a, b = whole_characters(data)
             try:
-                decoded[s] = data.decode("utf-8", errors="strict")
+                decoded[s] = data[a:b].decode("utf-8", errors="strict")
             except UnicodeDecodeError:
                 unreadable[UNDECODABLE] += 1
         encodings = self.loaded.tokenizer.encode_batch_fast(list(decoded.values()),
@@ -79,7 +91,7 @@ class TeacherTokenizer:
         ends, nexts = [], []
         for s, enc in zip(decoded, encodings, strict=True):
             ids = np.asarray(prefix + enc.ids, np.int64)
-            why, bounds = self._check(ids, texts[s], max_len)
+            why, bounds = self._check(ids, texts[s], spans[s], max_len)
             if why:
                 unreadable[why] += 1
                 continue
@@ -88,20 +100,43 @@ class TeacherTokenizer:
             nexts.append(ids[1:])
         return TeacherTokens(sequences, _flat(ends), _flat(nexts), unreadable)
 
-    def _check(self, ids: np.ndarray, text: bytes, max_len: int | None
+    def _check(self, ids: np.ndarray, text: bytes, span: tuple[int, int], max_len: int | None
                ) -> tuple[str | None, np.ndarray]:
-        """Why the teacher cannot read ``text`` as ``ids`` (None: it can), and their bounds."""
+        """Why the teacher cannot read bytes ``span`` of ``text`` as ``ids`` (None: it can), and
+        their bounds in the text."""
         if len(ids) < 2:
             return TOO_SHORT, ids
         if max_len is not None and len(ids) > max_len:
             return TOO_LONG, ids
+        a, b = span
         try:
-            bounds = byte_bounds(ids, self.spelled, text)
+            bounds = byte_bounds(ids, self.spelled, text[:b], start=a)
         except ValueError:
             return NOT_SPELLED, ids
-        if bounds[-1] != len(text):  # the tokens left some of the text out
+        if bounds[-1] != b:  # the tokens left some of the text out
             return NOT_SPELLED, ids
+        if b < len(text) and bounds[-1] - bounds[-2] != len(self.spelled[int(ids[-1])] or b""):
+            return NOT_SPELLED, ids  # the aggregate finds where the text ends by its spelling
         return None, bounds
+
+
+def whole_characters(data: bytes) -> tuple[int, int]:
+    """The bytes ``[a, b)`` of a window text that hold whole characters: the text without the
+    continuation bytes it starts with (the end of a character cut at the window's start) and
+    without the character it ends inside (cut at its end); at most 3 bytes each side."""
+    a = 0
+    while a < min(3, len(data)) and 0x80 <= data[a] < 0xC0:
+        a += 1
+    b = len(data)
+    for back in range(1, min(4, b - a) + 1):  # the last character's lead byte
+        lead = data[b - back]
+        if lead < 0x80:
+            break
+        if lead >= 0xC0:
+            if back < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
+                b -= back  # its character goes on past the window's end
+            break
+    return a, b
 
 
 def _flat(chunks: list[np.ndarray]) -> np.ndarray:

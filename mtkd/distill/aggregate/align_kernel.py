@@ -5,7 +5,8 @@ the same functions run as Python. For each student row j (context ending at byte
 v spanning [E, E')):
 
 1. the teacher row i whose context ends last at or before E (row i predicts teacher token t*,
-   spanning [c, F)); none, or F ≤ E → fallback;
+   spanning [c, F)); none, or F ≤ E, or a label past the teacher's text (E' beyond its last
+   token: a character cut at the window's end that it did not read) → fallback;
 2. E = c: a **shared** boundary, every entry kept; c < E < F: an **interior** row, entries kept
    that spell t*'s bytes up to E and more (t* among them, from its target log-prob when outside
    the top-k), rescaled (``keep_tail``: to 1 − tail). With ``student_splits`` the row is
@@ -235,7 +236,7 @@ def align_kernel(
             # the bytes the student's token before e spells (a SentencePiece dummy space too;
             # 0 for a special token), measured like the teacher's; unknown: the whole text
             w_s = student_lengths[s_ids[so + j]] if s_ids[so + j] >= 0 else e + 1
-            if i >= 0:
+            if i >= 0 and label_end <= t_ends[to + tn - 1]:
                 c, star = t_ends[to + i], t_ids[to + i + 1]
                 span = t_ends[to + i + 1] - c
                 if c == e:

@@ -50,8 +50,9 @@ def check_own_teacher(tokens: Store, teacher: Store) -> None:
     is read): missing arrays or attrs, a tokenizer that changed since harvest, k too large."""
     if BYTE_END not in tokens.array_names:
         raise StoreError(f"{tokens.root} has no {BYTE_END} array (written by an older mtkd "
-                         f"tokenize): re-tokenize the corpus to aggregate {teacher.root}, a "
-                         "teacher with its own tokenizer")
+                         "tokenize, or with --no-byte-offsets): re-tokenize the corpus without "
+                         f"--no-byte-offsets to aggregate {teacher.root}, a teacher with its own "
+                         "tokenizer")
     missing = [n for n in (CONTEXT_END, NEXT_ID) if n not in teacher.array_names]
     missing += [a for a in OWN_ATTRS if teacher.attrs.get(a) is None]
     if missing:
@@ -134,7 +135,8 @@ def teacher_spans(context_end: np.ndarray, next_id: np.ndarray, row_offsets: np.
                   text_ends: np.ndarray) -> TokenSpans:
     """The teacher's tokens from its rows: sequence s of r rows has r + 1 tokens; token 0
     (id ``UNKNOWN``) ends at row 0's ``context_end``, token i + 1 (``next_id`` of row i) at row
-    i + 1's or, for the last, at the end of the window text. A sequence without rows (too
+    i + 1's or, for the last, at ``text_ends[s]``: where the teacher's text ends (the window's
+    end, or before a character cut there: ``last_token_ends``). A sequence without rows (too
     short, or unreadable by the teacher) is one token over the whole text: no row, so every
     student row of it falls back."""
     rows = np.diff(row_offsets)
@@ -148,6 +150,21 @@ def teacher_spans(context_end: np.ndarray, next_id: np.ndarray, row_offsets: np.
     ends[flat] = context_end
     ends[offsets[1:] - 1] = text_ends
     return TokenSpans(ids, ends, np.zeros(n_seq), offsets)
+
+
+def last_token_ends(context_end: np.ndarray, next_id: np.ndarray, row_offsets: np.ndarray,
+                    text_ends: np.ndarray, teacher_lengths: np.ndarray) -> np.ndarray:
+    """Where the teacher's text ends in each window, ``[S]``: its last token's start plus the
+    bytes it spells, at most the window's end (a first token's dummy-prefix space is not in the
+    text). It ends before the window's end when the window ends inside a character, whose bytes
+    the teacher did not read (``harvest.own_tokens``); the window's end for a sequence without
+    rows."""
+    ends = np.asarray(text_ends, np.int64).copy()
+    full = np.diff(row_offsets) > 0
+    last = np.asarray(row_offsets)[1:][full] - 1
+    spelled = np.asarray(teacher_lengths, np.int64)[np.asarray(next_id, np.int64)[last]]
+    ends[full] = np.minimum(np.asarray(context_end, np.int64)[last] + spelled, ends[full])
+    return ends
 
 
 def read_own_part(teacher: Store, part: int, student: StudentPart, tokens_attrs: Mapping[str, Any],
@@ -170,9 +187,18 @@ def read_own_part(teacher: Store, part: int, student: StudentPart, tokens_attrs:
                          "do not cover this text")
     if rows is not None and rows.n != len(ends):
         raise StoreError(f"{where}: {rows.n} teacher rows but {len(ends)} offsets")
+    student_tokenizer, teacher_tokenizer = (str(tokens_attrs["tokenizer"]),
+                                            str(teacher.attrs["teacher_tokenizer"]))
+    lengths = projection(student_tokenizer, teacher_tokenizer,
+                         int(tokens_attrs["vocab_size"])).teacher_lengths
+    next_id = batch[NEXT_ID]
+    if next_id.size and (next_id.min() < 0 or next_id.max() >= len(lengths)):
+        raise StoreError(f"{where}: teacher ids outside [0, {len(lengths)}), its tokenizer's "
+                         "vocabulary")
+    read_ends = last_token_ends(ends, next_id, batch.offsets, text_ends, lengths)
     return OwnTeacherPart(str(teacher.root), rows,
-                          teacher_spans(ends, batch[NEXT_ID], batch.offsets, text_ends),
-                          str(tokens_attrs["tokenizer"]), str(teacher.attrs["teacher_tokenizer"]),
+                          teacher_spans(ends, next_id, batch.offsets, read_ends),
+                          student_tokenizer, teacher_tokenizer,
                           int(tokens_attrs["vocab_size"]), int(teacher.attrs["k"]))
 
 

@@ -354,6 +354,28 @@ def test_end_of_text_tokens(backend: str) -> None:
     assert no_eos.fallback.tolist() == [True]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_past_the_teachers_text_fall_back(backend: str) -> None:
+    """A window ending inside a character ("abab" + the first byte of "κ"): the teacher read
+    "abab" only, its text one byte short. The student rows whose label reaches that byte
+    ("b\xce" across the teacher's end, "\xce" after it) fall back: the teacher's mass of "b"
+    is not the student's "b\xce"; the rows before are aligned as usual."""
+    proj = project_vocab([b"a", b"b"], [b"a", b"b", b"\xce", b"b\xce"])
+    teacher = TokenSpans.from_sequences([[0, 1, 0, 1]], [[0, 1, 2, 3, 4]])
+    rows = TeacherRows(np.array([[1, 0], [0, 1], [1, 0]]), np.log([[0.9, 0.1], [0.8, 0.2],
+                                                                    [0.7, 0.3]]),
+                       np.full(3, -np.inf), np.log([0.9, 0.8, 0.7]))
+    for ids, ends, labels in (([0, 1, 0, 3], [0, 1, 2, 3, 5], [0.9, 0.8]),
+                              ([0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5], [0.9, 0.8, 0.7])):
+        out = align_rows(TokenSpans.from_sequences([ids], [ends]), teacher, rows, proj,
+                         backend=backend)
+        assert out.fallback.tolist() == [False] * len(labels) + [True]
+        np.testing.assert_allclose(np.exp(out.rows.target_logprob), [*labels, 0.0])
+    with pytest.raises(ValueError, match="not the same text"):  # more than a character short
+        align_rows(TokenSpans.from_sequences([[0, 1, 0, 1, 2]], [[0, 1, 2, 3, 4, 8]]), teacher,
+                   rows, proj, backend=backend)
+
+
 @given(seed=st.integers(0, 2**32 - 1), n_seq=st.integers(1, 4), k=st.integers(1, 6),
        drop=st.booleans())
 def test_random_pairs_are_distributions_and_backends_agree(seed: int, n_seq: int, k: int,
