@@ -31,6 +31,7 @@ import os
 import sys
 import types
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +179,41 @@ def _engine_core_in_process(enable: bool) -> Iterator[None]:
             os.environ[_MULTIPROCESSING_ENV] = old
 
 
+#: vLLM's logger that warns once per weight whose stored dtype is not the engine's ``dtype``.
+_WEIGHT_LOADER_LOG = "vllm.model_executor.models.utils"
+
+
+class _WeightCasts(logging.Filter):
+    """Holds back vLLM's line per weight cast to the ``--dtype`` asked (one per tensor, ≈ 150
+    lines for SmolLM2 stored in float32 and run in bfloat16), counting them by dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (str(record.msg).startswith("Attempted to load weight")
+                and isinstance(args, tuple) and len(args) == 3):
+            self.counts[(str(args[1]), str(args[2]))] += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _weight_casts_summarised() -> Iterator[None]:
+    """While vLLM loads a model in this process: its per-weight dtype casts as one line."""
+    logger, casts = logging.getLogger(_WEIGHT_LOADER_LOG), _WeightCasts()
+    logger.addFilter(casts)
+    try:
+        yield
+    finally:
+        logger.removeFilter(casts)
+        for (stored, run), n in sorted(casts.counts.items()):
+            log.warning("vLLM cast %d weights stored as %s to %s (the --dtype asked)", n,
+                        stored.removeprefix("torch."), run.removeprefix("torch."))
+
+
 def _unscannable_modules() -> list[str]:
     """Modules that vLLM's kernel registration cannot scan.
 
@@ -288,8 +324,9 @@ class VllmEngine:
         args.update(engine_kwargs)
 
         # mtkd's prompt log-prob kernel in vLLM's worker (a vLLM plugin; see vllm_plugin).
-        with _engine_core_in_process(in_process), vllm_plugin.activated(
-                fast_logprobs, self.vllm_version, draws=self.draws is not None) as active:
+        with _engine_core_in_process(in_process), _weight_casts_summarised(), \
+                vllm_plugin.activated(fast_logprobs, self.vllm_version,
+                                      draws=self.draws is not None) as active:
             self.llm = LLM(**args)
         self.fast_logprobs = active
         if self.draws is not None and not active:

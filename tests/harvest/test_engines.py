@@ -288,6 +288,34 @@ def test_in_process_build_hides_what_vllm_cannot_scan() -> None:
     assert "llvmlite.binding.ffi" in sys.modules
 
 
+def test_weight_casts_to_the_asked_dtype_are_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM warns once per weight stored in another dtype than ``--dtype`` (≈ 150 lines for
+    SmolLM2); the engine build says it once, with the count."""
+    import logging
+
+    from vllm.model_executor.models.utils import logger as loader_log
+
+    from mtkd.harvest.vllm_engine import _weight_casts_summarised
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    loader_log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, "mtkd"), _weight_casts_summarised():
+            for name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+                loader_log.warning("Attempted to load weight %s with dtype %s into parameter "
+                                   "with dtype %s", name, torch.float32, torch.bfloat16)
+            loader_log.warning("another warning")
+        loader_log.warning("Attempted to load weight %s with dtype %s into parameter with "
+                           "dtype %s", "after.weight", torch.float32, torch.bfloat16)
+    finally:
+        loader_log.removeHandler(handler)
+    assert [r.args[0] if r.args else r.msg for r in seen] == ["another warning", "after.weight"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("mtkd")] == [
+        "vLLM cast 3 weights stored as float32 to bfloat16 (the --dtype asked)"]
+
+
 @engine
 def test_sequence_longer_than_max_model_len_refused(vllm_engine: VllmEngine) -> None:
     with pytest.raises(ValueError, match="does not fit the engine's max_model_len of 1024"):
