@@ -353,14 +353,16 @@ def _floats(text: Any, what: str) -> tuple[float, ...] | None:
         raise _fail(f"{what} must be numbers separated by commas, got {text!r}", 2) from None
 
 
-def _task_weights(items: list[str] | dict[str, Any] | None, k: int) -> dict[str, tuple]:
-    if not items:
-        return {}
-    if isinstance(items, dict):
-        return {str(tag): tuple(_floats(v, "task weights") or ()) for tag, v in items.items()}
-    out = {}
-    for item in items:
-        tag, sep, values = item.partition("=")
+def _task_weights(items: list[Any] | None, k: int) -> dict[str, tuple]:
+    """Parse ``TAG=w1,...,wK`` items; a config file may give a table ``{TAG = [w1, ...]}``
+    (it arrives as one item)."""
+    out: dict[str, tuple] = {}
+    for item in items or ():
+        if isinstance(item, dict):
+            out.update({str(tag): tuple(_floats(v, "task weights") or ())
+                        for tag, v in item.items()})
+            continue
+        tag, sep, values = str(item).partition("=")
         if not sep:
             raise _fail(f"--task-weight must look like TAG=w1,...,w{k}, got {item!r}", 2)
         out[tag] = _floats(values, "task weights") or ()
@@ -385,7 +387,9 @@ def aggregate(
         parser=_as_given, metavar="T1,...,TK",
         help="Per-teacher temperatures, e.g. 2,2,1 (default 1).")] = None,
     task_weight: Annotated[list[str] | None, typer.Option(
-        help="Task-level factors TAG=w1,...,wK (repeatable).")] = None,
+        parser=_as_given, metavar="TAG=W1,...,WK",
+        help="Task-level factors TAG=w1,...,wK (repeatable; a config file may give a table "
+             "of TAG = [w1, ...]).")] = None,
     num_workers: NumWorkersOpt = 1,
     worker_index: WorkerIndexOpt = None,
     config: ConfigOpt = None,
@@ -451,14 +455,14 @@ def train(
 
     if (student is None) == (student_config is None):
         raise _fail("give exactly one of --student (checkpoint) or --student-config (JSON)", 2)
+    spec: str | dict[str, Any] = (
+        _student_config(student_config) if student_config is not None
+        else student if isinstance(student, dict) else str(Path(str(student))))
+    ids = _token_ids(suppress_ids, "--suppress-ids")
     try:
-        spec: str | dict[str, Any] = (
-            json.loads(Path(student_config).read_text()) if student_config is not None
-            else student if isinstance(student, dict) else str(Path(str(student))))
-        ids = _floats(suppress_ids, "--suppress-ids") or ()
-        cfg = TrainConfig(**fields, student=spec, suppress_ids=tuple(int(x) for x in ids))
+        cfg = TrainConfig(**fields, student=spec, suppress_ids=ids)
         result = run_train(cfg)
-    except (StoreError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (StoreError, ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
     if os.environ.get("RANK", "0") != "0":  # torchrun: the summary once, from rank 0
         return
@@ -471,6 +475,39 @@ def train(
     if result.last_eval:
         typer.echo("  held-out " + "  ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()
                                              if isinstance(v, float)))
+
+
+def _student_config(path: Path) -> dict[str, Any]:
+    """The model config kwargs of ``--student-config``: a JSON object, else a named refusal."""
+    where = f"--student-config {path}"
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(f"{where}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise _fail(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise _fail(f"{where}: must hold a JSON object of model config kwargs, got "
+                    f"{type(spec).__name__}")
+    return spec
+
+
+def _token_ids(text: Any, what: str) -> tuple[int, ...]:
+    """Parse "12,97" (or a list from a config file) as token ids; 1.5 or -3 is refused."""
+    if text is None:
+        return ()
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        ids = tuple(int(x) if isinstance(x, int) else int(str(x).strip()) for x in items)
+    except ValueError:
+        ids = ()
+    if len(ids) != len(items) or any(i < 0 for i in ids) or any(
+            isinstance(x, (bool, float)) for x in items):
+        raise _fail(f"{what} must be token ids (whole numbers ≥ 0) separated by commas, got "
+                    f"{text!r}", 2)
+    return ids
 
 
 @app.command(short_help="Check a store's counts and checksums.")
@@ -494,11 +531,13 @@ def info(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Print a store's manifest in human form."""
-    from mtkd.store import StoreError, bytes_on_disk, open_store
+    """Print a store's manifest in human form (sizes and headers checked; checksums: verify)."""
+    from mtkd.store import CorruptStoreError, StoreError, bytes_on_disk, open_store
 
     try:
-        s = open_store(store, verify="none")
+        s = open_store(store, verify="size")
+    except CorruptStoreError as e:
+        raise _fail(f"{e}\n(`mtkd verify {store}` lists every problem)") from None
     except StoreError as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -556,10 +595,11 @@ def setup_teacher(
 def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
     """Write an HTML page with plots and a markdown table for a run."""
     from mtkd.recipes.report import write_report
+    from mtkd.recipes.run import DemoError
 
     try:
         path = write_report(run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DemoError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"report: {path}")
 

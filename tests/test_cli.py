@@ -96,6 +96,18 @@ def test_info(store: Path, tmp_path: Path) -> None:
     assert runner.invoke(app, ["info", str(tmp_path / "nothing")]).exit_code == 1
 
 
+def test_info_of_a_damaged_store_says_so(store: Path) -> None:
+    """info printed a store with a missing or truncated chunk, or an edited header, as sound
+    (exit 0); it checks sizes and headers now (checksums: `mtkd verify`)."""
+    chunk = store / "parts" / "00001" / "ids" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    result = runner.invoke(app, ["info", str(store)])
+    assert result.exit_code == 1 and f"{chunk}: " in result.output, result.output
+    assert "mtkd verify" in result.output
+    chunk.unlink()
+    assert runner.invoke(app, ["info", str(store)]).exit_code == 1
+
+
 @pytest.mark.parametrize("suffix", ["toml", "yaml"])
 def test_config_file_gives_defaults_flags_override(tmp_path: Path, tokenizer_dir: Path,
                                                    suffix: str) -> None:
@@ -215,6 +227,19 @@ def test_train_config_file_with_the_configs_own_keys(configs: Any, tmp_path: Pat
     toml.write_text('[train]\nsteps = 20\nwarmup = 4\nheldout = "h"\nbeta = 0.1\n')
     cfg = configs("train", "--config", str(toml))
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_tokens, cfg.beta) == (20, 4, "h", 0.1)
+
+
+@pytest.mark.parametrize("text", [
+    'task_weight = {code = [1, 0.5], prose = "0.5,1"}\n',  # a table: each tag's factors
+    'task-weight = ["code=1,0.5", "prose=0.5,1"]\n',  # the flags' own form
+])
+def test_aggregate_task_weights_from_a_config_file(configs: Any, tmp_path: Path,
+                                                   text: str) -> None:
+    """The table form was refused (its tags were read as one TAG=... string)."""
+    path = tmp_path / "agg.toml"
+    path.write_text(text)
+    cfg = configs("aggregate", "--config", str(path))
+    assert cfg.task_weights == {"code": (1.0, 0.5), "prose": (0.5, 1.0)}
 
 
 def test_bounds_come_from_the_configs() -> None:

@@ -50,6 +50,36 @@ def test_bounds(make: object, message: str) -> None:
         make()  # type: ignore[operator]
 
 
+#: Train options that took nonsense silently (a negative period acted as its absolute value, a
+#: min_lr_ratio of 5 raised the learning rate fivefold) or refused it only at the first step,
+#: after the run directory was written.
+TRAIN_NONSENSE = [
+    ({"alpha": 2.0}, r"alpha must be in \[0, 1\], got 2.0"),
+    ({"temperature": 0.0}, r"temperature must be > 0"),
+    ({"temperature": float("inf")}, r"temperature must be > 0 and finite"),
+    ({"beta": 1.0}, r"beta must be in \(0, 1\)"),
+    ({"lr": -1.0}, r"lr must be ≥ 0"),
+    ({"min_lr_ratio": 5.0}, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"weight_decay": -0.1}, r"weight_decay must be ≥ 0"),
+    ({"grad_clip": -1.0}, r"grad_clip must be ≥ 0"),
+    ({"eval_every": -5}, r"eval_every must be ≥ 0"),
+    ({"save_every": -1}, r"save_every must be ≥ 0"),
+    ({"eval_batches": 0}, r"eval_batches must be ≥ 1"),
+    ({"keep_checkpoints": -1}, r"keep_checkpoints must be ≥ 0"),
+    ({"threads": 0}, r"threads must be ≥ 1"),
+    ({"suppress_weight": -1.0}, r"suppress_weight must be ≥ 0"),
+    ({"adam_betas": (1.5, 0.9)}, r"adam_betas must each be in \[0, 1\)"),
+    ({"suppress_ids": (3, -1)}, r"suppress_ids must be token ids ≥ 0"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), TRAIN_NONSENSE)
+def test_train_refuses_nonsense_when_built(fields: dict, message: str) -> None:
+    """Refused by the config itself: before any store is opened or file written."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(tokens="t", out="o", student={}, **fields)
+
+
 def test_the_vllm_engine_keeps_the_config_bound() -> None:
     from mtkd.harvest import vllm_engine
 

@@ -46,7 +46,9 @@ from mtkd.recipes.figures import headline_figures
 from mtkd.recipes.report import write_report
 from mtkd.recipes.run import (
     Run,
+    check_workdir,
     print_stage,
+    read_results,
     tokenize_into,
     train_job,
     train_models,
@@ -205,10 +207,11 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     spec = SIZES[size]
     run = Run(Path(workdir), spec)
-    run.root.mkdir(parents=True, exist_ok=True)
+    check_workdir(run.root)
     if run.path("results.json").exists():
-        run.results = json.loads(run.path("results.json").read_text())
+        run.results = read_results(run.path("results.json"))
         run.commands = run.results.get("commands", [])
+    run.root.mkdir(parents=True, exist_ok=True)
     run.results["size"] = size
     run.results["spec"] = asdict(spec)
     run.results["bf16_training"] = run.bf16

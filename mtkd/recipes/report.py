@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mtkd.recipes.figures import FIGURE_GOALS, NOT_SINGLE, figure_lines
+from mtkd.recipes.run import read_results
 from mtkd.store import StoreError, open_store
 
 GOAL_CE_GAIN = 0.05  # mixture student ≥ 5% below the CE-only student
@@ -304,7 +305,7 @@ def write_report(run_dir: str | Path) -> Path:
     results_path = run / "results.json"
     if not results_path.exists():
         raise FileNotFoundError(f"{results_path}: no results; run `mtkd demo` first")
-    results = json.loads(results_path.read_text())
+    results = read_results(results_path)
     out = run / "report"
     out.mkdir(exist_ok=True)
     figures = [f for f in (_plot_students(run, out), _plot_objectives(run, out),

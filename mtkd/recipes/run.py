@@ -27,6 +27,40 @@ class DemoError(Exception):
     """A stage of the demo failed; the message names it."""
 
 
+#: What a demo run directory holds (one holding none of them, but other files, is not one).
+RUN_ENTRIES = frozenset({"results.json", "corpus", "stores", "teachers", "students",
+                         "tokenizer", "tokenizer-cross", "logs", "report"})
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's ``results.json``; ``DemoError`` naming the file when it is not a demo run's
+    results (FileNotFoundError passes)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DemoError(f"{path}: unreadable ({e}); not a demo run's results") from None
+    if not isinstance(results, dict) or "size" not in results:
+        raise DemoError(f"{path}: not a demo run's results (no size); give a run directory "
+                        "of `mtkd demo`")
+    return results
+
+
+def check_workdir(root: Path) -> None:
+    """Refuse a demo ``--workdir`` that is a file or a directory of other files: the run's
+    corpus, stores and models would mix with them."""
+    if root.is_file():
+        raise DemoError(f"{root} is a file, not a run directory; give a new or empty directory")
+    if root.is_dir():
+        names = sorted(p.name for p in root.iterdir())
+        if names and not RUN_ENTRIES.intersection(names):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
+                                              else "")
+            raise DemoError(f"{root} exists and is not a demo run directory (it holds "
+                            f"{shown}); give a new or empty directory")
+
+
 def print_stage(title: str) -> None:
     """Announce the next stage of the demo on stdout."""
     print(f"\n=== {title}", flush=True)

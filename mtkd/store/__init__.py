@@ -12,7 +12,7 @@ from mtkd.store.fs import bytes_on_disk
 from mtkd.store.part_writer import PartWriter
 from mtkd.store.reader import Batch, Store, open_store
 from mtkd.store.verify import verify_store
-from mtkd.store.writer import StoreWriter
+from mtkd.store.writer import StoreWriter, check_store_dir
 
 __all__ = [
     "ArraySpec",
@@ -25,6 +25,7 @@ __all__ = [
     "StoreError",
     "StoreWriter",
     "bytes_on_disk",
+    "check_store_dir",
     "open_store",
     "verify_store",
 ]

@@ -84,6 +84,7 @@ class StoreWriter:
             coding(header.attrs)
         except ValueError as e:
             raise StoreError(f"{self.root}: {e}") from e
+        check_store_dir(self.root)
         try:
             (self.root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -109,6 +110,11 @@ class StoreWriter:
             finally:
                 tmp.unlink(missing_ok=True)
         found = read_json(path)
+        kind = found.get("kind") if isinstance(found, dict) else None
+        if kind != wanted["kind"]:  # say so first: every other field differs too
+            held = f"a {kind} store" if isinstance(kind, str) else f"a {HEADER_FILE} of no kind"
+            raise StoreError(f"{self.root} already holds {held}, not a {wanted['kind']} store; "
+                             "use a new output directory")
         if found != wanted:
             diff = diff_fields(found, wanted)
             shown = "; ".join(f"{name}: stored {short_json(a)}, asked {short_json(b)}"
@@ -181,6 +187,31 @@ class StoreWriter:
                 raise io_error(f"{self.root}: cannot write {MANIFEST_FILE}", e) from e
         self.remove_stale_temps()
         return True
+
+
+def check_store_dir(root: str | os.PathLike[str]) -> None:
+    """Refuse to create a store in a file, or in a directory of other files (an ``--out``
+    mistyped as the user's own directory): the store would mix with them. ``StoreWriter``
+    calls it; a job that starts something slow first (an engine) may call it before.
+
+    A directory with no ``store.json`` may hold only what a creator killed before writing it
+    leaves (``parts/``, temp files), so a rerun or a concurrent worker still goes on.
+    """
+    root = Path(root)
+    if root.is_file():
+        raise StoreError(f"{root} is a file, not a directory; give a new or empty directory")
+    if not root.is_dir() or (root / HEADER_FILE).exists():
+        return
+    try:
+        foreign = sorted(p.name for p in root.iterdir()
+                         if p.name != PARTS_DIR and not p.name.startswith(TMP_PREFIX))
+    except OSError as e:
+        raise io_error(f"{root}: cannot read the directory", e) from e
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise StoreError(f"{root} exists and is not an mtkd store (it holds {shown}); "
+                         "give a new or empty directory")
 
 
 def build_manifest(root: Path, header: Header) -> dict[str, Any]:

@@ -84,3 +84,44 @@ def test_trainings_use_bf16_only_where_asked_and_native(
     job = train_job(run, tmp_path / "students" / "s", tokens="tokens-student", steps=10,
                     batch=2, seed=0)
     assert ("--bf16" in job.args) == (asked and native)
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    """``mtkd ARGS`` in this process: (exit code, output); never a traceback."""
+    from typer.testing import CliRunner
+
+    from mtkd.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{result.exception!r} escaped: {result.output[-2000:]}")
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{broken", "unreadable"), ("[1, 2]", "not a demo run's results"),
+    ("{}", "not a demo run's results"),
+])
+def test_report_and_demo_refuse_results_of_no_demo_run(text: str, message: str,
+                                                       tmp_path: Path) -> None:
+    """A damaged results.json gave `mtkd report` and a resumed `mtkd demo` a JSON traceback,
+    and `{}` an empty report with exit 0."""
+    (tmp_path / "results.json").write_text(text)
+    code, out = _cli("report", tmp_path)
+    assert code == 1 and f"{tmp_path / 'results.json'}: " in out and message in out, out
+    assert not (tmp_path / "report").exists()
+    code, out = _cli("demo", "--size", "tiny", "--workdir", tmp_path)
+    assert code == 1 and message in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_demo_refuses_a_workdir_that_is_a_file_or_other_files(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, out = _cli("demo", "--size", "tiny", "--workdir", tmp_path / "file")
+    assert code == 1 and "is a file, not a run directory" in out, out
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    code, out = _cli("demo", "--size", "tiny", "--workdir", home)
+    assert code == 1 and "not a demo run directory (it holds notes.txt)" in out, out
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]

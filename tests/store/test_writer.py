@@ -90,6 +90,36 @@ def test_header_mismatch_names_the_field(tmp_path: Path) -> None:
     StoreWriter(tmp_path / "t", teacher_header(4, 64, {"teacher": "a"}))  # same: accepted
 
 
+def test_a_store_of_another_kind_is_named_first(tmp_path: Path) -> None:
+    """A tokens store asked where a teacher store lies: one short line naming both kinds, not
+    every field that differs."""
+    StoreWriter(tmp_path / "t", teacher_header(4, 64, {"teacher": "a"}))
+    with pytest.raises(StoreError) as err:
+        StoreWriter(tmp_path / "t", Header("tokens", 4, (ArraySpec("token_ids", "int32"),)))
+    assert "already holds a teacher store, not a tokens store" in str(err.value)
+    assert "arrays." not in str(err.value) and len(str(err.value)) < 200
+
+
+def test_a_store_is_not_written_into_other_files(tmp_path: Path) -> None:
+    """--out naming a directory of other files, or a file, is refused before anything is
+    written there; an empty directory, or one a killed creator left, is used."""
+    header = Header("t", 1, (ArraySpec("x", "int64"),))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"not an mtkd store \(it holds notes\.txt\)"):
+        StoreWriter(home, header)
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file, not a directory"):
+        StoreWriter(tmp_path / "file", header)
+    (tmp_path / "empty").mkdir()
+    StoreWriter(tmp_path / "empty", header)
+    (tmp_path / "begun" / "parts").mkdir(parents=True)  # a creator killed before store.json
+    (tmp_path / "begun" / ".tmp-store.json.host-1-ab").write_text("")
+    StoreWriter(tmp_path / "begun", header)
+
+
 def test_writer_rejects_bad_headers_and_parts(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="reserved"):
         StoreWriter(tmp_path / "a", Header("t", 1, (ArraySpec("seq_ids", "int64"),)))

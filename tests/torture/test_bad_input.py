@@ -263,8 +263,8 @@ def test_nonpositive_student_temperature(pipeline: Pipeline, tmp_path: Path) -> 
     code, msg = mtkd("train", "--tokens", pipeline.tokens, "--targets", pipeline.targets,
                      "--student-config", student, "--out", tmp_path / "run", "--seq-len",
                      PIPELINE_MAX_LEN, "--steps", 2, "--temperature", 0)
-    assert code == 1 and "temperature must be positive" in msg
-    assert not (tmp_path / "run" / "final").exists()
+    assert code == 1 and "temperature must be > 0 and finite, got 0.0" in msg
+    assert not (tmp_path / "run").exists()  # refused before anything is opened or written
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -41,6 +41,34 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "eval_batches", "save_
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+#: What a run directory holds (a directory holding none of them, but other files, is not one).
+RUN_FILES = frozenset({CHECKPOINTS, "final", "final_metrics.json", "metrics.jsonl",
+                       "train_config.json", "tensorboard"})
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse an ``out`` that is a file, a store or a directory of other files, before anything
+    is read or written: a run written into a store (``--tokens`` and ``--out`` swapped) or into
+    the user's own directory would mix with their files."""
+    if out.is_file():
+        raise ValueError(f"{out} is a file, not a run directory; give a new or empty directory")
+    if not out.is_dir():
+        return
+    header = out / "store.json"
+    if header.is_file():
+        try:
+            kind = json.loads(header.read_bytes()).get("kind", "?")
+        except (OSError, ValueError, AttributeError):
+            kind = "?"
+        raise ValueError(f"{out} is an mtkd {kind} store, not a run directory; give train "
+                         "an --out of its own")
+    names = sorted(p.name for p in out.iterdir())
+    if names and not RUN_FILES.intersection(names):
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(f"{out} exists and is not a run directory (it holds {shown}); give a "
+                         "new or empty directory")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Committed checkpoints, oldest first."""
     root = out / CHECKPOINTS

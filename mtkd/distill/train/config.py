@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,22 +44,24 @@ class TrainConfig:
     loss: str = option(
         "fkl_tail", "fkl_tail | fkl_renorm | rkl_tail | rkl_renorm | jsd_tail | jsd_renorm."
     )
-    alpha: float = option(0.0, "Weight of CE: (1−α)·KD + α·CE.")
-    temperature: float = option(1.0, "Student temperature of the KD term.")
-    beta: float = option(0.5, "JSD mixing weight.")
+    alpha: float = option(0.0, "Weight of CE: (1−α)·KD + α·CE.", min=0, max=1)
+    temperature: float = option(1.0, "Student temperature of the KD term (> 0).")
+    beta: float = option(0.5, "JSD mixing weight, in (0, 1).")
     monitor: bool = option(True, "Read per-teacher blocks to log the other objective.")
     seq_len: int = option(2048, "Packed row length.", min=2)
     batch_size: int = option(8, "Rows per rank per micro-batch.", min=1)
     grad_accum: int = option(1, "Micro-batches per step.", min=1)
     max_steps: int = option(1000, "Optimizer steps.", min=1)
-    lr: float = option(3e-4, "Peak learning rate.")
-    min_lr_ratio: float = option(0.1, "The cosine schedule decays to lr · min_lr_ratio.")
+    lr: float = option(3e-4, "Peak learning rate.", min=0)
+    min_lr_ratio: float = option(
+        0.1, "The cosine schedule decays to lr · min_lr_ratio.", min=0, max=1
+    )
     warmup_steps: int | None = option(
         None, "Linear warmup steps (default: 10% of max_steps, at least 1).", min=0
     )
-    weight_decay: float = option(0.1, "AdamW weight decay (of ≥2-D parameters only).")
-    adam_betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
-    grad_clip: float = option(1.0, "Gradient-norm clipping (0: none).")
+    weight_decay: float = option(0.1, "AdamW weight decay (of ≥2-D parameters only).", min=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas, each in [0, 1).")
+    grad_clip: float = option(1.0, "Gradient-norm clipping (0: none).", min=0)
     seed: int = option(0, "Seed of initialisation and data order.")
     max_tokens: int | None = option(
         None, "Train on a seeded subset of at most this many tokens.", min=1
@@ -67,19 +70,20 @@ class TrainConfig:
         (), "Token ids to push to low probability (training a safety teacher)."
     )
     suppress_weight: float = option(
-        1.0, "Weight of the unlikelihood term −log(1 − Σ s over suppress_ids)."
+        1.0, "Weight of the unlikelihood term −log(1 − Σ s over suppress_ids).", min=0
     )
     eval_fraction: float = option(
         0.01, "Fraction held out by doc_id hash (without a held-out tokens store)."
     )
     eval_tokens: str | None = option(None, "Held-out tokens store.", path=True)
     eval_targets: str | None = option(None, "Target store of the held-out tokens.", path=True)
-    eval_every: int = option(200, "Held-out evaluation period (0: at the end only).")
+    eval_every: int = option(200, "Held-out evaluation period (0: at the end only).", min=0)
     eval_batches: int | None = option(
-        50, "Held-out batches per rank (a config file's null: the whole held-out set)."
+        50, "Held-out batches per rank (a config file's null: the whole held-out set).",
+        min=1,
     )
-    save_every: int = option(500, "Checkpoint period (0: none).")
-    keep_checkpoints: int = option(2, "Checkpoints kept.")
+    save_every: int = option(500, "Checkpoint period (0: none).", min=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept (0: all).", min=0)
     resume: bool = option(True, "Continue from the latest checkpoint in the run directory.")
     log_every: int = option(10, "Metrics logging period (steps).", min=1)
     bf16: bool = option(False, "bfloat16 autocast.")
@@ -91,7 +95,7 @@ class TrainConfig:
         "one device.",
     )
     threads: int | None = option(
-        None, "Torch threads (default: the cores / local ranks under torchrun)."
+        None, "Torch threads (default: the cores / local ranks under torchrun).", min=1
     )
     fused_loss: str = option(
         "auto",
@@ -128,12 +132,23 @@ class TrainConfig:
         if self.eval_targets is not None and self.eval_tokens is None:
             raise ValueError("eval_targets needs eval_tokens")
         check_bounds(self)
+        self._check_open_bounds()
         if self.warmup_steps is None:
             self.warmup_steps = max(self.max_steps // 10, 1)
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         self.suppress_ids = tuple(int(i) for i in self.suppress_ids)
-        if self.suppress_ids and self.suppress_weight < 0:
-            raise ValueError("suppress_weight must be ≥ 0")
+        if any(i < 0 for i in self.suppress_ids):
+            raise ValueError(f"suppress_ids must be token ids ≥ 0, got {self.suppress_ids}")
+
+    def _check_open_bounds(self) -> None:
+        """The bounds that :func:`check_bounds` cannot say (open or per element): refused here,
+        before a store is opened or the run directory written, not at the first step."""
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"beta must be in (0, 1), got {self.beta}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must each be in [0, 1), got {self.adam_betas}")
 
     @property
     def resolved_objective(self) -> str:

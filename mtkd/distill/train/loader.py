@@ -277,11 +277,15 @@ class PackedLoader:
         for index in range(start, self.batches_in_epoch(epoch)):
             yield self.batch(epoch, index)
 
+    def require_sequences(self) -> None:
+        """Refuse a loader with nothing to train on (checked before a run writes anything)."""
+        if not len(self.sequences):
+            raise StoreError(f"{self.tokens.root}: no sequences of ≥ 2 tokens to train on")
+
     def stream(self, state: LoaderState | None = None) -> Iterator[PackedBatch]:
         """Endless batches from ``state`` onwards, epoch after epoch."""
         state = state or LoaderState()
-        if not len(self.sequences):
-            raise StoreError(f"{self.tokens.root}: no sequences of ≥ 2 tokens to train on")
+        self.require_sequences()
         epoch, start = state.epoch, state.index
         while True:
             yield from self.epoch(epoch, start)

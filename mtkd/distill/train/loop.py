@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends
 from mtkd.distill.train.checkpoint import (
+    check_run_dir,
     checkpoint_dirs,
     restore,
     save_checkpoint,
@@ -121,6 +122,7 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
     train_idx = token_budget(tokens, train_idx, cfg.max_tokens, cfg.seed)
     train = PackedLoader(tokens, targets, train_idx, seed=cfg.seed, teacher_blocks=blocks,
                          **common)
+    train.require_sequences()
     held = None
     if eval_idx is None or len(eval_idx):
         eval_blocks = blocks and eval_targets is not None and bool(
@@ -214,6 +216,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     """The run itself, on this process's place ``d`` in the job."""
+    check_run_dir(out)
     # Data and models (load_student seeds torch's RNG with cfg.seed)
     objective = cfg.resolved_objective
     tokens = open_verified(cfg.tokens, TOKENS, d)
@@ -221,6 +224,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     model = load_student(cfg.student, cfg.seed, tokens)  # on the CPU until distribute()
     vocab = student_vocab(model)
     check_vocab(vocab, [tokens, targets])
+    outside = [i for i in cfg.suppress_ids if i >= vocab]
+    if outside:
+        raise ValueError(f"suppress_ids {outside} are outside the student's vocabulary of "
+                         f"{vocab} ids")
     if cfg.seq_len > getattr(model.config, "max_position_embeddings", cfg.seq_len):
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the student's max_position_embeddings")
     pad_id = int(tokens.attrs.get("eos_id") or 0)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from mtkd.distill.train.loader import PackedBatch
 from mtkd.distill.train.targets import SparseTargets
 from mtkd.store import Store
 
+FINAL_TMP = ".tmp-final-"  # prefix of a final/ being written
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
                    "merges.txt", "*.model", "chat_template*")
 
@@ -35,17 +39,31 @@ def load_student(spec: str | dict[str, Any], seed: int, tokens: Store) -> PreTra
         if eos is not None:
             for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
                 kwargs.setdefault(key, eos)
-        config = AutoConfig.for_model(model_type, **kwargs)
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            config = AutoConfig.for_model(model_type, **kwargs)
+            model = AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # transformers' checks raise many types (hub dataclass errors)
+            raise ValueError(f"student config {_short(spec)}: {e}") from e
     else:
-        if not (Path(spec) / "config.json").exists():
-            raise FileNotFoundError(f"{spec}: no config.json (a local Hugging Face model dir)")
+        _check_model_dir(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(model.config, attr, None) not in (None, 1.0):
             raise ValueError(f"student config sets {attr}; the chunked losses assume plain "
                              "logits = hidden @ lm_head.weight.T")
     return model
+
+
+def _check_model_dir(path: str) -> None:
+    """Refuse a path that is no local model directory (else the hub reads it as a repo id)."""
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (a local Hugging Face model dir)")
+
+
+def _short(spec: dict[str, Any], width: int = 200) -> str:
+    """A student config as JSON, cut to ``width`` characters for a message."""
+    text = json.dumps(spec, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def student_vocab(model: PreTrainedModel) -> int:
@@ -67,25 +85,34 @@ def save_student(model: PreTrainedModel, out: Path, tokenizer_dir: str | None,
                  state_dict: dict[str, Tensor] | None = None) -> Path:
     """save_pretrained into ``out/final`` plus the tokens store's tokenizer files.
 
+    Written into a temp directory renamed into place, so a save killed half-way leaves no
+    ``final/`` that looks complete (temp copies of killed saves are removed here).
     ``state_dict``: the full weights (under FSDP, gathered by :func:`training_state`);
     default ``model.state_dict()``.
     """
     final = out / "final"
-    model.save_pretrained(str(final), state_dict=state_dict, safe_serialization=True)
+    for stale in out.glob(f"{FINAL_TMP}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out / f"{FINAL_TMP}{uuid.uuid4().hex}"
+    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     src = Path(tokenizer_dir) if tokenizer_dir else None
     if src is None or not src.is_dir():
         warnings.warn(f"tokenizer dir {tokenizer_dir!r} not found; {final} has no tokenizer",
                       stacklevel=2)
-        return final
-    for pattern in TOKENIZER_FILES:
-        for f in src.glob(pattern):
-            if f.is_file():
-                shutil.copy2(f, final / f.name)
+    else:
+        for pattern in TOKENIZER_FILES:
+            for f in src.glob(pattern):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+    if final.exists():  # an earlier save (a rerun, or one killed half-way)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
     return final
 
 
 def load_teacher(path: str, device: torch.device) -> PreTrainedModel:
     """A frozen local teacher for online full-vocabulary targets."""
+    _check_model_dir(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return teacher.eval().requires_grad_(False)
 

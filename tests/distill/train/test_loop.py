@@ -30,7 +30,7 @@ from mtkd.distill.train.objective import LossSpec, batch_loss
 from mtkd.distill.train.student import load_student, load_teacher, with_teacher_targets
 from mtkd.ingest.token_bytes import token_bytes
 from mtkd.recipes.stdlib_corpus import stdlib_texts
-from mtkd.store import open_store
+from mtkd.store import StoreError, open_store
 
 from .test_loader import write_targets, write_tokens
 
@@ -478,3 +478,106 @@ def test_loss_spec_is_the_config_s_objective() -> None:
     auto = TrainConfig(tokens="t", out="o", student={}, targets="q")
     assert LossSpec.from_config(auto).objective == "mix"
     assert LossSpec.held_out(False, 9) == LossSpec("ce", "fkl_tail", 0.0, 1.0, 0.5, 9, (), 0.0)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def cli_train(*args: object) -> tuple[int, str]:
+    """``mtkd train ARGS`` in this process: (exit code, output); never a traceback."""
+    result = CliRunner().invoke(app, ["train", *map(str, args)], env={"COLUMNS": "300"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{result.exception!r} escaped: {result.output[-2000:]}")
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_run_directory_is_neither_a_store_nor_other_files(data: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    """--out naming a store (--tokens and --out swapped), a directory of other files or a file
+    is refused before anything is written there."""
+    store = tmp_path / "tokens"
+    shutil.copytree(data["tokens"], store)
+    before = sorted(p.name for p in store.iterdir())
+    with pytest.raises(ValueError, match=r"is an mtkd tokens store, not a run directory"):
+        train(config(data, store, objective="ce", targets=None, max_steps=1))
+    assert sorted(p.name for p in store.iterdir()) == before
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a run directory \(it holds notes\.txt\)"):
+        train(config(data, home, objective="ce", targets=None, max_steps=1))
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    code, out = cli_train("--config", write_config(
+        config(data, tmp_path / "file", objective="ce", targets=None), tmp_path / "c.yaml"))
+    assert code == 1 and "is a file, not a run directory" in out
+
+
+def test_student_config_mistakes_are_named(data: dict[str, str], tmp_path: Path) -> None:
+    bad_type = tmp_path / "type.json"
+    bad_type.write_text(json.dumps({**STUDENT, "vocab_size": "big"}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text('{"hidden_size": 64,')
+    cases = {tmp_path / "missing.json": "no such file",
+             tmp_path / "broken.json": "not valid JSON",
+             tmp_path / "list.json": "must hold a JSON object of model config kwargs, got list",
+             bad_type: "\"vocab_size\": \"big\""}
+    for path, message in cases.items():
+        code, out = cli_train("--tokens", data["tokens"], "--out", tmp_path / "run",
+                              "--student-config", path, "--seq-len", 64, "--steps", 1)
+        named = "error: student config {" if path == bad_type else f"error: --student-config {path}"
+        assert code == 1 and named in out and message in out, out
+        assert not (tmp_path / "run").exists()
+
+
+def test_suppress_ids_are_token_ids_of_the_student(data: dict[str, str], tmp_path: Path) -> None:
+    """Ids outside the vocabulary failed at the first step with an indexing traceback, after
+    the run directory was written; 1.5 was taken as 1."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"suppress_ids \[99999\] are outside the student's "
+                                         r"vocabulary of \d+ ids"):
+        train(config(data, out, objective="ce", targets=None, suppress_ids=(3, 99999)))
+    assert not out.exists()
+    code, msg = cli_train("--tokens", data["tokens"], "--out", out, "--student", "s",
+                          "--suppress-ids", "3,1.5")
+    assert code == 2 and "--suppress-ids must be token ids (whole numbers ≥ 0)" in msg, msg
+
+
+def test_the_final_student_replaces_a_partial_one_whole(data: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """``final/`` is written beside and renamed into place: a save killed half-way leaves no
+    ``final/`` that looks complete, and what an earlier, interrupted save left is not kept."""
+    from mtkd.distill.train.student import save_student
+
+    model = load_student(STUDENT, 0, open_store(data["tokens"]))
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model-00002-of-00002.safetensors").write_bytes(b"left by a killed save")
+    (out / ".tmp-final-0123abcd").mkdir()  # a save killed before its rename
+    final = save_student(model, out, open_store(data["tokens"]).attrs["tokenizer"])
+    assert final == out / "final" and (final / "config.json").exists()
+    assert not (final / "model-00002-of-00002.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["final"]
+
+
+def test_a_teacher_that_is_not_a_model_directory_is_named(data: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """--teacher naming no directory gave the hub's repo-id traceback."""
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps(STUDENT))
+    code, out = cli_train("--tokens", data["tokens"], "--out", tmp_path / "run",
+                          "--student-config", student, "--seq-len", 64, "--steps", 1,
+                          "--teacher", tmp_path / "nowhere")
+    assert code == 1 and f"{tmp_path / 'nowhere'}: no config.json" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tokens_store_with_nothing_to_train_on_writes_no_run(data: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """Refused at the first batch, after train_config.json and metrics.jsonl were written."""
+    attrs = dict(open_store(data["tokens"]).attrs)
+    empty = write_tokens(tmp_path / "empty", [np.array([1], np.int32)] * 3, attrs, parts=1)
+    out = tmp_path / "run"
+    with pytest.raises(StoreError, match=r"no sequences of ≥ 2 tokens to train on"):
+        train(config(data, out, tokens=str(empty.root), targets=None, objective="ce"))
+    assert not out.exists()
