@@ -40,7 +40,15 @@ from mtkd.ingest.tokenizer import (
     load_pretrained_tokenizer,
     resolve_pretrained,
 )
-from mtkd.store import PartWriter, Store, StoreError, StoreWriter, bytes_on_disk, open_store
+from mtkd.store import (
+    PartWriter,
+    Store,
+    StoreError,
+    StoreWriter,
+    bytes_on_disk,
+    check_store_dir,
+    open_store,
+)
 from mtkd.store.executor import run_parts
 from mtkd.store.format import HEADER_FILE, Header, read_json
 from mtkd.store.id_table import frequency_table
@@ -260,6 +268,7 @@ def harvest(
     """
     # sizes here; below, the sha256 of the parts this worker reads (the store is hashed once)
     tokens = open_store(tokens_dir, TOKENS, verify="size")
+    check_store_dir(out)  # a bad --out said at once, not after the engine's start-up
     model_dir = resolve_pretrained(model_dir, "model", MODEL_FILES)
     tokenization = choose_tokenization(tokens, model_dir, config)
     vmap, teacher, teacher_hash = None, None, None

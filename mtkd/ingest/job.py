@@ -116,8 +116,26 @@ def tokenize_corpus(
     pending = writer.pending_parts(worker_index, num_workers)
     job = TokenizeParts(str(out), groups, str(loaded.path), config, attrs)
     run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
+    if all(writer.is_committed(p) for p in range(len(groups))):
+        refuse_no_sequences(writer, len(groups))
     complete = writer.finalize()
     return summarize(out, len(groups), len(pending), complete)
+
+
+def refuse_no_sequences(writer: StoreWriter, parts: int) -> None:
+    """Refuse to finalise a tokens store without a sequence (``CorpusError``): a corpus whose
+    every document was skipped (a wrong ``--text-field``, files that are not text) must not
+    give a complete, empty store that the next stages would take."""
+    commits = [writer.commit_record(p) for p in range(parts)]
+    if any(c["num_sequences"] for c in commits):
+        return
+    problems: Counter[str] = Counter()
+    for c in commits:
+        problems.update(c.get("stats", {}).get("problems", {}))
+    why = ", ".join(f"{name}={n}" for name, n in problems.most_common()) or "none"
+    raise CorpusError(f"no document of the corpus made a sequence (skipped: {why}); check "
+                      f"--text-field and the input files. {writer.root} is left incomplete: "
+                      "remove it before tokenizing again")
 
 
 def _size(path: Path) -> int:

@@ -131,6 +131,10 @@ class StoreWriter:
     def is_committed(self, part: int) -> bool:
         return is_committed(self.root, part)
 
+    def commit_record(self, part: int) -> dict[str, Any]:
+        """Part ``part``'s commit record (counts and ``stats``); the part must be committed."""
+        return read_json(self.part_dir(part) / COMMIT_FILE)
+
     def parts_for_worker(self, worker_index: int = 0, num_workers: int = 1) -> list[int]:
         """This worker's share of the parts (round robin), committed or not."""
         return worker_parts(self.header.num_parts, worker_index, num_workers)

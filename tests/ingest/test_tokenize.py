@@ -241,9 +241,9 @@ def test_parquet_input(tokenizer_dir: Path, tmp_path: Path) -> None:
     assert store_sequences(tmp_path / "tok") == expected_sequences(texts, tokenizer_dir, 16, 0)
     assert open_store(tmp_path / "tok").read_meta()["task"].to_pylist() == ["a", "b", "", "e"]
 
-    wrong = tokenize_corpus([path], tokenizer_dir, tmp_path / "tok2", TokenizeConfig(),
-                            progress=False)
-    assert wrong.documents == 0 and wrong.problems == {"missing_field": 3}
+    with pytest.raises(CorpusError, match=r"made a sequence \(skipped: missing_field=3\)"):
+        tokenize_corpus([path], tokenizer_dir, tmp_path / "tok2", TokenizeConfig(),
+                        progress=False)  # no "text" column: every document skipped
 
 
 def test_strict_refuses(tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -55,6 +55,22 @@ def test_empty_corpus(tokenizer_dir: Path, tmp_path: Path) -> None:
     assert code == 1 and "no input files found" in out
 
 
+def test_a_corpus_of_skipped_documents_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Every document skipped (here: no such --text-field) gives an error naming what was
+    skipped, and no complete, empty store; a rerun refuses the same way."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "def f():\\n    return 1\\n"}\n{"text": "x = 2\\n"}\nnot json\n')
+    for _ in range(2):
+        code, out = mtkd("tokenize", corpus, "--tokenizer", tokenizer_dir, "--out",
+                         tmp_path / "tok", "--text-field", "body")
+        assert code == 1 and "no document of the corpus made a sequence" in out
+        assert "missing_field=2" in out and "bad_json=1" in out and "--text-field" in out
+        with pytest.raises(StoreError, match="not complete"):
+            open_store(tmp_path / "tok")
+    code, out = mtkd("tokenize", corpus, "--tokenizer", tokenizer_dir, "--out", tmp_path / "ok")
+    assert code == 0 and open_store(tmp_path / "ok").num_sequences == 2
+
+
 def test_non_utf8_bytes(tokenizer_dir: Path, tmp_path: Path) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(b'{"text": "def ok():\\n    return 1\\n"}\n{"text": "caf\xe9 \xff"}\n')
@@ -141,6 +157,19 @@ def test_a_teacher_that_cannot_load(pipeline: Pipeline, tmp_path: Path) -> None:
                      *HARVEST)
     assert code == 1 and "Unrecognized model" in msg, msg
     assert not (out / "store.json").exists()
+
+
+def test_a_harvest_out_of_other_files_is_refused_before_the_engine(pipeline: Pipeline,
+                                                                  tmp_path: Path) -> None:
+    """A bad --out is said at once: here the model would not load either, and the --out
+    refusal comes first (it is checked before the engine's start-up)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("x")
+    code, msg = mtkd("harvest", pipeline.tokens, "--model", pipeline.tokenizer, "--out", out,
+                     *HARVEST)
+    assert code == 1 and "is not an mtkd store (it holds notes.txt)" in msg, msg
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 class FakeEngine:
@@ -271,6 +300,7 @@ def test_nonpositive_student_temperature(pipeline: Pipeline, tmp_path: Path) -> 
     ("--operator", "foo", "unknown operator 'foo'; choose one of"),
     ("--tail-model", "foo", "unknown tail model 'foo'; choose one of"),
     ("--token", "foo", "unknown token-level weighting 'foo'"),
+    ("--k-out", "513", "--k-out 513 is more than the student's vocabulary of 512 ids"),
 ])
 def test_unknown_operator_name(option: str, value: str, message: str, pipeline: Pipeline,
                                tmp_path: Path) -> None:

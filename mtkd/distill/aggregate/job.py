@@ -162,6 +162,10 @@ def aggregate(
     tokens = open_store(tokens_dir, TOKENS, verify="size")
     teachers = open_teachers(tokens, config.teachers)
     check_own_settings(teachers, config)
+    vocab = int(tokens.attrs["vocab_size"])
+    if config.k_out > vocab:  # refused before the target store is begun
+        raise ValueError(f"--k-out {config.k_out} is more than the student's vocabulary of "
+                         f"{vocab} ids ({tokens.root})")
     config = fitted_config(config, tokens, teachers)
     if config.source == "samples":
         for t in teachers:
