@@ -550,6 +550,13 @@ def info(
     typer.echo(f"  bytes on disk {size:,}{per_row}")
     typer.echo("  arrays " + ", ".join(
         f"{a.name}:{a.dtype}{list(a.row_shape) or ''}/{a.codec}" for a in s.header.arrays))
+    if s.attrs.get("tokenization") == "own":  # windows the teacher could not read: no rows
+        from mtkd.harvest.own_tokens import unreadable_counts
+
+        unread = unreadable_counts(s)
+        why = ", ".join(f"{name}={n:,}" for name, n in unread.most_common())
+        typer.echo(f"  unreadable sequences {sum(unread.values()):,}"
+                   + (f" ({why}; the aggregate falls back on them)" if why else ""))
     for key, value in sorted(s.attrs.items()):
         typer.echo(f"  {key}: {_short(value)}")
 

@@ -211,6 +211,9 @@ def test_reference_engine_rows_equal_an_independent_forward(setup: Setup) -> Non
                                                                      .get_vocab())
     assert attrs["tokens_fingerprint"] == tokens.manifest["checksum"]
     assert attrs["vocab_size"] != tokens.attrs["vocab_size"]
+    code, out = mtkd("info", setup.hf_store)  # says which windows have no rows, and why
+    why = ", ".join(f"{name}={n:,}" for name, n in ref.unreadable.most_common())
+    assert code == 0 and f"unreadable sequences {sum(ref.unreadable.values()):,} ({why};" in out
 
 
 def test_a_bos_teacher_starts_every_sequence_with_its_bos(setup: Setup, tmp_path: Path) -> None:
