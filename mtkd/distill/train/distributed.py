@@ -9,6 +9,7 @@ for students that do not fit one device).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -93,6 +94,15 @@ def open_verified(root: str, kind: str, d: Dist) -> Store:
     return store if store is not None else open_store(root, kind, verify="size")
 
 
+#: DDP without the broadcast of buffers before every forward (the student's buffers, rotary
+#: frequencies, are equal on every rank): torch 2.13 renamed the option and warns on the old.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def distribute(net: StudentLoss, d: Dist, fsdp: bool = False) -> nn.Module:
     """``net`` on ``d.device``, wrapped for the job: as is (one process), DDP, or FSDP2.
 
@@ -106,7 +116,7 @@ def distribute(net: StudentLoss, d: Dist, fsdp: bool = False) -> nn.Module:
     if d.world == 1:
         return net.to(d.device)
     if not fsdp:
-        return DistributedDataParallel(net.to(d.device), broadcast_buffers=False,
+        return DistributedDataParallel(net.to(d.device), **NO_FORWARD_BUFFER_SYNC,
                                        device_ids=[d.device] if d.device.type == "cuda" else None)
     mesh = init_device_mesh(d.device.type, (d.world,))
     layer_types = set(getattr(net.model, "_no_split_modules", None) or ())
