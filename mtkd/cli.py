@@ -616,8 +616,19 @@ def _short(value: Any, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="mtkd")
+#: What an interrupted command leaves: every stage commits whole parts or checkpoints only.
+INTERRUPTED = ("mtkd: interrupted; committed parts and checkpoints are kept, and the same command "
+               "resumes from them")
+
+
+def main() -> None:
+    """The console entry point: the commands, and a word on what an interrupt (Ctrl-C) kept."""
+    try:
+        app(prog_name="mtkd")
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit on KeyboardInterrupt, silent otherwise
+            print(INTERRUPTED, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

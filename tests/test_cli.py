@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -253,3 +256,24 @@ def test_bounds_come_from_the_configs() -> None:
         HarvestConfig(k=MAX_K + 1)
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert "x>=2]" in result.output and "--max-steps, --steps" in result.output
+
+
+def test_an_interrupt_says_what_is_kept(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in the middle of a command: exit 130, and a line saying that committed
+    work is kept and the same command resumes (typer alone exits silently)."""
+    corpus = tmp_path / "c.jsonl"
+    line = json.dumps({"text": "def f(x):\n    return x + 1\n" * 40})
+    corpus.write_text("\n".join([line] * 8000))
+    out = tmp_path / "tok"
+    proc = subprocess.Popen([sys.executable, "-m", "mtkd", "tokenize", str(corpus),
+                             "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                             "--num-parts", "40"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / "parts").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted; committed parts and checkpoints are kept" in err.decode()
+    assert "Traceback" not in err.decode()
