@@ -13,6 +13,7 @@ from mtkd.store.format import (
     HEADER_FILE,
     MANIFEST_FILE,
     PARTS_DIR,
+    TMP_PREFIX,
     Header,
     canonical_json,
     jsonable,
@@ -79,7 +80,20 @@ def verify_store(root: str | os.PathLike[str], *, full: bool = True) -> list[str
             problems.extend(verify_part(pdir, part, header, commit, full))
         except (CorruptStoreError, KeyError, TypeError, AttributeError, ValueError) as e:
             problems.append(f"{commit_path}: malformed ({e!r})")
+    problems.extend(stray_parts(root, header))
     return problems
+
+
+def stray_parts(root: Path, header: Header) -> list[str]:
+    """Entries of ``parts/`` that are neither a part of the header nor a writer's temp copy:
+    never read, so their data is in no reader's hands (a store copied over another, say)."""
+    known = {part_name(p) for p in range(header.num_parts)}
+    try:
+        entries = sorted((root / PARTS_DIR).iterdir())
+    except FileNotFoundError:
+        return []
+    return [f"{path}: not a part of this store ({header.num_parts} parts); never read"
+            for path in entries if path.name not in known and not path.name.startswith(TMP_PREFIX)]
 
 
 def verify_part(pdir: Path, part: int, header: Header, commit: Any, full: bool) -> list[str]:

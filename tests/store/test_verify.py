@@ -73,6 +73,14 @@ def test_verify_catches_truncation_missing_parts_and_extra_files(
     shutil.move(moved, part)
     assert verify_store(root) == []
 
+    stray = root / "parts" / "00099"  # a part this store's header does not have
+    shutil.copytree(part, stray)
+    live = root / "parts" / ".tmp-00001-host-1-ab"  # a live writer's temp copy: not a problem
+    live.mkdir()
+    assert verify_store(root) == [f"{stray}: not a part of this store (3 parts); never read"]
+    shutil.rmtree(stray)
+    live.rmdir()
+
 
 def test_verify_catches_a_hand_edited_manifest(small_store: tuple[Path, list[dict]]) -> None:
     root, _ = small_store
