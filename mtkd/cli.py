@@ -36,6 +36,23 @@ app = typer.Typer(
     rich_markup_mode=None,  # click's plain help: wraps at any width, never cuts a flag's name
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mtkd import __version__
+
+        typer.echo(f"mtkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print mtkd's version and exit.")] = False,
+) -> None:
+    """Offline multi-teacher knowledge distillation: tokenize → harvest → aggregate → train."""
+
 # ----------------------------------------------------------------- options from stage configs
 
 #: The parameter of a command that receives the options made from its stage config's fields.
@@ -211,7 +228,8 @@ def _workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]
 @app.command(short_help="Tokenise a corpus once into a tokens store.")
 @stage_options(TokenizeConfig)
 def tokenize(
-    inputs: Annotated[list[Path], typer.Argument(help="jsonl/parquet/text files or directories.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        metavar="INPUTS", help="jsonl/parquet/text files or directories.")],
     tokenizer: Annotated[Path, typer.Option(
         help="Tokenizer: a local directory (tokenizer.json, or what AutoTokenizer loads, e.g. "
              "a SentencePiece tokenizer.model) or a Hugging Face hub id (cache; HF_HUB_OFFLINE "
@@ -257,7 +275,8 @@ def tokenize(
 @app.command(short_help="Run a teacher over a tokens store; write its log-probs.")
 @stage_options(HarvestConfig, skip=("engine_args",), flags={"temperatures": ("--temperature",)})
 def harvest(
-    tokens: Annotated[Path, typer.Argument(help="Tokens store made by `mtkd tokenize`.")],
+    tokens: Annotated[Path, typer.Argument(
+        metavar="TOKENS", help="Tokens store made by `mtkd tokenize`.")],
     model: Annotated[Path, typer.Option(
         help="Teacher model: a local Hugging Face directory or a hub id (cache; "
              "HF_HUB_OFFLINE honoured).")],
@@ -374,7 +393,8 @@ def _task_weights(items: list[Any] | None, k: int) -> dict[str, tuple]:
     AggregateConfig, skip=("teachers", "weights", "fit_weights", "temperatures", "task_weights")
 )
 def aggregate(
-    teachers: Annotated[list[Path], typer.Argument(help="Teacher stores to fuse.")],
+    teachers: Annotated[list[Path], typer.Argument(
+        metavar="TEACHERS", help="Teacher stores to fuse.")],
     tokens: Annotated[Path, typer.Option(help="The tokens store the teachers were harvested on.")],
     out: Annotated[Path, typer.Option(help="Output target store directory.")],
     *,
@@ -512,7 +532,7 @@ def _token_ids(text: Any, what: str) -> tuple[int, ...]:
 
 @app.command(short_help="Check a store's counts and checksums.")
 def verify(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="Store directory.")],
     quick: Annotated[bool, typer.Option(help="Check sizes only, not checksums.")] = False,
 ) -> None:
     """Recompute counts and checksums of a store; exit 1 naming every bad file."""
@@ -526,9 +546,9 @@ def verify(
     typer.echo(f"{store}: OK")
 
 
-@app.command()
+@app.command(short_help="Print a store's manifest, its sizes checked.")
 def info(
-    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    store: Annotated[Path, typer.Argument(metavar="STORE", help="Store directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print a store's manifest in human form (sizes and headers checked; checksums: verify)."""
@@ -599,7 +619,8 @@ def setup_teacher(
 
 
 @app.command(short_help="Write an HTML report with plots for a run.")
-def report(run_dir: Annotated[Path, typer.Argument(help="A demo run directory.")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(
+    metavar="RUN_DIR", help="A demo run directory.")]) -> None:
     """Write an HTML page with plots and a markdown table for a run."""
     from mtkd.recipes.report import write_report
     from mtkd.recipes.run import DemoError

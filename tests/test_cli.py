@@ -40,6 +40,14 @@ def test_top_level_help() -> None:
     assert result.exit_code == 0
     for name in ("tokenize", "verify", "info"):
         assert name in result.output
+    assert "...\n" not in result.output.split("Commands:")[1]  # every command's summary whole
+
+
+def test_version() -> None:
+    from mtkd import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"mtkd {__version__}\n"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
