@@ -2,8 +2,8 @@
 
 Each command is a thin wrapper over a library function. A stage's options are made from the
 fields of its config dataclass (:func:`stage_options`): their defaults, help texts and bounds
-live there (:func:`mtkd.config.option`), never here. Every command takes ``--config FILE``
-(TOML, YAML or JSON) whose values act as defaults that flags override.
+live there (:func:`mtkd.config.option`), never here. The four stage commands take ``--config
+FILE`` (TOML, YAML or JSON) whose values act as defaults that flags override.
 """
 
 from __future__ import annotations
@@ -298,7 +298,8 @@ def harvest(
     num_workers: NumWorkersOpt = 1,
     config: ConfigOpt = None,
 ) -> None:
-    """Run one teacher over a tokens store with vLLM and write its sparse log-probs."""
+    """Run one teacher over a tokens store with vLLM (or the reference engine, --engine hf) and
+    write its sparse log-probs."""
     from mtkd.harvest.threads import limit_openmp_spinning
 
     limit_openmp_spinning()  # before torch is imported
