@@ -69,7 +69,8 @@ def tokens_header(num_parts: int, attrs: Mapping[str, Any], *,
 
 
 def check_logprob_dtype(name: str) -> str:
-    """``name`` if it is a top-k coding (``q64v2``, ``q64``) or a float dtype, else ValueError."""
+    """``name`` if it is a top-k coding (``topk_codec.CODINGS``) or a float dtype, else
+    ValueError."""
     if name in topk_codec.CODINGS:
         return name
     try:
@@ -108,8 +109,9 @@ def teacher_header(
     ``num_samples`` adds random-sampling KD targets (unique ids, counts, log-probs) of width
     ``num_samples``. ``own_tokens``: rows are the teacher's own tokens of each window's text,
     with ``context_end`` and ``next_id`` (the caller sets ``attrs.tokenization``).
-    ``id_table`` (q64v2 only): the most frequent ids first, e.g. ``id_table.frequency_table``
-    of the tokens store's counts; top-k ids are renumbered through it (``attrs.topk_id_table``).
+    ``id_table`` (q64v2, q64v3, q64r): the most frequent ids first, e.g.
+    ``id_table.frequency_table`` of the tokens store's counts; top-k ids are renumbered through
+    it (``attrs.topk_id_table``).
     ``tail_step`` (q64r only): the tail's grid in 1/16-nat steps (``attrs.topk_tail_step``).
     ``stream_rows`` (q64r only): consecutive sequences share a stream until it holds that many
     rows (``attrs.topk_stream_rows``; 0: a stream per sequence). ``rank_ids`` (q64r): number
