@@ -41,6 +41,8 @@ def test_every_field_is_an_option_with_help(command: str) -> None:
     (lambda: HarvestConfig(k=MAX_K + 1), "vLLM engine serves at most"),
     (lambda: HarvestConfig(batch_tokens=0), "batch_tokens must be ≥ 1"),
     (lambda: AggregateConfig(("a",), k_out=0), "k_out must be ≥ 1, got 0"),
+    (lambda: AggregateConfig(("a", "b"), eps=0.1), "eps 0.1 bounds adaptive weights"),
+    (lambda: AggregateConfig(("a", "b"), safety_floor=0.2), "give --safety too"),
     (lambda: TrainConfig(tokens="t", out="o", student={}, seq_len=1), "seq_len must be ≥ 2"),
     (lambda: TrainConfig(tokens="t", out="o", student={}, max_tokens=0), "max_tokens must be ≥ 1"),
     (lambda: TrainConfig(tokens="t", out="o", student={}, warmup_steps=-1), "warmup_steps"),

@@ -124,6 +124,12 @@ class AggregateConfig:
                                  "(every teacher would get weight 0)")
         # the policy validates its own fields (token/context names, sharpness)
         self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
+        if self.eps and not self.adaptive and self.safety is None:  # else silently unused
+            raise ValueError(f"eps {self.eps:g} bounds adaptive weights from below, and these "
+                             "weights are static (no --token, --context, --task-weight or "
+                             "--safety): drop it")
+        if self.safety_floor is not None and self.safety is None:
+            raise ValueError("safety_floor is the safety teacher's floor: give --safety too")
         tempered = bool(np.any(self.teacher_temperatures != 1))
         if self.label_entry and (self.operator != "linear" or self.source != "topk" or tempered):
             raise ValueError("the label entry is for top-k targets fused by the linear operator "
