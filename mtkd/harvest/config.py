@@ -54,7 +54,8 @@ class HarvestConfig:
         "Draw from outside each position's top-k only: the hybrid target (the exact top-k head "
         "plus draws from the rest, weighted by the tail mass; unbiased, lower variance).",
     )
-    seed: int = option(0, "Seed of the draws.")
+    seed: int = option(0, "Seed of the draws.", min=-(2**63), max=2**63 - 1,
+                       why="the draws' hash key is a signed 64-bit integer")
     logprob_dtype: str = option(
         AUTO,
         f"Stored top-k coding. auto: q64r for a vocabulary of >= {LARGE_VOCAB:,} ids, q64v2 "
@@ -177,6 +178,9 @@ class HarvestConfig:
         if not np.isfinite(self.sample_temperature) or self.sample_temperature <= 0:
             raise ValueError(f"sample_temperature must be positive and finite, got "
                              f"{self.sample_temperature}")
+        if self.sample_temperature != 1.0 and not self.num_samples:  # else silently unused
+            raise ValueError(f"--sample-temperature {self.sample_temperature:g} needs "
+                             "--num-samples N (it is the temperature of the draws)")
         if (self.temperatures or self.num_samples) and self.vocab_map is not None:
             raise ValueError(
                 "exact tempered tails and sampled targets are not supported with "

@@ -65,8 +65,12 @@ def uniforms(keys: Tensor, positions: Tensor, num_samples: int) -> Tensor:
 
 
 def weights(logprobs: Tensor, temperature: float) -> Tensor:
-    """The draws' unnormalised float32 weights exp(log p / T) from float32 log-probs."""
-    return torch.exp(logprobs if temperature == 1.0 else logprobs / temperature)
+    """The draws' unnormalised float32 weights exp(log p / T) from float32 log-probs; at
+    T ≠ 1 relative to the row's top, exp((log p − max log p) / T), which float32 holds where
+    log p / T underflows (below −103: a flat row at a low T; at T = 1, log p ≥ −log V)."""
+    if temperature == 1.0:
+        return torch.exp(logprobs)
+    return torch.exp((logprobs - logprobs.amax(dim=-1, keepdim=True)) / temperature)
 
 
 class ChunkDraws:
@@ -98,8 +102,10 @@ class ChunkDraws:
             excluded = np.empty((len(lp), 0), np.int64)
         excluded = np.sort(excluded.astype(np.int64), axis=1)
         out = np.empty((len(lp), self.targets.shape[1]), np.int64)
-        # numpy's SIMD exp (several times torch's on a CPU here)
-        w = np.exp(lp if self.temperature == 1.0 else lp / np.float32(self.temperature))
+        # numpy's SIMD exp (several times torch's on a CPU here); at T ≠ 1 relative to each
+        # row's top, as :func:`weights` (else a flat row at a low T underflows to 0)
+        w = np.exp(lp if self.temperature == 1.0 else
+                   (lp - lp.max(axis=1, keepdims=True)) / np.float32(self.temperature))
         walk_rows(w, np.ascontiguousarray(self.targets[rows]), excluded, out)
         self.ids[rows] = out
         self.logprobs[rows] = np.take_along_axis(lp, out, axis=1)

@@ -232,6 +232,22 @@ def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,
     raise ValueError(f"unknown engine {config.engine!r} (choose vllm or hf)")
 
 
+def check_room(tokens: Store, engine: TeacherEngine, parts: Sequence[int]) -> None:
+    """Refuse, before the store is begun, windows of ``parts`` longer than the engine takes
+    (vLLM: ``max_sequence_len``, max_model_len less the token of room its draws need): said
+    after the header, the error left a store that a rerun on windows cut shorter refused."""
+    limit = getattr(engine, "max_sequence_len", None)
+    lengths = [tokens.seq_lengths[tokens.part_sequences(p)] for p in parts]
+    longest = max((int(n.max()) for n in lengths if len(n)), default=0)
+    if limit is None or longest <= limit:
+        return
+    room = (" (draws need one token of room after each window)"
+            if getattr(engine, "num_samples", 0) else "")
+    raise ValueError(f"{tokens.root} holds windows of {longest} tokens and the engine takes "
+                     f"at most {limit}{room}: tokenize with --max-len {limit} or less, or raise "
+                     "--max-model-len (up to the model's context)")
+
+
 def batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[slice]:
     """Consecutive runs of sequences holding about ``batch_tokens`` tokens each."""
     start, acc = 0, 0
@@ -313,6 +329,8 @@ def harvest(
 
     def make_engine() -> TeacherEngine:
         inner = engine_factory() if engine_factory else build_engine(model_dir, config, engine_k)
+        if teacher is None:  # own tokens leave a window too long for the engine out instead
+            check_room(tokens, inner, share)
         return inner if vmap is None else MappedEngine(inner, vmap, config.k)
 
     share = pending_parts(out, tokens.num_parts, worker_index, num_workers)

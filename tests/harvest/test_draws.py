@@ -16,10 +16,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mtkd.harvest.config import HarvestConfig
 from mtkd.harvest.draws import draw, sequence_key, uniforms, unique_counts
 from mtkd.harvest.engine import sample_rows
 from mtkd.harvest.hf_engine import HfReferenceEngine
+from mtkd.harvest.job import harvest, teacher_tokenizer_hash
 from mtkd.harvest.vllm_engine import VllmEngine
+from mtkd.store import StoreWriter
+from mtkd.store.schema import tokens_header
 
 from .conftest import MAX_LEN, VOCAB
 from .gtest import g_statistic, g_test_p_value, two_sample_g
@@ -57,6 +61,23 @@ def test_sequence_key_is_seeded_and_content_addressed() -> None:
     assert 0 <= sequence_key(-5, seq) < 2**63
 
 
+def test_a_draw_temperature_without_draws_is_refused() -> None:
+    """--sample-temperature alone was ignored (a store without draws, said complete)."""
+    with pytest.raises(ValueError, match=r"--sample-temperature 0\.5 needs --num-samples"):
+        HarvestConfig(sample_temperature=0.5)
+    assert HarvestConfig(sample_temperature=0.5, num_samples=4).sample_temperature == 0.5
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_a_seed_beyond_the_draws_key_is_refused(seed: int) -> None:
+    """The seed keys the draws' hash as a signed 64-bit integer: one beyond it was accepted and
+    crashed vLLM's worker (OverflowError) after the store was begun."""
+    with pytest.raises(ValueError, match="seed must be in"):
+        HarvestConfig(num_samples=4, seed=seed)
+    for edge in (2**63 - 1, -(2**63)):
+        assert sequence_key(HarvestConfig(num_samples=4, seed=edge).seed, np.arange(3)) >= 0
+
+
 def test_draws_follow_the_tempered_distribution() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(400, 300, generator=gen, dtype=torch.float64) * 3
@@ -73,6 +94,28 @@ def test_draws_follow_the_tempered_distribution() -> None:
     # the untempered distribution is rejected: the test has power
     g1, dof1 = g_statistic(ids.numpy(), counts.numpy(), torch.softmax(logits, -1).numpy())
     assert g_test_p_value(g1, dof1) < 1e-12
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_a_low_temperature_draws_a_flat_row_from_its_top(cpu: bool) -> None:
+    """At T = 0.05 a flat row (top log-prob ≈ −6.5, as at many positions of a 49,152-id
+    teacher) had exp(log p / T) underflow to 0 in float32 everywhere: every draw was then the
+    last id. The weights are taken relative to the row's top, so the draws follow the tempered
+    distribution (both paths: the CPU walk, and a GPU's cumsum + searchsorted)."""
+    from mtkd.harvest.draws import draw_torch
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(300, 4096, generator=gen, dtype=torch.float64) * 0.5
+    temperature = 0.05
+    assert float(torch.log_softmax(logits, -1).max()) < -5.5  # log p_max / T < −110
+    keys = torch.full((300,), 54321, dtype=torch.int64)
+    sampler = draw if cpu else draw_torch
+    drawn, lps = sampler(logits.float(), keys, torch.arange(300), 64, temperature)
+    ids, counts, _ = unique_counts(drawn, lps)
+    probs = torch.softmax(logits / temperature, dim=-1).numpy()
+    g, dof = g_statistic(ids.numpy(), counts.numpy(), probs)
+    assert dof > 300
+    assert g_test_p_value(g, dof) > ALPHA
 
 
 @pytest.mark.parametrize(("vocab", "temperature", "head"), [(300, 1.0, 0), (4099, 1.5, 0),
@@ -207,6 +250,28 @@ def test_vllm_draws_do_not_depend_on_the_split(
 def test_vllm_draws_refuse_a_full_length_sequence(sampling_engine: VllmEngine) -> None:
     with pytest.raises(ValueError, match="raise --max-model-len"):
         sampling_engine.harvest([np.arange(MAX_LEN) % VOCAB])
+
+
+@pytest.mark.engine
+def test_a_window_without_room_for_the_draws_is_refused_before_the_store(
+        tmp_path: Path, successor_dir: Path, sampling_engine: VllmEngine) -> None:
+    """A tokens store of max_model_len windows cannot take draws: said before the teacher store
+    is begun (its header named these tokens, so a rerun on windows cut shorter was refused)."""
+    tokens = tmp_path / "tokens"
+    writer = StoreWriter(tokens, tokens_header(1, {
+        "tokenizer_hash": teacher_tokenizer_hash(successor_dir), "vocab_size": VOCAB,
+        "eos_id": None}))
+    with writer.open_part(0) as pw:
+        pw.append({"token_ids": (np.arange(MAX_LEN + 9) % VOCAB).astype(np.int32)},
+                  np.array([9, MAX_LEN]), np.arange(2))
+    assert writer.finalize()
+    out = tmp_path / "teacher"
+    config = HarvestConfig(k=8, dtype="float32", num_samples=M, sample_temperature=T_SAMPLE,
+                           seed=3)
+    with pytest.raises(ValueError, match="one token of room"):
+        harvest(tokens, successor_dir, out, config, progress=False,
+                engine_factory=lambda: sampling_engine)
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.engine

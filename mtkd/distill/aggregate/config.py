@@ -148,6 +148,8 @@ class AggregateConfig:
                 ("temperatures other than 1", tempered),
                 ("adaptive or safety weights", self.adaptive or self.safety is not None),
                 ("teacher blocks", self.teacher_blocks),
+                ("tail model " + self.tail_model, self.tail_model != "lump"),  # no top-k tail
+                ("imputation " + self.imputation, self.imputation != "even"),
             ) if bad]
             if unsupported:
                 raise ValueError("sampled targets are fused linearly with static weights at "

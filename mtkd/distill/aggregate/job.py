@@ -175,6 +175,11 @@ def aggregate(
             if config.sample_head and t.attrs.get("sample_rest"):
                 raise StoreError(f"{t.root} is a hybrid (harvest --sample-rest): its head is "
                                  "stored already; drop --sample-head")
+            drawn_at = float(t.attrs.get("sample_temperature") or 1.0)
+            if config.sample_head and drawn_at != 1.0:  # the head and rest mass are at T = 1
+                raise StoreError(f"--sample-head keeps the exact top-H at T = 1, and {t.root} "
+                                 f"drew at --sample-temperature {drawn_at:g}: the two would "
+                                 "estimate neither distribution (drop --sample-head)")
             if config.sample_head > int(t.attrs.get("k") or 0):
                 raise StoreError(f"--sample-head {config.sample_head} is more than the top-k "
                                  f"{t.root} holds (k = {t.attrs.get('k')})")

@@ -58,15 +58,16 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
                  *, complete: bool = True, tokenizer_hash: str | None = None,
                  temperatures: tuple[float, ...] = (), logprob_dtype: str = "q64",
                  num_samples: int = 0, sample_rest: bool = False, stream_rows: int = 0,
-                 code_scalars: bool = True) -> Path:
+                 code_scalars: bool = True, sample_temperature: float = 1.0) -> Path:
     """A teacher store over ``tokens_dir``: softmax(scale·N(0,1)) per position, top-K kept
     (float32 log-probs as engines return them, stored as ``logprob_dtype`` says), and with
-    ``num_samples`` the reference engine's random-sampling targets."""
+    ``num_samples`` the reference engine's random-sampling targets (at ``sample_temperature``)."""
     rng = np.random.default_rng(seed)
     tokens = open_store(tokens_dir, TOKENS)
     attrs = {"tokenizer_hash": tokenizer_hash or tokens.attrs["tokenizer_hash"],
              "vocab_size": VOCAB, "tokens_fingerprint": tokens.manifest["checksum"],
-             "teacher": name} | ({"sample_rest": True} if sample_rest else {})
+             "teacher": name} | ({"sample_rest": True} if sample_rest else {}) | (
+                 {"sample_temperature": sample_temperature} if num_samples else {})
     out = root / name
     writer = StoreWriter(out, teacher_header(PARTS, K, attrs, temperatures=temperatures,
                                              logprob_dtype=logprob_dtype,
@@ -100,8 +101,8 @@ def make_teacher(root: Path, tokens_dir: Path, name: str, seed: int, scale: floa
             rows["tempered_tail_logmass"] = np.stack(cols, axis=1).astype(np.float32)
         if num_samples:
             head = torch.from_numpy(order[:, :K]) if sample_rest else None
-            ids, counts, slp = sample_targets(torch.from_numpy(logp), num_samples, 1.0,
-                                              generator, head)
+            ids, counts, slp = sample_targets(torch.from_numpy(logp), num_samples,
+                                              sample_temperature, generator, head)
             rows |= {"sample_ids": ids.numpy(), "sample_counts": counts.numpy().astype(np.uint16),
                      "sample_logprobs": slp.numpy()}
         with writer.open_part(p) as pw:
@@ -136,8 +137,10 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 def config(teachers: list[Path], **kw: object) -> AggregateConfig:
     """The job's config; target stores raw unless said (the tests compare exact values; the
-    coded default is tested against raw below)."""
+    coded default is tested against raw below); k_out the whole vocabulary (a larger one is
+    refused)."""
     kw.setdefault("codec", "raw")
+    kw.setdefault("k_out", VOCAB)
     return AggregateConfig(teachers=tuple(str(t) for t in teachers), **kw)  # type: ignore[arg-type]
 
 
@@ -539,6 +542,31 @@ def test_sample_head_makes_the_hybrid_from_a_plain_store(tmp_path):
                                                  sample_head=K + 1), progress=False)
     with pytest.raises(ValueError, match="for --source samples"):
         config([teacher], sample_head=h)
+
+
+def test_sample_head_refuses_draws_at_another_temperature(tmp_path):
+    """--sample-head on draws made at --sample-temperature T ≠ 1 would put the exact top-h at
+    T = 1 beside the rest's T = 1 mass shared by tempered draws: an estimate of neither
+    distribution. Refused before a target store is begun (plain draws at T ≠ 1 still fuse)."""
+    tokens = make_tokens(tmp_path)
+    teacher = make_teacher(tmp_path, tokens, "hot", seed=35, scale=2.0, num_samples=16,
+                           sample_temperature=0.5)
+    out = tmp_path / "head-hot"
+    with pytest.raises(StoreError, match=r"sample-temperature 0\.5"):
+        aggregate(tokens, out, config([teacher], source="samples", sample_head=3),
+                  progress=False)
+    assert not out.exists()
+    aggregate(tokens, tmp_path / "plain-hot", config([teacher], source="samples"),
+              progress=False)
+
+
+@pytest.mark.parametrize(("option", "said"), [({"tail_model": "zipf"}, "tail model zipf"),
+                                               ({"imputation": "rank"}, "imputation rank")])
+def test_sampled_targets_refuse_the_top_k_tail_options(option: dict, said: str) -> None:
+    """Sampled targets have no tail model or imputation (the draws' support is all there is):
+    asked for with --source samples they were ignored silently."""
+    with pytest.raises(ValueError, match=f"not supported with: {said}"):
+        config([Path("t")], source="samples", **option)
 
 
 def test_label_entry_splits_the_actual_token_out_of_the_tail(stores, tmp_path):
