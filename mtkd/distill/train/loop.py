@@ -266,6 +266,12 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
             print(f"note: --eval-fraction {cfg.eval_fraction:g} picks none of this store's "
                   "documents (the split is by document): no held-out evaluation; give a larger "
                   "fraction or --heldout", file=sys.stderr)
+        sampled = targets is not None and (targets.attrs.get("config") or {}).get(
+            "source") == "samples"
+        if sampled and objective != "ce" and not cfg.loss.startswith("fkl"):
+            print(f"note: {cfg.targets} holds sampled targets, an unbiased estimate of the "
+                  f"teachers' mixture for forward KL only; --loss {cfg.loss} trains towards "
+                  "the draws' empirical distribution instead (use fkl_tail)", file=sys.stderr)
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
     net.train()
     batches = Prefetcher(loader.stream(state), cfg.prefetch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,10 +77,12 @@ def teacher_rows(next_tokens: np.ndarray, vocab: int, row0: int) -> dict[str, np
     }
 
 
-def write_targets(root: Path, tokens: Store, vocab: int, fingerprint: str | None = None) -> Store:
-    """A target store over ``tokens`` whose rows are built from the actual next tokens."""
+def write_targets(root: Path, tokens: Store, vocab: int, fingerprint: str | None = None,
+                  attrs: dict[str, Any] | None = None) -> Store:
+    """A target store over ``tokens`` whose rows are built from the actual next tokens
+    (``attrs``: more header attrs, e.g. the aggregate's ``config``)."""
     attrs = {"tokens_fingerprint": fingerprint or tokens.manifest["checksum"],
-             "vocab_size": vocab}
+             "vocab_size": vocab} | (attrs or {})
     header = target_header(tokens.num_parts, K_OUT, 2, attrs, teacher_ks=(K_TEACHER, K_TEACHER))
     writer = StoreWriter(root, header)
     row0 = 0

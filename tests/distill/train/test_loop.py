@@ -582,3 +582,16 @@ def test_a_tokens_store_with_nothing_to_train_on_writes_no_run(data: dict[str, s
     with pytest.raises(StoreError, match=r"no sequences of ≥ 2 tokens to train on"):
         train(config(data, out, tokens=str(empty.root), targets=None, objective="ce"))
     assert not out.exists()
+
+
+def test_a_non_forward_loss_on_sampled_targets_is_noted(data: dict[str, str], tmp_path: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """Sampled targets are unbiased for forward KL only: another loss trains towards the
+    draws' empirical distribution, which the run says (it still trains)."""
+    tokens = open_store(data["tokens"])
+    sampled = tmp_path / "sampled"
+    write_targets(sampled, tokens, int(tokens.attrs["vocab_size"]),
+                  attrs={"config": {"source": "samples"}})
+    for loss, noted in (("rkl_tail", True), ("fkl_tail", False)):
+        train(config(data, tmp_path / loss, targets=str(sampled), loss=loss, max_steps=1))
+        assert ("holds sampled targets" in capfd.readouterr().err) is noted
