@@ -362,15 +362,20 @@ def _skip_teardown() -> None:
     os._exit(0)
 
 
-def _floats(text: Any, what: str) -> tuple[float, ...] | None:
-    """Parse "0.5,0.3,0.2" (or a list from a config file)."""
+def _floats(text: Any, what: str, ids: bool = False) -> tuple[Any, ...] | None:
+    """Parse "0.5,0.3,0.2" (or a list from a config file); ``ids``: token ids, whole and ≥ 0."""
     if text is None:
         return None
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
-        return tuple(float(x) for x in items)
+        values = tuple((int if ids else float)(str(x).strip()) for x in items)
     except ValueError:
-        raise _fail(f"{what} must be numbers separated by commas, got {text!r}", 2) from None
+        values = None
+    if values is None or (ids and (min(values, default=0) < 0 or any(
+            isinstance(x, (bool, float)) for x in items))):
+        kind = "token ids (whole numbers ≥ 0)" if ids else "numbers"
+        raise _fail(f"{what} must be {kind} separated by commas, got {text!r}", 2)
+    return values
 
 
 def _task_weights(items: list[Any] | None, k: int) -> dict[str, tuple]:
@@ -479,7 +484,7 @@ def train(
     spec: str | dict[str, Any] = (
         _student_config(student_config) if student_config is not None
         else student if isinstance(student, dict) else str(Path(str(student))))
-    ids = _token_ids(suppress_ids, "--suppress-ids")
+    ids = _floats(suppress_ids, "--suppress-ids", ids=True) or ()
     try:
         cfg = TrainConfig(**fields, student=spec, suppress_ids=ids)
         result = run_train(cfg)
@@ -513,22 +518,6 @@ def _student_config(path: Path) -> dict[str, Any]:
         raise _fail(f"{where}: must hold a JSON object of model config kwargs, got "
                     f"{type(spec).__name__}")
     return spec
-
-
-def _token_ids(text: Any, what: str) -> tuple[int, ...]:
-    """Parse "12,97" (or a list from a config file) as token ids; 1.5 or -3 is refused."""
-    if text is None:
-        return ()
-    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
-    try:
-        ids = tuple(int(x) if isinstance(x, int) else int(str(x).strip()) for x in items)
-    except ValueError:
-        ids = ()
-    if len(ids) != len(items) or any(i < 0 for i in ids) or any(
-            isinstance(x, (bool, float)) for x in items):
-        raise _fail(f"{what} must be token ids (whole numbers ≥ 0) separated by commas, got "
-                    f"{text!r}", 2)
-    return ids
 
 
 @app.command(short_help="Check a store's counts and checksums.")
