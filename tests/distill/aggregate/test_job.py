@@ -620,3 +620,22 @@ def test_coded_target_store_holds_the_raw_targets_within_the_bound(stores, tmp_p
         for name in ("tail_mass", "weights", "jensen_gap"):
             np.testing.assert_array_equal(coded[p][name], raw[p][name])
     assert bytes_on_disk(outs["q64v2"]) < bytes_on_disk(outs["raw"])  # tiny: overheads weigh
+
+
+def test_the_cli_says_when_k_out_cuts_sampled_targets(tmp_path):
+    """Two teachers' draws hold more distinct ids than --k-out 4 keeps: the smallest entries
+    go to the tail (no longer the unbiased estimate), and `mtkd aggregate` says so; with room
+    for every drawn id it says nothing."""
+    from typer.testing import CliRunner
+
+    from mtkd.cli import app
+
+    tokens = make_tokens(tmp_path)
+    stores = [make_teacher(tmp_path, tokens, f"s{j}", seed=40 + j, scale=1.0, num_samples=16)
+              for j in range(2)]
+    for k_out, noted in ((4, True), (VOCAB, False)):
+        args = ["aggregate", *map(str, stores), "--tokens", str(tokens), "--out",
+                str(tmp_path / f"t{k_out}"), "--source", "samples", "--k-out", str(k_out)]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        assert result.exit_code == 0, result.output
+        assert ("rows drew more ids than --k-out 4 keeps" in result.output) is noted
