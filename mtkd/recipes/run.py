@@ -21,6 +21,7 @@ from mtkd.distill.train.device import native_bf16
 from mtkd.recipes.sizes import DemoSize, ModelShape
 from mtkd.store import open_store
 from mtkd.store.format import MANIFEST_FILE
+from mtkd.store.fs import unfit_output_dir
 
 
 class DemoError(Exception):
@@ -50,15 +51,10 @@ def read_results(path: Path) -> dict[str, Any]:
 def check_workdir(root: Path) -> None:
     """Refuse a demo ``--workdir`` that is a file or a directory of other files: the run's
     corpus, stores and models would mix with them."""
-    if root.is_file():
-        raise DemoError(f"{root} is a file, not a run directory; give a new or empty directory")
-    if root.is_dir():
-        names = sorted(p.name for p in root.iterdir())
-        if names and not RUN_ENTRIES.intersection(names):
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3
-                                              else "")
-            raise DemoError(f"{root} exists and is not a demo run directory (it holds "
-                            f"{shown}); give a new or empty directory")
+    why = unfit_output_dir(root, "a demo run directory",
+                           lambda names: bool(RUN_ENTRIES & set(names)))
+    if why:
+        raise DemoError(why)
 
 
 def print_stage(title: str) -> None:

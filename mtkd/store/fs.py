@@ -12,6 +12,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -132,3 +133,19 @@ def bytes_on_disk(root: str | os.PathLike[str]) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+def unfit_output_dir(root: Path, what: str, fits: Callable[[list[str]], bool]) -> str | None:
+    """Why the directory ``root`` cannot take the output ``what`` (None: it can): it is a file,
+    or it holds entries that ``fits`` rejects (the user's own files, which the output would
+    mix with). A missing or empty directory fits."""
+    if root.is_file():
+        return f"{root} is a file, not {what}; give a new or empty directory"
+    try:
+        names = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    except OSError as e:
+        return f"{root}: cannot read the directory ({e.strerror or e})"
+    if not names or fits(names):
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{root} exists and is not {what} (it holds {shown}); give a new or empty directory"

@@ -43,6 +43,7 @@ from mtkd.store.fs import (
     fsync,
     tmp_file,
     tmp_is_stale,
+    unfit_output_dir,
     write_json_atomic,
     write_synced,
 )
@@ -201,21 +202,10 @@ def check_store_dir(root: str | os.PathLike[str]) -> None:
     A directory with no ``store.json`` may hold only what a creator killed before writing it
     leaves (``parts/``, temp files), so a rerun or a concurrent worker still goes on.
     """
-    root = Path(root)
-    if root.is_file():
-        raise StoreError(f"{root} is a file, not a directory; give a new or empty directory")
-    if not root.is_dir() or (root / HEADER_FILE).exists():
-        return
-    try:
-        foreign = sorted(p.name for p in root.iterdir()
-                         if p.name != PARTS_DIR and not p.name.startswith(TMP_PREFIX))
-    except OSError as e:
-        raise io_error(f"{root}: cannot read the directory", e) from e
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
-                                          else "")
-        raise StoreError(f"{root} exists and is not an mtkd store (it holds {shown}); "
-                         "give a new or empty directory")
+    why = unfit_output_dir(Path(root), "an mtkd store", lambda names: HEADER_FILE in names or all(
+        n == PARTS_DIR or n.startswith(TMP_PREFIX) for n in names))
+    if why:
+        raise StoreError(why)
 
 
 def build_manifest(root: Path, header: Header) -> dict[str, Any]:

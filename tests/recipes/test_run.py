@@ -118,7 +118,7 @@ def test_report_and_demo_refuse_results_of_no_demo_run(text: str, message: str,
 def test_demo_refuses_a_workdir_that_is_a_file_or_other_files(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     code, out = _cli("demo", "--size", "tiny", "--workdir", tmp_path / "file")
-    assert code == 1 and "is a file, not a run directory" in out, out
+    assert code == 1 and "is a file, not a demo run directory" in out, out
     home = tmp_path / "home"
     home.mkdir()
     (home / "notes.txt").write_text("mine")

@@ -111,7 +111,7 @@ def test_a_store_is_not_written_into_other_files(tmp_path: Path) -> None:
         StoreWriter(home, header)
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StoreError, match="is a file, not a directory"):
+    with pytest.raises(StoreError, match="is a file, not an mtkd store"):
         StoreWriter(tmp_path / "file", header)
     (tmp_path / "empty").mkdir()
     StoreWriter(tmp_path / "empty", header)

@@ -29,6 +29,8 @@ from mtkd.distill.train.config import TrainConfig
 from mtkd.distill.train.distributed import Dist
 from mtkd.distill.train.loader import LoaderState
 from mtkd.distill.train.metrics import Meter
+from mtkd.store.format import HEADER_FILE
+from mtkd.store.fs import unfit_output_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -50,11 +52,7 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that is a file, a store or a directory of other files, before anything
     is read or written: a run written into a store (``--tokens`` and ``--out`` swapped) or into
     the user's own directory would mix with their files."""
-    if out.is_file():
-        raise ValueError(f"{out} is a file, not a run directory; give a new or empty directory")
-    if not out.is_dir():
-        return
-    header = out / "store.json"
+    header = out / HEADER_FILE
     if header.is_file():
         try:
             kind = json.loads(header.read_bytes()).get("kind", "?")
@@ -62,11 +60,9 @@ def check_run_dir(out: Path) -> None:
             kind = "?"
         raise ValueError(f"{out} is an mtkd {kind} store, not a run directory; give train "
                          "an --out of its own")
-    names = sorted(p.name for p in out.iterdir())
-    if names and not RUN_FILES.intersection(names):
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise ValueError(f"{out} exists and is not a run directory (it holds {shown}); give a "
-                         "new or empty directory")
+    why = unfit_output_dir(out, "a run directory", lambda names: bool(RUN_FILES & set(names)))
+    if why:
+        raise ValueError(why)
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
