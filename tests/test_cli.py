@@ -164,6 +164,23 @@ def test_config_unknown_key_refused(tmp_path: Path, suffix: str, text: str) -> N
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(("suffix", "text", "said"), [
+    ("toml", '[train]\nmax_steps = "ten"\n', "max_steps = 'ten'"),
+    ("yaml", "train:\n  batch_size: [1, 2]\n", "batch_size = [1, 2]"),
+    ("json", '{"train": {"batch_size": 0}}', "batch_size = 0"),
+])
+def test_config_value_of_the_wrong_type_names_the_file(tmp_path: Path, suffix: str, text: str,
+                                                       said: str) -> None:
+    """Refused before the command runs, naming the file and its key (not only the flag)."""
+    config = tmp_path / f"c.{suffix}"
+    config.write_text(text)
+    result = runner.invoke(app, ["train", "--tokens", "t", "--out", "o", "--student", "s",
+                                 "--config", str(config)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert f"{config}: {said}: " in output, output
+
+
 # --------------------------------------------------------------- options from the stage configs
 
 JOBS = {"tokenize": ("mtkd.ingest.job", "tokenize_corpus"),

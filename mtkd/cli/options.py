@@ -137,9 +137,26 @@ def _apply_config(ctx: typer.Context, _param: typer.CallbackParam,
                                   str(value), sections)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
+    _check_values(ctx, values, str(value))
     ctx.meta[_NULLS] = {name for name, v in values.items() if v is None}
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _check_values(ctx: typer.Context, values: Mapping[str, Any], source: str) -> None:
+    """Refuse a config file's value that its option would refuse as a flag, naming the file and
+    the key (click would name only the option, as if a flag had been given)."""
+    for param in ctx.command.params:
+        if param.name in values and values[param.name] is not None:
+            runtime = getattr(param, "get_runtime_param", None)  # typer ≥ 0.26 converts itself
+            try:
+                if runtime is not None:
+                    runtime().coerce(values[param.name], param=param, ctx=ctx)
+                else:
+                    param.type_cast_value(ctx, values[param.name])
+            except typer.BadParameter as e:
+                raise typer.BadParameter(
+                    f"{source}: {param.name} = {values[param.name]!r}: {e.message}") from None
 
 
 def help_of(config_cls: type, name: str) -> str:
