@@ -181,6 +181,9 @@ class HarvestConfig:
         if self.sample_temperature != 1.0 and not self.num_samples:  # else silently unused
             raise ValueError(f"--sample-temperature {self.sample_temperature:g} needs "
                              "--num-samples N (it is the temperature of the draws)")
+        if self.seed != 0 and not self.num_samples:  # else silently unused
+            raise ValueError(f"--seed {self.seed} needs --num-samples N (it seeds the draws; "
+                             "the top-k log-probs are exact, unseeded)")
         if (self.temperatures or self.num_samples) and self.vocab_map is not None:
             raise ValueError(
                 "exact tempered tails and sampled targets are not supported with "

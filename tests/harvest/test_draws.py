@@ -68,6 +68,13 @@ def test_a_draw_temperature_without_draws_is_refused() -> None:
     assert HarvestConfig(sample_temperature=0.5, num_samples=4).sample_temperature == 0.5
 
 
+def test_a_seed_without_draws_is_refused() -> None:
+    """--seed alone was ignored: a user expecting seeded targets got none, and no word."""
+    with pytest.raises(ValueError, match=r"--seed 7 needs --num-samples"):
+        HarvestConfig(seed=7)
+    assert HarvestConfig(seed=7, num_samples=4).seed == 7
+
+
 @pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
 def test_a_seed_beyond_the_draws_key_is_refused(seed: int) -> None:
     """The seed keys the draws' hash as a signed 64-bit integer: one beyond it was accepted and
