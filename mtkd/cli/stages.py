@@ -194,6 +194,7 @@ def aggregate(
     config: ConfigOpt = None,
 ) -> None:
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
+    from mtkd.distill.aggregate.job import TAIL_ROW_MASS
     from mtkd.distill.aggregate.job import aggregate as run_aggregate
     from mtkd.store import StoreError
 
@@ -221,9 +222,12 @@ def aggregate(
                "n_eff {n_eff:.3f}  tail_mass {tail_mass:.4f}".format(**d))
     typer.echo("  mean weights " + " ".join(
         f"{d[f'mean_weight_{j}']:.3f}" for j in range(len(teachers))))
-    if cfg.source == "samples" and d["tail_mass"] > 1e-6:  # the draws' support did not fit
-        typer.echo(f"  note: rows drew more ids than --k-out {cfg.k_out} keeps; the rest went to "
-                   "the tail, which the draws do not estimate: raise --k-out", err=True)
+    if cfg.source == "samples" and d["tail_mass"] > TAIL_ROW_MASS:  # the draws did not fit
+        share = (f"{d['tail_rows_fraction']:.1%} of the rows" if "tail_rows_fraction" in d
+                 else "rows")
+        typer.echo(f"  note: {share} drew more ids than --k-out {cfg.k_out} keeps; their "
+                   "smallest went to the tail, which the draws do not estimate: raise --k-out",
+                   err=True)
     if "ce_only_fraction" in d:  # a teacher with its own tokenizer: rows each one covers
         typer.echo("  coverage " + " ".join(
             f"{d[f'coverage_fraction_{j}']:.3f}" for j in range(len(teachers)))

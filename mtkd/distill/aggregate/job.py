@@ -514,6 +514,10 @@ class AggregateParts:
         return _write_part(self.out, self.header, outputs)
 
 
+#: A target row holds a tail when its entries leave more than this mass out (float32 sums).
+TAIL_ROW_MASS = 1e-6
+
+
 def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Sums and histograms of the diagnostics, combined over parts by :func:`summarize`."""
     n = len(fused["tail_mass"])
@@ -521,6 +525,7 @@ def part_stats(fused: Mapping[str, np.ndarray]) -> dict[str, Any]:
     for name in ("jensen_gap", "disagreement", "n_eff", "tail_mass"):
         stats[f"sum_{name}"] = float(np.sum(fused[name], dtype=np.float64))
     stats["sum_weights"] = np.sum(fused["weights"], axis=0, dtype=np.float64).tolist()
+    stats["tail_rows"] = int(np.count_nonzero(fused["tail_mass"] > TAIL_ROW_MASS))
     return stats
 
 
@@ -546,6 +551,8 @@ def summarize(out: str | os.PathLike[str]) -> dict[str, float]:
         summary[f"coverage_fraction_{j}"] = float(c) / n
         for kind in ("shared", "interior", "fallback"):
             summary[f"aligned_{kind}_{j}"] = float(totals[f"aligned_{kind}"][j])
+    if "tail_rows" in totals:  # stores aggregated before it was counted lack it
+        summary["tail_rows_fraction"] = float(totals["tail_rows"]) / n
     if "ce_only_rows" in totals:
         summary["ce_only_fraction"] = float(totals["ce_only_rows"]) / n
     summary["positions"] = float(totals.get("positions", 0))
