@@ -47,6 +47,7 @@ from mtkd.recipes.report import write_report
 from mtkd.recipes.run import (
     Run,
     check_workdir,
+    environment,
     print_stage,
     read_results,
     tokenize_into,
@@ -215,6 +216,7 @@ def run_demo(workdir: str | os.PathLike[str], size: str = "small",
     run.results["size"] = size
     run.results["spec"] = asdict(spec)
     run.results["bf16_training"] = run.bf16
+    run.results["environment"] = environment()
     started = time.perf_counter()
     write_corpus(run)
     tokenizer = train_tokenizer(run)

