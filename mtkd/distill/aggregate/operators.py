@@ -131,8 +131,8 @@ class PowerMean:
     """Power-mean pooling q ∝ (Σ_k w_k p_k^α)^{1/α}, normalised.
 
     α = 1 is the linear mixture, α → 0 the geometric pool (α = 0 is handled exactly as
-    geometric), α < 0 leans toward the minimum. Computed in log space:
-    log m = logsumexp_k(log w_k + α log p_k)/α, and for |α| < 1e-3, where that cancels,
+    geometric), α < 0 leans toward the minimum. Computed in log space (``_log_power_mean``),
+    safe for any finite α; for |α| < 1e-3, where that cancels,
     log m = log1p(Σ_k w_k expm1(α log p_k))/α (uses Σ w_k = 1).
     """
 
@@ -154,10 +154,28 @@ class PowerMean:
                 total = _weighted_sum(np.expm1(a * stack.logprobs), weights)
                 log_m = np.log1p(np.maximum(total, -1.0)) / a
             else:
-                terms = np.log(weights.T)[:, :, None] + a * stack.logprobs
-                terms[weights.T == 0] = -np.inf
-                log_m = logsumexp(terms, axis=0) / a
+                log_m = _log_power_mean(stack.logprobs, weights, a)
         return _normalise_log(log_m, stack, weights)
+
+
+def _log_power_mean(logprobs: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray:
+    """log m = s + logsumexp_k(log w_k + α(log p_k − s))/α per category ``[N,C]``, with s the
+    largest log p_k of the weighted teachers for α > 0 (the smallest for α < 0).
+
+    Shifted so that no α(log p_k − s) is positive: α·log p_k itself overflows to −inf for a
+    huge α (1e308) on every category, which emptied whole rows; shifted, m tends to the
+    maximum (minimum) as α → ±∞, as it should. m = 0 where s = −inf (α > 0: no weighted
+    teacher has the category; α < 0: one has it at 0).
+    """
+    used = weights.T[:, :, None] > 0  # [K,N,1]
+    extreme = np.max if alpha > 0 else np.min
+    shift = extreme(np.where(used, logprobs, -np.inf if alpha > 0 else np.inf), axis=0)
+    finite = np.isfinite(shift)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        terms = np.log(weights.T)[:, :, None] + alpha * (logprobs - np.where(finite, shift, 0.0))
+        terms[~np.broadcast_to(used, terms.shape)] = -np.inf
+        log_m = shift + logsumexp(terms, axis=0) / alpha
+    return np.where(finite, log_m, -np.inf)
 
 
 OPERATORS: dict[str, type] = {op.name: op for op in (Linear, Geometric, PowerMean)}

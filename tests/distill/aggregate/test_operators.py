@@ -210,6 +210,22 @@ def test_power_mean_limits(case):
         )
 
 
+@SETTINGS
+@given(case=cases(zeros=True, zero_weights=True))
+def test_power_mean_of_any_finite_alpha_tends_to_the_max_or_min(case):
+    """α = ±1e308 overflowed α·log p to −inf on every category (empty targets, all mass in
+    the tail); the power mean tends to the max (min) of the weighted teachers as α → ±∞."""
+    stack, w, _ = case
+    used = (w.T > 0)[:, :, None]
+    for alpha, pick, fill in ((1e308, np.max, 0.0), (-1e308, np.min, np.inf)):
+        extreme = pick(np.where(used, stack.probs, fill), axis=0)
+        total = extreme.sum(axis=1, keepdims=True)
+        want = np.where(total > 0, extreme / np.where(total > 0, total, 1), Linear()(stack, w))
+        got = PowerMean(alpha)(stack, w)
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        assert np.abs(PowerMean(np.copysign(1e6, alpha))(stack, w) - got).max() < 1e-4
+
+
 def test_geometric_without_common_support_falls_back_to_linear():
     probs = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
     w = np.array([[0.25, 0.75]])
