@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -20,6 +20,19 @@ from mtkd.distill.aggregate.weights import (
 )
 
 SOURCES = ("topk", "samples")
+
+
+def vanishing_tasks(static: np.ndarray, task_weights: Mapping[str, Sequence[float]]
+                    ) -> list[str]:
+    """The task tags on whose sequences every teacher gets weight 0 (static weight × task
+    factor), which no adaptive scale can revive: the weights are a product."""
+    return [tag for tag, factors in sorted(task_weights.items())
+            if not np.any(static * np.asarray(factors, float) > 0)]
+
+
+def _numbers(values: Sequence[float] | np.ndarray) -> str:
+    """``1,0.5``: values as the flags take them."""
+    return ",".join(f"{float(v):g}" for v in values)
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,15 @@ class AggregateConfig:
             if not any(f > 0 for f in factors):
                 raise ValueError(f"task weights for {tag!r} need a positive factor "
                                  "(every teacher would get weight 0)")
-        # the policy validates its own fields (token/context names, sharpness)
+        vanishing = vanishing_tasks(self.static_weights, self.task_weights)
+        if vanishing:
+            raise ValueError(
+                f"--task-weight {vanishing[0]}={_numbers(self.task_weights[vanishing[0]])} "
+                f"with --weights {_numbers(self.static_weights)} gives every teacher weight 0 "
+                f"on the {vanishing[0]!r} sequences (each has a 0 factor or a 0 weight): give "
+                "a teacher of positive --weights a positive factor for that tag")
+        self.refuse_unused()
+        # the policy validates its own fields (token/context names, sharpness, eps, floor)
         self.policy(np.zeros(1, np.int64), np.zeros(2, np.int64))
         if self.eps and not self.adaptive and self.safety is None:  # else silently unused
             raise ValueError(f"eps {self.eps:g} bounds adaptive weights from below, and these "
@@ -155,6 +176,25 @@ class AggregateConfig:
                 raise ValueError("sampled targets are fused linearly with static weights at "
                                  "temperature 1 (the sampling temperature is the harvest's); "
                                  f"not supported with: {', '.join(unsupported)}")
+
+    def refuse_unused(self) -> None:
+        """Refuse a sharpness or α that these settings would ignore (the same targets as
+        without it, so a mistyped run would pass for the one asked)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, unused, fix in (
+            ("alpha", self.operator != "power_mean",
+             f"is the power mean's exponent and --operator {self.operator} does not use it: "
+             "give --operator power_mean, or drop --alpha"),
+            ("token_sharpness", self.token == "none",
+             "sharpens token-level weights and there are none (--token none): give --token "
+             "entropy or target, or drop --token-sharpness"),
+            ("context_sharpness", self.context == "none",
+             "sharpens context-level weights and there are none (--context none): give "
+             "--context loss, or drop --context-sharpness"),
+        ):
+            value = getattr(self, name)
+            if unused and value != defaults[name]:
+                raise ValueError(f"--{name.replace('_', '-')} {value:g} {fix}")
 
     @property
     def static_weights(self) -> np.ndarray:

@@ -109,21 +109,40 @@ def fit_mixture_weights(
     return w
 
 
-def _check_sharpness(name: str, value: float) -> None:
+def check_sharpness(flag: str, value: float) -> None:
+    """A scale's sharpness β is finite and ≥ 0 (β < 0 would favour the worse teachers)."""
     if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        raise ValueError(f"{flag} must be finite and >= 0 (0: uniform, larger sharpens), "
+                         f"got {value:g}")
+
+
+def check_eps(eps: float, n_teachers: int) -> None:
+    """ε ∈ [0, 1/K]: K teachers each ≥ ε must still sum to 1."""
+    if not (eps >= 0.0 and eps * n_teachers <= 1.0):
+        raise ValueError(f"--eps must be in [0, 1/K] = [0, {1.0 / n_teachers:g}] with "
+                         f"K = {n_teachers} teachers (each weight >= eps, all summing to 1), "
+                         f"got {eps:g}; give a smaller --eps")
+
+
+def check_safety_floor(floor: float, n_teachers: int, eps: float) -> None:
+    """The safety floor ∈ [0, 1 − (K−1)·ε]: what the other teachers' ε-bounds leave."""
+    spare = 1.0 - (n_teachers - 1) * eps
+    if not 0.0 <= floor <= spare:
+        raise ValueError(f"--safety-floor must be in [0, 1 − (K−1)·eps] = [0, {spare:g}] "
+                         f"(the safety teacher's weight, the others keeping >= eps), "
+                         f"got {floor:g}; give a floor in that range")
 
 
 def entropy_logits(entropy: np.ndarray, sharpness: float) -> np.ndarray:
     """Token scale from entropy: w_k^tok ∝ exp(−β·H_k) — confident teachers count more.
     β = 0 is uniform; larger β sharpens."""
-    _check_sharpness("token sharpness", sharpness)
+    check_sharpness("--token-sharpness", sharpness)
     return -sharpness * np.asarray(entropy, dtype=np.float64)
 
 
 def target_logits(target_logprob: np.ndarray, sharpness: float) -> np.ndarray:
     """Token scale from the actual next token: w_k^tok ∝ p_k(y)^β = exp(β·log p_k(y))."""
-    _check_sharpness("token sharpness", sharpness)
+    check_sharpness("--token-sharpness", sharpness)
     return sharpness * np.asarray(target_logprob, dtype=np.float64)
 
 
@@ -179,7 +198,7 @@ def context_logits(
     """Context scale: w_k^ctx ∝ exp(−β·f_{s,k}) for a per-sequence feature f (lower is better,
     e.g. mean loss: β = 1 gives the geometric-mean probability of the sequence's tokens),
     broadcast to the sequence's rows."""
-    _check_sharpness("context sharpness", sharpness)
+    check_sharpness("--context-sharpness", sharpness)
     feature = np.asarray(seq_feature, dtype=np.float64)
     return -sharpness * _broadcast_to_rows(feature, seq_offsets)
 
@@ -187,8 +206,7 @@ def context_logits(
 def floor_weights(weights: np.ndarray, eps: float) -> np.ndarray:
     """Boundedness: w ← ε + (1 − Kε)·w, so every w_k ≥ ε and rows still sum to 1."""
     n_teachers = weights.shape[-1]
-    if not (eps >= 0.0 and eps * n_teachers <= 1.0):
-        raise ValueError(f"eps must be in [0, 1/K] = [0, {1.0 / n_teachers:g}], got {eps}")
+    check_eps(eps, n_teachers)
     return eps + (1.0 - n_teachers * eps) * weights
 
 
@@ -206,11 +224,8 @@ def apply_safety_floor(
     n_teachers = w.shape[-1]
     if not 0 <= index < n_teachers:
         raise ValueError(f"safety teacher index {index} out of range [0, {n_teachers})")
+    check_safety_floor(floor, n_teachers, eps)
     spare = 1.0 - (n_teachers - 1) * eps
-    if not 0.0 <= floor <= spare:
-        raise ValueError(
-            f"safety floor must be in [0, 1 − (K−1)·eps] = [0, {spare:g}], got {floor}"
-        )
     low = w[:, index] < floor
     if low.any():
         others = np.arange(n_teachers) != index
@@ -319,6 +334,12 @@ class AdaptiveWeights:
             raise ValueError("context-level weights need seq_offsets")
         if self.context == "feature" and self.context_feature is None:
             raise ValueError("context='feature' needs context_feature [S,K]")
+        check_sharpness("--token-sharpness", self.token_sharpness)
+        check_sharpness("--context-sharpness", self.context_sharpness)
+        if self.base is not None:  # K known: the bounds that depend on it, before any row
+            check_eps(self.eps, len(self.base))
+            if self.safety_index is not None and self.safety_floor is not None:
+                check_safety_floor(self.safety_floor, len(self.base), self.eps)
 
     def __call__(self, inputs: WeightInputs) -> np.ndarray:
         n_rows, n_teachers = inputs.entropy.shape

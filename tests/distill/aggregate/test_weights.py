@@ -316,7 +316,7 @@ def test_policy_validation_errors():
         AdaptiveWeights(task_table=np.ones((1, 2)), task_index=np.array([0, 1]))(inputs)
     with pytest.raises(ValueError, match="eps"):
         AdaptiveWeights(eps=0.6)(inputs)
-    with pytest.raises(ValueError, match="safety floor"):
+    with pytest.raises(ValueError, match="safety-floor"):
         AdaptiveWeights(eps=0.2, safety_index=0, safety_floor=0.9)(inputs)
     with pytest.raises(ValueError, match="safety teacher index"):
         AdaptiveWeights(safety_index=2, safety_floor=0.1)(inputs)
