@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from mtkd.distill.aggregate.align import AlignedRows
 from mtkd.distill.aggregate.config import AggregateConfig
@@ -56,6 +57,7 @@ from mtkd.distill.aggregate.weights import (
 )
 from mtkd.store import ArraySpec, Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.executor import run_parts
+from mtkd.store.format import META_FILE, PARTS_DIR, part_name
 from mtkd.store.schema import (
     NEXT_ID,
     SAMPLE_COUNTS,
@@ -184,13 +186,8 @@ def aggregate(
                 raise StoreError(f"--sample-head {config.sample_head} is more than the top-k "
                                  f"{t.root} holds (k = {t.attrs.get('k')})")
     elif config.tail_model == "exact":
-        for t in teachers:
-            # T = 1 needs nothing stored: its tail is the stored tail
-            wanted = {float(x) for x in config.teacher_temperatures if x != 1.0}
-            missing = wanted - {float(x) for x in t.attrs.get("temperatures", [])}
-            if missing and not is_own(t):
-                raise StoreError(f"tail model 'exact' needs tempered tails at {sorted(missing)} "
-                                 f"in {t.root} (harvest with --engine hf --temperature T)")
+        check_exact_tails(teachers, config.teacher_temperatures)
+    check_task_tags(tokens, config.task_weights)
     header = target_store_header(tokens, teachers, config)
     if any(is_own(t) for t in teachers):
         check_own_parts(tokens, teachers,
@@ -204,6 +201,46 @@ def aggregate(
     return AggregateSummary(tokens.num_parts, len(pending),
                             sum(s["positions"] for s in stats.values()), complete,
                             summarize(out) if complete else {})
+
+
+def check_exact_tails(teachers: Sequence[Store], temperatures: np.ndarray) -> None:
+    """Refuse a teacher that lacks the exact tempered tail at its own temperature (at T = 1
+    its tail is the stored tail; a teacher of its own tokenizer is refused elsewhere)."""
+    for t, temp in zip(teachers, temperatures, strict=True):
+        stored = {float(x) for x in t.attrs.get("temperatures", [])}
+        if temp != 1.0 and float(temp) not in stored and not is_own(t):
+            raise StoreError(f"tail model 'exact' needs the tempered tail at T = {temp:g} in "
+                             f"{t.root} (it holds {sorted(stored) or 'none'}): harvest it with "
+                             "--engine hf --temperature T, or choose another --tail-model")
+
+
+def store_task_tags(tokens: Store) -> set[str]:
+    """The task tags the tokens store's sequences carry (``""``, no tag, left out): only the
+    metadata's task column is read."""
+    tags: set[str] = set()
+    for p in range(tokens.num_parts):
+        path = Path(tokens.root) / PARTS_DIR / part_name(p) / META_FILE
+        if not path.exists() or "task" not in pq.read_schema(path).names:
+            return set()
+        tags.update(pq.read_table(path, columns=["task"]).column("task").to_pylist())
+    return tags - {"", None}
+
+
+def check_task_tags(tokens: Store, task_weights: Mapping[str, Sequence[float]]) -> None:
+    """Refuse ``--task-weight`` tags that no sequence of the tokens store carries: a typo
+    would leave the weights static and the run would pass for the one asked."""
+    if not task_weights:
+        return
+    held = store_task_tags(tokens)
+    if not held:
+        raise StoreError(f"--task-weight weighs sequences by their task tag, and the tokens "
+                         f"store {tokens.root} holds none (tokenize with --task-field or "
+                         "--task): drop --task-weight")
+    unknown = sorted(set(task_weights) - held)
+    if unknown:
+        shown = ", ".join(sorted(held)[:20]) + (", …" if len(held) > 20 else "")
+        raise StoreError(f"--task-weight tags {unknown} are not tasks of the tokens store "
+                         f"{tokens.root}, which holds: {shown}; check the spelling")
 
 
 def fitted_config(config: AggregateConfig, tokens: Store,
