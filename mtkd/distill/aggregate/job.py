@@ -288,15 +288,16 @@ def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) ->
         "tokens_fingerprint": tokens.manifest["checksum"],
         "tokenizer_hash": tokens.attrs["tokenizer_hash"],
         "vocab_size": tokens.attrs["vocab_size"],
+        # the teachers are what their manifests hold, not paths (any spelling resumes)
         "teacher_stores": [
-            {"path": str(Path(t.root).resolve()), "teacher": t.attrs.get("teacher"),
+            {"teacher": t.attrs.get("teacher"),
              "revision": t.attrs.get("teacher_revision"), "manifest": t.manifest["checksum"]}
             | ({"tokenization": "own", "teacher_tokenizer": t.attrs["teacher_tokenizer"],
                 "teacher_tokenizer_hash": t.attrs["teacher_tokenizer_hash"]} if is_own(t)
                else {})
             for t in teachers
         ],
-        "config": asdict(config) | {"teachers": list(config.teachers)},
+        "config": {k: v for k, v in asdict(config).items() if k != "teachers"},
     }
 
 
