@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,12 +59,14 @@ def check_bounds(config: Any) -> None:
     for f in dataclasses.fields(config):
         low, high = f.metadata.get("min"), f.metadata.get("max")
         value = getattr(config, f.name)
-        if value is None or (
+        if value is None or (low is None and high is None) or (
             (low is None or value >= low) and (high is None or value <= high)
+            and not (isinstance(value, float) and math.isinf(value))  # bounded: finite
         ):
             continue
         why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
-        raise ValueError(f"{f.name} must be {_bounds_text(low, high)}{why}, got {value}")
+        finite = "a finite number " if isinstance(value, float) and math.isinf(value) else ""
+        raise ValueError(f"{f.name} must be {finite}{_bounds_text(low, high)}{why}, got {value}")
 
 
 def _bounds_text(low: float | None, high: float | None) -> str:

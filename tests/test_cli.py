@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -202,8 +201,8 @@ def configs(monkeypatch: pytest.MonkeyPatch) -> Any:
         seen.append(next(a for a in args if dataclasses.is_dataclass(a)))
         raise ValueError("job not run")
 
-    for module, name in JOBS.values():
-        monkeypatch.setitem(sys.modules, module, SimpleNamespace(**{name: job}))
+    for module, name in JOBS.values():  # the real modules (the CLI imports more from them)
+        monkeypatch.setattr(f"{module}.{name}", job)
 
     def made(command: str, *args: str, required: bool = True) -> Any:
         result = runner.invoke(app, [command, *(REQUIRED[command] if required else ()), *args])
@@ -218,21 +217,23 @@ def test_defaults_are_the_configs(configs: Any) -> None:
     assert configs("harvest") == HarvestConfig(engine="hf")
     assert configs("aggregate") == AggregateConfig(teachers=("a", "b"))
     assert configs("train") == TrainConfig(tokens="t", out="o", student="s")
-    assert configs("train", "--steps", "50").warmup_steps == 5  # 10% of the steps
-    assert configs("train", "--max-steps", "5").warmup_steps == 1  # at least 1
+    assert configs("train", "--steps", "50").warmup == 5  # 10% of the steps
+    assert configs("train", "--max-steps", "5").warmup == 1  # at least 1
 
 
 def test_every_train_option_has_a_flag(configs: Any) -> None:
     cfg = configs("train", "--steps", "7", "--warmup", "3", "--heldout", "h", "--beta", "0.3",
+                  "--targets", "q", "--loss", "jsd_tail",
                   "--chunk-size", "16", "--eval-batches", "4", "--prefetch", "2", "--open-rows",
                   "8", "--min-lr-ratio", "0.2", "--weight-decay", "0", "--adam-betas", "0.8",
-                  "0.9", "--grad-clip", "0.5", "--eval-fraction", "0.2", "--eval-targets", "et",
+                  "0.9", "--grad-clip", "0.5", "--eval-targets", "et",
                   "--keep-checkpoints", "3", "--no-resume", "--log-every", "2", "--threads", "1",
                   "--no-monitor", "--no-progress", "--no-tensorboard", "--suppress-ids", "3,4")
     assert cfg == TrainConfig(
         tokens="t", out="o", student="s", max_steps=7, warmup_steps=3, eval_tokens="h",
+        targets="q", loss="jsd_tail",
         beta=0.3, chunk_size=16, eval_batches=4, prefetch=2, open_rows=8, min_lr_ratio=0.2,
-        weight_decay=0.0, adam_betas=(0.8, 0.9), grad_clip=0.5, eval_fraction=0.2,
+        weight_decay=0.0, adam_betas=(0.8, 0.9), grad_clip=0.5,
         eval_targets="et", keep_checkpoints=3, resume=False, log_every=2, threads=1,
         monitor=False, progress=False, tensorboard=False, suppress_ids=(3, 4))
     flags = {p.name for p in typer.main.get_command(app).commands["train"].params}
@@ -252,7 +253,8 @@ def test_train_config_file_with_the_configs_own_keys(configs: Any, tmp_path: Pat
     assert configs("train", "--config", str(path)) == dataclasses.replace(want, student="s")
     assert configs("train", "--config", str(path), "--eval-batches", "3").eval_batches == 3
     toml = tmp_path / "train.toml"
-    toml.write_text('[train]\nsteps = 20\nwarmup = 4\nheldout = "h"\nbeta = 0.1\n')
+    toml.write_text('[train]\nsteps = 20\nwarmup = 4\nheldout = "h"\nbeta = 0.1\n'
+                    'targets = "q"\nloss = "jsd_tail"\n')
     cfg = configs("train", "--config", str(toml))
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_tokens, cfg.beta) == (20, 4, "h", 0.1)
 

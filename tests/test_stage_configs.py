@@ -72,10 +72,23 @@ TRAIN_NONSENSE = [
     ({"suppress_weight": -1.0}, r"suppress_weight must be ≥ 0"),
     ({"adam_betas": (1.5, 0.9)}, r"adam_betas must each be in \[0, 1\)"),
     ({"suppress_ids": (3, -1)}, r"suppress_ids must be token ids ≥ 0"),
+    ({"lr": float("inf")}, r"lr must be a finite number ≥ 0, got inf"),
+    ({"weight_decay": float("inf")}, r"weight_decay must be a finite number ≥ 0"),
+    ({"prefetch": 0}, r"prefetch must be ≥ 1"),
+    ({"warmup_steps": 1000, "max_steps": 5}, r"--warmup-steps 1000 exceeds --max-steps 5"),
+]
+
+#: Options a run would ignore, and silently did (its metrics identical to the digit).
+TRAIN_UNUSED = [
+    ({"alpha": 0.5}, r"--alpha shapes the KD term, and this run trains on cross-entropy only"),
+    ({"temperature": 3.0, "loss": "rkl_tail"}, r"--loss, --temperature shape the KD term"),
+    ({"targets": "q", "beta": 0.2}, r"--beta weighs the JSD; --loss fkl_tail does not use it"),
+    ({"suppress_weight": 7.0}, r"--suppress-weight needs --suppress-ids"),
+    ({"eval_tokens": "h", "eval_fraction": 0.2}, r"with --heldout it is unused"),
 ]
 
 
-@pytest.mark.parametrize(("fields", "message"), TRAIN_NONSENSE)
+@pytest.mark.parametrize(("fields", "message"), TRAIN_NONSENSE + TRAIN_UNUSED)
 def test_train_refuses_nonsense_when_built(fields: dict, message: str) -> None:
     """Refused by the config itself: before any store is opened or file written."""
     with pytest.raises(ValueError, match=message):
@@ -91,10 +104,10 @@ def test_the_vllm_engine_keeps_the_config_bound() -> None:
 @pytest.mark.parametrize(("steps", "warmup"), [(1000, 100), (50, 5), (9, 1), (1, 1)])
 def test_warmup_defaults_to_a_tenth_of_the_steps(steps: int, warmup: int) -> None:
     cfg = TrainConfig(tokens="t", out="o", student="s", max_steps=steps)
-    assert cfg.warmup_steps == warmup
+    assert cfg.warmup == warmup and cfg.warmup_steps is None  # derived: a resume may add steps
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig(tokens="t", out="o", student="s", max_steps=steps,
-                       warmup_steps=0).warmup_steps == 0
+                       warmup_steps=0).warmup == 0
 
 
 def test_auto_coding_follows_the_vocabulary_and_a_begun_store() -> None:
@@ -128,3 +141,11 @@ def test_auto_coding_follows_the_vocabulary_and_a_begun_store() -> None:
         HarvestConfig(stream_rows=100).resolved(2_048)
     with pytest.raises(ValueError, match="--stream-rows needs --logprob-dtype q64r"):
         HarvestConfig(logprob_dtype="q64v2", stream_rows=100)
+
+
+def test_options_in_use_are_taken() -> None:
+    """The same options where the run uses them."""
+    TrainConfig(tokens="t", out="o", student={}, targets="q", alpha=0.5, temperature=3.0,
+                loss="jsd_tail", beta=0.2)
+    TrainConfig(tokens="t", out="o", student={}, suppress_ids=(3,), suppress_weight=7.0)
+    TrainConfig(tokens="t", out="o", student={}, eval_fraction=0.2)

@@ -132,18 +132,22 @@ def _apply_config(ctx: typer.Context, _param: typer.CallbackParam,
         for p in ctx.command.params if p.name and p.name != "config"
         for key in (p.name, *(o[2:] for o in p.opts if o.startswith("--")))
     }
+    command = ctx.command.name or ""
     try:
-        values = command_defaults(read_config_file(value), ctx.command.name or "", keys,
-                                  str(value), sections)
+        data = read_config_file(value)
+        values = command_defaults(data, command, keys, str(value), sections)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
-    _check_values(ctx, values, str(value))
+    section = data.get(command, data) if isinstance(data.get(command), dict) else data
+    spelled = {keys.get(str(k).replace("-", "_")): str(k) for k in section}
+    _check_values(ctx, values, str(value), spelled)
     ctx.meta[_NULLS] = {name for name, v in values.items() if v is None}
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
 
-def _check_values(ctx: typer.Context, values: Mapping[str, Any], source: str) -> None:
+def _check_values(ctx: typer.Context, values: Mapping[str, Any], source: str,
+                  spelled: Mapping[str | None, str]) -> None:
     """Refuse a config file's value that its option would refuse as a flag, naming the file and
     the key (click would name only the option, as if a flag had been given)."""
     for param in ctx.command.params:
@@ -155,8 +159,9 @@ def _check_values(ctx: typer.Context, values: Mapping[str, Any], source: str) ->
                 else:
                     param.type_cast_value(ctx, values[param.name])
             except typer.BadParameter as e:
+                key = spelled.get(param.name, param.name)
                 raise typer.BadParameter(
-                    f"{source}: {param.name} = {values[param.name]!r}: {e.message}") from None
+                    f"{source}: {key} = {values[param.name]!r}: {e.message}") from None
 
 
 def help_of(config_cls: type, name: str) -> str:

@@ -256,6 +256,7 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Train a student on cached targets (or CE only); runs DDP (or FSDP) under torchrun."""
+    from mtkd.distill.train.loop import DivergedError
     from mtkd.distill.train.loop import train as run_train
     from mtkd.store import StoreError
 
@@ -268,13 +269,17 @@ def train(
     try:
         cfg = TrainConfig(**fields, student=spec, suppress_ids=ids)
         result = run_train(cfg)
-    except (StoreError, ValueError, FileNotFoundError) as e:
+    except (StoreError, ValueError, FileNotFoundError, DivergedError) as e:
         raise fail(str(e)) from None
     if os.environ.get("RANK", "0") != "0":  # torchrun: the summary once, from rank 0
         return
     if result.already_finished:
         typer.echo(f"train: {result.out} had already finished its {result.steps} steps; "
                    f"nothing to do → {result.model_dir}")
+    elif result.resumed_from:  # the time is this run's, the counts the whole training's
+        typer.echo(f"train: {result.steps} steps, {result.tokens:,} tokens → {result.model_dir} "
+                   f"(resumed at step {result.resumed_from}: {result.steps - result.resumed_from}"
+                   f" steps in {result.elapsed_s:.0f} s)")
     else:
         typer.echo(f"train: {result.steps} steps, {result.tokens:,} tokens in "
                    f"{result.elapsed_s:.0f} s → {result.model_dir}")

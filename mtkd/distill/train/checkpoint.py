@@ -4,7 +4,8 @@ A checkpoint (``out/checkpoints/step-NNNNNNNN/state.pt``, written to a temporary
 renamed) holds model, optimizer, scheduler, RNG and loader state, the logging window and the
 run's options; it is read with ``torch.load(weights_only=True)``. Model and optimizer state are
 full (unsharded, keyed by parameter name, through ``torch.distributed.checkpoint.state_dict``)
-in every mode, so a checkpoint written by one process, DDP or FSDP resumes under any of them.
+in every mode, so a checkpoint written by one process, DDP or FSDP resumes under any of them
+with the same number of ranks (the loader's position is per rank).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
 # Options that may change when a run resumes (everything else must match the checkpoint);
 # a changed max_steps reshapes the cosine from there on (resume is exact only without it).
-RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "eval_batches", "save_every",
+# ``out`` is the run being resumed, wherever it now lies (a copied or moved run resumes).
+RESUMABLE_CHANGES = frozenset({"out", "max_steps", "eval_every", "eval_batches", "save_every",
                                "keep_checkpoints", "resume", "log_every", "progress",
                                "tensorboard", "prefetch", "threads", "device", "fsdp"})
 # Checkpoints hold full (unsharded) model and optimizer state, gathered to rank 0 on the CPU.
@@ -122,22 +124,38 @@ def training_state(step: int, model: nn.Module, opt: torch.optim.Optimizer,
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"step": step, "model": model_state, "optimizer": optim_state,
             "scheduler": sched.state_dict(), "loader": dataclasses.asdict(loader), "rng": rng,
-            "tokens": tokens, "meter": meter.state(d), "config": json.dumps(cfg.to_dict())}
+            "tokens": tokens, "meter": meter.state(d), "world_size": d.world,
+            "config": json.dumps(resolved_paths(cfg.to_dict()))}
+
+
+def resolved_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the stores and models they name as absolute paths: a resume compares
+    what they name, not how a path was spelt (from another working directory, say)."""
+    named = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("path")}
+    named.add("student")  # a checkpoint directory, or a table of config kwargs
+    return {k: os.path.abspath(v) if k in named and isinstance(v, str) else v
+            for k, v in options.items()}
 
 
 def restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
             sched: torch.optim.lr_scheduler.LRScheduler, meter: Meter,
-            main: bool = True) -> tuple[int, LoaderState, int]:
+            main: bool = True, world_size: int = 1) -> tuple[int, LoaderState, int]:
     """Load a checkpoint into the objects (every rank; FSDP ranks keep their shards of the full
     state); returns (step, loader state, tokens)."""
     # mmap: the ranks of a node share the file's pages instead of each holding a copy
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    saved = json.loads(state["config"])
-    differ = sorted(k for k, v in cfg.to_dict().items()
+    saved = resolved_paths(json.loads(state["config"]))  # older checkpoints: as spelt
+    differ = sorted(k for k, v in resolved_paths(cfg.to_dict()).items()
                     if k not in RESUMABLE_CHANGES and saved.get(k) != v)
     if differ:
         raise ValueError(f"{path} was written with different options {differ}; "
                          "resume with the same options or use a new output directory")
+    world = int(state.get("world_size", world_size))
+    if world != world_size:  # each rank's loader position is its own share of the data
+        raise ValueError(f"{path} was written by {world} ranks and this run has {world_size}: "
+                         f"a resume continues each rank's share of the data where it stopped, "
+                         f"so it needs the same number of ranks (torchrun --nproc-per-node "
+                         f"{world} over as many nodes as before)")
     set_state_dict(model, opt, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))

@@ -82,7 +82,9 @@ class TrainConfig:
         50, "Held-out batches per rank (a config file's null: the whole held-out set).",
         min=1,
     )
-    save_every: int = option(500, "Checkpoint period (0: none).", min=0)
+    save_every: int = option(
+        500, "Checkpoint period (0: only the last one, at the end of the run).", min=0
+    )
     keep_checkpoints: int = option(2, "Checkpoints kept (0: all).", min=0)
     resume: bool = option(True, "Continue from the latest checkpoint in the run directory.")
     log_every: int = option(10, "Metrics logging period (steps).", min=1)
@@ -108,7 +110,7 @@ class TrainConfig:
         "its free memory and the vocabulary).",
         min=1,
     )
-    prefetch: int = option(4, "Batches prepared ahead by the loader thread.")
+    prefetch: int = option(4, "Batches prepared ahead by the loader thread.", min=1)
     open_rows: int = option(32, "Packing window: rows kept open for first-fit.", min=1)
     progress: bool = option(True, "Show a progress bar.")
     tensorboard: bool = option(
@@ -133,8 +135,7 @@ class TrainConfig:
             raise ValueError("eval_targets needs eval_tokens")
         check_bounds(self)
         self._check_open_bounds()
-        if self.warmup_steps is None:
-            self.warmup_steps = max(self.max_steps // 10, 1)
+        self._check_unused()
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
         self.suppress_ids = tuple(int(i) for i in self.suppress_ids)
         if any(i < 0 for i in self.suppress_ids):
@@ -149,6 +150,35 @@ class TrainConfig:
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must each be in [0, 1), got {self.adam_betas}")
+
+    def _check_unused(self) -> None:
+        """Refuse an option this run would silently ignore: a user who set it expects it to
+        act (the KD options of a cross-entropy run, β without the JSD, …)."""
+        changed = {f.name for f in dataclasses.fields(self)
+                   if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default}
+        if self.resolved_objective == "ce":
+            kd = sorted(changed & {"alpha", "temperature", "loss", "beta"})
+            if kd:
+                verb = "shapes" if len(kd) == 1 else "shape"
+                raise ValueError(f"{', '.join('--' + n for n in kd)} {verb} the KD term, and "
+                                 "this run trains on cross-entropy only (no --targets or "
+                                 "--teacher): drop them or give targets")
+        if "beta" in changed and not self.loss.startswith("jsd"):
+            raise ValueError(f"--beta weighs the JSD; --loss {self.loss} does not use it")
+        if "suppress_weight" in changed and not self.suppress_ids:
+            raise ValueError("--suppress-weight needs --suppress-ids (the ids it pushes down)")
+        if "eval_fraction" in changed and self.eval_tokens is not None:
+            raise ValueError("--eval-fraction splits the training store when no --heldout is "
+                             "given; with --heldout it is unused: give one of them")
+        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps "
+                             f"{self.max_steps}: the learning rate would never reach its peak")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: as given, else 10% of ``max_steps`` (at least 1). Kept unresolved in
+        the config, so that a resumed run given more steps keeps its options."""
+        return self.warmup_steps if self.warmup_steps is not None else max(self.max_steps // 10, 1)
 
     @property
     def resolved_objective(self) -> str:

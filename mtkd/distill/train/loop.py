@@ -61,10 +61,12 @@ from mtkd.distill.train.loader import (
     heldout_split,
     token_budget,
 )
-from mtkd.distill.train.metrics import Meter, MetricsLog
+from mtkd.distill.train.metrics import Meter, MetricsLog, records_at
 from mtkd.distill.train.objective import LossSpec, StudentLoss
 from mtkd.distill.train.optimizer import make_optimizer, make_scheduler
 from mtkd.distill.train.student import (
+    check_same_tokenizer,
+    check_same_tokens,
     check_vocab,
     load_student,
     load_teacher,
@@ -93,6 +95,10 @@ class TrainResult:
     already_finished: bool = False  # a rerun of a finished run: nothing trained or written
 
 
+class DivergedError(RuntimeError):
+    """A step's gradient norm was not finite: the weights it would leave are garbage."""
+
+
 def finished(out: Path, steps: int, tokens: int) -> TrainResult:
     """The result of a run that already finished, from its final metrics (kept as they are:
     a rerun of a finished run trains nothing and rewrites nothing)."""
@@ -116,6 +122,7 @@ def open_data(cfg: TrainConfig, d: Dist, tokens: Store, targets: Store | None, v
         eval_targets = open_verified(cfg.eval_targets, TARGET, d) if cfg.eval_targets else None
         eval_idx = None
         check_vocab(vocab, [eval_tokens, eval_targets])
+        check_same_tokens([eval_tokens, eval_targets], tokens)
     else:
         train_idx, eval_idx = heldout_split(tokens, cfg.eval_fraction)
         eval_tokens, eval_targets = tokens, targets
@@ -201,6 +208,10 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the student described by ``cfg``; returns where it was saved."""
+    if not cfg.progress:  # transformers' own bars (loading and saving weights) too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     d = setup_distributed(cfg)
     out = Path(cfg.out)
     try:
@@ -221,6 +232,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     objective = cfg.resolved_objective
     tokens = open_verified(cfg.tokens, TOKENS, d)
     targets = open_verified(cfg.targets, TARGET, d) if cfg.targets else None
+    if isinstance(cfg.student, str):
+        check_same_tokenizer(cfg.student, tokens, "the student")
+    if cfg.teacher:
+        check_same_tokenizer(cfg.teacher, tokens, "the teacher")
     model = load_student(cfg.student, cfg.seed, tokens)  # on the CPU until distribute()
     vocab = student_vocab(model)
     check_vocab(vocab, [tokens, targets])
@@ -255,13 +270,17 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if ckpts and not cfg.resume:
         raise ValueError(f"{out} holds checkpoints; resume or choose a new output directory")
     if ckpts:
-        step, state, tokens_seen = restore(ckpts[-1], cfg, model, opt, sched, meter, d.main)
+        step, state, tokens_seen = restore(ckpts[-1], cfg, model, opt, sched, meter, d.main,
+                                           d.world)
         resumed = step
         if step >= cfg.max_steps and (out / FINAL_METRICS).exists():
             return finished(out, step, tokens_seen)  # a rerun of a finished run (a requeue)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if cfg.fsdp and d.world == 1:
+            print("note: --fsdp shards the student over torchrun's ranks; this run is one "
+                  "process, so it trains unsharded", file=sys.stderr)
         if held is None and cfg.eval_fraction > 0:
             print(f"note: --eval-fraction {cfg.eval_fraction:g} picks none of this store's "
                   "documents (the split is by document): no held-out evaluation; give a larger "
@@ -279,6 +298,13 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
                disable=not (d.main and cfg.progress))
     last_log: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
+    if step >= cfg.max_steps:  # trained to the end, killed before the final metrics: rebuild
+        last_log, last_eval = records_at(out, step)
+        if held is not None and not last_eval:
+            last_eval = {"step": step, "split": "eval", **evaluate(
+                net, held, d, cfg.eval_batches, chunk_size, cfg.bf16, cfg.fused_loss)}
+            if log is not None:
+                log.write(last_eval)
     t0 = t_window = time.perf_counter()
     # The loop: step, log a window, evaluate, checkpoint
     try:
@@ -289,6 +315,12 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
                     micro = [with_teacher_targets(b.to(d.device), teacher) for b in micro]
             norm = train_step(net, model, opt, micro, d, bf16=cfg.bf16,
                               grad_clip=cfg.grad_clip, meter=meter)
+            if not math.isfinite(norm):  # the same norm on every rank: all stop together
+                raise DivergedError(
+                    f"step {step + 1}: the gradient norm is {norm} (the loss diverged); "
+                    f"nothing from this step on is saved, the checkpoints before it are "
+                    f"kept. Lower --lr (now {cfg.lr:g}) or lengthen --warmup-steps (now "
+                    f"{cfg.warmup}), in a new --out")
             sched.step()
             step += 1
             state = LoaderState.following(micro[-1])
@@ -332,7 +364,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         save_checkpoint(out, step, ckpt, cfg.keep_checkpoints)
         model_dir = save_student(model, out, tokens.attrs.get("tokenizer"), ckpt["model"])
         final = {"steps": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t0,
-                 "train": last_log, **last_eval}
+                 "resumed_from": resumed, "train": last_log, **last_eval}
         if "eval_ce" in last_eval:
             final["heldout_ce"] = last_eval["eval_ce"]
         if "eval_bpb" in last_eval:

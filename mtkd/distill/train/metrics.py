@@ -119,3 +119,17 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def records_at(out: Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The train and eval records that ``out/metrics.jsonl`` holds for ``step`` (empty when
+    none): what a run whose last checkpoint is its end reports when rerun before it wrote
+    its final metrics (killed in between)."""
+    path = out / "metrics.jsonl"
+    found: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("step") == step:
+                found[record.get("split", "train")] = record
+    return found.get("train", {}), found.get("eval", {})

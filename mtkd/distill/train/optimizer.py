@@ -31,6 +31,6 @@ def make_scheduler(opt: torch.optim.Optimizer,
     """``cfg.lr`` scaled by :func:`lr_factor` at every step."""
 
     def factor(step: int) -> float:
-        return lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        return lr_factor(step, cfg.warmup, cfg.max_steps, cfg.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mtkd.distill.train.loader import PackedBatch
 from mtkd.distill.train.targets import SparseTargets
+from mtkd.ingest.tokenizer import TokenizerError, load_pretrained_tokenizer
 from mtkd.store import Store
 
 FINAL_TMP = ".tmp-final-"  # prefix of a final/ being written
@@ -79,6 +80,37 @@ def check_vocab(vocab: int, stores: list[Store | None]) -> None:
         if need is not None and vocab < int(need):
             raise ValueError(f"the student's vocabulary has {vocab} entries but {store.root} "
                              f"uses {need}; build the student with vocab_size ≥ {need}")
+
+
+def check_same_tokenizer(model_dir: str, tokens: Store, role: str) -> None:
+    """Refuse a student or teacher checkpoint whose own tokenizer is not the tokens store's:
+    its ids would name other tokens (and ``final/`` would ship the store's tokenizer with
+    weights trained for another). A checkpoint without a tokenizer is taken as it is."""
+    if not any(Path(model_dir).glob(pattern) for pattern in TOKENIZER_FILES):
+        return
+    try:
+        got = load_pretrained_tokenizer(model_dir).vocab_hash
+    except TokenizerError:
+        return
+    want = tokens.attrs.get("tokenizer_hash")
+    if want is not None and got != want:
+        raise ValueError(
+            f"{role} {model_dir} has its own tokenizer (vocabulary hash {got}), not the one "
+            f"{tokens.root} was cut with ({want}): its token ids mean other tokens. Train a "
+            "student of that tokenizer on a tokens store cut with it (mtkd tokenize "
+            "--tokenizer ...), or start from --student-config")
+
+
+def check_same_tokens(stores: list[Store | None], tokens: Store) -> None:
+    """Refuse a held-out store cut with another tokenizer than the training tokens: its
+    figures would score the student on ids it never saw as those tokens."""
+    want = tokens.attrs.get("tokenizer_hash")
+    for store in stores:
+        got = store.attrs.get("tokenizer_hash") if store is not None else None
+        if got is not None and want is not None and got != want:
+            raise ValueError(f"{store.root} was cut with another tokenizer (vocabulary hash "
+                             f"{got}) than {tokens.root} ({want}); give a held-out store "
+                             "tokenised like the training one")
 
 
 def save_student(model: PreTrainedModel, out: Path, tokenizer_dir: str | None,
