@@ -25,6 +25,7 @@ from mtkd.cli.options import (
     task_weights,
     workers,
 )
+from mtkd.cli.summaries import target_diagnostics
 from mtkd.distill.aggregate.config import AggregateConfig
 from mtkd.distill.train.config import TrainConfig
 from mtkd.harvest.config import HarvestConfig
@@ -196,7 +197,7 @@ def aggregate(
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
     from mtkd.distill.aggregate.job import TAIL_ROW_MASS
     from mtkd.distill.aggregate.job import aggregate as run_aggregate
-    from mtkd.store import StoreError
+    from mtkd.store import StoreError, open_store
 
     index, total, processes = workers(worker_index, num_workers)
     try:
@@ -217,22 +218,22 @@ def aggregate(
                    "waiting for other workers")
         return
     d = summary.diagnostics
-    typer.echo(f"aggregate: {int(d['positions']):,} positions → {out}")
-    typer.echo("  mean jensen_gap {jensen_gap:.4f}  disagreement {disagreement:.4f}  "
-               "n_eff {n_eff:.3f}  tail_mass {tail_mass:.4f}".format(**d))
-    typer.echo("  mean weights " + " ".join(
-        f"{d[f'mean_weight_{j}']:.3f}" for j in range(len(teachers))))
+    if summary.parts_written:
+        typer.echo(f"aggregate: {int(d['positions']):,} positions → {out}")
+    else:  # a rerun over a finished store
+        typer.echo(f"aggregate: {out} was already complete ({int(d['positions']):,} positions); "
+                   "nothing to do")
+    for line in target_diagnostics(d, len(teachers)):
+        typer.echo(line)
+    if cfg.fit_weights:  # what the fit chose, kept in the store's config
+        fitted = open_store(out, verify="none").attrs["config"]["weights"]
+        typer.echo("  fitted static weights " + " ".join(f"{w:.3f}" for w in fitted))
     if cfg.source == "samples" and d["tail_mass"] > TAIL_ROW_MASS:  # the draws did not fit
         share = (f"{d['tail_rows_fraction']:.1%} of the rows" if "tail_rows_fraction" in d
                  else "rows")
         typer.echo(f"  note: {share} drew more ids than --k-out {cfg.k_out} keeps; their "
                    "smallest went to the tail, which the draws do not estimate: raise --k-out",
                    err=True)
-    if "ce_only_fraction" in d:  # a teacher with its own tokenizer: rows each one covers
-        typer.echo("  coverage " + " ".join(
-            f"{d[f'coverage_fraction_{j}']:.3f}" for j in range(len(teachers)))
-            + f"  ce_only {d['ce_only_fraction']:.4f}"
-            + (" (the means above: over the other rows)" if d["ce_only_fraction"] else ""))
 
 
 @app.command(short_help="Train a student on the targets (DDP/FSDP via torchrun).")

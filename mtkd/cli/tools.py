@@ -10,6 +10,7 @@ import typer
 
 from mtkd.cli.app import app
 from mtkd.cli.options import fail
+from mtkd.cli.summaries import target_diagnostics
 
 
 @app.command(short_help="Check a store's counts and checksums.")
@@ -59,8 +60,19 @@ def info(
         why = ", ".join(f"{name}={n:,}" for name, n in unread.most_common())
         typer.echo(f"  unreadable sequences {sum(unread.values()):,}"
                    + (f" ({why}; the aggregate falls back on them)" if why else ""))
+    if s.kind == "target":  # what the aggregate measured, as it printed it
+        from mtkd.distill.aggregate.job import summarize
+
+        teachers = int(s.attrs.get("num_teachers", 0))
+        for line in target_diagnostics(summarize(store), teachers):
+            typer.echo(line)
     for key, value in sorted(s.attrs.items()):
-        typer.echo(f"  {key}: {_short(value)}")
+        if isinstance(value, dict):  # a config: a line per option, none cut
+            typer.echo(f"  {key}:")
+            for name, item in sorted(value.items()):
+                typer.echo(f"    {name}: {_short(item, 300)}")
+        else:
+            typer.echo(f"  {key}: {_short(value)}")
 
 
 @app.command(short_help="Run the whole pipeline on the standard library's sources.")
