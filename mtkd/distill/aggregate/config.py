@@ -56,6 +56,13 @@ class AggregateConfig:
     teachers: tuple[str, ...]
     weights: tuple[float, ...] | None = None
     fit_weights: bool = False  # static weights fitted by maximum likelihood (see fitted_config)
+    fit_positions: int = option(
+        10_000_000,
+        "Positions --weights fit reads at most: whole parts spread evenly over the store, the "
+        "same for every worker (8 bytes per position and teacher of memory; K weights need "
+        "far fewer positions than a large store holds).",
+        min=1,
+    )
     temperatures: tuple[float, ...] | None = None
     operator: Literal["linear", "geometric", "power_mean"] = option(
         "linear", "linear | geometric | power_mean."
@@ -178,7 +185,7 @@ class AggregateConfig:
                                  f"not supported with: {', '.join(unsupported)}")
 
     def refuse_unused(self) -> None:
-        """Refuse a sharpness or α that these settings would ignore (the same targets as
+        """Refuse a sharpness, α or fit size that these settings would ignore (the same targets as
         without it, so a mistyped run would pass for the one asked)."""
         defaults = {f.name: f.default for f in fields(self)}
         for name, unused, fix in (
@@ -191,6 +198,9 @@ class AggregateConfig:
             ("context_sharpness", self.context == "none",
              "sharpens context-level weights and there are none (--context none): give "
              "--context loss, or drop --context-sharpness"),
+            ("fit_positions", not self.fit_weights,
+             "bounds the positions of the weights' fit and there is none: give --weights fit, "
+             "or drop --fit-positions"),
         ):
             value = getattr(self, name)
             if unused and value != defaults[name]:

@@ -12,6 +12,7 @@ like harvest does, through the part executor (``mtkd.store.executor``).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -255,20 +256,28 @@ def fitted_config(config: AggregateConfig, tokens: Store,
     """
     if not config.fit_weights or config.weights is not None:
         return config
-    lp = target_logprobs(teachers, tokens)
+    lp = target_logprobs(teachers, tokens, fit_parts(tokens, config.fit_positions))
     complete = complete_rows(lp, [is_own(t) for t in teachers])
     weights = fit_mixture_weights(lp if complete.all() else lp[complete])
     return replace(config, weights=tuple(float(w) for w in weights))
 
 
-def target_logprobs(teachers: Sequence[Store], tokens: Store | None = None) -> np.ndarray:
-    """[N,K]: each teacher's log-prob of the actual next token at every position, all parts
-    (aligned to the student's positions for a teacher of its own tokenizer, which needs the
-    ``tokens`` store; −inf where unknown)."""
+def fit_parts(tokens: Store, positions: int) -> range:
+    """The parts the weights' fit reads: every ``stride``-th, the stride the smallest that
+    keeps them within about ``positions`` (all parts of a store that small)."""
+    rows = int(tokens.num_rows)
+    return range(0, tokens.num_parts, max(math.ceil(rows / positions), 1))
+
+
+def target_logprobs(teachers: Sequence[Store], tokens: Store | None = None,
+                    parts: Sequence[int] | None = None) -> np.ndarray:
+    """[N,K]: each teacher's log-prob of the actual next token at every position of
+    ``parts`` (default all; aligned to the student's positions for a teacher of its own
+    tokenizer, which needs the ``tokens`` store; −inf where unknown)."""
     columns = []
     for store in teachers:
-        parts = []
-        for p in range(store.num_parts):
+        parts_read = []
+        for p in range(store.num_parts) if parts is None else parts:
             if is_own(store):
                 if tokens is None:
                     raise ValueError(f"{store.root} has its own tokenizer: aligning its "
@@ -276,10 +285,10 @@ def target_logprobs(teachers: Sequence[Store], tokens: Store | None = None) -> n
                 student = read_student_part(tokens, p)
                 rows = teacher_rows(store.read_part(p, list(TEACHER_ARRAYS)), store.attrs)
                 own = read_own_part(store, p, student, tokens.attrs, rows)
-                parts.append(align_own_part(student, own, p).rows.target_logprob)
+                parts_read.append(align_own_part(student, own, p).rows.target_logprob)
             else:
-                parts.append(store.read_part(p, [TARGET_LOGPROB])[TARGET_LOGPROB])
-        columns.append(np.concatenate(parts).astype(np.float64))
+                parts_read.append(store.read_part(p, [TARGET_LOGPROB])[TARGET_LOGPROB])
+        columns.append(np.concatenate(parts_read).astype(np.float64))
     return np.stack(columns, axis=1)
 
 
