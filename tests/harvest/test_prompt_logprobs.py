@@ -238,7 +238,9 @@ def test_engine_runs_the_kernel_with_unchanged_rows(wide_model: Path) -> None:
     """The same harvest with vLLM's own computation and with the plugin: equal rows, and the
     workers report the kernel ran (and nothing when it is off). The engine core runs in
     spawned processes here (the plugin is activated there through the environment); the
-    other engine tests run it in-process, the CPU default."""
+    other engine tests run it in-process, the CPU default. On a CPU with AMX the spawned
+    workers died of an illegal instruction (exit −4) until the plugin asked for the tiles in
+    every vLLM process (``vllm_plugin.allow_amx``)."""
     from mtkd.harvest.vllm_engine import VllmEngine
 
     rng = np.random.default_rng(0)
