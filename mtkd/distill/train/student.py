@@ -86,7 +86,7 @@ def check_same_tokenizer(model_dir: str, tokens: Store, role: str) -> None:
     """Refuse a student or teacher checkpoint whose own tokenizer is not the tokens store's:
     its ids would name other tokens (and ``final/`` would ship the store's tokenizer with
     weights trained for another). A checkpoint without a tokenizer is taken as it is."""
-    if not any(Path(model_dir).glob(pattern) for pattern in TOKENIZER_FILES):
+    if not any(any(Path(model_dir).glob(pattern)) for pattern in TOKENIZER_FILES):
         return
     try:
         got = load_pretrained_tokenizer(model_dir).vocab_hash
