@@ -8,8 +8,6 @@ were taken silently (exit 0, the same targets).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -18,16 +16,7 @@ from mtkd.cli import app
 from mtkd.distill.aggregate.job import aggregate
 from mtkd.store import open_store
 from mtkd.store.schema import TARGET
-from tests.distill.aggregate.test_job import PARTS, config, make_teacher, make_tokens
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    """A tokens store (tasks code, prose, math) and two teachers over it."""
-    root = tmp_path_factory.mktemp("refusals")
-    tokens = make_tokens(root)
-    return tokens, [make_teacher(root, tokens, f"t{j}", seed=20 + j, scale=1.0 + j)
-                    for j in range(2)]
+from tests.distill.aggregate.test_job import PARTS, config
 
 
 @pytest.mark.parametrize(("kw", "match"), [

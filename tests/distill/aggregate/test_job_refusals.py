@@ -4,8 +4,6 @@ temperature (and not at the others')."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,15 +12,6 @@ from mtkd.distill.aggregate.job import aggregate
 from mtkd.store import StoreError, StoreWriter
 from mtkd.store.schema import tokens_header
 from tests.distill.aggregate.test_job import PARTS, VOCAB, config, make_teacher, make_tokens
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    """A tokens store (tasks code, prose, math) and two teachers over it."""
-    root = tmp_path_factory.mktemp("refusals")
-    tokens = make_tokens(root)
-    return tokens, [make_teacher(root, tokens, f"t{j}", seed=20 + j, scale=1.0 + j)
-                    for j in range(2)]
 
 
 def test_a_task_weight_tag_the_tokens_store_lacks_is_refused(two, tmp_path):
