@@ -69,6 +69,22 @@ def check_bounds(config: Any) -> None:
         raise ValueError(f"{f.name} must be {finite}{_bounds_text(low, high)}{why}, got {value}")
 
 
+def changed_options(config: Any) -> set[str]:
+    """The fields of the dataclass ``config`` that differ from their declared defaults (what a
+    user set): the one test of "given" behind every refusal of an option a run would ignore."""
+    changed = set()
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if getattr(config, f.name) != default:
+            changed.add(f.name)
+    return changed
+
+
 def _bounds_text(low: float | None, high: float | None) -> str:
     """``≥ low``, ``≤ high`` or ``in [low, high]``."""
     if high is None:

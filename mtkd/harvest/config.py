@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mtkd.config import check_bounds, option
+from mtkd.config import changed_options, check_bounds, option
 from mtkd.store.format import Codec
 from mtkd.store.q64_grid import COARSE, FINE
 from mtkd.store.schema import OWN_TOKENS, STORE_TOKENS, check_logprob_dtype
@@ -27,6 +27,9 @@ TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) 
 #: vocabularies of tests and of the demo's own teachers), whose reads are 3-4x faster
 LARGE_VOCAB = 16_384
 STREAM_ROWS = 2048  #: q64r's rows per stream unless --stream-rows says otherwise
+ENGINES = ("vllm", "hf")
+#: vLLM's prompt log-probs: ours where tested, else the public API (``vllm_engine``)
+FAST_PATHS = ("auto", "fast", "public")
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,8 @@ class HarvestConfig:
         resuming = bool(begun)
         coding = begun.pop("logprob_dtype", None) or (Q64R if vocab_size >= LARGE_VOCAB
                                                        else Q64V2)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        kept = {name: value for name, value in begun.items()
-                if getattr(self, name) == defaults[name]}
+        given = changed_options(self)
+        kept = {name: value for name, value in begun.items() if name not in given}
         try:  # the options checked against the coding chosen
             return dataclasses.replace(self, logprob_dtype=coding, **kept)
         except ValueError as e:
@@ -147,6 +149,17 @@ class HarvestConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        given = changed_options(self)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.fast_path not in FAST_PATHS:
+            raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got "
+                             f"{self.fast_path!r}")
+        vllm_only = sorted({"fast_path"} & given | set(self.engine_args))
+        if self.engine == "hf" and vllm_only:
+            flags = ", ".join("--" + name.replace("_", "-") for name in vllm_only)
+            raise ValueError(f"{flags} configure vLLM, and --engine hf runs the reference "
+                             "engine: drop them")
         if self.tokenization not in TOKENIZATIONS:
             raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, "
                              f"got {self.tokenization!r}")
@@ -161,9 +174,9 @@ class HarvestConfig:
         if self.tail_nats not in TAIL_NATS:
             raise ValueError(f"--tail-nats must be one of {', '.join(map(str, TAIL_NATS))}, "
                              f"got {self.tail_nats}")
-        if self.tail_nats != TAIL_NATS[0] and self.logprob_dtype not in (Q64R, AUTO):
+        if "tail_nats" in given and self.logprob_dtype not in (Q64R, AUTO):
             raise ValueError(f"--tail-nats needs --logprob-dtype {Q64R}")
-        if self.stream_rows != STREAM_ROWS and self.logprob_dtype not in (Q64R, AUTO):
+        if "stream_rows" in given and self.logprob_dtype not in (Q64R, AUTO):
             raise ValueError(f"--stream-rows needs --logprob-dtype {Q64R}")
         if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive and finite, got {self.temperatures}")
@@ -178,10 +191,10 @@ class HarvestConfig:
         if not np.isfinite(self.sample_temperature) or self.sample_temperature <= 0:
             raise ValueError(f"sample_temperature must be positive and finite, got "
                              f"{self.sample_temperature}")
-        if self.sample_temperature != 1.0 and not self.num_samples:  # else silently unused
+        if "sample_temperature" in given and not self.num_samples:  # else silently unused
             raise ValueError(f"--sample-temperature {self.sample_temperature:g} needs "
                              "--num-samples N (it is the temperature of the draws)")
-        if self.seed != 0 and not self.num_samples:  # else silently unused
+        if "seed" in given and not self.num_samples:  # else silently unused
             raise ValueError(f"--seed {self.seed} needs --num-samples N (it seeds the draws; "
                              "the top-k log-probs are exact, unseeded)")
         if (self.temperatures or self.num_samples) and self.vocab_map is not None:

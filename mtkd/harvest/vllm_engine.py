@@ -69,7 +69,7 @@ def resolve_fast_path(fast_path: str | bool, version: str) -> bool:
     if fast_path_supported(version):
         return True
     if choice == "fast":
-        raise RuntimeError(
+        raise ValueError(
             f"the fast harvest path is tested on vLLM {FAST_PATH_VERSIONS}, not {version}; "
             "use fast_path='public' (or 'auto')"
         )
@@ -331,7 +331,7 @@ class VllmEngine:
         self.fast_logprobs = active
         if self.draws is not None and not active:
             self.close()
-            raise RuntimeError(f"draws need mtkd's vLLM plugin, which is not active on vLLM "
+            raise ValueError(f"draws need mtkd's vLLM plugin, which is not active on vLLM "
                                f"{self.vllm_version} (checked on {vllm_plugin.VERSIONS})")
         self.in_process = in_process
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())

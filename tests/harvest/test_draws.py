@@ -68,6 +68,20 @@ def test_a_draw_temperature_without_draws_is_refused() -> None:
     assert HarvestConfig(sample_temperature=0.5, num_samples=4).sample_temperature == 0.5
 
 
+@pytest.mark.parametrize(("fields", "said"), [
+    ({"engine": "hf", "fast_path": "fast"}, "--fast-path configure vLLM"),
+    ({"engine": "hf", "engine_args": {"enforce_eager": True}}, "--enforce-eager configure vLLM"),
+    ({"engine": "vlm"}, "engine must be one of vllm, hf, got 'vlm'"),
+    ({"fast_path": "quick"}, "fast_path must be one of auto, fast, public"),
+])
+def test_engine_options_are_checked_by_the_config(fields: dict, said: str) -> None:
+    """vLLM's options under --engine hf were ignored silently, and an unknown engine or fast
+    path was refused only when the engine was built (a traceback for --fast-path fast)."""
+    with pytest.raises(ValueError, match=said):
+        HarvestConfig(**fields)
+    assert HarvestConfig(engine_args={"enforce_eager": True}, fast_path="public").engine == "vllm"
+
+
 def test_a_seed_without_draws_is_refused() -> None:
     """--seed alone was ignored: a user expecting seeded targets got none, and no word."""
     with pytest.raises(ValueError, match=r"--seed 7 needs --num-samples"):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from mtkd.config import check_bounds, option
+from mtkd.config import changed_options, check_bounds, option
 from mtkd.distill.aggregate.imputation import IMPUTATIONS
 from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tails import get_tail_model
@@ -187,7 +187,7 @@ class AggregateConfig:
     def refuse_unused(self) -> None:
         """Refuse a sharpness, α or fit size that these settings would ignore (the same targets as
         without it, so a mistyped run would pass for the one asked)."""
-        defaults = {f.name: f.default for f in fields(self)}
+        changed = changed_options(self)
         for name, unused, fix in (
             ("alpha", self.operator != "power_mean",
              f"is the power mean's exponent and --operator {self.operator} does not use it: "
@@ -202,9 +202,8 @@ class AggregateConfig:
              "bounds the positions of the weights' fit and there is none: give --weights fit, "
              "or drop --fit-positions"),
         ):
-            value = getattr(self, name)
-            if unused and value != defaults[name]:
-                raise ValueError(f"--{name.replace('_', '-')} {value:g} {fix}")
+            if unused and name in changed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name):g} {fix}")
 
     @property
     def static_weights(self) -> np.ndarray:

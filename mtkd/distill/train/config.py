@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mtkd.config import check_bounds, option
+from mtkd.config import changed_options, check_bounds, option
 from mtkd.distill.train.device import check_device_spec
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
@@ -154,8 +154,7 @@ class TrainConfig:
     def _check_unused(self) -> None:
         """Refuse an option this run would silently ignore: a user who set it expects it to
         act (the KD options of a cross-entropy run, β without the JSD, …)."""
-        changed = {f.name for f in dataclasses.fields(self)
-                   if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default}
+        changed = changed_options(self)
         if self.resolved_objective == "ce":
             kd = sorted(changed & {"alpha", "temperature", "loss", "beta"})
             if kd:
