@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mtkd.distill.aggregate.job import summarize
+from mtkd.distill.aggregate.summary import summarize
 from mtkd.harvest.own_tokens import unreadable_counts
 from mtkd.recipes.models import train_bpe_tokenizer
 from mtkd.recipes.real_teacher import ensure_smollm2

@@ -195,8 +195,8 @@ def aggregate(
     config: ConfigOpt = None,
 ) -> None:
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
-    from mtkd.distill.aggregate.job import TAIL_ROW_MASS
     from mtkd.distill.aggregate.job import aggregate as run_aggregate
+    from mtkd.distill.aggregate.summary import TAIL_ROW_MASS
     from mtkd.store import StoreError, open_store
 
     index, total, processes = workers(worker_index, num_workers)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 
 def target_diagnostics(d: Mapping[str, float], teachers: int) -> list[str]:
-    """The mean diagnostics of a target store (``aggregate.job.summarize``), a line each; the
+    """The mean diagnostics of a target store (``aggregate.summary.summarize``), a line each; the
     Jensen gap is ≥ 0, so a rounding's −0.0000 is shown as 0."""
     lines = [f"  mean jensen_gap {max(d['jensen_gap'], 0.0):.4f}  disagreement "
              f"{d['disagreement']:.4f}  n_eff {d['n_eff']:.3f}  tail_mass {d['tail_mass']:.4f}",

@@ -61,7 +61,7 @@ def info(
         typer.echo(f"  unreadable sequences {sum(unread.values()):,}"
                    + (f" ({why}; the aggregate falls back on them)" if why else ""))
     if s.kind == "target":  # what the aggregate measured, as it printed it
-        from mtkd.distill.aggregate.job import summarize
+        from mtkd.distill.aggregate.summary import summarize
 
         teachers = int(s.attrs.get("num_teachers", 0))
         for line in target_diagnostics(summarize(store), teachers):

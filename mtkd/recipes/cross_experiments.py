@@ -185,7 +185,7 @@ def own_tokens_summary(run: Run, teacher: str, target_store: str) -> dict[str, f
     """A teacher harvested in its own tokens: its bits per byte on the student's text (the
     text it predicts in its rows) and how its rows aligned to the student's positions
     (``target_store``: its single-teacher targets)."""
-    from mtkd.distill.aggregate.job import summarize
+    from mtkd.distill.aggregate.summary import summarize
 
     stats = summarize(run.path("stores", target_store))
     return {"bpb_student_text": own_teacher_bpb(run, f"{teacher}-student"),

@@ -50,7 +50,7 @@ def single_teacher_students(bpb: dict[str, float]) -> dict[str, float]:
 def coverage_fraction(run: Run, store: str, teacher: int = 0) -> float | None:
     """The share of student positions that teacher ``teacher`` of the target store ``store``
     gives a distribution (None when the store is absent or records no coverage)."""
-    from mtkd.distill.aggregate.job import summarize
+    from mtkd.distill.aggregate.summary import summarize
 
     try:
         return summarize(run.path("stores", store)).get(f"coverage_fraction_{teacher}")

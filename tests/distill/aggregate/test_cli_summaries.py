@@ -10,7 +10,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from mtkd.cli import app
-from mtkd.distill.aggregate.job import summarize
+from mtkd.distill.aggregate.summary import summarize
 from mtkd.store import open_store
 
 from .test_job import make_teacher, make_tokens
