@@ -327,16 +327,19 @@ class Store:
         self._check_part(part)
         return self._parts[part].commit.get("stats", {})
 
-    def read_meta(self, part: int | None = None) -> pa.Table | None:
-        """Per-sequence metadata (store order), or None if the store has none."""
+    def read_meta(self, part: int | None = None,
+                  columns: Sequence[str] | None = None) -> pa.Table | None:
+        """Per-sequence metadata (store order; only ``columns`` when given), or None if the
+        store has none, or lacks one of ``columns``."""
         parts = range(self.num_parts) if part is None else [part]
         tables = []
         for p in parts:
             self._check_part(p)
             path = self.root / PARTS_DIR / part_name(p) / META_FILE
-            if not path.exists():
+            if not path.exists() or (columns and not set(columns) <= set(
+                    pq.read_schema(path).names)):
                 return None
-            tables.append(pq.read_table(path))
+            tables.append(pq.read_table(path, columns=list(columns) if columns else None))
         # "default" promotion: a part without sequences may carry null-typed columns
         return pa.concat_tables(tables, promote_options="default")
 

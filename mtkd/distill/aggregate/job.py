@@ -16,11 +16,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mtkd.distill.aggregate.align import AlignedRows
 from mtkd.distill.aggregate.config import AggregateConfig
@@ -59,7 +57,6 @@ from mtkd.distill.aggregate.weights import (
 )
 from mtkd.store import ArraySpec, Header, Store, StoreError, StoreWriter, open_store
 from mtkd.store.executor import run_parts
-from mtkd.store.format import META_FILE, PARTS_DIR, part_name
 from mtkd.store.schema import (
     NEXT_ID,
     SAMPLE_COUNTS,
@@ -218,13 +215,8 @@ def check_exact_tails(teachers: Sequence[Store], temperatures: np.ndarray) -> No
 def store_task_tags(tokens: Store) -> set[str]:
     """The task tags the tokens store's sequences carry (``""``, no tag, left out): only the
     metadata's task column is read."""
-    tags: set[str] = set()
-    for p in range(tokens.num_parts):
-        path = Path(tokens.root) / PARTS_DIR / part_name(p) / META_FILE
-        if not path.exists() or "task" not in pq.read_schema(path).names:
-            return set()
-        tags.update(pq.read_table(path, columns=["task"]).column("task").to_pylist())
-    return tags - {"", None}
+    meta = tokens.read_meta(columns=["task"])
+    return set() if meta is None else set(meta.column("task").to_pylist()) - {"", None}
 
 
 def check_task_tags(tokens: Store, task_weights: Mapping[str, Sequence[float]]) -> None:
