@@ -34,7 +34,8 @@ class LossSpec:
     """What to compute on a batch: objective, divergence kind and its parameters.
 
     Built from a run's options by :meth:`from_config` (training) or :meth:`held_out` (the
-    fixed held-out measure); it has no defaults of its own.
+    fixed held-out measure); its only default is the chunk body's, ``auto`` (as
+    ``TrainConfig.fused_loss``'s), for specs built by hand in tests and benches.
     """
 
     objective: str  # ce | mix | multi
