@@ -197,7 +197,7 @@ def aggregate(
     """Fuse several teacher stores into mixture targets (operators with proven properties)."""
     from mtkd.distill.aggregate.job import aggregate as run_aggregate
     from mtkd.distill.aggregate.summary import TAIL_ROW_MASS
-    from mtkd.store import StoreError, open_store
+    from mtkd.store import StoreError
 
     index, total, processes = workers(worker_index, num_workers)
     try:
@@ -225,9 +225,8 @@ def aggregate(
                    "nothing to do")
     for line in target_diagnostics(d, len(teachers)):
         typer.echo(line)
-    if cfg.fit_weights:  # what the fit chose, kept in the store's config
-        fitted = open_store(out, verify="none").attrs["config"]["weights"]
-        typer.echo("  fitted static weights " + " ".join(f"{w:.3f}" for w in fitted))
+    if cfg.fit_weights and summary.weights is not None:  # what the fit chose
+        typer.echo("  fitted static weights " + " ".join(f"{w:.3f}" for w in summary.weights))
     if cfg.source == "samples" and d["tail_mass"] > TAIL_ROW_MASS:  # the draws did not fit
         share = (f"{d['tail_rows_fraction']:.1%} of the rows" if "tail_rows_fraction" in d
                  else "rows")

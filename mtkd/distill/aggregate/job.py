@@ -87,6 +87,7 @@ class AggregateSummary:
     positions: int
     complete: bool
     diagnostics: dict[str, float] = field(default_factory=dict)
+    weights: tuple[float, ...] | None = None  # the static weights fused with (fitted or given)
 
 
 def open_teachers(tokens: Store, teacher_dirs: Sequence[str | os.PathLike[str]]) -> list[Store]:
@@ -198,7 +199,7 @@ def aggregate(
     complete = writer.finalize()
     return AggregateSummary(tokens.num_parts, len(pending),
                             sum(s["positions"] for s in stats.values()), complete,
-                            summarize(out) if complete else {})
+                            summarize(out) if complete else {}, config.weights)
 
 
 def check_exact_tails(teachers: Sequence[Store], temperatures: np.ndarray) -> None:
@@ -299,6 +300,7 @@ def _attrs(tokens: Store, teachers: Sequence[Store], config: AggregateConfig) ->
             for t in teachers
         ],
         "config": {k: v for k, v in asdict(config).items() if k != "teachers"},
+        "target_source": config.source,  # what the trainer reads: top-k targets or draws
     }
 
 

@@ -285,8 +285,9 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
             print(f"note: --eval-fraction {cfg.eval_fraction:g} picks none of this store's "
                   "documents (the split is by document): no held-out evaluation; give a larger "
                   "fraction or --heldout", file=sys.stderr)
-        sampled = targets is not None and (targets.attrs.get("config") or {}).get(
-            "source") == "samples"
+        sampled = targets is not None and (  # stores before target_source: their config's
+            targets.attrs.get("target_source")
+            or (targets.attrs.get("config") or {}).get("source")) == "samples"
         if sampled and objective != "ce" and not cfg.loss.startswith("fkl"):
             print(f"note: {cfg.targets} holds sampled targets, an unbiased estimate of the "
                   f"teachers' mixture for forward KL only; --loss {cfg.loss} trains towards "
