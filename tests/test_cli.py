@@ -228,14 +228,14 @@ def test_every_train_option_has_a_flag(configs: Any) -> None:
                   "8", "--min-lr-ratio", "0.2", "--weight-decay", "0", "--adam-betas", "0.8",
                   "0.9", "--grad-clip", "0.5", "--eval-targets", "et",
                   "--keep-checkpoints", "3", "--no-resume", "--log-every", "2", "--threads", "1",
-                  "--no-monitor", "--no-progress", "--no-tensorboard", "--suppress-ids", "3,4")
+                  "--no-monitor", "--no-progress", "--no-tensorboard")
     assert cfg == TrainConfig(
         tokens="t", out="o", student="s", max_steps=7, warmup_steps=3, eval_tokens="h",
         targets="q", loss="jsd_tail",
         beta=0.3, chunk_size=16, eval_batches=4, prefetch=2, open_rows=8, min_lr_ratio=0.2,
         weight_decay=0.0, adam_betas=(0.8, 0.9), grad_clip=0.5,
         eval_targets="et", keep_checkpoints=3, resume=False, log_every=2, threads=1,
-        monitor=False, progress=False, tensorboard=False, suppress_ids=(3, 4))
+        monitor=False, progress=False, tensorboard=False)
     flags = {p.name for p in typer.main.get_command(app).commands["train"].params}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
 

@@ -85,6 +85,7 @@ TRAIN_UNUSED = [
     ({"targets": "q", "beta": 0.2}, r"--beta weighs the JSD; --loss fkl_tail does not use it"),
     ({"suppress_weight": 7.0}, r"--suppress-weight needs --suppress-ids"),
     ({"eval_tokens": "h", "eval_fraction": 0.2}, r"with --heldout it is unused"),
+    ({"targets": "q", "suppress_ids": (3,)}, r"--suppress-ids applies to the ce objective"),
 ]
 
 

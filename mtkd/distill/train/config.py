@@ -164,6 +164,9 @@ class TrainConfig:
                                  "--teacher): drop them or give targets")
         if "beta" in changed and not self.loss.startswith("jsd"):
             raise ValueError(f"--beta weighs the JSD; --loss {self.loss} does not use it")
+        if self.suppress_ids and self.resolved_objective != "ce":
+            raise ValueError("--suppress-ids applies to the ce objective (training a safety "
+                             "teacher), and this run distils")
         if "suppress_weight" in changed and not self.suppress_ids:
             raise ValueError("--suppress-weight needs --suppress-ids (the ids it pushes down)")
         if "eval_fraction" in changed and self.eval_tokens is not None:

@@ -206,6 +206,36 @@ def train_step(net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
     return float(norm)
 
 
+def check_student(cfg: TrainConfig, model: nn.Module, vocab: int) -> None:
+    """Refuse options the student cannot take: ids it lacks, rows longer than its positions."""
+    outside = [i for i in cfg.suppress_ids if i >= vocab]
+    if outside:
+        raise ValueError(f"suppress_ids {outside} are outside the student's vocabulary of "
+                         f"{vocab} ids")
+    if cfg.seq_len > getattr(model.config, "max_position_embeddings", cfg.seq_len):
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the student's max_position_embeddings")
+
+
+def run_notes(cfg: TrainConfig, d: Dist, no_held_out: bool, targets: Store | None) -> list[str]:
+    """What the run tells its user before it starts: options that act otherwise than they
+    might expect (none refuses the run)."""
+    notes = []
+    if cfg.fsdp and d.world == 1:
+        notes.append("--fsdp shards the student over torchrun's ranks; this run is one "
+                     "process, so it trains unsharded")
+    if no_held_out and cfg.eval_fraction > 0:
+        notes.append(f"--eval-fraction {cfg.eval_fraction:g} picks none of this store's "
+                     "documents (the split is by document): no held-out evaluation; give a "
+                     "larger fraction or --heldout")
+    source = None if targets is None else (  # stores before target_source: their config's
+        targets.attrs.get("target_source") or (targets.attrs.get("config") or {}).get("source"))
+    if source == "samples" and cfg.resolved_objective != "ce" and not cfg.loss.startswith("fkl"):
+        notes.append(f"{cfg.targets} holds sampled targets, an unbiased estimate of the "
+                     f"teachers' mixture for forward KL only; --loss {cfg.loss} trains towards "
+                     "the draws' empirical distribution instead (use fkl_tail)")
+    return notes
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) the student described by ``cfg``; returns where it was saved."""
     if not cfg.progress:  # transformers' own bars (loading and saving weights) too
@@ -239,12 +269,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     model = load_student(cfg.student, cfg.seed, tokens)  # on the CPU until distribute()
     vocab = student_vocab(model)
     check_vocab(vocab, [tokens, targets])
-    outside = [i for i in cfg.suppress_ids if i >= vocab]
-    if outside:
-        raise ValueError(f"suppress_ids {outside} are outside the student's vocabulary of "
-                         f"{vocab} ids")
-    if cfg.seq_len > getattr(model.config, "max_position_embeddings", cfg.seq_len):
-        raise ValueError(f"seq_len {cfg.seq_len} exceeds the student's max_position_embeddings")
+    check_student(cfg, model, vocab)
     pad_id = int(tokens.attrs.get("eos_id") or 0)
     loader, held = open_data(cfg, d, tokens, targets, vocab, pad_id)
     teacher = load_teacher(cfg.teacher, d.device) if cfg.teacher else None
@@ -255,8 +280,6 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     has_monitor = loader.num_teachers > 0
     if objective == "multi" and not has_monitor:
         raise ValueError(f"{cfg.targets} has no per-teacher blocks; objective 'multi' needs them")
-    if cfg.suppress_ids and objective != "ce":
-        raise ValueError("suppress_ids applies to the ce objective (training a safety teacher)")
     # The objective, the wrapping for the ranks, the optimizer
     chunk_size = cfg.chunk_size or chunk_rows(vocab, free_device_bytes(d.device))
     net = distribute(StudentLoss(model, LossSpec.from_config(cfg, chunk_size)), d, cfg.fsdp)
@@ -278,21 +301,17 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        if cfg.fsdp and d.world == 1:
-            print("note: --fsdp shards the student over torchrun's ranks; this run is one "
-                  "process, so it trains unsharded", file=sys.stderr)
-        if held is None and cfg.eval_fraction > 0:
-            print(f"note: --eval-fraction {cfg.eval_fraction:g} picks none of this store's "
-                  "documents (the split is by document): no held-out evaluation; give a larger "
-                  "fraction or --heldout", file=sys.stderr)
-        sampled = targets is not None and (  # stores before target_source: their config's
-            targets.attrs.get("target_source")
-            or (targets.attrs.get("config") or {}).get("source")) == "samples"
-        if sampled and objective != "ce" and not cfg.loss.startswith("fkl"):
-            print(f"note: {cfg.targets} holds sampled targets, an unbiased estimate of the "
-                  f"teachers' mixture for forward KL only; --loss {cfg.loss} trains towards "
-                  "the draws' empirical distribution instead (use fkl_tail)", file=sys.stderr)
+        for note in run_notes(cfg, d, held is None, targets):
+            print(f"note: {note}", file=sys.stderr)
     log = MetricsLog(out, resumed, cfg.tensorboard) if d.main else None
+
+    def held_out_record() -> dict[str, Any]:  # the held-out measure at this step, logged
+        record = {"step": step, "split": "eval", **evaluate(
+            net, held, d, cfg.eval_batches, chunk_size, cfg.bf16, cfg.fused_loss)}
+        if log is not None:
+            log.write(record)
+        return record
+
     net.train()
     batches = Prefetcher(loader.stream(state), cfg.prefetch)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
@@ -302,10 +321,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
     if step >= cfg.max_steps:  # trained to the end, killed before the final metrics: rebuild
         last_log, last_eval = records_at(out, step)
         if held is not None and not last_eval:
-            last_eval = {"step": step, "split": "eval", **evaluate(
-                net, held, d, cfg.eval_batches, chunk_size, cfg.bf16, cfg.fused_loss)}
-            if log is not None:
-                log.write(last_eval)
+            last_eval = held_out_record()
     t0 = t_window = time.perf_counter()
     # The loop: step, log a window, evaluate, checkpoint
     try:
@@ -344,11 +360,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
                     log.write(last_log)
             if held is not None and (step == cfg.max_steps
                                      or (cfg.eval_every and step % cfg.eval_every == 0)):
-                last_eval = {"step": step, "split": "eval",
-                             **evaluate(net, held, d, cfg.eval_batches, chunk_size,
-                                        cfg.bf16, cfg.fused_loss)}
-                if log is not None:
-                    log.write(last_eval)
+                last_eval = held_out_record()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 ckpt = training_state(step, model, opt, sched, state, tokens_seen, meter, cfg, d)
                 if d.main:
@@ -366,10 +378,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path) -> TrainResult:
         model_dir = save_student(model, out, tokens.attrs.get("tokenizer"), ckpt["model"])
         final = {"steps": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t0,
                  "resumed_from": resumed, "train": last_log, **last_eval}
-        if "eval_ce" in last_eval:
-            final["heldout_ce"] = last_eval["eval_ce"]
-        if "eval_bpb" in last_eval:
-            final["heldout_bpb"] = last_eval["eval_bpb"]
+        final |= {f"heldout_{k}": last_eval[f"eval_{k}"] for k in ("ce", "bpb")
+                  if f"eval_{k}" in last_eval}
         (out / FINAL_METRICS).write_text(json.dumps(final, indent=1))
     if d.world > 1:
         dist.barrier()

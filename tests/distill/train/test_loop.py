@@ -428,10 +428,12 @@ def test_config_checks() -> None:
 def test_loss_spec_is_the_config_s_objective() -> None:
     """Training computes exactly the objective the options name; evaluation its fixed measure."""
     cfg = TrainConfig(tokens="t", out="o", student={}, targets="q", objective="mix",
-                      loss="jsd_renorm", alpha=0.2, temperature=1.5, beta=0.3, chunk_size=7,
-                      suppress_ids=(3, 5), suppress_weight=2.0)
-    assert LossSpec.from_config(cfg) == LossSpec("mix", "jsd_renorm", 0.2, 1.5, 0.3, 7, (3, 5),
-                                                 2.0)
+                      loss="jsd_renorm", alpha=0.2, temperature=1.5, beta=0.3, chunk_size=7)
+    assert LossSpec.from_config(cfg) == LossSpec("mix", "jsd_renorm", 0.2, 1.5, 0.3, 7, (), 1.0)
+    safety = TrainConfig(tokens="t", out="o", student={}, chunk_size=7, suppress_ids=(3, 5),
+                         suppress_weight=2.0)
+    assert LossSpec.from_config(safety) == LossSpec("ce", "fkl_tail", 0.0, 1.0, 0.5, 7, (3, 5),
+                                                    2.0)
     auto = TrainConfig(tokens="t", out="o", student={}, targets="q")
     assert LossSpec.from_config(auto).objective == "mix"
     assert LossSpec.held_out(False, 9) == LossSpec("ce", "fkl_tail", 0.0, 1.0, 0.5, 9, (), 0.0)
