@@ -27,10 +27,11 @@ from mtkd.store.schema import vocab_fingerprint
 
 #: What a hub id looks like: ``name`` or ``owner/name`` (letters, digits, ``-_.``).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-#: The files a tokenizer may need, fetched for a hub id given as ``--tokenizer``.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "*.tiktoken", "vocab.json",
-                   "vocab.txt", "merges.txt", "config.json")
+#: The files of a tokenizer (glob patterns): what a trained student's ``final/`` copies from
+#: its tokens store's tokenizer, and, with the model's ``config.json`` that AutoTokenizer may
+#: read, what is fetched for a hub id given as ``--tokenizer``.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                   "merges.txt", "*.model", "*.tiktoken", "chat_template*")
 #: The files of a model fetched for a hub id given as ``--model`` (safetensors weights).
 MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja")
 _TRUE = {"1", "on", "yes", "true"}
@@ -85,7 +86,7 @@ def resolve_pretrained(spec: str | os.PathLike[str], what: str,
 
 def load_pretrained_tokenizer(spec: str | os.PathLike[str]) -> LoadedTokenizer:
     """The fast tokenizer of a tokenizer or model directory, a ``tokenizer.json``, or a hub id."""
-    path = resolve_pretrained(spec, "tokenizer", TOKENIZER_FILES)
+    path = resolve_pretrained(spec, "tokenizer", (*TOKENIZER_FILES, "config.json"))
     file = path / "tokenizer.json" if path.is_dir() else path
     config = _tokenizer_config(file.parent)
     if file.exists():

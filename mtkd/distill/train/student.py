@@ -17,12 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mtkd.distill.train.loader import PackedBatch
 from mtkd.distill.train.targets import SparseTargets
-from mtkd.ingest.tokenizer import TokenizerError, load_pretrained_tokenizer
+from mtkd.ingest.tokenizer import TOKENIZER_FILES, TokenizerError, load_pretrained_tokenizer
 from mtkd.store import Store
 
 FINAL_TMP = ".tmp-final-"  # prefix of a final/ being written
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
-                   "merges.txt", "*.model", "chat_template*")
 
 
 def load_student(spec: str | dict[str, Any], seed: int, tokens: Store) -> PreTrainedModel:
