@@ -27,6 +27,10 @@ TAIL_NATS = tuple(step * COARSE / FINE for step in TAIL_STEPS)  #: 1/16 (q64's) 
 #: vocabularies of tests and of the demo's own teachers), whose reads are 3-4x faster
 LARGE_VOCAB = 16_384
 STREAM_ROWS = 2048  #: q64r's rows per stream unless --stream-rows says otherwise
+ID_TABLE_TOKENS = 1 << 20  #: tokens counted (whole parts, the first) for --id-table
+#: How far above 0 an engine's log-prob may round (bfloat16 / float16 log-softmax) before the
+#: harvest refuses it as invalid
+LOGPROB_SLACK = 1e-3
 ENGINES = ("vllm", "hf")
 #: vLLM's prompt log-probs: ours where tested, else the public API (``vllm_engine``)
 FAST_PATHS = ("auto", "fast", "public")
@@ -88,8 +92,8 @@ class HarvestConfig:
     id_table: int = option(
         0,
         "q64v2/q64v3/q64r: renumber top-k ids through a table of the N ids the teacher reads "
-        "most often (counted over the first parts, at least 2^20 tokens), so that they store "
-        "as smaller gaps (0: no table; docs/FORMAT.md, \"Id table\").",
+        f"most often (counted over the first parts, at least {ID_TABLE_TOKENS:,} tokens), so "
+        "that they store as smaller gaps (0: no table; docs/FORMAT.md, \"Id table\").",
         min=0,
     )
     codec: Codec = option("zstd", "Array codec: zstd (compact) or raw.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd.harvest.config import MAX_K, HarvestConfig
+from mtkd.harvest.config import ID_TABLE_TOKENS, LOGPROB_SLACK, MAX_K, HarvestConfig
 from mtkd.harvest.engine import TeacherEngine
 from mtkd.harvest.own_tokens import TeacherTokenizer, check_texts, own_attrs, window_texts
 from mtkd.harvest.resume import begun_header, begun_options, check_resumed_coding, q64r_choices
@@ -155,7 +155,6 @@ def prepare_own(tokens: Store, model_dir: str | os.PathLike[str],
 
 
 #: Tokens counted for a store's id table: the first parts' until at least this many.
-ID_TABLE_TOKENS = 1 << 20
 
 
 def read_id_table(tokens: Store, teacher: TeacherTokenizer | None, size: int) -> list[int]:
@@ -457,7 +456,7 @@ def _check_rows(rows: dict[str, np.ndarray], names: Sequence[str], seqs: Sequenc
                          f"topk_ids for part {part}; refusing to store them")
     for name in (TOPK_LOGPROBS, TARGET_LOGPROB):
         values = np.asarray(rows[name], dtype=np.float64)
-        if np.isnan(values).any() or np.isposinf(values).any() or (values > 1e-3).any():
+        if np.isnan(values).any() or np.isposinf(values).any() or (values > LOGPROB_SLACK).any():
             raise StoreError(f"engine {engine} returned invalid log-probs in {name} "
                              f"(NaN, +inf or > 0) for part {part}; refusing to store them")
     want = sum(max(len(s) - 1, 0) for s in seqs)

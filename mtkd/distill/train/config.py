@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtkd.config import changed_options, check_bounds, option
-from mtkd.distill.train.device import check_device_spec
+from mtkd.distill.train.device import CPU_CHUNK_ROWS, check_device_spec
 
 OBJECTIVES = ("auto", "ce", "mix", "multi")
 #: a loss kind is "<divergence>_<collapse>" (mtkd.distill.train.divergences)
@@ -106,8 +106,8 @@ class TrainConfig:
     )
     chunk_size: int | None = option(
         None,
-        "Rows per chunk of the chunked losses (default: 1024 on the CPU; on a GPU sized from "
-        "its free memory and the vocabulary).",
+        f"Rows per chunk of the chunked losses (default: {CPU_CHUNK_ROWS} on the CPU; on a GPU "
+        "sized from its free memory and the vocabulary).",
         min=1,
     )
     prefetch: int = option(4, "Batches prepared ahead by the loader thread.", min=1)
