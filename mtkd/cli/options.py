@@ -211,20 +211,33 @@ def workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]:
 
 
 
-def floats(text: Any, what: str, ids: bool = False) -> tuple[Any, ...] | None:
-    """Parse "0.5,0.3,0.2" (or a list from a config file); ``ids``: token ids, whole and ≥ 0."""
+def floats(text: Any, what: str) -> tuple[float, ...] | None:
+    """Parse "0.5,0.3,0.2" (or a list from a config file) into numbers."""
+    return _comma_list(text, what, float, "numbers")
+
+
+def token_ids(text: Any, what: str) -> tuple[int, ...] | None:
+    """Parse "12,97" (or a list from a config file) into token ids: whole numbers ≥ 0 (a float
+    such as 1.5 is refused, not truncated)."""
+    values = _comma_list(text, what, int, "token ids (whole numbers ≥ 0)")
+    items = text if isinstance(text, (list, tuple)) else ()
+    if values is not None and (min(values, default=0) < 0
+                               or any(isinstance(x, (bool, float)) for x in items)):
+        raise fail(f"{what} must be token ids (whole numbers ≥ 0) separated by commas, got "
+                   f"{text!r}", 2)
+    return values
+
+
+def _comma_list(text: Any, what: str, kind: Callable[[str], Any], said: str
+                ) -> tuple[Any, ...] | None:
+    """``text`` split at commas (or a config file's list), each item made ``kind``."""
     if text is None:
         return None
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
-        values = tuple((int if ids else float)(str(x).strip()) for x in items)
+        return tuple(kind(str(x).strip()) for x in items)
     except ValueError:
-        values = None
-    if values is None or (ids and (min(values, default=0) < 0 or any(
-            isinstance(x, (bool, float)) for x in items))):
-        kind = "token ids (whole numbers ≥ 0)" if ids else "numbers"
-        raise fail(f"{what} must be {kind} separated by commas, got {text!r}", 2)
-    return values
+        raise fail(f"{what} must be {said} separated by commas, got {text!r}", 2) from None
 
 
 def task_weights(items: list[Any] | None, k: int) -> dict[str, tuple]:

@@ -23,6 +23,7 @@ from mtkd.cli.options import (
     help_of,
     stage_options,
     task_weights,
+    token_ids,
     workers,
 )
 from mtkd.cli.summaries import target_diagnostics
@@ -265,7 +266,7 @@ def train(
     spec: str | dict[str, Any] = (
         _student_config(student_config) if student_config is not None
         else student if isinstance(student, dict) else str(Path(str(student))))
-    ids = floats(suppress_ids, "--suppress-ids", ids=True) or ()
+    ids = token_ids(suppress_ids, "--suppress-ids") or ()
     try:
         cfg = TrainConfig(**fields, student=spec, suppress_ids=ids)
         result = run_train(cfg)
