@@ -32,7 +32,7 @@ import numpy as np
 from mtkd.ingest.token_bytes import byte_bounds, token_bytes
 from mtkd.ingest.tokenizer import LoadedTokenizer, TokenizerError, load_pretrained_tokenizer
 from mtkd.store import Store, StoreError
-from mtkd.store.schema import BYTE_END, OWN_TOKENS, TEXT
+from mtkd.store.schema import BYTE_END, OWN_TOKENS, TEXT, require_byte_ends
 
 #: Why the teacher cannot read a sequence (part stats ``unreadable``).
 UNDECODABLE, NOT_SPELLED = "undecodable", "not_spelled"
@@ -145,10 +145,7 @@ def _flat(chunks: list[np.ndarray]) -> np.ndarray:
 
 def check_texts(tokens: Store) -> None:
     """Refuse a tokens store without its windows' texts (made by an older ``mtkd tokenize``)."""
-    if BYTE_END not in tokens.array_names:
-        raise StoreError(f"{tokens.root} keeps no window texts (made by an older mtkd tokenize, "
-                         "or with --no-byte-offsets), which a teacher with its own tokenizer "
-                         f"reads: {RETOKENIZE}")
+    require_byte_ends(tokens, "a teacher with its own tokenizer (it reads the texts)")
 
 
 def window_texts(tokens: Store, part: int) -> tuple[np.ndarray, list[bytes], np.ndarray]:

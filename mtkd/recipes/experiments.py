@@ -22,10 +22,10 @@ from mtkd.distill.aggregate.operators import get_operator
 from mtkd.distill.aggregate.tempering import temper
 from mtkd.distill.aggregate.union import to_union
 from mtkd.distill.aggregate.weights import fit_mixture_weights
-from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends, label_bytes
+from mtkd.distill.train.bits_per_byte import bits_per_byte, label_bytes
 from mtkd.recipes.run import Run, TrainJob, is_complete, train_job, train_models
 from mtkd.store import open_store
-from mtkd.store.schema import BYTE_END
+from mtkd.store.schema import BYTE_END, has_byte_ends
 
 SAFETY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANCE_WEIGHTINGS = ((1 / 3, 1 / 3, 1 / 3), (0.5, 0.3, 0.2), (0.6, 0.2, 0.2), (0.7, 0.2, 0.1),

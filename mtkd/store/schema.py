@@ -253,3 +253,18 @@ def check_aligned(tokens: Store, other: Store) -> None:
             f"{other.root} was built over a different tokens store "
             f"(tokens_fingerprint {got}, {tokens.root} has {want})"
         )
+
+
+def has_byte_ends(tokens: Store) -> bool:
+    """Whether a tokens store records where each token ends in its text (``byte_end``)."""
+    return BYTE_END in tokens.array_names
+
+
+def require_byte_ends(tokens: Store, needed_by: str) -> None:
+    """Refuse a tokens store without ``byte_end`` (made by an older mtkd tokenize, or with
+    --no-byte-offsets), naming what needs it: its texts and their bytes come from there."""
+    if not has_byte_ends(tokens):
+        raise StoreError(f"{tokens.root} keeps no window texts (no {BYTE_END} array: made by "
+                         "an older mtkd tokenize, or with --no-byte-offsets), which "
+                         f"{needed_by} needs: re-tokenize the corpus with this mtkd version, "
+                         "without --no-byte-offsets")

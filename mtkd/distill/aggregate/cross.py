@@ -33,6 +33,7 @@ from mtkd.store.schema import (
     NEXT_ID,
     OWN_TOKENS,
     TOKEN_IDS,
+    require_byte_ends,
     vocab_fingerprint,
 )
 
@@ -48,11 +49,7 @@ def is_own(store: Store) -> bool:
 def check_own_teacher(tokens: Store, teacher: Store) -> None:
     """Refuse an own-tokens teacher store that cannot be aligned to ``tokens`` (before any part
     is read): missing arrays or attrs, a tokenizer that changed since harvest, k too large."""
-    if BYTE_END not in tokens.array_names:
-        raise StoreError(f"{tokens.root} has no {BYTE_END} array (written by an older mtkd "
-                         "tokenize, or with --no-byte-offsets): re-tokenize the corpus without "
-                         f"--no-byte-offsets to aggregate {teacher.root}, a teacher with its own "
-                         "tokenizer")
+    require_byte_ends(tokens, f"aligning {teacher.root}, a teacher with its own tokenizer,")
     missing = [n for n in (CONTEXT_END, NEXT_ID) if n not in teacher.array_names]
     missing += [a for a in OWN_ATTRS if teacher.attrs.get(a) is None]
     if missing:

@@ -18,13 +18,7 @@ import math
 
 import numpy as np
 
-from mtkd.store import Store, StoreError
-from mtkd.store.schema import BYTE_END
-
-
-def has_byte_ends(store: Store) -> bool:
-    """Whether ``store`` records where its tokens end in the text."""
-    return BYTE_END in store.array_names
+from mtkd.store import StoreError
 
 
 def token_bytes(byte_end: np.ndarray, offsets: np.ndarray) -> np.ndarray:

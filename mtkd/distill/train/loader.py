@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtkd.distill.train.bits_per_byte import has_byte_ends, token_bytes
+from mtkd.distill.train.bits_per_byte import token_bytes
 from mtkd.distill.train.targets import IGNORE_INDEX, SparseTargets
 from mtkd.store import Store, StoreError
-from mtkd.store.schema import BYTE_END, check_aligned
+from mtkd.store.schema import BYTE_END, check_aligned, require_byte_ends
 
 T = TypeVar("T")
 
@@ -238,9 +238,8 @@ class PackedLoader:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if batch_size < 1 or open_rows < 1:
             raise ValueError("batch_size and open_rows must be ≥ 1")
-        if count_bytes and not has_byte_ends(tokens):
-            raise StoreError(f"{tokens.root}: no {BYTE_END} array to count bytes with "
-                             "(written by an older mtkd or with --no-byte-offsets)")
+        if count_bytes:
+            require_byte_ends(tokens, "bits per byte")
         self.tokens, self.targets, self.count_bytes = tokens, targets, count_bytes
         n_blocks = open_targets(tokens, targets) if targets is not None else 0
         if teacher_blocks and n_blocks == 0:

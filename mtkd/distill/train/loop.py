@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from mtkd.distill.train.bits_per_byte import bits_per_byte, has_byte_ends
+from mtkd.distill.train.bits_per_byte import bits_per_byte
 from mtkd.distill.train.checkpoint import (
     check_run_dir,
     checkpoint_dirs,
@@ -75,7 +75,7 @@ from mtkd.distill.train.student import (
     with_teacher_targets,
 )
 from mtkd.store import Store
-from mtkd.store.schema import TARGET, TOKENS
+from mtkd.store.schema import TARGET, TOKENS, has_byte_ends
 
 FINAL_METRICS = "final_metrics.json"
 

@@ -8,16 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtkd.distill.train.bits_per_byte import (
-    bits_per_byte,
-    has_byte_ends,
-    label_bytes,
-    token_bytes,
-)
+from mtkd.distill.train.bits_per_byte import bits_per_byte, label_bytes, token_bytes
 from mtkd.distill.train.loader import PackedLoader
 from mtkd.distill.train.targets import IGNORE_INDEX
 from mtkd.store import Store, StoreError, open_store
-from mtkd.store.schema import BYTE_END
+from mtkd.store.schema import BYTE_END, has_byte_ends
 
 from .test_loader import counting_stores, write_tokens
 
