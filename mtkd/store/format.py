@@ -195,6 +195,21 @@ def read_json(path: Path) -> Any:
 _MISSING = object()
 
 
+#: Header attrs that say where a store's makers were found (a tokenizer's or a teacher's path),
+#: each beside the identity that is compared (``tokenizer_hash``, ``teacher_revision``,
+#: ``teacher_tokenizer_hash``): a worker or a resume that finds them elsewhere (another mount,
+#: a node-local copy) joins the store, which keeps its creator's paths.
+LOCATION_ATTRS = frozenset({"tokenizer", "teacher", "teacher_tokenizer"})
+
+
+def identity(header: Any) -> Any:
+    """A header's JSON as a joining writer must match it: all but :data:`LOCATION_ATTRS`."""
+    if not isinstance(header, dict) or not isinstance(header.get("attrs"), dict):
+        return header
+    attrs = {k: v for k, v in header["attrs"].items() if k not in LOCATION_ATTRS}
+    return {**header, "attrs": attrs}
+
+
 def diff_fields(found: Any, wanted: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Dotted names of the fields where two JSON objects differ (``attrs.k``, ``num_parts``)."""
     if isinstance(found, dict) and isinstance(wanted, dict):

@@ -32,6 +32,7 @@ from mtkd.store.format import (
     Header,
     canonical_json,
     diff_fields,
+    identity,
     jsonable,
     part_name,
     read_json,
@@ -116,8 +117,8 @@ class StoreWriter:
             held = f"a {kind} store" if isinstance(kind, str) else f"a {HEADER_FILE} of no kind"
             raise StoreError(f"{self.root} already holds {held}, not a {wanted['kind']} store; "
                              "use a new output directory")
-        if found != wanted:
-            diff = diff_fields(found, wanted)
+        if identity(found) != identity(wanted):
+            diff = diff_fields(identity(found), identity(wanted))
             shown = "; ".join(f"{name}: stored {short_json(a)}, asked {short_json(b)}"
                               for name, a, b in diff[:5])
             raise StoreError(
@@ -125,6 +126,8 @@ class StoreWriter:
                 f"{', '.join(name for name, _, _ in diff)} ({shown}); "
                 "use a new output directory or the same settings"
             )
+        if found != wanted:  # the same store, its makers found elsewhere: the creator's header
+            self.header = Header.from_json(found, path)
 
     def part_dir(self, part: int) -> Path:
         return self.root / PARTS_DIR / part_name(part)

@@ -83,11 +83,24 @@ def test_header_mismatch_names_the_field(tmp_path: Path) -> None:
     assert "arrays.topk_ids.row_shape" in str(err.value)
     with pytest.raises(StoreError, match="num_parts"):
         StoreWriter(tmp_path / "t", teacher_header(5, 64, {"teacher": "a"}))
-    with pytest.raises(StoreError, match=r"attrs\.teacher.*stored \"a\", asked \"b\""):
-        StoreWriter(tmp_path / "t", teacher_header(4, 64, {"teacher": "b"}))
+    StoreWriter(tmp_path / "t2", teacher_header(4, 64, {"teacher_revision": "1"}))
+    with pytest.raises(StoreError, match=r"attrs\.teacher_revision.*stored \"1\", asked \"2\""):
+        StoreWriter(tmp_path / "t2", teacher_header(4, 64, {"teacher_revision": "2"}))
     with pytest.raises(StoreError, match=r"arrays\.topk_ids\.codec"):
         StoreWriter(tmp_path / "t", teacher_header(4, 64, {"teacher": "a"}, codec="raw"))
     StoreWriter(tmp_path / "t", teacher_header(4, 64, {"teacher": "a"}))  # same: accepted
+
+
+def test_a_worker_that_finds_the_makers_elsewhere_joins_the_store(tmp_path: Path) -> None:
+    """A tokenizer's or teacher's path (another mount, a node-local copy) is where it was
+    found, not what it is (its hash or revision is compared): such a worker joins the store,
+    which keeps its creator's header, manifest and all; another identity is still refused."""
+    made = {"teacher": "/mnt/a/model", "teacher_revision": "r1", "tokenizer_hash": "h"}
+    first = StoreWriter(tmp_path / "t", teacher_header(2, 8, made))
+    other = StoreWriter(tmp_path / "t", teacher_header(2, 8, {**made, "teacher": "/local/m"}))
+    assert other.header.attrs["teacher"] == "/mnt/a/model" == first.header.attrs["teacher"]
+    with pytest.raises(StoreError, match=r"attrs\.tokenizer_hash"):
+        StoreWriter(tmp_path / "t", teacher_header(2, 8, {**made, "tokenizer_hash": "g"}))
 
 
 def test_a_store_of_another_kind_is_named_first(tmp_path: Path) -> None:
