@@ -191,10 +191,22 @@ def check_mappable(tokens: Store, vmap: VocabMap) -> None:
         raise StoreError(
             f"{bad_seqs} of {tokens.num_sequences} sequences of {tokens.root} hold store ids "
             f"with no teacher counterpart in the vocabulary map ({len(bad_ids)} distinct ids, "
-            f"e.g. {bad_ids[:8].tolist()}): the teacher cannot score them faithfully, so "
-            "nothing was harvested; extend the map (--vocab-map FILE) or tokenize the corpus "
-            "with a tokenizer the teacher covers"
+            f"e.g. {spelled_ids(tokens, bad_ids[:8])}): the teacher cannot score them "
+            "faithfully, so nothing was harvested; harvest it in its own tokens instead "
+            "(--tokenization own: it reads each window's text with its own tokenizer), extend "
+            "the map (--vocab-map FILE) or tokenize the corpus with a tokenizer the teacher "
+            "covers"
         )
+
+
+def spelled_ids(tokens: Store, ids: np.ndarray) -> str:
+    """``ids`` of the tokens store's vocabulary with their strings (``286 'Ġ0'``), where its
+    tokenizer still loads; the bare ids otherwise."""
+    try:
+        tokenizer = load_pretrained_tokenizer(tokens.attrs["tokenizer"]).tokenizer
+    except (KeyError, TokenizerError):
+        return str(ids.tolist())
+    return "[" + ", ".join(f"{i} {tokenizer.id_to_token(int(i))!r}" for i in ids) + "]"
 
 
 def build_engine(model_dir: str | os.PathLike[str], config: HarvestConfig,

@@ -286,8 +286,13 @@ def test_unmappable_inputs_are_refused(setup: Setup, tmp_path: Path) -> None:
     code, msg = mtkd("harvest", setup.tokens_store_only, "--model", setup.same, "--out", out,
                      *CLI_EXACT, "--vocab-map", "auto")
     n = open_store(setup.tokens_store_only).num_sequences
-    assert code == 1 and f"of {n} sequences" in msg and "1 distinct ids, e.g. [512]" in msg, msg
+    store = open_store(setup.tokens_store_only)
+    spelled = Tokenizer.from_file(str(Path(store.attrs["tokenizer"]) / "tokenizer.json")
+                                  ).id_to_token(512)
+    assert code == 1 and f"of {n} sequences" in msg, msg
+    assert f"1 distinct ids, e.g. [512 {spelled!r}]" in msg, msg  # with its string
     assert "no teacher counterpart" in msg and "nothing was harvested" in msg
+    assert "--tokenization own" in msg
     assert not out.exists()
 
 
