@@ -5,6 +5,8 @@
 cache (downloaded there first unless ``HF_HUB_OFFLINE`` is set). A directory with a
 ``tokenizer.json`` is read with ``tokenizers`` directly (what mtkd always did); one without
 (e.g. a SentencePiece ``tokenizer.model``) through ``AutoTokenizer``, whose fast backend is used.
+Either way the truncation and padding a saved tokenizer carries are turned off: documents are
+always read whole.
 
 A tokenizer's **prefix** is what its convention puts before a text: the BOS that its
 post-processor adds (``tokenizer_config.json``'s ``add_bos_token`` overrides it when set).
@@ -94,6 +96,7 @@ def load_pretrained_tokenizer(spec: str | os.PathLike[str]) -> LoadedTokenizer:
         eos_id = _token_id(tokenizer, config.get("eos_token"))
     else:
         tokenizer, eos_id = _from_transformers(path)
+    whole_documents(tokenizer)
     bos_id = _token_id(tokenizer, config.get("bos_token"))
     return LoadedTokenizer(tokenizer, path, eos_id,
                            _prefix(tokenizer, config.get("add_bos_token"), bos_id))
@@ -103,6 +106,14 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> tuple[Tokenizer, int | None]
     """A fast tokenizer (see :func:`load_pretrained_tokenizer`) and its end-of-sequence id."""
     loaded = load_pretrained_tokenizer(spec)
     return loaded.tokenizer, loaded.eos_id
+
+
+def whole_documents(tokenizer: Tokenizer) -> None:
+    """Turn off the truncation and padding a saved tokenizer may carry (many tokenizer.json
+    files do): tokenize cuts whole documents into windows itself, and a truncated document (or
+    one padded with pad ids) would be stored as if it were the text."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
 
 
 def _from_file(file: Path) -> Tokenizer:

@@ -129,3 +129,24 @@ def test_bos_convention_from_post_processor_and_config(tokenizer_dir: Path,
     (plain / "tokenizer_config.json").write_text(json.dumps(config | {"add_bos_token": True}))
     assert load_pretrained_tokenizer(plain).prefix_ids == (eos,)  # its bos_token is its EOS
     assert np.array_equal(load_pretrained_tokenizer(tokenizer_dir).prefix_ids, ())
+
+
+def test_saved_truncation_and_padding_are_turned_off(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The review's case: a tokenizer.json saved with truncation at 16 and padding cut every
+    document to 16 tokens, or filled the store with pad ids; documents are now read whole."""
+    saved = tmp_path / "saved"
+    shutil.copytree(tokenizer_dir, saved)
+    tok = Tokenizer.from_file(str(saved / "tokenizer.json"))
+    tok.enable_truncation(16)
+    tok.enable_padding(pad_id=0, pad_token="<|endoftext|>", length=40)
+    tok.save(str(saved / "tokenizer.json"))
+    loaded = load_pretrained_tokenizer(saved)
+    assert loaded.tokenizer.truncation is None and loaded.tokenizer.padding is None
+    docs = ["def f(x):\n    return x + 1\n" * 8, "short", *DOCS]
+    reference = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos = reference.token_to_id("<|endoftext|>")
+    want = [i for d in docs for i in [*reference.encode(d, add_special_tokens=False).ids, eos]]
+    for name, offsets in (("bytes", True), ("plain", False)):
+        tokenize_corpus([corpus(tmp_path / "c", docs)], saved, tmp_path / name,
+                        TokenizeConfig(max_len=512, byte_offsets=offsets), progress=False)
+        assert open_store(tmp_path / name).read_part(0)["token_ids"].tolist() == want
