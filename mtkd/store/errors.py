@@ -1,4 +1,11 @@
-"""The errors a store raises: each message names the store (or file) and the reason."""
+"""The errors a store raises: each message names the store (or file) and the reason.
+
+The rule across stages: what a store (or a model) is, or holds, that does not fit what is
+asked of it (another kind, an incomplete or damaged store, a tokens store another teacher was
+harvested over, a missing array) is a :class:`StoreError`; a value given by the user that no
+store could satisfy (an unknown coding, an option out of range) is a ``ValueError``, refused
+before any store is opened where it can be. The CLI turns both into exit 1 with the message.
+"""
 
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def target_header(
     sparse: dict[int, tuple[tuple[str, tuple[int, ...]], ...]] = {}
     if coding is not None:
         if coding not in target_codec.CODINGS:
-            raise StoreError(f"unknown target coding {coding!r}; choose one of "
+            raise ValueError(f"unknown target coding {coding!r}; choose one of "
                              f"{list(target_codec.CODINGS)}")
         codec = "zstd"
         attrs |= {target_codec.CODING_ATTR: coding, CHUNK_ROWS_ATTR: target_codec.CHUNK_ROWS}
