@@ -22,6 +22,7 @@ from mtkd.store.errors import StoreError
 from mtkd.store.format import ArraySpec, Codec, Header
 from mtkd.store.part_writer import CHUNK_ROWS_ATTR
 from mtkd.store.reader import Store
+from mtkd.store.target_codec import teacher_block
 
 TOKENS, TEACHER, TARGET = "tokens", "teacher", "target"
 
@@ -234,10 +235,8 @@ def target_header(
         ArraySpec("disagreement", "float32", (), codec),
     ]
     for j, k in enumerate(teacher_ks):
-        arrays += [
-            *pair(f"teacher{j}_ids", f"teacher{j}_probs", k),
-            ArraySpec(f"teacher{j}_tail_mass", "float32", (), codec),
-        ]
+        ids, probs, tail = teacher_block(j)
+        arrays += [*pair(ids, probs, k), ArraySpec(tail, "float32", (), codec)]
     full_attrs = attrs | {"k_out": k_out, "num_teachers": num_teachers,
                           "teacher_blocks": bool(teacher_ks)}
     # version 2: coded columns, which a version-1 reader would take for plain ids and probs

@@ -33,13 +33,18 @@ CODING_ATTR = "target_coding"
 CHUNK_ROWS = 1024
 
 
+def teacher_block(j: int) -> tuple[str, str, str]:
+    """The arrays of teacher ``j``'s block in a target store (``teacher_blocks``, for
+    L_multi): its ids, probs and tail mass."""
+    return f"teacher{j}_ids", f"teacher{j}_probs", f"teacher{j}_tail_mass"
+
+
 def block_names(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(ids, probs) array names of each sparse block: the fused target, then the per-teacher
     blocks a store with ``teacher_blocks`` holds."""
     blocks = [("ids", "probs")]
     if attrs.get("teacher_blocks"):
-        blocks += [(f"teacher{j}_ids", f"teacher{j}_probs")
-                   for j in range(int(attrs.get("num_teachers", 0)))]
+        blocks += [teacher_block(j)[:2] for j in range(int(attrs.get("num_teachers", 0)))]
     return blocks
 
 

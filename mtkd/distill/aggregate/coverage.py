@@ -28,6 +28,7 @@ import numpy as np
 from mtkd.distill.aggregate.align import AlignedRows
 from mtkd.distill.aggregate.tempering import TeacherRows
 from mtkd.distill.aggregate.weights import WeightInputs, WeightPolicy
+from mtkd.store.schema import teacher_block
 
 #: A coverage bitmask is an int32: bit k for teacher k.
 MAX_TEACHERS = 31
@@ -166,10 +167,11 @@ def fuse_partial_rows(fused: dict[str, np.ndarray], rows: Sequence[Any],
             fused[name][idx] = sub[name]
     for j in range(covered.shape[1]):
         missing = ~covered[:, j]
-        if f"teacher{j}_ids" in fused and missing.any():
-            fused[f"teacher{j}_ids"][missing] = -1
-            fused[f"teacher{j}_probs"][missing] = 0.0
-            fused[f"teacher{j}_tail_mass"][missing] = 1.0
+        ids, probs, tail = teacher_block(j)
+        if ids in fused and missing.any():
+            fused[ids][missing] = -1
+            fused[probs][missing] = 0.0
+            fused[tail][missing] = 1.0
 
 
 def one_hot(fused: dict[str, np.ndarray], rows: np.ndarray, labels: np.ndarray) -> None:

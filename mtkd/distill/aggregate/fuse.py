@@ -31,6 +31,7 @@ from mtkd.distill.aggregate.weights import (
     validate_temperatures,
     validate_weights,
 )
+from mtkd.store.schema import teacher_block
 
 _ENGINES: dict[str, type[FusionEngine]] = {"numpy": NumpyEngine, "numba": NumbaEngine}
 BACKENDS = tuple(_ENGINES)
@@ -111,9 +112,10 @@ def fuse(
     out = fused_rows(w, k_out)
     if keep_teacher_blocks:
         for j, t in enumerate(teachers):
-            out[f"teacher{j}_ids"] = np.asarray(t.ids, dtype=np.int32)
-            out[f"teacher{j}_probs"] = np.empty((n, t.k), np.float32)
-            out[f"teacher{j}_tail_mass"] = np.empty(n, np.float32)
+            ids, probs, tail = teacher_block(j)
+            out[ids] = np.asarray(t.ids, dtype=np.int32)
+            out[probs] = np.empty((n, t.k), np.float32)
+            out[tail] = np.empty(n, np.float32)
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         norm = None if cache is None else tuple(a[start:stop] for a in cache)
@@ -125,6 +127,7 @@ def fuse(
         out["disagreement"][start:stop] = res.disagreement
         if keep_teacher_blocks:
             for j in range(n_teachers):
-                out[f"teacher{j}_probs"][start:stop] = res.teacher_probs[j]
-                out[f"teacher{j}_tail_mass"][start:stop] = res.teacher_tails[j]
+                _, probs, tail = teacher_block(j)
+                out[probs][start:stop] = res.teacher_probs[j]
+                out[tail][start:stop] = res.teacher_tails[j]
     return out

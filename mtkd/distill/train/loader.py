@@ -50,7 +50,7 @@ from torch import Tensor
 from mtkd.distill.train.bits_per_byte import token_bytes
 from mtkd.distill.train.targets import IGNORE_INDEX, SparseTargets
 from mtkd.store import Store, StoreError
-from mtkd.store.schema import BYTE_END, check_aligned, require_byte_ends
+from mtkd.store.schema import BYTE_END, check_aligned, require_byte_ends, teacher_block
 
 T = TypeVar("T")
 
@@ -204,7 +204,7 @@ def open_targets(tokens: Store, targets: Store) -> int:
             and np.array_equal(targets.seq_lengths, np.maximum(tokens.seq_lengths - 1, 0))):
         raise StoreError(f"{targets.root}: sequences do not match {tokens.root} "
                          "(each sequence of L tokens needs L−1 target rows)")
-    return sum(1 for n in targets.array_names if n.startswith("teacher") and n.endswith("_ids"))
+    return int(targets.attrs.get("num_teachers", 0)) if targets.attrs.get("teacher_blocks") else 0
 
 
 class PackedLoader:
@@ -324,8 +324,7 @@ class PackedLoader:
             names = ["ids", "probs", "tail_mass", "jensen_gap"]
             if self.num_teachers:
                 names.append("weights")
-                names += [f"teacher{j}_{x}" for j in range(self.num_teachers)
-                          for x in ("ids", "probs", "tail_mass")]
+                names += [name for j in range(self.num_teachers) for name in teacher_block(j)]
             rows = self.targets.read(uniq, names)
             tsrc = (rows.offsets[:-1][inv][seg] + in_seq)[has_next]
             tdest = dest[has_next]
@@ -336,15 +335,14 @@ class PackedLoader:
                 out[tdest] = arr[tsrc]
                 return torch.from_numpy(out.reshape(bsz, seq_len, *arr.shape[1:]))
 
-            def sparse(prefix: str) -> SparseTargets:
-                self._check_vocab(rows[f"{prefix}ids"], "target ids")
-                return SparseTargets(place(f"{prefix}ids", -1), place(f"{prefix}probs", 0.0),
-                                     place(f"{prefix}tail_mass", 0.0))
+            def sparse(ids: str, probs: str, tail: str) -> SparseTargets:
+                self._check_vocab(rows[ids], "target ids")
+                return SparseTargets(place(ids, -1), place(probs, 0.0), place(tail, 0.0))
 
-            targets = sparse("")
+            targets = sparse("ids", "probs", "tail_mass")
             gap = place("jensen_gap", 0.0)
             if self.num_teachers:
-                teachers = [sparse(f"teacher{j}_") for j in range(self.num_teachers)]
+                teachers = [sparse(*teacher_block(j)) for j in range(self.num_teachers)]
                 weights = place("weights", 0.0)
 
         def rows2d(x: np.ndarray) -> Tensor:
