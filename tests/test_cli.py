@@ -259,6 +259,16 @@ def test_train_config_file_with_the_configs_own_keys(configs: Any, tmp_path: Pat
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_tokens, cfg.beta) == (20, 4, "h", 0.1)
 
 
+def test_a_repeatable_option_given_one_value_in_a_config_file(configs: Any,
+                                                                tmp_path: Path) -> None:
+    """`exclude = "*.txt"` was refused ("Value must be an iterable"); a list still works."""
+    path = tmp_path / "t.toml"
+    path.write_text('[tokenize]\nexclude = "*.txt"\n')
+    assert configs("tokenize", "--config", str(path)).exclude == ("*.txt",)
+    path.write_text('[tokenize]\nexclude = ["*.txt", "*.md"]\n')
+    assert configs("tokenize", "--config", str(path)).exclude == ("*.txt", "*.md")
+
+
 @pytest.mark.parametrize("text", [
     'task_weight = {code = [1, 0.5], prose = "0.5,1"}\n',  # a table: each tag's factors
     'task-weight = ["code=1,0.5", "prose=0.5,1"]\n',  # the flags' own form

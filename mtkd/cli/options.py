@@ -140,6 +140,9 @@ def _apply_config(ctx: typer.Context, _param: typer.CallbackParam,
         raise typer.BadParameter(str(e)) from None
     section = data.get(command, data) if isinstance(data.get(command), dict) else data
     spelled = {keys.get(str(k).replace("-", "_")): str(k) for k in section}
+    for param in ctx.command.params:  # a repeatable option given one value: a list of one
+        if getattr(param, "multiple", False) and isinstance(values.get(param.name), str):
+            values[param.name] = [values[param.name]]
     _check_values(ctx, values, str(value), spelled)
     ctx.meta[_NULLS] = {name for name, v in values.items() if v is None}
     ctx.default_map = {**(ctx.default_map or {}), **values}
