@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -173,43 +173,81 @@ def special_pairs(teacher: Any, student: Any,
     return pairs
 
 
+class Unspelled(ValueError):
+    """Tokens that do not spell a text; ``token``: the index of the first one that does not."""
+
+    def __init__(self, token: int, message: str) -> None:
+        super().__init__(message)
+        self.token = token
+
+
 def byte_bounds(ids: Sequence[int] | np.ndarray, spelled: Sequence[bytes | None],
-                text: bytes | str, start: int = 0) -> np.ndarray:
+                text: bytes | str, start: int = 0, *,
+                specials: Collection[int] = frozenset()) -> np.ndarray:
     """Byte offsets of tokens ``ids`` read from ``text`` at byte ``start``: ``int64 [L+1]``,
     where the first token starts, then where each token ends (what ``align`` takes).
 
     Each token must spell the next bytes of the text (``spelled``: :func:`token_bytes`); special
-    tokens take zero bytes. One exception: the first token that spells anything may begin with
-    a space that the text lacks (SentencePiece's dummy prefix); it does not count. Anything
-    else (a normalizer that changed the text, a different text) raises ``ValueError``.
+    tokens (spelling ``None``, or ids in ``specials``) take what they spell. One exception:
+    the first token that spells anything, and the first after each special token, may begin
+    with a space that the text lacks (SentencePiece's dummy prefix, which a ``Prepend``
+    normalizer adds to every piece of text between special tokens); it does not count.
+    Anything else (a normalizer that changed the text, a different text) raises
+    :class:`Unspelled` (a ``ValueError``) naming the first token that does not spell it.
     """
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    out = np.empty(len(ids) + 1, dtype=np.int64)
+    out[0] = pos = start
+    for lo, hi in _segments(ids, spelled, specials):
+        pos = _segment(ids, spelled, data, pos, (lo, hi), out)
+    return out
+
+
+def _segments(ids: Sequence[int] | np.ndarray, spelled: Sequence[bytes | None],
+              specials: Collection[int]) -> list[tuple[int, int]]:
+    """[lo, hi) of the runs of tokens that each end with a special token (the last run: with
+    the last token): a dummy prefix may start each run."""
+    cuts = [n + 1 for n, i in enumerate(ids)
+            if int(i) in specials or _spelling(spelled, i) is None]
+    if not cuts or cuts[-1] != len(ids):
+        cuts.append(len(ids))
+    return list(zip([0, *cuts[:-1]], cuts, strict=True))
+
+
+def _segment(ids: Sequence[int] | np.ndarray, spelled: Sequence[bytes | None], data: bytes,
+             pos: int, run: tuple[int, int], out: np.ndarray) -> int:
+    """Walk tokens ``run`` from byte ``pos``, as spelled or else with a dummy prefix; the end.
+    When both fail, the error of the walk that went further (it names the real mismatch)."""
     try:
-        return _walk(ids, spelled, data, start, dummy_prefix=False)
-    except ValueError as plain:
+        return _walk(ids, spelled, data, pos, run, out, dummy_prefix=False)
+    except Unspelled as plain:
         try:  # the first spelled space may be the dummy prefix even where the text has one
-            return _walk(ids, spelled, data, start, dummy_prefix=True)
-        except ValueError:
-            raise plain from None
+            return _walk(ids, spelled, data, pos, run, out, dummy_prefix=True)
+        except Unspelled as dummy:
+            raise (dummy if dummy.token > plain.token else plain) from None
+
+
+def _spelling(spelled: Sequence[bytes | None], i: int | np.integer) -> bytes | None:
+    return spelled[int(i)] if 0 <= int(i) < len(spelled) else None
 
 
 def _walk(ids: Sequence[int] | np.ndarray, spelled: Sequence[bytes | None], data: bytes,
-          start: int, dummy_prefix: bool) -> np.ndarray:
-    out = np.empty(len(ids) + 1, dtype=np.int64)
-    pos = out[0] = start
-    for n, i in enumerate(ids):
-        b = spelled[int(i)] if 0 <= int(i) < len(spelled) else None
+          pos: int, run: tuple[int, int], out: np.ndarray, dummy_prefix: bool) -> int:
+    for n in range(*run):
+        i = int(ids[n])
+        b = _spelling(spelled, i)
         if b and dummy_prefix:
             if b[:1] != b" ":
-                raise ValueError("no dummy prefix")
+                raise Unspelled(n, f"token {n} (id {i}) spells {b!r}, which has no dummy-prefix "
+                                   "space to drop")
             b, dummy_prefix = b[1:], False
         if b and not data.startswith(b, pos):
-            raise ValueError(f"token {n} (id {int(i)}) spells {b!r} but the text holds "
-                             f"{data[pos:pos + len(b)]!r} at byte {pos}: the tokens do not "
-                             "spell the text (a normalizer changed it?)")
+            raise Unspelled(n, f"token {n} (id {i}) spells {b!r} but the text holds "
+                               f"{data[pos:pos + len(b)]!r} at byte {pos}: the tokens do not "
+                               "spell the text (a normalizer changed it?)")
         pos += len(b or b"")
         out[n + 1] = pos
-    return out
+    return pos
 
 
 def first_token_fn(tokenizer: Any) -> Callable[[bytes], int | None]:

@@ -172,3 +172,13 @@ def test_first_token_of_a_token_is_itself() -> None:
             if b and b.isascii():
                 assert table[first(b)] == b, (i, b)
     assert first_token_fn(byte_level_bpe())(b"") is None
+
+
+def test_byte_bounds_names_the_mismatch_past_the_dummy_prefix() -> None:
+    """With a dummy prefix, the walk without it fails at token 0; the error names the token
+    where the walk with it fails (the real mismatch), not token 0."""
+    tok = llama_style_bpe()
+    ids = tok.encode("the cat sat", add_special_tokens=False).ids
+    with pytest.raises(ValueError, match=r"token [1-9]\d* .*do not spell") as caught:
+        byte_bounds(ids, token_bytes(tok), "the dog sat")
+    assert "at byte 0" not in str(caught.value)
