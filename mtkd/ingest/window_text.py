@@ -28,6 +28,7 @@ class Spelling:
 
     plain: list[bytes | None]
     literal: list[bytes | None]
+    specials: frozenset[int] = frozenset()  # ids that spell nothing plainly and literally do
 
     @classmethod
     def of(cls, tokenizer: Any) -> Spelling:
@@ -37,17 +38,21 @@ class Spelling:
         for i, token in backend(tokenizer).get_added_tokens_decoder().items():
             if plain[i] is None:
                 literal[i] = token.content.encode("utf-8")
-        return cls(plain, literal)
+        return cls(plain, literal, frozenset(i for i, b in enumerate(plain)
+                                             if b is None and literal[i] is not None))
 
 
 @dataclass(frozen=True)
 class DocumentBytes:
     """A document's tokens on its bytes: token i starts at byte ``starts[i]`` of the document
-    and spans ``bounds[i]:bounds[i+1]`` of ``spelled`` (the bytes its tokens spell)."""
+    and spans ``bounds[i]:bounds[i+1]`` of ``spelled`` (the bytes its tokens spell); the text
+    of a window starting at token i starts at byte ``text_starts[i]`` of the document (after
+    the special tokens read from the text that it starts with: they spell nothing)."""
 
     starts: np.ndarray  # int64 [L+1]
     bounds: np.ndarray  # int64 [L+1]
     spelled: bytes
+    text_starts: np.ndarray  # int64 [L+1]
     literal_specials: int = 0  # special tokens read from the text (their bytes left out)
 
     def window(self, start: int, stop: int) -> tuple[int, np.ndarray, bytes]:
@@ -55,15 +60,16 @@ class DocumentBytes:
         of each token within the text (int32), and the text."""
         base = int(self.bounds[start])
         ends = (self.bounds[start + 1:stop + 1] - base).astype(np.int32)
-        return int(self.starts[start]), ends, self.spelled[base:int(self.bounds[stop])]
+        return int(self.text_starts[start]), ends, self.spelled[base:int(self.bounds[stop])]
 
 
 def document_bytes(ids: Sequence[int], appended: int, text: str,
                    spelling: Spelling) -> DocumentBytes:
     """``ids``, the tokens a tokenizer read from ``text``, followed by ``appended`` special tokens
-    (zero bytes at its end). Raises ``ValueError`` when the tokens do not spell the text."""
+    (zero bytes at its end). Raises ``ValueError`` (``token_bytes.Unspelled``) when the tokens
+    do not spell the text."""
     data = text.encode("utf-8")
-    starts = byte_bounds(ids, spelling.literal, data)
+    starts = byte_bounds(ids, spelling.literal, data, specials=spelling.specials)
     special = np.fromiter((spelling.plain[i] is None for i in ids), bool, len(ids))
     if special.any():  # read from the text, spelling nothing: their bytes leave it
         width = np.diff(starts)
@@ -74,4 +80,13 @@ def document_bytes(ids: Sequence[int], appended: int, text: str,
         bounds, spelled = starts, data[:int(starts[-1])]
     tail = np.repeat(starts[-1:], appended), np.repeat(bounds[-1:], appended)
     return DocumentBytes(np.concatenate([starts, tail[0]]), np.concatenate([bounds, tail[1]]),
-                         spelled, int(special.sum()))
+                         spelled, np.concatenate([_text_starts(starts, special), tail[0]]),
+                         int(special.sum()))
+
+
+def _text_starts(starts: np.ndarray, special: np.ndarray) -> np.ndarray:
+    """For each token i (and the end), the start of the first token from i on that is not a
+    special token read from the text: where a window starting at i has its first byte."""
+    index = np.arange(len(starts))
+    index[:-1][special] = len(starts)  # a special token: take the next one's
+    return starts[np.minimum.accumulate(index[::-1])[::-1]]

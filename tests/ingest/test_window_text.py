@@ -138,6 +138,24 @@ def test_sentencepiece_style_dummy_prefix(tmp_path: Path) -> None:
     check_windows(tmp_path / "tok", tok, docs, dummy_prefix=True)
 
 
+def test_dummy_prefix_after_each_special_token(tmp_path: Path) -> None:
+    """The review's case: a Llama-2-style normalizer prepends ``▁`` to the text after every
+    special token too, so "with </s> literal" spelled "with ", "</s>", "  literal" and the
+    whole run was refused; the dummy prefix may now follow each special token."""
+    tok = llama_style_bpe()
+    tok_dir = tmp_path / "sp"
+    tok_dir.mkdir()
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    docs = ["text with </s> literal then more", "text with <s> in the middle", "</s>x",
+            "a </s> b", "<s></s> two  spaces </s>"]
+    summary = tokenize_corpus([corpus(tmp_path / "c", docs)], tok_dir, tmp_path / "tok",
+                              TokenizeConfig(max_len=64), progress=False)
+    assert summary.problems == {} and summary.documents == len(docs)
+    texts = [w["text"] for w in windows_of(tmp_path / "tok")]
+    assert texts == [d.replace("</s>", "").replace("<s>", "").encode() for d in docs]
+
+
 def test_document_bytes_by_hand() -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,6 +172,39 @@ def test_document_bytes_by_hand() -> None:
                                                3 + len(EOS)])
     start, ends, window = doc.window(1, 5)
     assert (start, ends.tolist(), window) == (1, [1, 1, 2, 2], b"bc")
+    # a window starting on the special token: its text "c" starts after it, at byte 2 + 13
+    start, ends, window = doc.window(2, 5)
+    assert (start, ends.tolist(), window) == (2 + len(EOS), [0, 1, 1], b"c")
+    assert doc.window(4, 5)[0] == 3 + len(EOS)  # the appended EOS: at the document's end
+
+
+def first_spelled_run(w: dict, tok: Tokenizer) -> bytes:
+    """The window's text up to its first special token after a spelled one (what the document
+    holds contiguously from ``byte_start``)."""
+    table, ends = token_bytes(tok), w["ends"]
+    spelled = [table[i] is not None for i in w["ids"]]
+    for n in range(1, len(spelled)):
+        if spelled[n - 1] and not spelled[n] and any(spelled[:n]):
+            return w["text"][:ends[n - 1]]
+    return w["text"]
+
+
+def test_a_window_starting_on_a_special_token_in_the_text(tokenizer_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """The review's case: a window starting on a literal <|endoftext|> had byte_start at the
+    special token (byte 8) while its text starts after it (byte 21)."""
+    docs = [f"one two {EOS} three four five six", f"{EOS}{EOS}x y z w v u t s r q"]
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenize_corpus([corpus(tmp_path / "c", docs)], tokenizer_dir, tmp_path / "tok",
+                    TokenizeConfig(max_len=5, overlap=2), progress=False)
+    found = windows_of(tmp_path / "tok")
+    eos = tok.token_to_id(EOS)
+    assert any(w["ids"][0] == eos and w["text"] for w in found)  # the case is there
+    for w in found:
+        run = first_spelled_run(w, tok)
+        data = docs[w["doc"]].encode()
+        assert data[w["byte_start"]:w["byte_start"] + len(run)] == run, w
+    assert open_store(tmp_path / "tok").part_stats(0)["special_tokens_in_text"] == 3
 
 
 # --------------------------------------------------------------------------- refusals
