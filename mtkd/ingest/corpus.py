@@ -1,23 +1,30 @@
 """Reading corpora: jsonl, parquet and plain-text files or directories, split into work units.
 
 A *unit* is a piece of one input file that one worker reads on its own (a byte range of a
-jsonl file cut at line starts, a parquet row group, a whole text file). Units are planned
-deterministically from the inputs, so every worker and every rerun agrees on them.
+jsonl file cut at line starts, a parquet row group, a whole text file, a whole ``.gz`` file).
+Units are planned deterministically from the inputs, so every worker and every rerun agrees on
+them. A gzip file (``x.jsonl.gz``, ``x.txt.gz``) is read decompressed, as the file its name
+less ``.gz`` would be; the byte offsets that name its documents (``x.jsonl.gz@120``) are
+offsets in the decompressed stream. Other compressed files, and ``.json``/``.jsonl`` files
+holding a JSON array rather than JSON Lines, are refused when the units are planned.
 Problems (unreadable file, invalid UTF-8, bad JSON, missing field, empty document) are counted
-by name, never silently dropped; ``strict`` turns the first one into an error.
+by name, never silently dropped; ``strict`` turns the first one into an error. Documents kept
+with the default task (no ``task_field`` in their record) are counted as notes, not problems.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import pyarrow.parquet as pq
 
@@ -25,6 +32,11 @@ UnitKind = Literal["text", "jsonl", "parquet"]
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SPLIT_BYTES = 32 << 20
+GZIP_SUFFIX = ".gz"
+#: Compressed files tokenize cannot read (only gzip is read as it is).
+UNREAD_COMPRESSED = (".zst", ".zstd", ".bz2", ".xz", ".lz4", ".zip", ".7z", ".tar", ".tgz")
+#: Bytes peeked at the start of a JSON Lines file for a JSON array's ``[``.
+PEEK_BYTES = 1 << 16
 
 
 class CorpusError(Exception):
@@ -40,13 +52,20 @@ class Unit:
     start: int
     stop: int
     size: int  # bytes this unit covers, for balancing parts
+    gzipped: bool = False  # the whole file, read through gzip (start and stop unused)
+
+    @property
+    def shown(self) -> str:
+        """The path as messages and metadata show it (see :func:`shown`)."""
+        return shown(self.path)
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
-    source: str
+    source: str  # the file (as :func:`shown`)
     task: str
+    where: str = ""  # the file and where the document is in it (``path@offset``, ``path#rg0/3``)
 
 
 @dataclass
@@ -56,13 +75,24 @@ class Problems:
     counts: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     strict: bool = False
+    #: kept documents worth a count (``defaulted_task``: no task field, the default task)
+    notes: Counter[str] = field(default_factory=Counter)
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, hint: str = "") -> None:
+        """Count a skipped document or file; with ``strict``, refuse it (``hint``: what to do)."""
         if self.strict:
-            raise CorpusError(f"{where}: {reason.replace('_', ' ')} (refused with --strict)")
+            raise CorpusError(f"{where}: {reason.replace('_', ' ')} (refused with --strict)"
+                              + (f"; {hint}" if hint else ""))
         self.counts[reason] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {reason}")
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as valid UTF-8 text: a file name that is not UTF-8 (``bad\\xffname.txt``, read
+    by Python as a lone surrogate) has its bad bytes written ``\\xff``, so messages, commit
+    stats and the metadata's ``source`` can hold it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def list_files(inputs: Sequence[str | os.PathLike[str]], pattern: str = "*",
@@ -101,7 +131,8 @@ def _walk(root: Path, pattern: str, exclude: Sequence[str]) -> Iterator[Path]:
 
 
 def file_kind(path: Path) -> UnitKind:
-    name = path.name.lower()
+    """How a file is read, by its name (a ``.gz`` file: by its name less ``.gz``)."""
+    name = path.name.lower().removesuffix(GZIP_SUFFIX)
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
@@ -119,7 +150,10 @@ def plan_units(files: Sequence[Path], split_bytes: int = JSONL_SPLIT_BYTES) -> l
         except OSError:
             units.append(Unit(str(path), "text", 0, 0, 0))
             continue
-        if kind == "jsonl" and size > split_bytes:
+        gzipped = check_readable(path, kind)
+        if gzipped:
+            units.append(Unit(str(path), kind, 0, size, size, gzipped=True))
+        elif kind == "jsonl" and size > split_bytes:
             starts = range(0, size, split_bytes)
             units += [Unit(str(path), kind, s, min(s + split_bytes, size),
                            min(split_bytes, size - s)) for s in starts]
@@ -133,6 +167,38 @@ def plan_units(files: Sequence[Path], split_bytes: int = JSONL_SPLIT_BYTES) -> l
         else:
             units.append(Unit(str(path), kind, 0, size, size))
     return units
+
+
+def check_readable(path: Path, kind: UnitKind) -> bool:
+    """Whether the file is gzipped (read decompressed); refuse (``CorpusError``) a compressed
+    file of another kind, a gzipped parquet file, and a JSON Lines file holding a JSON array,
+    which would be read as text or half parsed."""
+    name = path.name.lower()
+    gzipped = name.endswith(GZIP_SUFFIX)
+    if name.endswith(UNREAD_COMPRESSED) or (gzipped and kind == "parquet"):
+        raise CorpusError(f"{shown(path)}: a compressed file that tokenize cannot read (it reads "
+                          "gzip, .jsonl.gz or .txt.gz, as it is, and parquet compresses itself): "
+                          "decompress it, or leave it out with --exclude")
+    if kind == "jsonl" and _first_byte(path, gzipped) == b"[":
+        raise CorpusError(f"{shown(path)}: holds a JSON array ('[' first), and .json/.jsonl "
+                          "files are read as JSON Lines, one JSON object per line: convert it "
+                          "(e.g. jq -c '.[]' FILE > FILE.jsonl) or leave it out with --exclude")
+    return gzipped
+
+
+def _first_byte(path: Path, gzipped: bool) -> bytes:
+    """The first byte that is not white space in the first ``PEEK_BYTES`` (b"" if none or
+    unreadable: the unit reports it when read)."""
+    try:
+        with _open(str(path), gzipped) as f:
+            head = f.read(PEEK_BYTES)
+    except (OSError, EOFError):
+        return b""
+    return head.lstrip()[:1]
+
+
+def _open(path: str, gzipped: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
 #: The rule of :func:`group_units`, recorded in a tokens store's header (``part_split``)
@@ -163,7 +229,7 @@ def fingerprint(files: Sequence[Path]) -> str:
     mount points agree."""
     h = hashlib.blake2b(digest_size=16)
     for path in files:
-        h.update(Path(path).name.encode() + b"\0")
+        h.update(os.fsencode(Path(path).name) + b"\0")
         try:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -183,35 +249,38 @@ def read_unit(unit: Unit, problems: Problems, text_field: str = "text",
             yield from _read_parquet(unit, problems, text_field, task_field, default_task)
         else:
             yield from _read_text(unit, problems, default_task)
-    except OSError as e:
-        problems.add("unreadable_file", f"{unit.path} ({e.strerror or e})")
+    except (OSError, EOFError) as e:  # EOFError: a truncated gzip file
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        problems.add("unreadable_file", f"{unit.shown} ({why})")
 
 
 def _read_text(unit: Unit, problems: Problems, task: str) -> Iterator[Document]:
-    data = Path(unit.path).read_bytes()
+    with _open(unit.path, unit.gzipped) as f:
+        data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        problems.add("invalid_utf8", f"{unit.path} (byte {e.start})")
+        problems.add("invalid_utf8", f"{unit.shown} (byte {e.start})")
         return
     if not text.strip():
-        problems.add("empty_document", unit.path)
+        problems.add("empty_document", unit.shown)
         return
-    yield Document(text, unit.path, task)
+    yield Document(text, unit.shown, task, unit.shown)
 
 
 def _read_jsonl(unit: Unit, problems: Problems, text_field: str, task_field: str | None,
                 default_task: str) -> Iterator[Document]:
-    with open(unit.path, "rb") as f:
+    stop = sys.maxsize if unit.gzipped else unit.stop  # a gzip file: to its end
+    with _open(unit.path, unit.gzipped) as f:
         if unit.start:
             f.seek(unit.start - 1)
             f.readline()  # finish the line that started before this unit: its owner reads it
         line_no_hint = f.tell()
-        while f.tell() < unit.stop:
+        while f.tell() < stop:
             line = f.readline()
             if not line:
                 break
-            where = f"{unit.path}@{line_no_hint}"
+            where = f"{unit.shown}@{line_no_hint}"
             line_no_hint = f.tell()
             if not line.strip():
                 continue
@@ -223,7 +292,8 @@ def _read_jsonl(unit: Unit, problems: Problems, text_field: str, task_field: str
             except ValueError:
                 problems.add("bad_json", where)
                 continue
-            doc = _document(record, where, problems, text_field, task_field, default_task)
+            doc = _document(record, (unit.shown, where), problems, text_field, task_field,
+                            default_task)
             if doc is not None:
                 yield doc
 
@@ -233,20 +303,23 @@ def _read_parquet(unit: Unit, problems: Problems, text_field: str, task_field: s
     try:
         table = pq.ParquetFile(unit.path).read_row_group(unit.start)
     except Exception as e:  # pyarrow raises several types for damaged files
-        problems.add("unreadable_file", f"{unit.path} ({e})")
+        problems.add("unreadable_file", f"{unit.shown} ({e})")
         return
     if text_field not in table.column_names:
-        problems.add("missing_field", f"{unit.path} row group {unit.start} (no {text_field!r})")
+        problems.add("missing_field", f"{unit.shown} row group {unit.start} (no {text_field!r})")
         return
     for i, record in enumerate(table.to_pylist()):
-        where = f"{unit.path}#rg{unit.start}/{i}"
-        doc = _document(record, where, problems, text_field, task_field, default_task)
+        where = f"{unit.shown}#rg{unit.start}/{i}"
+        doc = _document(record, (unit.shown, where), problems, text_field, task_field,
+                        default_task)
         if doc is not None:
             yield doc
 
 
-def _document(record: object, where: str, problems: Problems, text_field: str,
+def _document(record: object, at: tuple[str, str], problems: Problems, text_field: str,
               task_field: str | None, default_task: str) -> Document | None:
+    """The document of a record; ``at``: its file and where it is in the file."""
+    source, where = at
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         problems.add("missing_field", f"{where} (no text field {text_field!r})")
         return None
@@ -261,10 +334,10 @@ def _document(record: object, where: str, problems: Problems, text_field: str,
     if task_field is not None:
         value = record.get(task_field)
         if value is None:
-            problems.add("missing_task_field", where)
+            problems.notes["defaulted_task"] += 1  # kept, with the default task
         else:
             task = str(value)
-    return Document(text, where.split("@")[0].split("#")[0], task)
+    return Document(text, source, task, where)
 
 
 def _is_utf8(text: str) -> bool:

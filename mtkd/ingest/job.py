@@ -5,12 +5,16 @@ tokens that overlap by ``overlap`` tokens, and written as one sequence per windo
 are ``part << 32 | index``: deterministic, so any worker or rerun produces the same store.
 Parts run through the part executor (``mtkd.store.executor``): workers, local processes, the
 next part's documents read while the current part is tokenised. Each window's text and the end
-of each of its tokens in it are kept too (``byte_offsets``; ``mtkd.ingest.window_text``).
+of each of its tokens in it are kept too (``byte_offsets``; ``mtkd.ingest.window_text``); a
+document whose tokens do not spell its text is skipped and counted (``unspelled_text``).
+A run refused before any part is committed, in a store it began alone, removes that store, so
+that the corrected rerun starts afresh rather than being refused as other settings.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,17 +39,23 @@ from mtkd.ingest.corpus import (
     plan_units,
     read_unit,
 )
-from mtkd.ingest.tokenizer import load_pretrained_tokenizer
+from mtkd.ingest.tokenizer import LoadedTokenizer, load_pretrained_tokenizer
 from mtkd.ingest.tokenizer import load_tokenizer as load_tokenizer
 from mtkd.ingest.window_text import DocumentBytes, Spelling, document_bytes
 from mtkd.store import StoreWriter, open_store
 from mtkd.store.executor import run_parts
+from mtkd.store.format import HEADER_FILE, PARTS_DIR
 from mtkd.store.schema import BYTE_END, BYTE_START, TEXT, TOKEN_IDS, TOKENS, tokens_header
 
 SEQ_ID_SHIFT = 32
 DEFAULT_PART_BYTES = 64 << 20
 NO_BYTE_OFFSETS = ("tokenize with --no-byte-offsets to keep no window texts (a teacher with "
                    "another tokenizer then cannot be harvested over the store)")
+#: A document's tokens do not spell its text (a normalizer changed it, an unknown character
+#: became <unk>): skipped, counted under this name.
+UNSPELLED = "unspelled_text"
+#: A text every tokenizer that keeps the text spells (mixed case: a lowercasing normalizer).
+SPELLING_PROBE = "Hello World, this is Mixed Case text."
 #: meta.parquet's columns (docs/FORMAT.md §4); explicit, so that a part without sequences has
 #: the same column types as the others (readers concatenate the parts' tables).
 META_SCHEMA = pa.schema([("seq_id", pa.int64()), ("doc_id", pa.int64()), ("source", pa.string()),
@@ -65,6 +75,11 @@ class TokenizeSummary:
     problems: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     complete: bool = False
+    #: special tokens found written out in the documents (e.g. a literal <|endoftext|>): kept
+    #: as their special ids, their bytes left out of the window texts
+    special_tokens_in_text: int = 0
+    #: documents without the --task-field, kept with the default --task (not skipped)
+    defaulted_task: int = 0
 
 
 def windows(length: int, max_len: int, overlap: int) -> list[tuple[int, int]]:
@@ -97,10 +112,8 @@ def tokenize_corpus(
     loaded = load_pretrained_tokenizer(tokenizer_dir)
     tokenizer = loaded.tokenizer
     if config.byte_offsets:
-        try:
-            Spelling.of(tokenizer)
-        except ValueError as e:
-            raise CorpusError(f"tokenizer {loaded.path}: {e}; {NO_BYTE_OFFSETS}") from None
+        check_spelling(loaded)
+    check_eos(loaded, config)
     attrs = {
         "tokenizer": str(loaded.path),
         "tokenizer_hash": loaded.vocab_hash,
@@ -112,14 +125,69 @@ def tokenize_corpus(
         # how files map to parts: a store begun under another rule is refused, not mixed
         "part_split": PART_SPLIT,
     }
+    made_dir = not Path(out).exists()
+    begun_here = not (Path(out) / HEADER_FILE).exists()
     writer = StoreWriter(out, tokens_header(len(groups), attrs, byte_offsets=config.byte_offsets))
     pending = writer.pending_parts(worker_index, num_workers)
     job = TokenizeParts(str(out), groups, str(loaded.path), config, attrs)
-    run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
+    try:
+        run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
+    except Exception:
+        if begun_here and num_workers == 1:
+            discard_uncommitted(writer, made_dir)
+        raise
     if all(writer.is_committed(p) for p in range(len(groups))):
         refuse_no_sequences(writer, len(groups))
     complete = writer.finalize()
     return summarize(out, len(groups), len(pending), complete)
+
+
+def check_eos(loaded: LoadedTokenizer, config: TokenizeConfig) -> None:
+    """Refuse ``add_eos`` with a tokenizer that names no EOS token (``CorpusError``): the
+    documents would run into one another with nothing between them, while the store's
+    config said they were ended."""
+    if not config.add_eos or loaded.eos_id is not None:
+        return
+    where = loaded.path if loaded.path.is_dir() else loaded.path.parent
+    specials = [t.content for t in loaded.tokenizer.get_added_tokens_decoder().values()
+                if t.special][:5]
+    known = f" (its special tokens: {', '.join(specials)})" if specials else ""
+    raise CorpusError(f"tokenizer {loaded.path} names no end-of-sequence token, so --add-eos "
+                      "(the default) cannot end each document with one: name it in "
+                      f"{where / 'tokenizer_config.json'} as {{\"eos_token\": \"…\"}}{known}, "
+                      "or tokenize with --no-add-eos")
+
+
+def check_spelling(loaded: LoadedTokenizer) -> None:
+    """Refuse byte offsets for a tokenizer whose tokens cannot spell text (WordPiece) or that
+    changes every text it reads (a lowercasing normalizer: the probe's capitals), before the
+    store is begun; a document it spells wrong on its own is skipped when it is met."""
+    try:
+        spelling = Spelling.of(loaded.tokenizer)
+    except ValueError as e:
+        raise CorpusError(f"tokenizer {loaded.path}: {e}; {NO_BYTE_OFFSETS}") from None
+    ids = loaded.tokenizer.encode(SPELLING_PROBE, add_special_tokens=False).ids
+    if any(spelling.plain[i] is None for i in ids):
+        return  # an unknown character (<unk>): says nothing of the others
+    try:
+        document_bytes(ids, 0, SPELLING_PROBE, spelling)
+    except ValueError as e:
+        raise CorpusError(f"tokenizer {loaded.path}: its tokens do not spell the text "
+                          f"{SPELLING_PROBE!r} ({e}): it changes the text it reads; "
+                          f"{NO_BYTE_OFFSETS}") from None
+
+
+def discard_uncommitted(writer: StoreWriter, made_dir: bool) -> None:
+    """Remove the store this run began, alone, if none of its parts is committed: a run
+    refused early (--strict's first bad document) left store.json behind, and the rerun that
+    the refusal asked for (other settings) was refused as a different store."""
+    if any(writer.is_committed(p) for p in range(writer.header.num_parts)):
+        return
+    if made_dir:
+        shutil.rmtree(writer.root, ignore_errors=True)
+        return
+    (writer.root / HEADER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(writer.root / PARTS_DIR, ignore_errors=True)
 
 
 def refuse_no_sequences(writer: StoreWriter, parts: int) -> None:
@@ -133,9 +201,11 @@ def refuse_no_sequences(writer: StoreWriter, parts: int) -> None:
     for c in commits:
         problems.update(c.get("stats", {}).get("problems", {}))
     why = ", ".join(f"{name}={n}" for name, n in problems.most_common()) or "none"
+    hint = f"; or, as the tokens do not spell the texts, {NO_BYTE_OFFSETS}" if UNSPELLED in \
+        problems else ""
     raise CorpusError(f"no document of the corpus made a sequence (skipped: {why}); check "
-                      f"--text-field and the input files. {writer.root} is left incomplete: "
-                      "remove it before tokenizing again")
+                      f"--text-field and the input files{hint}. {writer.root} is left "
+                      "incomplete: remove it before tokenizing again")
 
 
 def _size(path: Path) -> int:
@@ -157,6 +227,8 @@ def summarize(out: str | os.PathLike[str], parts: int, written: int,
         stats = store.part_stats(p)
         counts.update(stats.get("problems", {}))
         summary.documents += stats.get("documents", 0)
+        summary.special_tokens_in_text += stats.get("special_tokens_in_text", 0)
+        summary.defaulted_task += stats.get("defaulted_task", 0)
         summary.examples += stats.get("examples", [])[: 20 - len(summary.examples)]
     summary.sequences = store.num_sequences
     summary.tokens = store.num_rows
@@ -219,16 +291,20 @@ class TokenizeParts:
         if config.byte_offsets:
             columns += (BYTE_START, TEXT)
         meta: dict[str, list[Any]] = {k: [] for k in columns}
-        literal_specials = 0
+        literal_specials = kept = 0
         for doc_index, (doc, enc) in enumerate(zip(docs, encodings, strict=True)):
             ids = np.asarray(enc.ids + eos, dtype=np.int32)
             spans = [(s, e) for s, e in windows(len(ids), config.max_len, config.overlap)
                      if e - s >= 2]
             if not spans:
-                problems.add("too_short", doc.source)
-            elif config.byte_offsets:
-                doc_bytes = self._document_bytes(enc.ids, len(eos), doc, doc_index, part)
+                problems.add("too_short", doc.where)
+                continue
+            if config.byte_offsets:
+                doc_bytes = self._document_bytes(enc.ids, len(eos), doc, problems)
+                if doc_bytes is None:
+                    continue
                 literal_specials += doc_bytes.literal_specials
+            kept += 1
             for w, (start, stop) in enumerate(spans):
                 token_rows.append(ids[start:stop])
                 meta["doc_id"].append((part << SEQ_ID_SHIFT) | doc_index)
@@ -249,17 +325,19 @@ class TokenizeParts:
         byte_end = None
         if config.byte_offsets:
             byte_end = np.concatenate(ends) if ends else np.zeros(0, np.int32)
-        return _Windows(flat, lengths, seq_ids, table, len(docs), problems, byte_end,
+        return _Windows(flat, lengths, seq_ids, table, kept, problems, byte_end,
                         literal_specials)
 
-    def _document_bytes(self, ids: list[int], appended: int, doc: Document, doc_index: int,
-                        part: int) -> DocumentBytes:
+    def _document_bytes(self, ids: list[int], appended: int, doc: Document,
+                        problems: Problems) -> DocumentBytes | None:
+        """The document's tokens on its bytes; None (skipped, counted) if they do not spell
+        it, e.g. a literal <s> after which a normalizer changed the text, or an unknown
+        character read as <unk> by a tokenizer without byte fallback."""
         try:
             return document_bytes(ids, appended, doc.text, self.spelling)
         except ValueError as e:
-            raise CorpusError(f"{doc.source} (document {doc_index} of part {part}): the "
-                              f"tokenizer's tokens do not spell its text: {e}; "
-                              f"{NO_BYTE_OFFSETS}") from None
+            problems.add(UNSPELLED, f"{doc.where} ({e})", hint=NO_BYTE_OFFSETS)
+            return None
 
     def write(self, part: int, cut: _Windows) -> int:
         writer = StoreWriter(self.out, tokens_header(len(self.groups), self.attrs,
@@ -269,6 +347,7 @@ class TokenizeParts:
                         "examples": cut.problems.examples}
             if cut.literal_specials:
                 pw.stats["special_tokens_in_text"] = cut.literal_specials
+            pw.stats.update(cut.problems.notes)  # defaulted_task
             rows = {TOKEN_IDS: cut.tokens}
             if cut.byte_end is not None:
                 rows[BYTE_END] = cut.byte_end

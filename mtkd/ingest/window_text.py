@@ -12,6 +12,7 @@ then are not part of the window's text (the text is what the tokens spell).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ class Spelling:
     plain: list[bytes | None]
     literal: list[bytes | None]
     specials: frozenset[int] = frozenset()  # ids that spell nothing plainly and literally do
+    unknown: int | None = None  # the id of a character the tokenizer does not know (<unk>)
 
     @classmethod
     def of(cls, tokenizer: Any) -> Spelling:
@@ -38,8 +40,18 @@ class Spelling:
         for i, token in backend(tokenizer).get_added_tokens_decoder().items():
             if plain[i] is None:
                 literal[i] = token.content.encode("utf-8")
-        return cls(plain, literal, frozenset(i for i, b in enumerate(plain)
-                                             if b is None and literal[i] is not None))
+        specials = frozenset(i for i, b in enumerate(plain) if b is None and literal[i] is not None)
+        return cls(plain, literal, specials, unknown_id(tokenizer))
+
+
+def unknown_id(tokenizer: Any) -> int | None:
+    """The id a tokenizer's model gives what it does not know (``<unk>``), if it has one."""
+    tok = backend(tokenizer)
+    model = json.loads(tok.to_str()).get("model") or {}
+    if isinstance(model.get("unk_token"), str):
+        return tok.token_to_id(model["unk_token"])
+    unk = model.get("unk_id")
+    return unk if isinstance(unk, int) else None
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,13 @@ def document_bytes(ids: Sequence[int], appended: int, text: str,
     (zero bytes at its end). Raises ``ValueError`` (``token_bytes.Unspelled``) when the tokens
     do not spell the text."""
     data = text.encode("utf-8")
-    starts = byte_bounds(ids, spelling.literal, data, specials=spelling.specials)
+    try:
+        starts = byte_bounds(ids, spelling.literal, data, specials=spelling.specials)
+    except ValueError as e:
+        if spelling.unknown is None or spelling.unknown not in ids:
+            raise
+        raise ValueError(f"the tokenizer read a character it does not know as its unknown "
+                         f"token (id {spelling.unknown}; it has no byte fallback): {e}") from None
     special = np.fromiter((spelling.plain[i] is None for i in ids), bool, len(ids))
     if special.any():  # read from the text, spelling nothing: their bytes leave it
         width = np.diff(starts)

@@ -194,8 +194,7 @@ JSONL_LINES = [
     b"[1, 2]",
     json.dumps({"text": "   \n"}).encode(),
 ]
-JSONL_PROBLEMS = {"bad_json": 1, "invalid_utf8": 2, "empty_document": 2, "missing_field": 2,
-                  "missing_task_field": 1}
+JSONL_PROBLEMS = {"bad_json": 1, "invalid_utf8": 2, "empty_document": 2, "missing_field": 2}
 JSONL_DOCS = [("def f():\n    return 1\n", "code"), ("hello world, hello", "misc"),
               ("x = [1, 2, 3]", "3")]
 
@@ -207,6 +206,7 @@ def test_jsonl_documents_and_problems(tokenizer_dir: Path, tmp_path: Path) -> No
     summary = tokenize_corpus([corpus], tokenizer_dir, tmp_path / "tok", cfg, progress=False)
     assert summary.documents == 3
     assert summary.problems == JSONL_PROBLEMS
+    assert summary.defaulted_task == 1  # kept with --task misc: not skipped (it was listed so)
     assert any("bad_json" in e for e in summary.examples)
     assert store_sequences(tmp_path / "tok") == expected_sequences(
         [t for t, _ in JSONL_DOCS], tokenizer_dir, 8, 2)
@@ -236,7 +236,7 @@ def test_parquet_input(tokenizer_dir: Path, tmp_path: Path) -> None:
     summary = tokenize_corpus([path], tokenizer_dir, tmp_path / "tok", cfg, num_parts=2,
                               progress=False)
     assert summary.parts == 2 and summary.documents == 4
-    assert summary.problems == {"missing_field": 1, "missing_task_field": 1}
+    assert summary.problems == {"missing_field": 1} and summary.defaulted_task == 1
     texts = ["import os\n", "print('hi')\n", "x = 1\n", "y = 2\n"]
     assert store_sequences(tmp_path / "tok") == expected_sequences(texts, tokenizer_dir, 16, 0)
     assert open_store(tmp_path / "tok").read_meta()["task"].to_pylist() == ["a", "b", "", "e"]

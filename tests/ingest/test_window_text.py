@@ -4,6 +4,7 @@ text exactly, its tokens spell it, and the token ids are those of a store withou
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from mtkd.ingest.token_bytes import token_bytes
 from mtkd.ingest.window_text import Spelling, document_bytes
 from mtkd.store import open_store
 
-from .test_token_bytes import llama_style_bpe
+from .test_token_bytes import llama_style_bpe, metaspace_unigram
 
 EOS = "<|endoftext|>"
 #: Documents with multi-byte characters (byte tokens: windows cut inside characters), spaces at
@@ -195,8 +196,9 @@ def test_a_window_starting_on_a_special_token_in_the_text(tokenizer_dir: Path,
     special token (byte 8) while its text starts after it (byte 21)."""
     docs = [f"one two {EOS} three four five six", f"{EOS}{EOS}x y z w v u t s r q"]
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    tokenize_corpus([corpus(tmp_path / "c", docs)], tokenizer_dir, tmp_path / "tok",
-                    TokenizeConfig(max_len=5, overlap=2), progress=False)
+    summary = tokenize_corpus([corpus(tmp_path / "c", docs)], tokenizer_dir, tmp_path / "tok",
+                              TokenizeConfig(max_len=5, overlap=2), progress=False)
+    assert summary.special_tokens_in_text == 3  # the summary the CLI prints has it
     found = windows_of(tmp_path / "tok")
     eos = tok.token_to_id(EOS)
     assert any(w["ids"][0] == eos and w["text"] for w in found)  # the case is there
@@ -214,14 +216,14 @@ def test_tokenizers_that_do_not_spell_the_text_are_refused(tokenizer_dir: Path,
                                                            tmp_path: Path) -> None:
     src = corpus(tmp_path / "c", ["Hello World, Mixed Case"])
     lower = tmp_path / "lower"  # the session's tokenizer behind a lowercasing normalizer
-    lower.mkdir()
+    shutil.copytree(tokenizer_dir, lower)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     tok.normalizer = normalizers.Lowercase()
     tok.save(str(lower / "tokenizer.json"))
-    with pytest.raises(CorpusError, match=r"docs\.jsonl \(document 0 of part 0\).*do not spell "
-                                          r"its text.*--no-byte-offsets"):
+    with pytest.raises(CorpusError, match=r"lower: its tokens do not spell the text 'Hello "
+                                          r"World.*changes the text it reads.*--no-byte-offsets"):
         tokenize_corpus([src], lower, tmp_path / "a", TokenizeConfig(max_len=8), progress=False)
-    assert not list((tmp_path / "a").glob("parts/0*"))  # nothing committed
+    assert not (tmp_path / "a").exists()  # refused before the store was begun
 
     wordpiece = tmp_path / "wordpiece"
     wordpiece.mkdir()
@@ -238,5 +240,20 @@ def test_tokenizers_that_do_not_spell_the_text_are_refused(tokenizer_dir: Path,
     # without byte offsets both tokenize as before
     for name, tokenizer in (("e", lower), ("d", wordpiece)):  # not "c": the corpus is there
         summary = tokenize_corpus([src], tokenizer, tmp_path / name,
-                                  TokenizeConfig(max_len=8, byte_offsets=False), progress=False)
+                                  TokenizeConfig(max_len=8, byte_offsets=False,
+                                                 add_eos=name == "e"), progress=False)
         assert summary.complete and open_store(tmp_path / name).array_names == ["token_ids"]
+
+
+def test_an_unknown_character_is_named_as_such() -> None:
+    """A tokenizer without byte fallback reads a character it does not know as <unk>, which
+    spells nothing of it: the error says so rather than blame a normalizer."""
+    tok = metaspace_unigram()
+    spelling = Spelling.of(tok)
+    assert spelling.unknown == tok.token_to_id("<unk>")
+    text = "the cat ☃ sat"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert spelling.unknown in ids
+    with pytest.raises(ValueError, match=r"a character it does not know as its unknown token "
+                                         r"\(id 0; it has no byte fallback\): token \d+"):
+        document_bytes(ids, 1, text, spelling)
