@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ def _first_byte(path: Path, gzipped: bool) -> bytes:
     try:
         with _open(str(path), gzipped) as f:
             head = f.read(PEEK_BYTES)
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return b""
     return head.lstrip()[:1]
 
@@ -249,7 +250,7 @@ def read_unit(unit: Unit, problems: Problems, text_field: str = "text",
             yield from _read_parquet(unit, problems, text_field, task_field, default_task)
         else:
             yield from _read_text(unit, problems, default_task)
-    except (OSError, EOFError) as e:  # EOFError: a truncated gzip file
+    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib: a damaged gzip file
         why = e.strerror if isinstance(e, OSError) and e.strerror else e
         problems.add("unreadable_file", f"{unit.shown} ({why})")
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, normalizers
 from typer.testing import CliRunner
 
 from mtkd.cli import app
-from mtkd.ingest.corpus import CorpusError
+from mtkd.ingest.corpus import CorpusError, Problems, plan_units, read_unit
 from mtkd.ingest.job import TokenizeConfig, tokenize_corpus
 from mtkd.store import open_store
 
@@ -181,6 +181,13 @@ def test_gzip_files_are_read_decompressed(tokenizer_dir: Path, tmp_path: Path) -
     cut.write_bytes(gzip.compress(plain.read_bytes())[:-12])
     c = tokenize_corpus([cut], tokenizer_dir, tmp_path / "c", cfg, progress=False)
     assert c.problems == {"unreadable_file": 1} and c.examples[0].startswith(f"{cut} (")
+    damaged = bytearray(gzip.compress(plain.read_bytes() * 50))
+    damaged[len(damaged) // 2] ^= 0xFF  # a flipped bit: garbage, then a zlib or CRC error
+    (tmp_path / "damaged.jsonl.gz").write_bytes(damaged)
+    problems = Problems()
+    for unit in plan_units([tmp_path / "damaged.jsonl.gz"]):
+        list(read_unit(unit, problems))
+    assert problems.counts["unreadable_file"] == 1
 
 
 @pytest.mark.parametrize(("name", "content", "said"), [
