@@ -73,6 +73,12 @@ def tokenize(
         typer.echo(f"  ({summary.parts} parts, not --num-parts {num_parts}: a part holds whole "
                    f"files, or whole blocks of a large jsonl file, and the corpus has only "
                    f"{summary.parts})")
+    if summary.defaulted_task:
+        typer.echo(f"kept: defaulted_task={summary.defaulted_task} (no --task-field "
+                   f"{cfg.task_field}: tagged --task {cfg.task})")
+    if summary.special_tokens_in_text:
+        typer.echo(f"special tokens written in the text: {summary.special_tokens_in_text} (read "
+                   "as the special ids they name; their bytes are not in the window texts)")
     if summary.problems:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(summary.problems.items()))
         typer.secho(f"skipped: {counts}", fg=typer.colors.YELLOW)

@@ -311,3 +311,19 @@ def test_group_units_splits_two_unequal_files() -> None:
         assert group_units(units, parts) == [[units[0]], [units[1]]]
     big = [Unit(f"f{i}", "text", 0, s, s) for i, s in enumerate([10, 1000, 10, 10])]
     assert [len(g) for g in group_units(big, 3)] == [1, 1, 2]
+
+
+def test_the_summary_says_what_was_kept_unlike_the_text(tokenizer_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """Documents tagged with the default --task and special tokens written in the text are
+    said (they were listed as skipped, or only counted in the commit stats)."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "a <|endoftext|> b", "kind": "x"}) + "\n"
+                      + json.dumps({"text": "no kind here"}) + "\n")
+    result = CliRunner().invoke(app, ["tokenize", str(corpus), "--tokenizer", str(tokenizer_dir),
+                                      "--out", str(tmp_path / "s"), "--task-field", "kind",
+                                      "--task", "dflt", "--max-len", "8", "--overlap", "2"])
+    assert result.exit_code == 0, result.output
+    assert "kept: defaulted_task=1 (no --task-field kind: tagged --task dflt)" in result.output
+    assert "special tokens written in the text: 1" in result.output
+    assert "skipped" not in result.output
