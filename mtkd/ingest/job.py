@@ -7,8 +7,9 @@ Parts run through the part executor (``mtkd.store.executor``): workers, local pr
 next part's documents read while the current part is tokenised. Each window's text and the end
 of each of its tokens in it are kept too (``byte_offsets``; ``mtkd.ingest.window_text``); a
 document whose tokens do not spell its text is skipped and counted (``unspelled_text``).
-A run refused before any part is committed, in a store it began alone, removes that store, so
-that the corrected rerun starts afresh rather than being refused as other settings.
+A run whose input is refused before any part is committed, in a store it began alone, removes
+that store, so that the corrected rerun starts afresh rather than being refused as other
+settings (an I/O failure keeps it: the same command resumes).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def tokenize_corpus(
     job = TokenizeParts(str(out), groups, str(loaded.path), config, attrs)
     try:
         run_parts(pending, job, processes=processes, desc="tokenize", progress=progress)
-    except Exception:
-        if begun_here and num_workers == 1:
+    except (CorpusError, ValueError):  # the input refused (not an I/O failure: a full disk
+        if begun_here and num_workers == 1:  # keeps what it began, for the rerun to resume)
             discard_uncommitted(writer, made_dir)
         raise
     if all(writer.is_committed(p) for p in range(len(groups))):
