@@ -259,6 +259,25 @@ def test_train_config_file_with_the_configs_own_keys(configs: Any, tmp_path: Pat
     assert (cfg.max_steps, cfg.warmup_steps, cfg.eval_tokens, cfg.beta) == (20, 4, "h", 0.1)
 
 
+@pytest.mark.parametrize(("command", "text", "said"), [
+    ("train", '[train]\nsuppress_ids = "1,x"\n', "suppress_ids must be token ids"),
+    ("aggregate", '[aggregate]\nweights = [0.5, "a"]\n', "weights must be numbers"),
+])
+def test_a_value_a_command_parses_itself_names_the_config_file(command: str, text: str,
+                                                               said: str,
+                                                               tmp_path: Path) -> None:
+    """A config file's value that the command's own parser refuses was reported against the
+    flag (``--suppress-ids must be …``), which the user had not given."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    result = runner.invoke(app, [command, *REQUIRED[command], "--config", str(config)])
+    assert result.exit_code == 2
+    assert f"{config}: {said}" in result.output, result.output
+    flag = "--suppress-ids" if command == "train" else "--weights"
+    given = runner.invoke(app, [command, *REQUIRED[command], flag, "1,x"])  # as a flag: the flag
+    assert f"error: {flag} must be" in given.output, given.output
+
+
 def test_a_repeatable_option_given_one_value_in_a_config_file(configs: Any,
                                                                 tmp_path: Path) -> None:
     """`exclude = "*.txt"` was refused ("Value must be an iterable"); a list still works."""

@@ -14,6 +14,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,10 @@ StageFields = dict[str, Any]
 Command = Callable[..., None]
 #: ``ctx.meta`` key: the parameters a config file sets to null (click would read "no default").
 _NULLS = "mtkd.config_nulls"
+#: ``ctx.meta`` key: the config file and, per parameter it sets, the key as written there.
+_SPELLED = "mtkd.config_keys"
+#: The context of the stage command running (set by :func:`stage_options`' wrapper).
+_COMMAND_CONTEXT: ContextVar[typer.Context | None] = ContextVar("mtkd_command", default=None)
 _CTX = "mtkd_context"  # the parameter through which typer hands a stage command its context
 
 
@@ -59,9 +64,14 @@ def stage_options(
                                         annotation=typer.Context))
 
         def run(**kwargs: Any) -> None:
-            kwargs.update(_config_nulls(kwargs.pop(_CTX)))
+            ctx = kwargs.pop(_CTX)
+            kwargs.update(_config_nulls(ctx))
             fields = {p.name: _field_value(kwargs.pop(p.name)) for p in made}
-            command(fields=fields, **kwargs)
+            token = _COMMAND_CONTEXT.set(ctx)  # for given_as, while the command runs
+            try:
+                command(fields=fields, **kwargs)
+            finally:
+                _COMMAND_CONTEXT.reset(token)
 
         functools.update_wrapper(run, command, ("__module__", "__name__", "__doc__"), ())
         run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
@@ -144,6 +154,7 @@ def _apply_config(ctx: typer.Context, _param: typer.CallbackParam,
         if getattr(param, "multiple", False) and isinstance(values.get(param.name), str):
             values[param.name] = [values[param.name]]
     _check_values(ctx, values, str(value), spelled)
+    ctx.meta[_SPELLED] = (str(value), spelled)
     ctx.meta[_NULLS] = {name for name, v in values.items() if v is None}
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
@@ -214,6 +225,18 @@ def workers(worker_index: int | None, num_workers: int) -> tuple[int, int, int]:
 
 
 
+def given_as(flag: str) -> str:
+    """How the user gave the option ``flag`` (e.g. ``--weights``): the flag, or
+    ``FILE: key`` when its value came from a ``--config`` file, for a message about it."""
+    ctx = _COMMAND_CONTEXT.get()
+    name = flag.lstrip("-").replace("-", "_")
+    if ctx is None or _SPELLED not in ctx.meta:
+        return flag
+    source = getattr(ctx.get_parameter_source(name), "name", None)
+    file, spelled = ctx.meta[_SPELLED]
+    return f"{file}: {spelled.get(name, name)}" if source == "DEFAULT_MAP" else flag
+
+
 def floats(text: Any, what: str) -> tuple[float, ...] | None:
     """Parse "0.5,0.3,0.2" (or a list from a config file) into numbers."""
     return _comma_list(text, what, float, "numbers")
@@ -226,8 +249,8 @@ def token_ids(text: Any, what: str) -> tuple[int, ...] | None:
     items = text if isinstance(text, (list, tuple)) else ()
     if values is not None and (min(values, default=0) < 0
                                or any(isinstance(x, (bool, float)) for x in items)):
-        raise fail(f"{what} must be token ids (whole numbers ≥ 0) separated by commas, got "
-                   f"{text!r}", 2)
+        raise fail(f"{given_as(what)} must be token ids (whole numbers ≥ 0) separated by "
+                   f"commas, got {text!r}", 2)
     return values
 
 
@@ -240,7 +263,8 @@ def _comma_list(text: Any, what: str, kind: Callable[[str], Any], said: str
     try:
         return tuple(kind(str(x).strip()) for x in items)
     except ValueError:
-        raise fail(f"{what} must be {said} separated by commas, got {text!r}", 2) from None
+        raise fail(f"{given_as(what)} must be {said} separated by commas, got {text!r}",
+                   2) from None
 
 
 def task_weights(items: list[Any] | None, k: int) -> dict[str, tuple]:
