@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from mtkd.harvest import vllm_plugin
-from mtkd.harvest.config import MAX_K  # vLLM's max_logprobs is set to k
+from mtkd.harvest.config import FAST_PATHS, MAX_K  # vLLM's max_logprobs is set to k
 from mtkd.harvest.engine import check_k, check_sequences, finish_rows, sample_rows
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ def fast_path_supported(version: str) -> bool:
 def resolve_fast_path(fast_path: str | bool, version: str) -> bool:
     """``"auto"``: fast where tested, else public; ``"fast"`` on an untested version raises."""
     choice = {True: "fast", False: "public"}.get(fast_path, fast_path)  # type: ignore[call-overload]
-    if choice not in ("auto", "fast", "public"):
-        raise ValueError(f"fast_path must be 'auto', 'fast' or 'public', got {fast_path!r}")
+    if choice not in FAST_PATHS:
+        raise ValueError(f"fast_path must be one of {', '.join(FAST_PATHS)}, got {fast_path!r}")
     if choice == "public":
         return False
     if fast_path_supported(version):

@@ -139,9 +139,6 @@ class AggregateConfig:
         for tag, factors in self.task_weights.items():
             if len(factors) != k or any(not np.isfinite(f) or f < 0 for f in factors):
                 raise ValueError(f"task weights for {tag!r} must be {k} finite factors >= 0")
-            if not any(f > 0 for f in factors):
-                raise ValueError(f"task weights for {tag!r} need a positive factor "
-                                 "(every teacher would get weight 0)")
         vanishing = vanishing_tasks(self.static_weights, self.task_weights)
         if vanishing:
             raise ValueError(
